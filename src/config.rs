@@ -1,0 +1,368 @@
+//! Settings: built-in defaults, overridden by the settings file, then by `DND_*` environment
+//! variables, then by command-line flags. Every effective value remembers where it came from.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::device::{DTypeSpec, DeviceSpec};
+use crate::error::{Error, Result};
+use crate::hub::ModelSource;
+
+/// Where an effective setting came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Env(var) => write!(f, "env {var}"),
+            Source::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+/// One line of `dnd config show`. `value` is already masked for secrets.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub key: &'static str,
+    pub value: String,
+    pub source: Source,
+}
+
+/// A secret (token, API key). Its `Display` and `Debug` never show the value, so it cannot
+/// leak through logs, errors or `config show` by accident.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "String")]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s.trim().to_string())
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret::from(s.to_string()))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.expose() {
+            Some(s) if s.len() > 8 => write!(f, "{}…(set, {} chars)", &s[..3], s.len()),
+            Some(_) => f.write_str("****(set)"),
+            None => f.write_str("(not set)"),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An on/off setting that also accepts the `1`/`0`/`yes`/`no` spellings environment
+/// variables use (`HF_HUB_OFFLINE=1`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "bool")]
+pub struct Switch(pub bool);
+
+impl From<bool> for Switch {
+    fn from(b: bool) -> Self {
+        Switch(b)
+    }
+}
+
+impl FromStr for Switch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Switch(true)),
+            "0" | "false" | "no" | "off" | "" => Ok(Switch(false)),
+            other => Err(format!("{other:?} is not on/off (use true/false, 1/0, yes/no)")),
+        }
+    }
+}
+
+impl fmt::Display for Switch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Platform folders for dnd (XDG on Linux, ~/Library on macOS, AppData on Windows).
+pub fn project_dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "dnd")
+}
+
+/// The settings file used when `--config` / `DND_CONFIG` is not given.
+pub fn default_config_path() -> PathBuf {
+    project_dirs()
+        .map(|d| d.config_dir().join("config.toml"))
+        .unwrap_or_else(|| PathBuf::from(".dnd/config.toml"))
+}
+
+fn default_data_dir() -> PathBuf {
+    project_dirs()
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".dnd/data"))
+}
+
+fn default_cache_dir() -> PathBuf {
+    project_dirs()
+        .map(|d| d.cache_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".dnd/cache"))
+}
+
+/// Standard variables that users of the Hugging Face tools already set; honoured after `DND_*`.
+fn env_alias(key: &str) -> Option<&'static str> {
+    match key {
+        "offline" => Some("HF_HUB_OFFLINE"),
+        "hf_token" => Some("HF_TOKEN"),
+        _ => None,
+    }
+}
+
+/// How a setting's value is printed by `config show`.
+trait Show {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_via_display {
+    ($($t:ty),*) => { $(impl Show for $t { fn show(&self) -> String { self.to_string() } })* };
+}
+show_via_display!(DeviceSpec, DTypeSpec, ModelSource, usize, Switch, Secret, String);
+
+impl Show for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+fn parse_env<T: FromStr>(key: &str, var: &str, raw: &str) -> Result<T>
+where
+    T::Err: fmt::Display,
+{
+    raw.parse().map_err(|e: T::Err| Error::Setting {
+        key: key.to_string(),
+        reason: format!("environment variable {var}={raw:?} is not valid: {e}"),
+    })
+}
+
+// One list of settings generates the effective struct, the command-line flags, the file layer
+// and the provenance table, so a new setting cannot be forgotten in one of them.
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $(#[arg($($extra:tt)*)])* $name:ident : $ty:ty = $default:expr; )*) => {
+        /// The effective settings.
+        #[derive(Clone, Debug)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        /// Settings given as command-line flags; each overrides the environment and the file.
+        #[derive(clap::Args, Clone, Debug, Default)]
+        pub struct SettingsArgs {
+            $( $(#[doc = $doc])* #[arg(long, global = true, $($($extra)*)*)] pub $name: Option<$ty>, )*
+        }
+
+        #[derive(serde::Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct FileLayer {
+            $( #[serde(default)] $name: Option<$ty>, )*
+        }
+
+        impl Settings {
+            fn layered(
+                file: FileLayer,
+                file_path: &Path,
+                env: &dyn Fn(&str) -> Option<String>,
+                args: &SettingsArgs,
+            ) -> Result<(Self, Vec<Entry>)> {
+                let mut entries = Vec::new();
+                $(
+                    let key = stringify!($name);
+                    let var = format!("DND_{}", key.to_uppercase());
+                    let from_env = env(&var).map(|raw| (var.clone(), raw)).or_else(|| {
+                        env_alias(key).and_then(|alias| env(alias).map(|raw| (alias.to_string(), raw)))
+                    });
+                    let (value, source): ($ty, Source) = if let Some(v) = args.$name.clone() {
+                        (v, Source::Flag)
+                    } else if let Some((var, raw)) = from_env {
+                        (parse_env(key, &var, &raw)?, Source::Env(var))
+                    } else if let Some(v) = file.$name {
+                        (v, Source::File(file_path.to_path_buf()))
+                    } else {
+                        ($default, Source::Default)
+                    };
+                    entries.push(Entry { key, value: value.show(), source });
+                    let $name = value;
+                )*
+                Ok((Settings { $($name,)* }, entries))
+            }
+        }
+    };
+}
+
+settings! {
+    /// Compute device: auto, cpu, cuda[:N] or metal [env: DND_DEVICE]
+    device: DeviceSpec = DeviceSpec::Auto;
+    /// Float type: auto (f32 on CPU, f16 on GPU), f32, f16 or bf16 [env: DND_DTYPE]
+    dtype: DTypeSpec = DTypeSpec::Auto;
+    /// Target network: a local folder in Hub layout or a Hub id[@revision] [env: DND_TARGET]
+    target: ModelSource = ModelSource::hub("timm/resnet50.tv_in1k");
+    /// BLIP captioner: local folder or Hub id[@revision] [env: DND_CAPTIONER]
+    captioner: ModelSource = ModelSource::hub("Salesforce/blip-image-captioning-large");
+    /// Stable Diffusion (diffusers layout): local folder or Hub id[@revision] [env: DND_SYNTHESISER]
+    synthesiser: ModelSource = ModelSource::hub("stabilityai/sd-turbo");
+    /// CLIP model for image-similarity weights: local folder or Hub id[@revision] [env: DND_CLIP]
+    clip: ModelSource = ModelSource::hub("openai/clip-vit-base-patch16");
+    /// Probing set: a folder of images, searched recursively [env: DND_PROBE]
+    #[arg(value_name = "DIR")]
+    probe: PathBuf = default_data_dir().join("probe");
+    /// Images per forward pass of the target network [env: DND_BATCH_SIZE]
+    batch_size: usize = 32;
+    /// Where dnd keeps activation caches [env: DND_CACHE_DIR]
+    #[arg(value_name = "DIR")]
+    cache_dir: PathBuf = default_cache_dir();
+    /// Never touch the network; use local folders and the HF cache only [env: DND_OFFLINE, HF_HUB_OFFLINE]
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    offline: Switch = Switch(false);
+    /// Hugging Face token for gated or private repos (never printed) [env: DND_HF_TOKEN, HF_TOKEN]
+    #[arg(hide_env_values = true)]
+    hf_token: Secret = Secret::default();
+    /// Log level for the log output: error, warn, info, debug or trace [env: DND_LOG_LEVEL]
+    log_level: String = "warn".to_string();
+}
+
+/// The effective settings plus where each value came from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub entries: Vec<Entry>,
+    pub file: PathBuf,
+    pub file_exists: bool,
+}
+
+/// Loads settings from `file` (the default path when `None`), the process environment and `args`.
+pub fn load(file: Option<&Path>, args: &SettingsArgs) -> Result<Loaded> {
+    load_with_env(file, args, &|k| std::env::var(k).ok())
+}
+
+/// As [`load`], with the environment given explicitly (tests never touch the process environment).
+pub fn load_with_env(
+    file: Option<&Path>,
+    args: &SettingsArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded> {
+    let explicit = file.is_some();
+    let path = file.map(Path::to_path_buf).unwrap_or_else(default_config_path);
+    let (layer, exists) = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let layer: FileLayer = toml::from_str(&text).map_err(|e| Error::Setting {
+                key: "settings file".into(),
+                reason: format!("{} is not valid: {e}", path.display()),
+            })?;
+            (layer, true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            (FileLayer::default(), false)
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let (settings, entries) = Settings::layered(layer, &path, env, args)?;
+    Ok(Loaded {
+        settings,
+        entries,
+        file: path,
+        file_exists: exists,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn source_of(l: &Loaded, key: &str) -> Source {
+        l.entries.iter().find(|e| e.key == key).unwrap().source.clone()
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "batch_size = 8\ntarget = \"a/b\"\ndevice = \"cpu\"\n").unwrap();
+        let args = SettingsArgs {
+            batch_size: Some(4),
+            ..Default::default()
+        };
+        let env = env_of(&[("DND_BATCH_SIZE", "6"), ("DND_TARGET", "c/d@v2")]);
+        let l = load_with_env(Some(&file), &args, &env).unwrap();
+        assert_eq!(l.settings.batch_size, 4);
+        assert_eq!(source_of(&l, "batch_size"), Source::Flag);
+        assert_eq!(l.settings.target.to_string(), "c/d@v2");
+        assert_eq!(source_of(&l, "target"), Source::Env("DND_TARGET".into()));
+        assert_eq!(l.settings.device, DeviceSpec::Cpu);
+        assert_eq!(source_of(&l, "device"), Source::File(file.clone()));
+        assert_eq!(source_of(&l, "offline"), Source::Default);
+    }
+
+    #[test]
+    fn secrets_are_masked_and_aliases_apply() {
+        let args = SettingsArgs::default();
+        let env = env_of(&[("HF_TOKEN", "hf_abcdefghijklmnop"), ("HF_HUB_OFFLINE", "1")]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("empty.toml");
+        std::fs::write(&file, "").unwrap();
+        let l = load_with_env(Some(&file), &args, &env).unwrap();
+        assert!(l.settings.offline.0);
+        assert_eq!(source_of(&l, "offline"), Source::Env("HF_HUB_OFFLINE".into()));
+        let err = load_with_env(Some(&file), &args, &env_of(&[("DND_OFFLINE", "maybe")])).unwrap_err();
+        assert!(err.to_string().contains("DND_OFFLINE"), "{err}");
+        let shown: String = l
+            .entries
+            .iter()
+            .map(|e| format!("{} {}\n", e.key, e.value))
+            .collect();
+        assert!(!shown.contains("abcdefghijklmnop"), "{shown}");
+        assert_eq!(l.settings.hf_token.expose(), Some("hf_abcdefghijklmnop"));
+    }
+
+    #[test]
+    fn bad_file_and_unknown_key_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+        let err = load_with_env(Some(&file), &SettingsArgs::default(), &env_of(&[])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("config.toml") && msg.contains("no_such_setting"), "{msg}");
+        let missing = dir.path().join("missing.toml");
+        let err = load_with_env(Some(&missing), &SettingsArgs::default(), &env_of(&[])).unwrap_err();
+        assert!(err.to_string().contains("missing.toml"));
+    }
+}

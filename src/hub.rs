@@ -1,0 +1,484 @@
+//! Model resolution: a local folder in Hugging Face layout, or a Hub repo id with an optional
+//! revision, downloaded through hf-hub into the standard HF cache (`HF_HOME`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use hf_hub::{api::tokio::ApiBuilder, Cache, Repo, RepoType};
+use indicatif::{ProgressBar, ProgressDrawTarget};
+
+use crate::error::{Error, Result};
+
+/// Where a model's files come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// A Hub source from a literal known to be valid (the built-in defaults).
+    pub fn hub(spec: &str) -> Self {
+        spec.parse().expect("built-in Hub id is valid")
+    }
+}
+
+fn is_hub_id(s: &str) -> bool {
+    let ok = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with(['.', '-'])
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() <= 2 && parts.iter().all(|p| ok(p))
+}
+
+impl FromStr for ModelSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let looks_like_path = s.starts_with(['/', '.', '~']) || s.contains('\\');
+        if looks_like_path || Path::new(s).is_dir() {
+            let path = match s.strip_prefix("~/") {
+                Some(rest) => directories::BaseDirs::new()
+                    .map(|b| b.home_dir().join(rest))
+                    .unwrap_or_else(|| PathBuf::from(s)),
+                None => PathBuf::from(s),
+            };
+            return Ok(Self::Local(path));
+        }
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+            Some(_) => return Err(format!("{s:?}: empty revision after '@'")),
+            None => (s, None),
+        };
+        if !is_hub_id(repo) {
+            return Err(format!(
+                "{s:?} is neither an existing folder nor a Hub id (owner/name or owner/name@revision)"
+            ));
+        }
+        Ok(Self::Hub {
+            repo: repo.to_string(),
+            revision,
+        })
+    }
+}
+
+impl TryFrom<String> for ModelSource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub {
+                repo,
+                revision: Some(r),
+            } => write!(f, "{repo}@{r}"),
+            Self::Hub { repo, .. } => f.write_str(repo),
+        }
+    }
+}
+
+/// The models dnd uses, each with the files its loader reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Target,
+    Captioner,
+    Synthesiser,
+    Clip,
+}
+
+/// A file of a model folder; optional files are used when present.
+#[derive(Clone, Copy, Debug)]
+pub struct FileSpec {
+    pub name: &'static str,
+    pub required: bool,
+}
+
+const fn req(name: &'static str) -> FileSpec {
+    FileSpec {
+        name,
+        required: true,
+    }
+}
+const fn opt(name: &'static str) -> FileSpec {
+    FileSpec {
+        name,
+        required: false,
+    }
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Target, Role::Captioner, Role::Synthesiser, Role::Clip];
+
+    /// The settings key (and so the flag `--KEY` and variable `DND_KEY`) naming this model.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Role::Target => "target",
+            Role::Captioner => "captioner",
+            Role::Synthesiser => "synthesiser",
+            Role::Clip => "clip",
+        }
+    }
+
+    pub fn files(self) -> &'static [FileSpec] {
+        match self {
+            Role::Target => TARGET_FILES,
+            Role::Captioner => CAPTIONER_FILES,
+            Role::Synthesiser => SYNTHESISER_FILES,
+            Role::Clip => CLIP_FILES,
+        }
+    }
+}
+
+// torchvision/timm weights; timm's config.json carries the preprocessing and head count.
+const TARGET_FILES: &[FileSpec] = &[req("model.safetensors"), opt("config.json")];
+const CAPTIONER_FILES: &[FileSpec] = &[
+    req("config.json"),
+    req("model.safetensors"),
+    req("tokenizer.json"),
+    opt("preprocessor_config.json"),
+];
+// diffusers layout.
+const SYNTHESISER_FILES: &[FileSpec] = &[
+    req("model_index.json"),
+    req("scheduler/scheduler_config.json"),
+    req("text_encoder/config.json"),
+    req("text_encoder/model.safetensors"),
+    req("tokenizer/vocab.json"),
+    req("tokenizer/merges.txt"),
+    req("unet/config.json"),
+    req("unet/diffusion_pytorch_model.safetensors"),
+    req("vae/config.json"),
+    req("vae/diffusion_pytorch_model.safetensors"),
+];
+const CLIP_FILES: &[FileSpec] = &[
+    req("config.json"),
+    req("model.safetensors"),
+    opt("preprocessor_config.json"),
+];
+
+/// How the Hub may be used.
+#[derive(Clone, Debug, Default)]
+pub struct HubOptions {
+    pub offline: bool,
+    pub token: Option<String>,
+    /// Draw download progress bars on stderr.
+    pub progress: bool,
+}
+
+/// A model whose files are all on local disk.
+#[derive(Clone, Debug)]
+pub struct ResolvedModel {
+    pub role: Role,
+    pub source: ModelSource,
+    files: BTreeMap<&'static str, PathBuf>,
+}
+
+impl ResolvedModel {
+    /// A human name for messages: `target (timm/resnet50.tv_in1k)`.
+    pub fn label(&self) -> String {
+        label(self.role, &self.source)
+    }
+
+    /// Path of a required file, or of an optional one when present.
+    pub fn file(&self, name: &str) -> Option<&Path> {
+        self.files.get(name).map(PathBuf::as_path)
+    }
+
+    /// Path of a file this role lists as required.
+    pub fn required(&self, name: &str) -> &Path {
+        self.file(name)
+            .unwrap_or_else(|| panic!("{name} is not a required file of {:?}", self.role))
+    }
+}
+
+fn label(role: Role, source: &ModelSource) -> String {
+    format!("{} ({source})", role.setting())
+}
+
+fn fix_for(role: Role) -> String {
+    format!(
+        "pass --{key} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file), or run `dnd models fetch` while online",
+        key = role.setting()
+    )
+}
+
+fn cache_repo(repo: &str, revision: &Option<String>) -> Repo {
+    Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.clone().unwrap_or_else(|| "main".into()),
+    )
+}
+
+/// Finds every file of `role` locally, downloading missing Hub files unless offline.
+pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Result<ResolvedModel> {
+    let mut files = BTreeMap::new();
+    match source {
+        ModelSource::Local(dir) => {
+            if !dir.is_dir() {
+                return Err(Error::MissingModelFile {
+                    model: label(role, source),
+                    file: "the model folder".into(),
+                    looked: dir.display().to_string(),
+                    fix: fix_for(role),
+                });
+            }
+            for spec in role.files() {
+                let p = dir.join(spec.name);
+                if p.is_file() {
+                    files.insert(spec.name, p);
+                } else if spec.required {
+                    return Err(Error::MissingModelFile {
+                        model: label(role, source),
+                        file: spec.name.into(),
+                        looked: dir.display().to_string(),
+                        fix: format!(
+                            "put {} into that folder (Hugging Face layout), or {}",
+                            spec.name,
+                            fix_for(role)
+                        ),
+                    });
+                }
+            }
+        }
+        ModelSource::Hub { repo, revision } => {
+            let cache = Cache::from_env();
+            let cached = cache.repo(cache_repo(repo, revision));
+            let mut missing = Vec::new();
+            for spec in role.files() {
+                match cached.get(spec.name) {
+                    Some(p) => {
+                        files.insert(spec.name, p);
+                    }
+                    None => missing.push(*spec),
+                }
+            }
+            if missing.iter().any(|s| s.required) || (!opts.offline && !missing.is_empty()) {
+                if opts.offline {
+                    let first = missing.iter().find(|s| s.required).expect("checked above");
+                    return Err(Error::MissingModelFile {
+                        model: label(role, source),
+                        file: first.name.into(),
+                        looked: format!("the Hugging Face cache at {}", cache.path().display()),
+                        fix: format!("you are offline: run `dnd models fetch` where the Hub can be reached, or {}", fix_for(role)),
+                    });
+                }
+                download_missing(role, source, repo, revision, &missing, opts, &mut files).await?;
+            }
+        }
+    }
+    Ok(ResolvedModel {
+        role,
+        source: source.clone(),
+        files,
+    })
+}
+
+fn api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
+    let mut b = ApiBuilder::from_env().with_progress(false);
+    if let Some(t) = &opts.token {
+        b = b.with_token(Some(t.clone()));
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+async fn download_missing(
+    role: Role,
+    source: &ModelSource,
+    repo: &str,
+    revision: &Option<String>,
+    missing: &[FileSpec],
+    opts: &HubOptions,
+    files: &mut BTreeMap<&'static str, PathBuf>,
+) -> Result<()> {
+    let fail = |file: &str, reason: String| Error::Download {
+        model: label(role, source),
+        file: file.into(),
+        flag: format!("--{}", role.setting()),
+        reason,
+    };
+    let api = api(opts).map_err(|r| fail("(all files)", r))?;
+    let remote = api.repo(cache_repo(repo, revision));
+    let listing = remote
+        .info()
+        .await
+        .map_err(|e| fail("the file list", e.to_string()))?;
+    let present: Vec<&str> = listing.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    for spec in missing {
+        if !present.contains(&spec.name) {
+            if spec.required {
+                return Err(Error::MissingModelFile {
+                    model: label(role, source),
+                    file: spec.name.into(),
+                    looked: format!("the Hub repo {repo} at revision {}", revision.as_deref().unwrap_or("main")),
+                    fix: format!("this repo is not in the layout dnd expects (safetensors weights); try another revision with {repo}@REV, or {}", fix_for(role)),
+                });
+            }
+            continue;
+        }
+        let bar = if opts.progress {
+            ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
+        let path = remote
+            .download_with_progress(spec.name, bar)
+            .await
+            .map_err(|e| fail(spec.name, e.to_string()))?;
+        files.insert(spec.name, path);
+    }
+    Ok(())
+}
+
+/// What `dnd models` shows for one model.
+#[derive(Clone, Debug)]
+pub struct ModelStatus {
+    pub role: Role,
+    pub source: ModelSource,
+    /// Required files not on local disk.
+    pub missing: Vec<&'static str>,
+    /// Bytes of the model's files on disk.
+    pub local_bytes: u64,
+    /// Bytes still to download, when the Hub told us.
+    pub remote_bytes: Option<u64>,
+}
+
+/// Inspects a model without downloading anything; asks the Hub for sizes unless offline.
+pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> ModelStatus {
+    let mut missing = Vec::new();
+    let mut local_bytes = 0;
+    let mut not_local = Vec::new();
+    for spec in role.files() {
+        let path = match source {
+            ModelSource::Local(dir) => Some(dir.join(spec.name)).filter(|p| p.is_file()),
+            ModelSource::Hub { repo, revision } => {
+                Cache::from_env().repo(cache_repo(repo, revision)).get(spec.name)
+            }
+        };
+        match path.and_then(|p| std::fs::metadata(p).ok()) {
+            Some(m) => local_bytes += m.len(),
+            None => {
+                not_local.push(spec.name);
+                if spec.required {
+                    missing.push(spec.name);
+                }
+            }
+        }
+    }
+    let remote_bytes = match source {
+        ModelSource::Hub { repo, revision } if !missing.is_empty() && !opts.offline => {
+            remote_sizes(repo, revision, opts).await.map(|sizes| {
+                not_local
+                    .iter()
+                    .filter_map(|f| sizes.get(*f))
+                    .sum::<u64>()
+            })
+        }
+        _ => None,
+    };
+    ModelStatus {
+        role,
+        source: source.clone(),
+        missing,
+        local_bytes,
+        remote_bytes,
+    }
+}
+
+async fn remote_sizes(
+    repo: &str,
+    revision: &Option<String>,
+    opts: &HubOptions,
+) -> Option<BTreeMap<String, u64>> {
+    #[derive(serde::Deserialize)]
+    struct Sibling {
+        rfilename: String,
+        size: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Info {
+        siblings: Vec<Sibling>,
+    }
+    let api = api(opts).ok()?;
+    let text = api
+        .repo(cache_repo(repo, revision))
+        .info_request()
+        .query(&[("blobs", "true")])
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let info: Info = serde_json::from_str(&text).ok()?;
+    Some(
+        info.siblings
+            .into_iter()
+            .filter_map(|s| Some((s.rfilename, s.size?)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            "timm/resnet50.tv_in1k".parse::<ModelSource>().unwrap(),
+            ModelSource::Hub {
+                repo: "timm/resnet50.tv_in1k".into(),
+                revision: None
+            }
+        );
+        let s: ModelSource = "Salesforce/blip-image-captioning-large@refs/pr/18".parse().unwrap();
+        assert_eq!(s.to_string(), "Salesforce/blip-image-captioning-large@refs/pr/18");
+        assert!(matches!("./models/x".parse::<ModelSource>().unwrap(), ModelSource::Local(_)));
+        assert!(matches!("/abs/x".parse::<ModelSource>().unwrap(), ModelSource::Local(_)));
+        assert!("a/b/c".parse::<ModelSource>().unwrap_err().contains("neither"));
+        assert!("a/b@".parse::<ModelSource>().is_err());
+    }
+
+    #[tokio::test]
+    async fn missing_local_file_names_model_file_folder_and_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = ModelSource::Local(dir.path().to_path_buf());
+        let err = resolve(Role::Target, &src, &HubOptions::default()).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("model.safetensors"), "{msg}");
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        assert!(msg.contains("--target"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn offline_hub_model_not_in_cache_is_a_clear_error() {
+        let src = ModelSource::hub("nobody-here/not-a-model-xyz");
+        let opts = HubOptions {
+            offline: true,
+            ..Default::default()
+        };
+        let msg = resolve(Role::Target, &src, &opts).await.unwrap_err().to_string();
+        assert!(msg.contains("offline") && msg.contains("dnd models fetch"), "{msg}");
+        let st = status(Role::Target, &src, &opts).await;
+        assert_eq!(st.missing, vec!["model.safetensors"]);
+        assert_eq!(st.remote_bytes, None);
+    }
+}

@@ -1,0 +1,14 @@
+//! Describe-and-Dissect: explains what hidden neurons of vision networks detect.
+//!
+//! The library is the pipeline core; the `dnd` binary is one consumer of it. Nothing here
+//! touches the terminal.
+
+pub mod activations;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod hub;
+pub mod probe;
+pub mod target;
+
+pub use error::{Error, Result};

@@ -1,0 +1,419 @@
+//! The `dnd` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use dnd::activations::{self, ActivationCache, Pool};
+use dnd::config::{self, Settings, SettingsArgs};
+use dnd::hub::{self, HubOptions, Role};
+use dnd::probe::ProbeSet;
+use dnd::target::{LayerKind, Target};
+
+/// Describe-and-Dissect: explains what hidden neurons of vision networks detect.
+///
+/// Every setting can come from the settings file (`dnd config path`), a DND_* environment
+/// variable or a flag; `dnd config show` prints the effective values and their sources.
+#[derive(Parser, Debug)]
+#[command(name = "dnd", version, arg_required_else_help = true, max_term_width = 100)]
+struct Cli {
+    /// Settings file to read instead of the default one [env: DND_CONFIG]
+    #[arg(long, global = true, env = "DND_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(flatten)]
+    settings: SettingsArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Pooled activations of every neuron of a layer over the probing set (cached), and each
+    /// neuron's top images.
+    Activations(ActivationsArgs),
+    /// List the layers of the target network with neuron counts and output shapes.
+    Layers,
+    /// List the configured models: where they are, whether they are on disk, their sizes.
+    Models {
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+    /// Show the settings and where the settings file lives.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Inspect the probing set.
+    Probe {
+        #[command(subcommand)]
+        action: ProbeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsAction {
+    /// Download every configured model that is not on disk yet (into the Hugging Face cache).
+    Fetch,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Print every effective setting with its source (secrets masked).
+    Show,
+    /// Print the path of the settings file.
+    Path,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProbeAction {
+    /// Count the images of the probing set, decode them all, and report the ones that fail.
+    Check,
+}
+
+#[derive(clap::Args, Debug)]
+struct ActivationsArgs {
+    /// Layer(s) by PyTorch module name, comma-separated (`layer4`, `layer3.1`, `fc`, `blocks.7`);
+    /// several layers share one pass over the images. `dnd layers` lists them.
+    #[arg(long, short, value_delimiter = ',', required = true)]
+    layer: Vec<String>,
+    /// How a neuron's spatial map becomes one number (ViT token layers use the CLS token).
+    #[arg(long, value_enum, default_value_t = Pool::Mean)]
+    pool: Pool,
+    /// How many top images to print per neuron.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Only this neuron (default: every neuron of the layer).
+    #[arg(long, short)]
+    neuron: Option<usize>,
+    /// Also print the neuron's spatial map on each of its top images (needs --neuron).
+    #[arg(long, requires = "neuron")]
+    maps: bool,
+    /// Output format: an aligned table, or JSON, one object per line.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Recompute even if a cached result exists.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            if e.downcast_ref::<dnd::Error>().is_some_and(|e| matches!(e, dnd::Error::Cancelled)) {
+                eprintln!("dnd: interrupted; nothing partial was written");
+                130
+            } else {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let loaded = config::load(cli.config.as_deref(), &cli.settings)?;
+    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    init_logging(&loaded.settings.log_level, progress.clone())?;
+    let settings = &loaded.settings;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Config { action: ConfigAction::Path } => {
+            println!("{}", loaded.file.display());
+        }
+        Command::Config { action: ConfigAction::Show } => {
+            let exists = if loaded.file_exists { "" } else { " (does not exist; defaults apply)" };
+            println!("# settings file: {}{exists}", loaded.file.display());
+            let w = loaded.entries.iter().map(|e| e.key.len()).max().unwrap_or(0);
+            for e in &loaded.entries {
+                println!("{:w$} = {:<50} # {}", e.key, e.value, e.source);
+            }
+        }
+        Command::Models { action } => {
+            let opts = hub_options(settings, true);
+            if matches!(action, Some(ModelsAction::Fetch)) {
+                for role in Role::ALL {
+                    let m = rt.block_on(hub::resolve(role, model_source(settings, role), &opts))?;
+                    eprintln!("{}: ready", m.label());
+                }
+            }
+            print_models(&rt, settings, &opts);
+        }
+        Command::Layers => {
+            let target = load_target(&rt, settings)?;
+            println!("# {} — {}", target.name, target.net.architecture());
+            println!("{:<12} {:>8}  {:<14} map", "layer", "neurons", "output");
+            for l in target.net.layers() {
+                let map = match l.kind {
+                    LayerKind::Spatial => format!("{}x{}", l.shape[1], l.shape[2]),
+                    LayerKind::Tokens { grid } => format!("CLS + {}x{} patches", grid.0, grid.1),
+                    LayerKind::Vector => "-".into(),
+                };
+                println!("{:<12} {:>8}  {:<14} {map}", l.name, l.neurons, format!("{:?}", l.shape));
+            }
+        }
+        Command::Probe { action: ProbeAction::Check } => {
+            let probe = ProbeSet::open(&settings.probe)?;
+            let bar = progress.add(images_bar(probe.len()));
+            let cancel = ctrl_c_flag(&rt);
+            let failed = std::sync::Mutex::new(Vec::new());
+            let pre = dnd::probe::Preprocess::imagenet();
+            dnd::probe::for_each_batch(&probe.images, &pre, settings.batch_size, &cancel, |b| {
+                bar.inc((b.indices.len() + b.skipped.len()) as u64);
+                failed.lock().expect("not poisoned").extend(b.skipped);
+                Ok(())
+            })?;
+            bar.finish_and_clear();
+            let failed = failed.into_inner().expect("not poisoned");
+            println!("{}: {} images, fingerprint {}", probe.root.display(), probe.len(), probe.fingerprint);
+            for (i, reason) in &failed {
+                println!("skipped {}: {reason}", probe.images[*i].rel);
+            }
+            println!("{} decoded, {} skipped", probe.len() - failed.len(), failed.len());
+        }
+        Command::Activations(args) => activations_cmd(&rt, settings, &progress, args)?,
+    }
+    Ok(())
+}
+
+fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: &MultiProgress, args: ActivationsArgs) -> Result<()> {
+    let target = load_target(rt, settings)?;
+    let layers = args
+        .layer
+        .iter()
+        .map(|l| target.layer_index(l.trim()))
+        .collect::<dnd::Result<Vec<_>>>()?;
+    if let Some(n) = args.neuron {
+        for &l in &layers {
+            target.check_neuron(l, n)?;
+        }
+    }
+    let probe = ProbeSet::open(&settings.probe)?;
+    let cache = ActivationCache::new(&settings.cache_dir);
+    let bar = progress.add(images_bar(probe.len()));
+    let cancel = ctrl_c_flag(rt);
+    let started = std::time::Instant::now();
+    let (all, report) = activations::extract(
+        &target,
+        &probe,
+        &layers,
+        args.pool,
+        settings.batch_size,
+        (!args.no_cache).then_some(&cache),
+        &mut |p| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+        },
+        &cancel,
+    )?;
+    bar.finish_and_clear();
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for acts in &all {
+        let neurons: Vec<usize> = match args.neuron {
+            Some(n) => vec![n],
+            None => (0..acts.neurons).collect(),
+        };
+        let tops = match args.neuron {
+            Some(n) => vec![acts.top_k(n, args.top)],
+            None => acts.top_k_all(args.top),
+        };
+        let li = target.layer_index(&acts.layer)?;
+        if args.format == Format::Table {
+            writeln!(out, "# {} {} ({} pooling), {} images", target.name, acts.layer, acts.pool, acts.images.len())?;
+            writeln!(out, "{:>6} {:>4} {:>12}  image", "neuron", "rank", "activation")?;
+        }
+        for (&n, top) in neurons.iter().zip(&tops) {
+            let maps = if args.maps {
+                let paths: Vec<PathBuf> = top.iter().map(|&(i, _)| probe.root.join(&acts.images[i])).collect();
+                activations::neuron_maps(&target, li, n, &paths, settings.batch_size)?
+            } else {
+                Vec::new()
+            };
+            match args.format {
+                Format::Json => {
+                    let top_json: Vec<serde_json::Value> = top
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &(i, v))| {
+                            let mut o = serde_json::json!({"image": acts.images[i], "activation": v});
+                            if let Some(m) = maps.get(r) {
+                                let rows: Vec<&[f32]> = m.values.chunks(m.width).collect();
+                                o["map"] = serde_json::json!(rows);
+                            }
+                            o
+                        })
+                        .collect();
+                    let mut line = serde_json::json!({"neuron": n, "top": top_json});
+                    if all.len() > 1 {
+                        line["layer"] = serde_json::json!(acts.layer);
+                    }
+                    writeln!(out, "{line}")?;
+                }
+                Format::Table => {
+                    for (r, &(i, v)) in top.iter().enumerate() {
+                        writeln!(out, "{n:>6} {:>4} {v:>12.5}  {}", r + 1, acts.images[i])?;
+                        if let Some(m) = maps.get(r) {
+                            for row in m.values.chunks(m.width) {
+                                let cells: Vec<String> = row.iter().map(|v| format!("{v:7.3}")).collect();
+                                writeln!(out, "{:>24}{}", "", cells.join(" "))?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.flush()?;
+    drop(out);
+    let cached = if report.cached.is_empty() {
+        String::new()
+    } else {
+        format!(", from cache: {}", report.cached.join(", "))
+    };
+    eprintln!(
+        "{} images, {} skipped{cached} ({:.1}s)",
+        probe.len() - report.skipped.len(),
+        report.skipped.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for (rel, reason) in &report.skipped {
+        eprintln!("  skipped {rel}: {reason}");
+    }
+    Ok(())
+}
+
+fn hub_options(s: &Settings, progress: bool) -> HubOptions {
+    HubOptions {
+        offline: s.offline.0,
+        token: s.hf_token.expose().map(String::from),
+        progress,
+    }
+}
+
+fn model_source(s: &Settings, role: Role) -> &hub::ModelSource {
+    match role {
+        Role::Target => &s.target,
+        Role::Captioner => &s.captioner,
+        Role::Synthesiser => &s.synthesiser,
+        Role::Clip => &s.clip,
+    }
+}
+
+fn load_target(rt: &tokio::runtime::Runtime, s: &Settings) -> Result<Target> {
+    let model = rt.block_on(hub::resolve(Role::Target, &s.target, &hub_options(s, true)))?;
+    let device = dnd::device::open(s.device)?;
+    let dtype = dnd::device::dtype_for(s.dtype, &device)?;
+    tracing::info!("target {} on {} ({dtype:?})", model.label(), dnd::device::describe(&device));
+    Ok(Target::load(&model, &device, dtype)?)
+}
+
+fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions) {
+    println!("{:<12} {:<48} {:<22} size", "model", "source", "status");
+    for role in Role::ALL {
+        let st = rt.block_on(hub::status(role, model_source(s, role), opts));
+        let (status, size) = if st.missing.is_empty() {
+            ("on disk".to_string(), human_bytes(st.local_bytes))
+        } else {
+            let status = format!("missing {} file(s)", st.missing.len());
+            let size = match st.remote_bytes {
+                Some(b) => format!("{} to download", human_bytes(b)),
+                None if opts.offline => "unknown (offline)".into(),
+                None => "unknown (Hub unreachable)".into(),
+            };
+            (status, size)
+        };
+        println!("{:<12} {:<48} {status:<22} {size}", role.setting(), st.source.to_string());
+        if !st.missing.is_empty() {
+            println!("{:<12} needs: {}", "", st.missing.join(", "));
+        }
+    }
+    if Role::ALL.iter().any(|&r| matches!(model_source(s, r), hub::ModelSource::Hub { .. })) {
+        println!("(Hub models live in the Hugging Face cache: $HF_HOME/hub, default ~/.cache/huggingface/hub; `dnd models fetch` downloads what is missing)");
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn images_bar(total: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// First Ctrl-C: stop after the current batch (nothing partial is written). Second: exit now.
+fn ctrl_c_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ndnd: stopping after the current batch (Ctrl-C again to quit at once)");
+            f.store(true, Ordering::SeqCst);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    flag
+}
+
+/// Logs go to stderr, drawn around any progress bar so neither garbles the other.
+fn init_logging(level: &str, progress: MultiProgress) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("dnd={level},warn"))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .with_context(|| format!("log level {level:?}: use error, warn, info, debug or trace"))?;
+    if !["error", "warn", "info", "debug", "trace"].contains(&level) {
+        bail!("log level {level:?}: use error, warn, info, debug or trace");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_writer(move || ProgressWriter(progress.clone()))
+        .init();
+    Ok(())
+}
+
+struct ProgressWriter(MultiProgress);
+
+impl Write for ProgressWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}

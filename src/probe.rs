@@ -1,0 +1,392 @@
+//! Probing sets: a folder of images walked recursively in a fixed order, fingerprinted, decoded
+//! defensively and preprocessed exactly as torchvision/timm evaluate, streamed in bounded batches.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::UNIX_EPOCH;
+
+use fast_image_resize as fr;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// File extensions read as images (case-insensitive). Content decides the decoder.
+pub const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"];
+
+/// Decompression-bomb guard: larger images are skipped. PIL refuses above ~179 Mpx; a
+/// 16384 x 16384 limit and 1 GiB of decode memory keep a bad file from taking the machine down.
+pub const MAX_SIDE: u32 = 16_384;
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeImage {
+    /// Path relative to the probing set's root, with `/` separators.
+    pub rel: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub mtime_ns: i128,
+}
+
+/// A probing set: its images in deterministic order and a fingerprint of the listing.
+#[derive(Clone, Debug)]
+pub struct ProbeSet {
+    pub root: PathBuf,
+    pub images: Vec<ProbeImage>,
+    /// Hex digest of relative paths, sizes and modification times: changes when the set does.
+    pub fingerprint: String,
+}
+
+fn is_image_name(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+impl ProbeSet {
+    /// Lists the images under `root` (recursively, following links), sorted by relative path.
+    pub fn open(root: &Path) -> Result<Self> {
+        let fix = "pass --probe with a folder of images (jpeg, png, webp, bmp, tiff, gif), or run `dnd probe fetch`";
+        if !root.is_dir() {
+            return Err(Error::Probe {
+                path: root.to_path_buf(),
+                reason: format!("probing set folder not found. {fix}"),
+            });
+        }
+        let mut images = Vec::new();
+        for entry in walkdir::WalkDir::new(root).follow_links(true) {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("probing set: skipping unreadable entry: {e}");
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() || !is_image_name(entry.path()) {
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("{}: skipped, cannot read metadata: {e}", entry.path().display());
+                    continue;
+                }
+            };
+            let mtime_ns = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .expect("walkdir yields paths under its root")
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            images.push(ProbeImage {
+                rel,
+                path: entry.path().to_path_buf(),
+                bytes: meta.len(),
+                mtime_ns,
+            });
+        }
+        if images.is_empty() {
+            return Err(Error::Probe {
+                path: root.to_path_buf(),
+                reason: format!("the probing set has no images. {fix}"),
+            });
+        }
+        images.sort_by(|a, b| a.rel.cmp(&b.rel));
+        let mut h = blake3::Hasher::new();
+        for im in &images {
+            h.update(im.rel.as_bytes());
+            h.update(&[0]);
+            h.update(&im.bytes.to_le_bytes());
+            h.update(&im.mtime_ns.to_le_bytes());
+        }
+        let fingerprint = h.finalize().to_hex()[..32].to_string();
+        Ok(Self {
+            root: root.to_path_buf(),
+            images,
+            fingerprint,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+/// Decodes any supported image to 8-bit RGB, upright (EXIF orientation applied), first frame of
+/// animations. Errors are one-line reasons; decoder panics on hostile files become errors too.
+pub fn decode(path: &Path) -> Result<RgbImage, String> {
+    let run = || -> Result<RgbImage, String> {
+        let mut reader = ImageReader::open(path)
+            .map_err(|e| format!("cannot open: {e}"))?
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if reader.format().is_none() {
+            return Err("not an image (unrecognised content)".into());
+        }
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(MAX_DECODE_BYTES);
+        reader.limits(limits);
+        let mut decoder = reader.into_decoder().map_err(describe_error)?;
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut img = DynamicImage::from_decoder(decoder).map_err(describe_error)?;
+        img.apply_orientation(orientation);
+        Ok(img.into_rgb8())
+    };
+    std::panic::catch_unwind(run).unwrap_or_else(|_| Err("the decoder crashed on this file".into()))
+}
+
+fn describe_error(e: image::ImageError) -> String {
+    match e {
+        image::ImageError::Limits(l) => format!(
+            "too large to decode safely ({l}; limit {MAX_SIDE} px a side, {} MiB)",
+            MAX_DECODE_BYTES >> 20
+        ),
+        image::ImageError::Unsupported(u) => format!("unsupported image: {u}"),
+        other => format!("corrupt or truncated image: {other}"),
+    }
+}
+
+/// Resampling filter of the resize step; both follow PIL's antialiased kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpolation {
+    Bilinear,
+    Bicubic,
+}
+
+/// Evaluation preprocessing: shorter side to `resize`, centre crop `crop` x `crop`, to [0,1],
+/// normalised per channel. Identical to torchvision's `Resize, CenterCrop, ToTensor, Normalize`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    pub resize: u32,
+    pub crop: u32,
+    pub interpolation: Interpolation,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// torchvision's ImageNet evaluation transform.
+    pub fn imagenet() -> Self {
+        Self {
+            resize: 256,
+            crop: 224,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// timm's evaluation transform from a Hub `config.json` (`pretrained_cfg`); `None` when the
+    /// file has no such section.
+    pub fn from_timm_config(config: &serde_json::Value) -> Option<Self> {
+        let cfg = config.get("pretrained_cfg")?;
+        let triple = |key: &str| -> Option<[f32; 3]> {
+            let v = cfg.get(key)?.as_array()?;
+            Some([
+                v.first()?.as_f64()? as f32,
+                v.get(1)?.as_f64()? as f32,
+                v.get(2)?.as_f64()? as f32,
+            ])
+        };
+        let size = cfg
+            .get("input_size")
+            .and_then(|v| v.as_array())
+            .and_then(|v| v.last())
+            .and_then(|v| v.as_u64())
+            .unwrap_or(224) as u32;
+        let crop_pct = cfg.get("crop_pct").and_then(|v| v.as_f64()).unwrap_or(0.875);
+        let interpolation = match cfg.get("interpolation").and_then(|v| v.as_str()) {
+            Some("bicubic") => Interpolation::Bicubic,
+            _ => Interpolation::Bilinear,
+        };
+        Some(Self {
+            // timm: scale_size = floor(img_size / crop_pct)
+            resize: ((size as f64) / crop_pct).floor() as u32,
+            crop: size,
+            interpolation,
+            mean: triple("mean").unwrap_or([0.485, 0.456, 0.406]),
+            std: triple("std").unwrap_or([0.229, 0.224, 0.225]),
+        })
+    }
+
+    /// Floats per preprocessed image (3 x crop x crop).
+    pub fn len(&self) -> usize {
+        3 * (self.crop as usize).pow(2)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.crop == 0
+    }
+
+    /// Size after the resize step, as torchvision computes it: the shorter side becomes
+    /// `resize`, the longer one `int(resize * long / short)`.
+    pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        let new_long = ((self.resize as f64) * (long as f64) / (short as f64)) as u32;
+        if w <= h {
+            (self.resize, new_long)
+        } else {
+            (new_long, self.resize)
+        }
+    }
+
+    /// Writes the CHW tensor of `img` into `out` (length [`Self::len`]).
+    pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
+        assert_eq!(out.len(), self.len());
+        let (w, h) = img.dimensions();
+        let (nw, nh) = self.resized_size(w, h);
+        let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
+            .expect("RgbImage buffers are w*h*3 bytes");
+        let mut dst = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
+        let filter = match self.interpolation {
+            Interpolation::Bilinear => fr::FilterType::Bilinear,
+            Interpolation::Bicubic => fr::FilterType::CatmullRom,
+        };
+        let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &opts)
+            .expect("same pixel type on both sides");
+        let crop = self.crop as usize;
+        // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even.
+        let offset = |size: u32| ((size as f64 - crop as f64) / 2.0).round_ties_even().max(0.0) as usize;
+        let (left, top) = (offset(nw), offset(nh));
+        let buf = dst.buffer();
+        let plane = crop * crop;
+        for y in 0..crop {
+            let sy = y + top;
+            for x in 0..crop {
+                let sx = x + left;
+                let inside = sy < nh as usize && sx < nw as usize;
+                for c in 0..3 {
+                    let v = if inside {
+                        buf[(sy * nw as usize + sx) * 3 + c] as f32 / 255.0
+                    } else {
+                        0.0 // torchvision pads a too-small image with zeros
+                    };
+                    out[c * plane + y * crop + x] = (v - self.mean[c]) / self.std[c];
+                }
+            }
+        }
+    }
+}
+
+/// One decoded, preprocessed batch: `pixels` holds `indices.len()` images, CHW, back to back.
+#[derive(Debug)]
+pub struct Batch {
+    /// Indices into [`ProbeSet::images`] of the images that decoded.
+    pub indices: Vec<usize>,
+    pub pixels: Vec<f32>,
+    /// Images of this chunk that could not be decoded, with the reason.
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// Decodes and preprocesses `images` in parallel (rayon), one batch at a time, handing each to
+/// `consume` on the calling thread while the next one is being decoded. At most three batches
+/// exist at once, so memory stays bounded whatever the size of the probing set.
+pub fn for_each_batch<F>(
+    images: &[ProbeImage],
+    pre: &Preprocess,
+    batch_size: usize,
+    cancel: &AtomicBool,
+    mut consume: F,
+) -> Result<()>
+where
+    F: FnMut(Batch) -> Result<()>,
+{
+    let batch_size = batch_size.max(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for (chunk_no, chunk) in images.chunks(batch_size).enumerate() {
+                if cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                let base = chunk_no * batch_size;
+                let decoded: Vec<(usize, Result<Vec<f32>, String>)> = chunk
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, im)| {
+                        let r = decode(&im.path).map(|img| {
+                            let mut out = vec![0f32; pre.len()];
+                            pre.apply(&img, &mut out);
+                            out
+                        });
+                        (base + i, r)
+                    })
+                    .collect();
+                let mut batch = Batch {
+                    indices: Vec::with_capacity(chunk.len()),
+                    pixels: Vec::with_capacity(chunk.len() * pre.len()),
+                    skipped: Vec::new(),
+                };
+                for (i, r) in decoded {
+                    match r {
+                        Ok(px) => {
+                            batch.indices.push(i);
+                            batch.pixels.extend_from_slice(&px);
+                        }
+                        Err(reason) => {
+                            tracing::warn!("{}: skipped: {reason}", images[i].path.display());
+                            batch.skipped.push((i, reason));
+                        }
+                    }
+                }
+                if tx.send(batch).is_err() {
+                    break; // the consumer stopped early
+                }
+            }
+        });
+        let mut result = Ok(());
+        for batch in rx.iter() {
+            if cancel.load(Ordering::Relaxed) {
+                result = Err(Error::Cancelled);
+                break;
+            }
+            if let Err(e) = consume(batch) {
+                result = Err(e);
+                break;
+            }
+        }
+        drop(rx); // unblocks the producer if we stopped early
+        if result.is_ok() && cancel.load(Ordering::Relaxed) {
+            result = Err(Error::Cancelled);
+        }
+        result
+    })
+}
+
+/// Decodes and preprocesses a few named files (for neuron maps on chosen images).
+pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<f32>> {
+    let per: Vec<Result<Vec<f32>>> = paths
+        .par_iter()
+        .map(|p| {
+            let img = decode(p).map_err(|reason| Error::Probe {
+                path: p.clone(),
+                reason,
+            })?;
+            let mut out = vec![0f32; pre.len()];
+            pre.apply(&img, &mut out);
+            Ok(out)
+        })
+        .collect();
+    let mut all = Vec::with_capacity(paths.len() * pre.len());
+    for r in per {
+        all.extend(r?);
+    }
+    Ok(all)
+}

@@ -1,0 +1,287 @@
+//! Target networks: the vision models being explained, with their layers addressed by the
+//! PyTorch module names the weights use, and several layers tapped in one forward pass.
+
+mod resnet;
+mod vit;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::hub::ResolvedModel;
+use crate::probe::Preprocess;
+
+pub use resnet::{random_resnet_weights, ResNet};
+pub use vit::Vit;
+
+/// How a layer's output maps to neurons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `[C, H, W]`: one neuron per channel, pooled over H x W; the H x W map is its spatial map.
+    Spatial,
+    /// `[C]`: one value per neuron (pooled features, logits); no spatial map.
+    Vector,
+    /// ViT tokens `[1 + H*W, D]`: the CLS token is the neuron value, patch tokens its H x W map.
+    Tokens { grid: (usize, usize) },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// PyTorch module name: `layer4`, `layer4.2`, `fc`, `blocks.7`, `head`.
+    pub name: String,
+    pub neurons: usize,
+    /// Output shape for one image.
+    pub shape: Vec<usize>,
+    pub kind: LayerKind,
+}
+
+impl LayerInfo {
+    /// Height and width of a neuron's spatial map, if the layer has one.
+    pub fn map_size(&self) -> Option<(usize, usize)> {
+        match self.kind {
+            LayerKind::Spatial => Some((self.shape[1], self.shape[2])),
+            LayerKind::Tokens { grid } => Some(grid),
+            LayerKind::Vector => None,
+        }
+    }
+}
+
+/// A target network with named taps. One implementation per architecture family.
+pub trait TargetNetwork: Send + Sync {
+    /// e.g. `resnet50 (bottleneck, blocks [3, 4, 6, 3])`.
+    fn architecture(&self) -> String;
+    /// Every tappable layer, in forward order.
+    fn layers(&self) -> &[LayerInfo];
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+    /// Runs a preprocessed batch `[B, 3, H, W]` and returns the outputs of the layers at
+    /// `taps` (indices into [`Self::layers`]), in the order given, each `[B, ...shape]`.
+    fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>>;
+}
+
+/// A loaded target: the network, how to preprocess for it, and what identifies its weights.
+pub struct Target {
+    pub net: Box<dyn TargetNetwork>,
+    pub preprocess: Preprocess,
+    /// Human name: the model source.
+    pub name: String,
+    /// blake3 of the weights file, for cache keys.
+    pub weights_hash: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("architecture", &self.net.architecture())
+            .finish()
+    }
+}
+
+impl Target {
+    /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision/timm
+    /// names) and, when present, timm's `config.json` for preprocessing and head count.
+    pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
+        let label = model.label();
+        let weights_path = model.required("model.safetensors");
+        let config = match model.file("config.json") {
+            Some(p) => Some(read_json(&label, p)?),
+            None => None,
+        };
+        let preprocess = config
+            .as_ref()
+            .and_then(Preprocess::from_timm_config)
+            .unwrap_or_else(Preprocess::imagenet);
+        let weights = Weights::load(&label, weights_path)?;
+        let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
+            Box::new(Vit::load(&weights, config.as_ref(), &preprocess, device, dtype)?)
+        } else if weights.contains("layer1.0.conv1.weight") {
+            Box::new(ResNet::load(&weights, preprocess.crop as usize, device, dtype)?)
+        } else {
+            return Err(weights.mismatch(
+                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm ViT (patch_embed, blocks.N, ...)".into(),
+            ));
+        };
+        Ok(Self {
+            net,
+            preprocess,
+            name: model.source.to_string(),
+            weights_hash: hash_file(weights_path)?,
+        })
+    }
+
+    /// Index of the layer called `name`, or an error listing the valid names.
+    pub fn layer_index(&self, name: &str) -> Result<usize> {
+        let layers = self.net.layers();
+        layers
+            .iter()
+            .position(|l| l.name == name)
+            .ok_or_else(|| Error::UnknownLayer {
+                layer: name.to_string(),
+                target: self.name.clone(),
+                valid: layers
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    pub fn layer(&self, index: usize) -> &LayerInfo {
+        &self.net.layers()[index]
+    }
+
+    /// Errors unless `neuron` exists in layer `index`.
+    pub fn check_neuron(&self, index: usize, neuron: usize) -> Result<()> {
+        let l = self.layer(index);
+        if neuron >= l.neurons {
+            return Err(Error::NeuronOutOfRange {
+                layer: l.name.clone(),
+                neuron,
+                count: l.neurons,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_json(label: &str, path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::ModelMismatch {
+        model: label.to_string(),
+        file: path.display().to_string(),
+        detail: format!("not valid JSON: {e}"),
+        fix: "re-download the model (`dnd models fetch`) or fix the file".into(),
+    })
+}
+
+/// blake3 of a file, memory-mapped and hashed on all cores.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path).map_err(|e| Error::io(path, e))?;
+    Ok(h.finalize().to_hex()[..32].to_string())
+}
+
+/// A safetensors weights file read to f32 on the CPU, with lookups that fail with messages
+/// naming the model, the file and the tensor.
+pub struct Weights {
+    label: String,
+    file: String,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn load(label: &str, path: &Path) -> Result<Self> {
+        let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::ModelMismatch {
+            model: label.to_string(),
+            file: path.display().to_string(),
+            detail: format!("not a readable safetensors file ({e})"),
+            fix: "re-download it (`dnd models fetch`) or convert the checkpoint to safetensors".into(),
+        })?;
+        Self::from_tensors(label, &path.display().to_string(), raw)
+    }
+
+    /// Wraps tensors already in memory (random weights for benchmarks, tests).
+    pub fn from_tensors(label: &str, file: &str, raw: HashMap<String, Tensor>) -> Result<Self> {
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (k, t) in raw {
+            // Integer buffers such as BatchNorm's num_batches_tracked are not weights.
+            if t.dtype().is_float() {
+                tensors.insert(k, t.to_dtype(DType::F32)?);
+            }
+        }
+        Ok(Self {
+            label: label.to_string(),
+            file: file.to_string(),
+            tensors,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn mismatch(&self, detail: String) -> Error {
+        Error::ModelMismatch {
+            model: self.label.clone(),
+            file: self.file.clone(),
+            detail,
+            fix: "use torchvision/timm weights of a supported architecture (ResNet-18/34/50/101/152, ViT) in safetensors".into(),
+        }
+    }
+
+    /// The tensor `name`, which must have `shape` when one is given.
+    pub fn get(&self, name: &str, shape: Option<&[usize]>) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| self.mismatch(format!("tensor {name} is missing")))?;
+        if let Some(s) = shape {
+            if t.dims() != s {
+                return Err(self.mismatch(format!(
+                    "tensor {name} has shape {:?}, expected {s:?}",
+                    t.dims()
+                )));
+            }
+        }
+        Ok(t.clone())
+    }
+
+    /// Shape of `name`, or the missing-tensor error.
+    pub fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.get(name, None)?.dims().to_vec())
+    }
+}
+
+/// `x @ w.T + b` over the last dimension, flattening leading dimensions first (candle's CPU
+/// matmul mishandles batched transposed operands, so only plain 2-D products are used).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("linear input has a dimension");
+    let n: usize = lead.iter().product();
+    let y = x.reshape((n, *last))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    Ok(y.reshape(out)?)
+}
+
+/// Collects the tapped outputs of a forward pass, so the pass can stop at the last one needed.
+pub(crate) struct Recorder<'a> {
+    taps: &'a [usize],
+    found: HashMap<usize, Tensor>,
+}
+
+impl<'a> Recorder<'a> {
+    pub(crate) fn new(taps: &'a [usize]) -> Self {
+        Self {
+            taps,
+            found: HashMap::new(),
+        }
+    }
+
+    /// Keeps `t` if layer `idx` is tapped; true once every tap has been seen.
+    pub(crate) fn record(&mut self, idx: usize, t: &Tensor) -> bool {
+        if self.taps.contains(&idx) {
+            self.found.insert(idx, t.clone());
+        }
+        self.taps.iter().all(|i| self.found.contains_key(i))
+    }
+
+    /// The tapped outputs in the order of `taps`.
+    pub(crate) fn finish(self) -> Result<Vec<Tensor>> {
+        self.taps
+            .iter()
+            .map(|i| {
+                self.found.get(i).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("layer index {i} is not in this network")).into()
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,341 @@
+//! ResNet-18/34/50/101/152 (torchvision layout, which timm's `resnet*.tv_*` share), with block
+//! type, depth and widths read from the weights. BatchNorm is folded into the convolutions at
+//! load time: one fused conv instead of conv + four broadcast ops per layer.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig};
+
+use super::{linear, LayerInfo, LayerKind, Recorder, TargetNetwork, Weights};
+use crate::error::Result;
+
+const BN_EPS: f64 = 1e-5;
+
+/// A convolution with its BatchNorm folded in.
+struct ConvBn {
+    conv: Conv2d,
+}
+
+impl ConvBn {
+    fn load(w: &Weights, conv: &str, bn: &str, stride: usize, dev: &Device, dt: DType) -> Result<Self> {
+        let weight = w.get(&format!("{conv}.weight"), None)?;
+        let (scale, shift) = bn_affine(w, bn, weight.dim(0)?)?;
+        let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+        let k = weight.dim(2)?;
+        let cfg = Conv2dConfig {
+            padding: k / 2,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, Some(shift.to_device(dev)?.to_dtype(dt)?), cfg),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.conv.forward(x)?)
+    }
+}
+
+/// BatchNorm in eval mode as `x * scale + shift`.
+fn bn_affine(w: &Weights, bn: &str, channels: usize) -> Result<(Tensor, Tensor)> {
+    let s = [channels];
+    let gamma = w.get(&format!("{bn}.weight"), Some(&s))?;
+    let beta = w.get(&format!("{bn}.bias"), Some(&s))?;
+    let mean = w.get(&format!("{bn}.running_mean"), Some(&s))?;
+    let var = w.get(&format!("{bn}.running_var"), Some(&s))?;
+    let scale = gamma.div(&(var + BN_EPS)?.sqrt()?)?;
+    let shift = (beta - mean.mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+struct Block {
+    convs: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            h = c.forward(&h)?;
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((h + identity)?.relu()?)
+    }
+}
+
+pub struct ResNet {
+    arch: String,
+    stem: Conv2d,
+    bn1_scale: Tensor,
+    bn1_shift: Tensor,
+    stages: Vec<Vec<Block>>,
+    fc: Option<(Tensor, Tensor)>,
+    layers: Vec<LayerInfo>,
+    device: Device,
+    dtype: DType,
+}
+
+fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
+    (size + 2 * pad - k) / stride + 1
+}
+
+impl ResNet {
+    pub fn load(w: &Weights, input: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let bottleneck = w.contains("layer1.0.conv3.weight");
+        if !w.contains("conv1.weight") {
+            return Err(w.mismatch("no conv1.weight: only the torchvision stem (one 7x7 conv) is supported, not deep-stem variants".into()));
+        }
+        let stem_w = w.get("conv1.weight", None)?;
+        let stem_c = stem_w.dim(0)?;
+        let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
+        let stem = Conv2d::new(
+            stem_w.to_device(device)?.to_dtype(dtype)?,
+            None,
+            Conv2dConfig {
+                padding: 3,
+                stride: 2,
+                ..Default::default()
+            },
+        );
+        let mut stages = Vec::new();
+        let mut depths = Vec::new();
+        for s in 1..=4 {
+            let mut blocks = Vec::new();
+            while w.contains(&format!("layer{s}.{}.conv1.weight", blocks.len())) {
+                let b = blocks.len();
+                let p = format!("layer{s}.{b}");
+                let stride = if s > 1 && b == 0 { 2 } else { 1 };
+                let n_convs = if bottleneck { 3 } else { 2 };
+                // torchvision puts the stride on the 3x3 conv: conv2 in bottlenecks, conv1 in basic blocks.
+                let strided = if bottleneck { 2 } else { 1 };
+                let convs = (1..=n_convs)
+                    .map(|i| {
+                        let st = if i == strided { stride } else { 1 };
+                        ConvBn::load(w, &format!("{p}.conv{i}"), &format!("{p}.bn{i}"), st, device, dtype)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let downsample = if w.contains(&format!("{p}.downsample.0.weight")) {
+                    Some(ConvBn::load(w, &format!("{p}.downsample.0"), &format!("{p}.downsample.1"), stride, device, dtype)?)
+                } else {
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+            }
+            if blocks.is_empty() {
+                return Err(w.mismatch(format!("stage layer{s} has no blocks (no layer{s}.0.conv1.weight)")));
+            }
+            depths.push(blocks.len());
+            stages.push(blocks);
+        }
+        let fc = if w.contains("fc.weight") {
+            Some((
+                w.get("fc.weight", None)?.to_device(device)?.to_dtype(dtype)?,
+                w.get("fc.bias", None)?.to_device(device)?.to_dtype(dtype)?,
+            ))
+        } else {
+            None
+        };
+        let arch = match (bottleneck, depths.as_slice()) {
+            (false, [2, 2, 2, 2]) => "resnet18".to_string(),
+            (false, [3, 4, 6, 3]) => "resnet34".to_string(),
+            (true, [3, 4, 6, 3]) => "resnet50".to_string(),
+            (true, [3, 4, 23, 3]) => "resnet101".to_string(),
+            (true, [3, 8, 36, 3]) => "resnet152".to_string(),
+            _ => "resnet".to_string(),
+        };
+        let arch = format!(
+            "{arch} ({} blocks {depths:?})",
+            if bottleneck { "bottleneck" } else { "basic" }
+        );
+
+        // Output shapes at this input size.
+        let mut layers = Vec::new();
+        let spatial = |name: &str, c: usize, hw: usize| LayerInfo {
+            name: name.to_string(),
+            neurons: c,
+            shape: vec![c, hw, hw],
+            kind: LayerKind::Spatial,
+        };
+        let mut hw = conv_out(input, 7, 2, 3);
+        for n in ["conv1", "bn1", "relu"] {
+            layers.push(spatial(n, stem_c, hw));
+        }
+        hw = conv_out(hw, 3, 2, 1);
+        layers.push(spatial("maxpool", stem_c, hw));
+        let mut channels = stem_c;
+        for (s, blocks) in stages.iter().enumerate() {
+            if s > 0 {
+                hw = conv_out(hw, 3, 2, 1);
+            }
+            channels = blocks[0].convs.last().expect("blocks have convs").conv.weight().dim(0)?;
+            layers.push(spatial(&format!("layer{}", s + 1), channels, hw));
+            for b in 0..blocks.len() {
+                layers.push(spatial(&format!("layer{}.{b}", s + 1), channels, hw));
+            }
+        }
+        layers.push(LayerInfo {
+            name: "avgpool".into(),
+            neurons: channels,
+            shape: vec![channels],
+            kind: LayerKind::Vector,
+        });
+        if let Some((fw, _)) = &fc {
+            let classes = fw.dim(0)?;
+            if fw.dim(1)? != channels {
+                return Err(w.mismatch(format!("fc.weight takes {} features but layer4 gives {channels}", fw.dim(1)?)));
+            }
+            layers.push(LayerInfo {
+                name: "fc".into(),
+                neurons: classes,
+                shape: vec![classes],
+                kind: LayerKind::Vector,
+            });
+        }
+        Ok(Self {
+            arch,
+            stem,
+            bn1_scale: scale.reshape((1, (), 1, 1))?.to_device(device)?.to_dtype(dtype)?,
+            bn1_shift: shift.reshape((1, (), 1, 1))?.to_device(device)?.to_dtype(dtype)?,
+            stages,
+            fc,
+            layers,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+impl TargetNetwork for ResNet {
+    fn architecture(&self) -> String {
+        self.arch.clone()
+    }
+
+    fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
+        let mut rec = Recorder::new(taps);
+        let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        // The stem keeps BatchNorm separate so that conv1, bn1 and relu are each observable.
+        let mut h = self.stem.forward(&x)?;
+        if rec.record(0, &h) {
+            return rec.finish();
+        }
+        h = h.broadcast_mul(&self.bn1_scale)?.broadcast_add(&self.bn1_shift)?;
+        if rec.record(1, &h) {
+            return rec.finish();
+        }
+        h = h.relu()?;
+        if rec.record(2, &h) {
+            return rec.finish();
+        }
+        // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
+        h = h
+            .pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?;
+        if rec.record(3, &h) {
+            return rec.finish();
+        }
+        // Layer list order: the stage entry `layerN`, then its blocks `layerN.i`.
+        let mut idx = 4;
+        for blocks in &self.stages {
+            let stage_idx = idx;
+            for (b, block) in blocks.iter().enumerate() {
+                h = block.forward(&h)?;
+                if rec.record(stage_idx + 1 + b, &h) {
+                    return rec.finish();
+                }
+            }
+            if rec.record(stage_idx, &h) {
+                return rec.finish();
+            }
+            idx += 1 + blocks.len();
+        }
+        h = h.mean((2, 3))?;
+        if rec.record(idx, &h) {
+            return rec.finish();
+        }
+        if let Some((w, b)) = &self.fc {
+            h = linear(&h, w, Some(b))?;
+            rec.record(idx + 1, &h);
+        }
+        rec.finish()
+    }
+}
+
+/// Random weights with torchvision names and shapes for a standard ResNet (`depth` 18, 34, 50,
+/// 101 or 152), for benchmarks that must run without downloading a checkpoint.
+pub fn random_resnet_weights(depth: usize, classes: usize) -> Result<HashMap<String, Tensor>> {
+    let (bottleneck, blocks): (bool, [usize; 4]) = match depth {
+        18 => (false, [2, 2, 2, 2]),
+        34 => (false, [3, 4, 6, 3]),
+        50 => (true, [3, 4, 6, 3]),
+        101 => (true, [3, 4, 23, 3]),
+        152 => (true, [3, 8, 36, 3]),
+        _ => return Err(candle_core::Error::Msg(format!("no standard ResNet-{depth}")).into()),
+    };
+    let dev = Device::Cpu;
+    let mut m = HashMap::new();
+    let conv = |m: &mut HashMap<String, Tensor>, name: &str, cout: usize, cin: usize, k: usize| -> Result<()> {
+        let std = (2.0 / (cin * k * k) as f64).sqrt();
+        m.insert(format!("{name}.weight"), Tensor::randn(0f32, std as f32, (cout, cin, k, k), &dev)?);
+        Ok(())
+    };
+    let bn = |m: &mut HashMap<String, Tensor>, name: &str, c: usize| -> Result<()> {
+        m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.0, c, &dev)?);
+        m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev)?);
+        m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev)?);
+        m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev)?);
+        Ok(())
+    };
+    conv(&mut m, "conv1", 64, 3, 7)?;
+    bn(&mut m, "bn1", 64)?;
+    let expansion = if bottleneck { 4 } else { 1 };
+    let mut cin = 64;
+    for (s, &n) in blocks.iter().enumerate() {
+        let planes = 64 << s;
+        for b in 0..n {
+            let p = format!("layer{}.{b}", s + 1);
+            if bottleneck {
+                conv(&mut m, &format!("{p}.conv1"), planes, cin, 1)?;
+                conv(&mut m, &format!("{p}.conv2"), planes, planes, 3)?;
+                conv(&mut m, &format!("{p}.conv3"), planes * 4, planes, 1)?;
+            } else {
+                conv(&mut m, &format!("{p}.conv1"), planes, cin, 3)?;
+                conv(&mut m, &format!("{p}.conv2"), planes, planes, 3)?;
+            }
+            for i in 1..=(if bottleneck { 3 } else { 2 }) {
+                let c = if i == 3 { planes * 4 } else { planes };
+                bn(&mut m, &format!("{p}.bn{i}"), c)?;
+            }
+            if b == 0 && (s > 0 || cin != planes * expansion) {
+                conv(&mut m, &format!("{p}.downsample.0"), planes * expansion, cin, 1)?;
+                bn(&mut m, &format!("{p}.downsample.1"), planes * expansion)?;
+            }
+            cin = planes * expansion;
+        }
+    }
+    m.insert("fc.weight".into(), Tensor::randn(0f32, 0.01, (classes, cin), &dev)?);
+    m.insert("fc.bias".into(), Tensor::zeros(classes, DType::F32, &dev)?);
+    Ok(m)
+}

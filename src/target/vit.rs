@@ -1,0 +1,228 @@
+//! Vision Transformer with timm's names (`vit_base_patch16_224.*`): patch_embed, cls_token,
+//! pos_embed, blocks.N (pre-norm attention + MLP), norm, head. A neuron of a token layer is one
+//! dimension of the CLS token; the patch tokens give its H x W map.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{linear, LayerInfo, LayerKind, Recorder, TargetNetwork, Weights};
+use crate::error::Result;
+use crate::probe::Preprocess;
+
+const LN_EPS: f64 = 1e-6;
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn load(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<Self> {
+        Ok(Self {
+            w: w.get(&format!("{p}.weight"), Some(&[d]))?.to_device(dev)?.to_dtype(dt)?,
+            b: w.get(&format!("{p}.bias"), Some(&[d]))?.to_device(dev)?.to_dtype(dt)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, LN_EPS as f32)?)
+    }
+}
+
+struct Lin {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Lin {
+    fn load(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Self> {
+        Ok(Self {
+            w: w.get(&format!("{p}.weight"), Some(&[out, inp]))?.to_device(dev)?.to_dtype(dt)?,
+            b: w.get(&format!("{p}.bias"), Some(&[out]))?.to_device(dev)?.to_dtype(dt)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, Some(&self.b))
+    }
+}
+
+struct Block {
+    norm1: Norm,
+    qkv: Lin,
+    proj: Lin,
+    norm2: Norm,
+    fc1: Lin,
+    fc2: Lin,
+    heads: usize,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(x)?)?
+            .reshape((b, t, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + self.proj.forward(&y)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        Ok((&x + self.fc2.forward(&h)?)?)
+    }
+}
+
+pub struct Vit {
+    arch: String,
+    patch_w: Tensor,
+    patch_b: Tensor,
+    patch: usize,
+    cls: Tensor,
+    pos: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    head: Option<Lin>,
+    layers: Vec<LayerInfo>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Vit {
+    pub fn load(
+        w: &Weights,
+        config: Option<&serde_json::Value>,
+        pre: &Preprocess,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let pw = w.dims("patch_embed.proj.weight")?;
+        let (d, patch) = (pw[0], pw[2]);
+        if !w.contains("cls_token") {
+            return Err(w.mismatch("this ViT has no cls_token; dnd needs the class token as the neuron value".into()));
+        }
+        let depth = (0..).take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight"))).count();
+        // Head count is not in the weights: timm's config.json records it in model_args; the
+        // standard ViTs (Ti/S/B/L) all use 64-dimensional heads.
+        let heads = config
+            .and_then(|c| c.pointer("/model_args/num_heads"))
+            .and_then(|v| v.as_u64())
+            .map(|h| h as usize)
+            .unwrap_or(if d == 1280 { 16 } else { (d / 64).max(1) });
+        if d % heads != 0 {
+            return Err(w.mismatch(format!("embedding width {d} is not divisible by {heads} heads")));
+        }
+        let grid = pre.crop as usize / patch;
+        let tokens = 1 + grid * grid;
+        let pos = w.get("pos_embed", None)?;
+        if pos.dims() != [1, tokens, d] {
+            return Err(w.mismatch(format!(
+                "pos_embed has shape {:?} but a {}px input with {patch}px patches needs [1, {tokens}, {d}]",
+                pos.dims(),
+                pre.crop
+            )));
+        }
+        let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
+        let blocks = (0..depth)
+            .map(|i| {
+                let p = format!("blocks.{i}");
+                let hidden = w.dims(&format!("{p}.mlp.fc1.weight"))?[0];
+                Ok(Block {
+                    norm1: Norm::load(w, &format!("{p}.norm1"), d, device, dtype)?,
+                    qkv: Lin::load(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
+                    proj: Lin::load(w, &format!("{p}.attn.proj"), d, d, device, dtype)?,
+                    norm2: Norm::load(w, &format!("{p}.norm2"), d, device, dtype)?,
+                    fc1: Lin::load(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
+                    fc2: Lin::load(w, &format!("{p}.mlp.fc2"), d, hidden, device, dtype)?,
+                    heads,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = if w.contains("head.weight") {
+            let classes = w.dims("head.weight")?[0];
+            Some(Lin::load(w, "head", classes, d, device, dtype)?)
+        } else {
+            None
+        };
+        let tokens_layer = |name: String| LayerInfo {
+            name,
+            neurons: d,
+            shape: vec![tokens, d],
+            kind: LayerKind::Tokens { grid: (grid, grid) },
+        };
+        let mut layers: Vec<LayerInfo> = (0..depth).map(|i| tokens_layer(format!("blocks.{i}"))).collect();
+        layers.push(tokens_layer("norm".into()));
+        if let Some(h) = &head {
+            let classes = h.w.dim(0)?;
+            layers.push(LayerInfo {
+                name: "head".into(),
+                neurons: classes,
+                shape: vec![classes],
+                kind: LayerKind::Vector,
+            });
+        }
+        Ok(Self {
+            arch: format!("vit (patch {patch}, width {d}, depth {depth}, {heads} heads)"),
+            patch_w: to(w.get("patch_embed.proj.weight", None)?)?,
+            patch_b: to(w.get("patch_embed.proj.bias", Some(&[d]))?)?,
+            patch,
+            cls: to(w.get("cls_token", Some(&[1, 1, d]))?)?,
+            pos: to(pos)?,
+            blocks,
+            norm: Norm::load(w, "norm", d, device, dtype)?,
+            head,
+            layers,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+impl TargetNetwork for Vit {
+    fn architecture(&self) -> String {
+        self.arch.clone()
+    }
+
+    fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
+        let mut rec = Recorder::new(taps);
+        let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let b = x.dim(0)?;
+        let p = x
+            .conv2d(&self.patch_w, 0, self.patch, 1, 1)?
+            .broadcast_add(&self.patch_b.reshape((1, (), 1, 1))?)?;
+        let p = p.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
+        let cls = self.cls.broadcast_as((b, 1, self.cls.dim(D::Minus1)?))?;
+        let mut h = Tensor::cat(&[&cls, &p], 1)?.broadcast_add(&self.pos)?.contiguous()?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h)?;
+            if rec.record(i, &h) {
+                return rec.finish();
+            }
+        }
+        h = self.norm.forward(&h)?;
+        if rec.record(self.blocks.len(), &h) {
+            return rec.finish();
+        }
+        if let Some(head) = &self.head {
+            let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+            rec.record(self.blocks.len() + 1, &head.forward(&cls)?);
+        }
+        rec.finish()
+    }
+}

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Writes the small random-weight fixtures and reference outputs under tests/fixtures/.
+
+Everything here is produced by the reference libraries themselves (torchvision, timm, PIL),
+so the Rust parity tests compare against what a real checkpoint computes in PyTorch.
+Rerunning it reproduces the files (fixed seeds).
+
+    pip install torch torchvision timm safetensors numpy pillow
+    python3 tools/gen_fixtures.py
+"""
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import timm
+from timm.models.resnet import BasicBlock, Bottleneck
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+from timm.models import save_for_hf
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+IMAGES = ROOT / "images"
+EDGE = ROOT / "edge"
+MODELS = ROOT / "models"
+
+
+def synthetic_photo(rng, w, h):
+    """Smooth colour fields with a few hard edges: enough structure for resampling to matter."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        for _ in range(3):
+            fx, fy, ph = rng.uniform(0.002, 0.05), rng.uniform(0.002, 0.05), rng.uniform(0, 6.28)
+            img[..., c] += np.sin(x * fx + y * fy + ph)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, min(w, h) / 3)
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        img[mask] = rng.uniform(-3, 3, 3)
+    img += rng.normal(0, 0.15, img.shape)
+    img = (img - img.min()) / (img.max() - img.min())
+    return Image.fromarray((img * 255).round().astype(np.uint8))
+
+
+def write_images(rng):
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    # Sizes chosen to hit odd centre-crop offsets (Python's round-half-even), upscaling and both aspects.
+    specs = [("a_landscape.png", 333, 250), ("b_portrait.png", 240, 417), ("c_small.png", 100, 80),
+             ("d_photo.jpg", 500, 375)]
+    paths = []
+    for name, w, h in specs:
+        img = synthetic_photo(rng, w, h)
+        p = IMAGES / name
+        img.save(p, quality=92) if name.endswith(".jpg") else img.save(p)
+        paths.append(p)
+    return paths
+
+
+def write_edge_cases(rng):
+    EDGE.mkdir(parents=True, exist_ok=True)
+    synthetic_photo(rng, 64, 48).convert("CMYK").save(EDGE / "cmyk.jpg", quality=95)
+    # Left half red, right half blue, stored sideways with EXIF orientation 6 (rotate 90 CW to view).
+    arr = np.zeros((40, 20, 3), np.uint8)
+    arr[:20, :, 0] = 255
+    arr[20:, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(EDGE / "exif_rotated.jpg", exif=exif, quality=95)
+    g16 = (np.linspace(0, 65535, 32 * 24).reshape(24, 32)).astype(np.uint16)
+    Image.fromarray(g16).save(EDGE / "gray16.png")
+    # A PNG whose header claims 100000 x 100000 pixels: a decompression bomb.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    (EDGE / "bomb.png").write_bytes(bomb)
+
+
+def randomise_batchnorm(model, gen):
+    """Random init leaves BN as identity; random statistics make BN folding observable."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=gen) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=gen) * 0.1
+            m.running_mean.data = torch.randn(m.num_features, generator=gen) * 0.1
+            m.running_var.data = torch.rand(m.num_features, generator=gen) + 0.5
+
+
+def capture(model, x, names):
+    outs = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o)) for n in names]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return outs, logits
+
+
+def pooled(t, pool):
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3)) if pool == "mean" else t.amax(dim=(2, 3))
+    if t.dim() == 3:  # ViT tokens: the CLS token
+        return t[:, 0, :]
+    return t
+
+
+def write_resnet(name, block, layers, half, x, gen):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50.tv_in1k", pretrained=False, block=block, layers=layers,
+                              channels=(8, 16, 32, 64), stem_width=8, num_classes=10, zero_init_last=False).eval()
+    randomise_batchnorm(model, gen)
+    if half:  # store f16 weights; the reference computes with the same rounded values in f32
+        model = model.half().float()
+    folder = MODELS / name
+    args = dict(layers=list(layers), channels=[8, 16, 32, 64], stem_width=8, num_classes=10, zero_init_last=False,
+                block=block.__name__)
+    save_for_hf(model.half() if half else model, folder, safe_serialization=True, model_args=args)
+    model = model.float()
+    taps = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
+            "layer4.0", "global_pool", "fc"]
+    outs, logits = capture(model, x, taps)
+    ref = {}
+    for t in taps:
+        # timm calls the stem activation act1 and the pooling global_pool; torchvision relu/avgpool.
+        ours = {"act1": "relu", "global_pool": "avgpool"}.get(t, t)
+        o = outs[t].flatten(1) if t == "global_pool" else outs[t]
+        ref[f"mean/{ours}"] = pooled(o, "mean").contiguous()
+        if o.dim() == 4:
+            ref[f"max/{ours}"] = pooled(o, "max").contiguous()
+    ref["map/layer3"] = outs["layer3"].contiguous()
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
+
+
+def write_vit(x, gen):
+    torch.manual_seed(1)
+    model = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=False, embed_dim=64,
+                              depth=2, num_heads=2, num_classes=10).eval()
+    with torch.no_grad():  # timm zero-initialises the head and small-inits tokens; make them matter
+        for p in (model.cls_token, model.pos_embed, model.head.weight, model.head.bias):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    folder = MODELS / "vit_tiny"
+    save_for_hf(model, folder, safe_serialization=True,
+                model_args=dict(embed_dim=64, depth=2, num_heads=2, num_classes=10))
+    taps = ["blocks.0", "blocks.1", "norm", "head"]
+    outs, logits = capture(model, x, taps)
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["map/blocks.1"] = outs["blocks.1"][:, 1:, :].contiguous()
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_tiny.reference.safetensors")
+    return model
+
+
+def main():
+    rng = np.random.default_rng(1234)
+    gen = torch.Generator().manual_seed(1234)
+    # torchvision and timm name ResNet weights identically: one fixture family serves both.
+    assert set(torchvision.models.resnet50().state_dict()) == set(timm.create_model("resnet50").state_dict())
+    paths = write_images(rng)
+    write_edge_cases(rng)
+
+    tv = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    pre = {}
+    batch = []
+    for p in paths:
+        t = tv(Image.open(p).convert("RGB")).half()
+        pre[f"torchvision/{p.name}"] = t
+        batch.append(t.float())
+    x = torch.stack(batch)
+
+    MODELS.mkdir(parents=True, exist_ok=True)
+    write_resnet("resnet_basic", BasicBlock, [1, 1, 1, 1], True, x, gen)
+    write_resnet("resnet_bottleneck", Bottleneck, [1, 2, 1, 1], False, x, gen)
+    vit = write_vit(x, gen)
+
+    # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
+    vit_tf = create_transform(**resolve_data_config({}, model=vit))
+    for p in paths[:2]:
+        pre[f"timm_vit/{p.name}"] = vit_tf(Image.open(p).convert("RGB")).half()
+    save_file({k: v.contiguous() for k, v in pre.items()}, ROOT / "preprocess.safetensors")
+    (ROOT / "versions.json").write_text(json.dumps(
+        {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+         "pillow": Image.__version__}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    os.chdir(Path(__file__).resolve().parent.parent)
+    main()
