@@ -127,27 +127,62 @@ impl ProbeSet {
 /// animations. Errors are one-line reasons; decoder panics on hostile files become errors too.
 pub fn decode(path: &Path) -> Result<RgbImage, String> {
     let run = || -> Result<RgbImage, String> {
-        let mut reader = ImageReader::open(path)
-            .map_err(|e| format!("cannot open: {e}"))?
-            .with_guessed_format()
-            .map_err(|e| format!("cannot read: {e}"))?;
-        if reader.format().is_none() {
-            return Err("not an image (unrecognised content)".into());
-        }
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+        // The content alone picks the decoder: a file's extension may lie.
+        let format = image::guess_format(&bytes)
+            .map_err(|_| "not an image (unrecognised content)".to_string())?;
         let mut limits = Limits::default();
         limits.max_image_width = Some(MAX_SIDE);
         limits.max_image_height = Some(MAX_SIDE);
         limits.max_alloc = Some(MAX_DECODE_BYTES);
+        let mut reader = ImageReader::with_format(std::io::Cursor::new(&bytes), format);
         reader.limits(limits);
+        // Reading the header checks the size limits before any pixel is decoded.
         let mut decoder = reader.into_decoder().map_err(describe_error)?;
         let orientation = decoder
             .orientation()
             .unwrap_or(image::metadata::Orientation::NoTransforms);
-        let mut img = DynamicImage::from_decoder(decoder).map_err(describe_error)?;
+        let jpeg = match format {
+            image::ImageFormat::Jpeg => decode_jpeg_like_pil(&bytes)?,
+            _ => None,
+        };
+        let mut img = match jpeg {
+            Some(rgb) => DynamicImage::ImageRgb8(rgb),
+            None => DynamicImage::from_decoder(decoder).map_err(describe_error)?,
+        };
         img.apply_orientation(orientation);
         Ok(img.into_rgb8())
     };
     std::panic::catch_unwind(run).unwrap_or_else(|_| Err("the decoder crashed on this file".into()))
+}
+
+/// JPEG through libjpeg-turbo's code (mozjpeg), as PIL decodes it: islow IDCT and fancy chroma
+/// upsampling, so pixels are bit-identical to the reference's. `None` for CMYK/YCCK files,
+/// which libjpeg cannot turn into RGB; the image crate decodes those.
+fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
+    // libjpeg only warns on a file cut short and fills the rest with grey; PIL refuses such
+    // files. In entropy-coded data 0xFF is always stuffed, so an end marker (FF D9) after the
+    // first start-of-scan (FF DA) is present exactly when the file is complete.
+    let sos = bytes.windows(2).position(|w| w == [0xFF, 0xDA]);
+    let complete = sos.is_some_and(|p| bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]));
+    if !complete {
+        return Err("corrupt or truncated image: the JPEG data stops before its end marker".into());
+    }
+    let fail = |e: std::io::Error| format!("corrupt or truncated image: {e}");
+    let d = mozjpeg::Decompress::new_mem(bytes).map_err(fail)?;
+    if matches!(
+        d.color_space(),
+        mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
+    ) {
+        return Ok(None);
+    }
+    let (w, h) = d.size();
+    let mut started = d.rgb().map_err(fail)?;
+    let pixels = started.read_scanlines_flat().map_err(fail)?;
+    started.finish().map_err(fail)?;
+    RgbImage::from_raw(w as u32, h as u32, pixels)
+        .map(Some)
+        .ok_or_else(|| "corrupt image: fewer pixels than its size".to_string())
 }
 
 fn describe_error(e: image::ImageError) -> String {
@@ -250,17 +285,11 @@ impl Preprocess {
         assert_eq!(out.len(), self.len());
         let (w, h) = img.dimensions();
         let (nw, nh) = self.resized_size(w, h);
-        let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
-            .expect("RgbImage buffers are w*h*3 bytes");
-        let mut dst = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
         let filter = match self.interpolation {
             Interpolation::Bilinear => fr::FilterType::Bilinear,
             Interpolation::Bicubic => fr::FilterType::CatmullRom,
         };
-        let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
-        fr::Resizer::new()
-            .resize(&src, &mut dst, &opts)
-            .expect("same pixel type on both sides");
+        let dst = resize_like_pil(img, nw, nh, filter);
         let crop = self.crop as usize;
         // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even.
         let offset = |size: u32| ((size as f64 - crop as f64) / 2.0).round_ties_even().max(0.0) as usize;
@@ -283,6 +312,22 @@ impl Preprocess {
             }
         }
     }
+}
+
+/// Antialiased resize with PIL's pass order: horizontal first, rounded to 8 bits, then
+/// vertical. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
+/// level off PIL's; two single-direction passes reproduce PIL.)
+fn resize_like_pil(img: &RgbImage, nw: u32, nh: u32, filter: fr::FilterType) -> fr::images::Image<'static> {
+    let (w, h) = img.dimensions();
+    let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
+    let mut resizer = fr::Resizer::new();
+    let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
+        .expect("RgbImage buffers are w*h*3 bytes");
+    let mut wide = fr::images::Image::new(nw, h, fr::PixelType::U8x3);
+    resizer.resize(&src, &mut wide, &opts).expect("same pixel type on both sides");
+    let mut out = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
+    resizer.resize(&wide, &mut out, &opts).expect("same pixel type on both sides");
+    out
 }
 
 /// One decoded, preprocessed batch: `pixels` holds `indices.len()` images, CHW, back to back.

@@ -93,9 +93,9 @@ def randomise_batchnorm(model, gen):
 
 
 def capture(model, x, names):
-    outs = {}
+    outs = {}  # cloned: the ReLUs that follow run in place and would overwrite them
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o)) for n in names]
+    hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.clone())) for n in names]
     with torch.no_grad():
         logits = model(x)
     for h in hooks:

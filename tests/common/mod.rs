@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use dnd::hub::{self, HubOptions, ModelSource, Role};
+use dnd::target::Target;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
+        .collect()
+}
+
+/// max |a - b| / max |b|: the relative error of a whole tensor.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+pub fn load_fixture_target(name: &str) -> Target {
+    let src = ModelSource::Local(fixtures().join("models").join(name));
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let model = rt
+        .block_on(hub::resolve(Role::Target, &src, &HubOptions::default()))
+        .unwrap();
+    Target::load(&model, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// The four fixture images as torchvision preprocessed them (f16-rounded), batched.
+pub fn fixture_batch() -> Tensor {
+    let pre = reference("preprocess.safetensors");
+    let names = ["a_landscape.png", "b_portrait.png", "c_small.png", "d_photo.jpg"];
+    let ts: Vec<Tensor> = names
+        .iter()
+        .map(|n| pre[&format!("torchvision/{n}")].clone())
+        .collect();
+    Tensor::stack(&ts, 0).unwrap()
+}
