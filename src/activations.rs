@@ -81,7 +81,10 @@ pub fn maps_of(kind: LayerKind, out: &Tensor, neuron: usize) -> Result<Vec<Neuro
         }
         LayerKind::Vector => return Ok(Vec::new()),
     };
-    let rows = maps.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?;
+    let rows = maps
+        .to_dtype(DType::F32)?
+        .flatten_from(1)?
+        .to_vec2::<f32>()?;
     Ok(rows
         .into_iter()
         .map(|values| NeuronMap {
@@ -106,8 +109,18 @@ pub struct LayerActivations {
 
 impl LayerActivations {
     /// Builds from a neuron-major matrix (`values.len() == neurons * images.len()`).
-    pub fn new(layer: String, pool: Pool, images: Vec<String>, neurons: usize, values: Vec<f32>) -> Self {
-        assert_eq!(values.len(), neurons * images.len(), "activation matrix shape");
+    pub fn new(
+        layer: String,
+        pool: Pool,
+        images: Vec<String>,
+        neurons: usize,
+        values: Vec<f32>,
+    ) -> Self {
+        assert_eq!(
+            values.len(),
+            neurons * images.len(),
+            "activation matrix shape"
+        );
         Self {
             layer,
             pool,
@@ -131,7 +144,10 @@ impl LayerActivations {
 
     /// [`Self::top_k`] for every neuron, in parallel.
     pub fn top_k_all(&self, k: usize) -> Vec<Vec<(usize, f32)>> {
-        (0..self.neurons).into_par_iter().map(|n| self.top_k(n, k)).collect()
+        (0..self.neurons)
+            .into_par_iter()
+            .map(|n| self.top_k(n, k))
+            .collect()
     }
 }
 
@@ -202,11 +218,17 @@ impl ActivationCache {
             h.update(part.as_bytes());
             h.update(&[0]);
         }
-        self.dir.join(format!("{}.safetensors", &h.finalize().to_hex()[..32]))
+        self.dir
+            .join(format!("{}.safetensors", &h.finalize().to_hex()[..32]))
     }
 
     /// Reads a cache file; `Ok(None)` when absent. A damaged file is reported and removed.
-    pub fn load(&self, path: &Path, layer: &str, pool: Pool) -> Option<(LayerActivations, Vec<(String, String)>)> {
+    pub fn load(
+        &self,
+        path: &Path,
+        layer: &str,
+        pool: Pool,
+    ) -> Option<(LayerActivations, Vec<(String, String)>)> {
         if !path.exists() {
             return None;
         }
@@ -221,7 +243,12 @@ impl ActivationCache {
     }
 
     /// Writes atomically: temporary file in the same folder, fsync, rename.
-    pub fn store(&self, path: &Path, acts: &LayerActivations, skipped: &[(String, String)]) -> Result<()> {
+    pub fn store(
+        &self,
+        path: &Path,
+        acts: &LayerActivations,
+        skipped: &[(String, String)],
+    ) -> Result<()> {
         let err = |reason: String| Error::Cache {
             path: path.to_path_buf(),
             reason,
@@ -238,13 +265,20 @@ impl ActivationCache {
             ("version".to_string(), CACHE_VERSION.to_string()),
             ("layer".to_string(), acts.layer.clone()),
             ("pool".to_string(), acts.pool.to_string()),
-            ("images".to_string(), serde_json::to_string(&acts.images).expect("strings serialise")),
-            ("skipped".to_string(), serde_json::to_string(skipped).expect("strings serialise")),
+            (
+                "images".to_string(),
+                serde_json::to_string(&acts.images).expect("strings serialise"),
+            ),
+            (
+                "skipped".to_string(),
+                serde_json::to_string(skipped).expect("strings serialise"),
+            ),
         ]
         .into_iter()
         .collect();
         let tmp = path.with_extension(format!("safetensors.tmp.{}", std::process::id()));
-        let data = safetensors::serialize(vec![("activations", view)], Some(meta)).map_err(|e| err(e.to_string()))?;
+        let data = safetensors::serialize(vec![("activations", view)], Some(meta))
+            .map_err(|e| err(e.to_string()))?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
@@ -278,18 +312,30 @@ impl ActivationCache {
     }
 }
 
-fn read_cache(path: &Path, layer: &str, pool: Pool) -> Result<(LayerActivations, Vec<(String, String)>), String> {
+fn read_cache(
+    path: &Path,
+    layer: &str,
+    pool: Pool,
+) -> Result<(LayerActivations, Vec<(String, String)>), String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     // SAFETY: cache files are only ever replaced by rename, never modified in place.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| e.to_string())?;
     let meta = meta.metadata().clone().ok_or("no metadata")?;
-    let get = |k: &str| meta.get(k).cloned().ok_or_else(|| format!("metadata has no {k}"));
-    if get("version")? != CACHE_VERSION || get("layer")? != layer || get("pool")? != pool.to_string() {
+    let get = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| format!("metadata has no {k}"))
+    };
+    if get("version")? != CACHE_VERSION
+        || get("layer")? != layer
+        || get("pool")? != pool.to_string()
+    {
         return Err("written for another layer, pooling or dnd version".into());
     }
     let images: Vec<String> = serde_json::from_str(&get("images")?).map_err(|e| e.to_string())?;
-    let skipped: Vec<(String, String)> = serde_json::from_str(&get("skipped")?).map_err(|e| e.to_string())?;
+    let skipped: Vec<(String, String)> =
+        serde_json::from_str(&get("skipped")?).map_err(|e| e.to_string())?;
     let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| e.to_string())?;
     let t = st.tensor("activations").map_err(|e| e.to_string())?;
     let shape = t.shape();
@@ -307,25 +353,40 @@ fn read_cache(path: &Path, layer: &str, pool: Pool) -> Result<(LayerActivations,
     ))
 }
 
+/// How [`extract`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtractOptions<'a> {
+    pub pool: Pool,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Where results are cached; `None` always recomputes and stores nothing.
+    pub cache: Option<&'a ActivationCache>,
+}
+
 /// Computes (or loads from the cache) the pooled activations of `layers` (indices into the
 /// target's layers) over the probing set. Layers not cached share one pass over the images.
 pub fn extract(
     target: &Target,
     probe_set: &ProbeSet,
     layers: &[usize],
-    pool: Pool,
-    batch_size: usize,
-    cache: Option<&ActivationCache>,
+    opts: ExtractOptions<'_>,
     progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
 ) -> Result<(Vec<LayerActivations>, Report)> {
+    let ExtractOptions {
+        pool,
+        batch_size,
+        cache,
+    } = opts;
     let mut report = Report::default();
     let mut results: Vec<Option<LayerActivations>> = vec![None; layers.len()];
     if let Some(c) = cache {
         c.remove_stale_temporaries();
         for (slot, &l) in results.iter_mut().zip(layers) {
             let name = &target.layer(l).name;
-            if let Some((acts, skipped)) = c.load(&c.path_for(target, name, pool, probe_set), name, pool) {
+            if let Some((acts, skipped)) =
+                c.load(&c.path_for(target, name, pool, probe_set), name, pool)
+            {
                 report.cached.push(name.clone());
                 report.skipped = skipped;
                 *slot = Some(acts);
@@ -357,13 +418,22 @@ pub fn extract(
             skipped.push((probe_set.images[i].rel.clone(), reason));
         }
         if !batch.indices.is_empty() {
-            let x = Tensor::from_vec(batch.pixels, (batch.indices.len(), 3, side, side), &candle_core::Device::Cpu)?;
+            let x = Tensor::from_vec(
+                batch.pixels,
+                (batch.indices.len(), 3, side, side),
+                &candle_core::Device::Cpu,
+            )?;
             let outs = target.net.forward(&x, &todo)?;
             for ((out, acc), &l) in outs.iter().zip(rows.iter_mut()).zip(&todo) {
                 let pooled = pool_output(target.layer(l).kind, out, pool)?;
                 acc.extend(pooled.flatten_all()?.to_vec1::<f32>()?);
             }
-            kept.extend(batch.indices.iter().map(|&i| probe_set.images[i].rel.clone()));
+            kept.extend(
+                batch
+                    .indices
+                    .iter()
+                    .map(|&i| probe_set.images[i].rel.clone()),
+            );
         }
         progress(Progress { done, total });
         Ok(())
@@ -376,11 +446,24 @@ pub fn extract(
     }
     for (acc, &l) in rows.into_iter().zip(&todo) {
         let info = target.layer(l);
-        let acts = LayerActivations::new(info.name.clone(), pool, kept.clone(), info.neurons, transpose(&acc, kept.len(), info.neurons));
+        let acts = LayerActivations::new(
+            info.name.clone(),
+            pool,
+            kept.clone(),
+            info.neurons,
+            transpose(&acc, kept.len(), info.neurons),
+        );
         if let Some(c) = cache {
-            c.store(&c.path_for(target, &info.name, pool, probe_set), &acts, &skipped)?;
+            c.store(
+                &c.path_for(target, &info.name, pool, probe_set),
+                &acts,
+                &skipped,
+            )?;
         }
-        let slot = layers.iter().position(|&x| x == l).expect("todo is a subset of layers");
+        let slot = layers
+            .iter()
+            .position(|&x| x == l)
+            .expect("todo is a subset of layers");
         results[slot] = Some(acts);
     }
     report.skipped = skipped;
@@ -400,7 +483,13 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// The spatial maps of `neuron` of layer `layer` on chosen image files (cropping needs them).
 /// Layers without a map (fc, head, avgpool) give an empty list.
-pub fn neuron_maps(target: &Target, layer: usize, neuron: usize, images: &[PathBuf], batch_size: usize) -> Result<Vec<NeuronMap>> {
+pub fn neuron_maps(
+    target: &Target,
+    layer: usize,
+    neuron: usize,
+    images: &[PathBuf],
+    batch_size: usize,
+) -> Result<Vec<NeuronMap>> {
     target.check_neuron(layer, neuron)?;
     let kind = target.layer(layer).kind;
     if kind == LayerKind::Vector {
@@ -410,7 +499,11 @@ pub fn neuron_maps(target: &Target, layer: usize, neuron: usize, images: &[PathB
     let mut maps = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch_size.max(1)) {
         let pixels = probe::load_images(chunk, &target.preprocess)?;
-        let x = Tensor::from_vec(pixels, (chunk.len(), 3, side, side), &candle_core::Device::Cpu)?;
+        let x = Tensor::from_vec(
+            pixels,
+            (chunk.len(), 3, side, side),
+            &candle_core::Device::Cpu,
+        )?;
         let out = target.net.forward(&x, &[layer])?.remove(0);
         maps.extend(maps_of(kind, &out, neuron)?);
     }

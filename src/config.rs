@@ -96,7 +96,9 @@ impl FromStr for Switch {
         match s.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(Switch(true)),
             "0" | "false" | "no" | "off" | "" => Ok(Switch(false)),
-            other => Err(format!("{other:?} is not on/off (use true/false, 1/0, yes/no)")),
+            other => Err(format!(
+                "{other:?} is not on/off (use true/false, 1/0, yes/no)"
+            )),
         }
     }
 }
@@ -148,7 +150,15 @@ trait Show {
 macro_rules! show_via_display {
     ($($t:ty),*) => { $(impl Show for $t { fn show(&self) -> String { self.to_string() } })* };
 }
-show_via_display!(DeviceSpec, DTypeSpec, ModelSource, usize, Switch, Secret, String);
+show_via_display!(
+    DeviceSpec,
+    DTypeSpec,
+    ModelSource,
+    usize,
+    Switch,
+    Secret,
+    String
+);
 
 impl Show for PathBuf {
     fn show(&self) -> String {
@@ -272,7 +282,9 @@ pub fn load_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded> {
     let explicit = file.is_some();
-    let path = file.map(Path::to_path_buf).unwrap_or_else(default_config_path);
+    let path = file
+        .map(Path::to_path_buf)
+        .unwrap_or_else(default_config_path);
     let (layer, exists) = match std::fs::read_to_string(&path) {
         Ok(text) => {
             let layer: FileLayer = toml::from_str(&text).map_err(|e| Error::Setting {
@@ -309,14 +321,23 @@ mod tests {
     }
 
     fn source_of(l: &Loaded, key: &str) -> Source {
-        l.entries.iter().find(|e| e.key == key).unwrap().source.clone()
+        l.entries
+            .iter()
+            .find(|e| e.key == key)
+            .unwrap()
+            .source
+            .clone()
     }
 
     #[test]
     fn flag_beats_env_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.toml");
-        std::fs::write(&file, "batch_size = 8\ntarget = \"a/b\"\ndevice = \"cpu\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "batch_size = 8\ntarget = \"a/b\"\ndevice = \"cpu\"\n",
+        )
+        .unwrap();
         let args = SettingsArgs {
             batch_size: Some(4),
             ..Default::default()
@@ -341,8 +362,12 @@ mod tests {
         std::fs::write(&file, "").unwrap();
         let l = load_with_env(Some(&file), &args, &env).unwrap();
         assert!(l.settings.offline.0);
-        assert_eq!(source_of(&l, "offline"), Source::Env("HF_HUB_OFFLINE".into()));
-        let err = load_with_env(Some(&file), &args, &env_of(&[("DND_OFFLINE", "maybe")])).unwrap_err();
+        assert_eq!(
+            source_of(&l, "offline"),
+            Source::Env("HF_HUB_OFFLINE".into())
+        );
+        let err =
+            load_with_env(Some(&file), &args, &env_of(&[("DND_OFFLINE", "maybe")])).unwrap_err();
         assert!(err.to_string().contains("DND_OFFLINE"), "{err}");
         let shown: String = l
             .entries
@@ -360,9 +385,13 @@ mod tests {
         std::fs::write(&file, "no_such_setting = 1\n").unwrap();
         let err = load_with_env(Some(&file), &SettingsArgs::default(), &env_of(&[])).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("config.toml") && msg.contains("no_such_setting"), "{msg}");
+        assert!(
+            msg.contains("config.toml") && msg.contains("no_such_setting"),
+            "{msg}"
+        );
         let missing = dir.path().join("missing.toml");
-        let err = load_with_env(Some(&missing), &SettingsArgs::default(), &env_of(&[])).unwrap_err();
+        let err =
+            load_with_env(Some(&missing), &SettingsArgs::default(), &env_of(&[])).unwrap_err();
         assert!(err.to_string().contains("missing.toml"));
     }
 }

@@ -31,7 +31,9 @@ impl FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("{s:?} is not a device: use auto, cpu, cuda, cuda:N or metal")),
+                .ok_or_else(|| {
+                    format!("{s:?} is not a device: use auto, cpu, cuda, cuda:N or metal")
+                }),
         }
     }
 }
@@ -73,7 +75,9 @@ impl FromStr for DTypeSpec {
             "f32" | "float32" => Ok(Self::F32),
             "f16" | "float16" | "fp16" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            other => Err(format!("{other:?} is not a float type: use auto, f32, f16 or bf16")),
+            other => Err(format!(
+                "{other:?} is not a float type: use auto, f32, f16 or bf16"
+            )),
         }
     }
 }

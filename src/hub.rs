@@ -212,7 +212,7 @@ fn label(role: Role, source: &ModelSource) -> String {
 
 fn fix_for(role: Role) -> String {
     format!(
-        "pass --{key} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file), or run `dnd models fetch` while online",
+        "pass --{key} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file)",
         key = role.setting()
     )
 }
@@ -275,7 +275,7 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                         model: label(role, source),
                         file: first.name.into(),
                         looked: format!("the Hugging Face cache at {}", cache.path().display()),
-                        fix: format!("you are offline: run `dnd models fetch` where the Hub can be reached, or {}", fix_for(role)),
+                        fix: format!("you are offline (--offline or HF_HUB_OFFLINE): run `dnd models fetch` where the Hub can be reached, or {}", fix_for(role)),
                     });
                 }
                 download_missing(role, source, repo, revision, &missing, opts, &mut files).await?;
@@ -318,7 +318,11 @@ async fn download_missing(
         .info()
         .await
         .map_err(|e| fail("the file list", e.to_string()))?;
-    let present: Vec<&str> = listing.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let present: Vec<&str> = listing
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.as_str())
+        .collect();
     for spec in missing {
         if !present.contains(&spec.name) {
             if spec.required {
@@ -366,9 +370,9 @@ pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> Mode
     for spec in role.files() {
         let path = match source {
             ModelSource::Local(dir) => Some(dir.join(spec.name)).filter(|p| p.is_file()),
-            ModelSource::Hub { repo, revision } => {
-                Cache::from_env().repo(cache_repo(repo, revision)).get(spec.name)
-            }
+            ModelSource::Hub { repo, revision } => Cache::from_env()
+                .repo(cache_repo(repo, revision))
+                .get(spec.name),
         };
         match path.and_then(|p| std::fs::metadata(p).ok()) {
             Some(m) => local_bytes += m.len(),
@@ -382,12 +386,9 @@ pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> Mode
     }
     let remote_bytes = match source {
         ModelSource::Hub { repo, revision } if !missing.is_empty() && !opts.offline => {
-            remote_sizes(repo, revision, opts).await.map(|sizes| {
-                not_local
-                    .iter()
-                    .filter_map(|f| sizes.get(*f))
-                    .sum::<u64>()
-            })
+            remote_sizes(repo, revision, opts)
+                .await
+                .map(|sizes| not_local.iter().filter_map(|f| sizes.get(*f)).sum::<u64>())
         }
         _ => None,
     };
@@ -449,11 +450,25 @@ mod tests {
                 revision: None
             }
         );
-        let s: ModelSource = "Salesforce/blip-image-captioning-large@refs/pr/18".parse().unwrap();
-        assert_eq!(s.to_string(), "Salesforce/blip-image-captioning-large@refs/pr/18");
-        assert!(matches!("./models/x".parse::<ModelSource>().unwrap(), ModelSource::Local(_)));
-        assert!(matches!("/abs/x".parse::<ModelSource>().unwrap(), ModelSource::Local(_)));
-        assert!("a/b/c".parse::<ModelSource>().unwrap_err().contains("neither"));
+        let s: ModelSource = "Salesforce/blip-image-captioning-large@refs/pr/18"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s.to_string(),
+            "Salesforce/blip-image-captioning-large@refs/pr/18"
+        );
+        assert!(matches!(
+            "./models/x".parse::<ModelSource>().unwrap(),
+            ModelSource::Local(_)
+        ));
+        assert!(matches!(
+            "/abs/x".parse::<ModelSource>().unwrap(),
+            ModelSource::Local(_)
+        ));
+        assert!("a/b/c"
+            .parse::<ModelSource>()
+            .unwrap_err()
+            .contains("neither"));
         assert!("a/b@".parse::<ModelSource>().is_err());
     }
 
@@ -461,7 +476,9 @@ mod tests {
     async fn missing_local_file_names_model_file_folder_and_fix() {
         let dir = tempfile::tempdir().unwrap();
         let src = ModelSource::Local(dir.path().to_path_buf());
-        let err = resolve(Role::Target, &src, &HubOptions::default()).await.unwrap_err();
+        let err = resolve(Role::Target, &src, &HubOptions::default())
+            .await
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("model.safetensors"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
@@ -475,8 +492,14 @@ mod tests {
             offline: true,
             ..Default::default()
         };
-        let msg = resolve(Role::Target, &src, &opts).await.unwrap_err().to_string();
-        assert!(msg.contains("offline") && msg.contains("dnd models fetch"), "{msg}");
+        let msg = resolve(Role::Target, &src, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("offline") && msg.contains("dnd models fetch"),
+            "{msg}"
+        );
         let st = status(Role::Target, &src, &opts).await;
         assert_eq!(st.missing, vec!["model.safetensors"]);
         assert_eq!(st.remote_bytes, None);

@@ -20,9 +20,14 @@ use dnd::target::{LayerKind, Target};
 /// Every setting can come from the settings file (`dnd config path`), a DND_* environment
 /// variable or a flag; `dnd config show` prints the effective values and their sources.
 #[derive(Parser, Debug)]
-#[command(name = "dnd", version, arg_required_else_help = true, max_term_width = 100)]
+#[command(
+    name = "dnd",
+    version,
+    arg_required_else_help = true,
+    max_term_width = 100
+)]
 struct Cli {
-    /// Settings file to read instead of the default one [env: DND_CONFIG]
+    /// Settings file to read instead of the default one
     #[arg(long, global = true, env = "DND_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -114,7 +119,9 @@ fn main() {
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            if e.downcast_ref::<dnd::Error>().is_some_and(|e| matches!(e, dnd::Error::Cancelled)) {
+            if e.downcast_ref::<dnd::Error>()
+                .is_some_and(|e| matches!(e, dnd::Error::Cancelled))
+            {
                 eprintln!("dnd: interrupted; nothing partial was written");
                 130
             } else {
@@ -133,41 +140,71 @@ fn run(cli: Cli) -> Result<()> {
     let settings = &loaded.settings;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Config { action: ConfigAction::Path } => {
+        Command::Config {
+            action: ConfigAction::Path,
+        } => {
             println!("{}", loaded.file.display());
         }
-        Command::Config { action: ConfigAction::Show } => {
-            let exists = if loaded.file_exists { "" } else { " (does not exist; defaults apply)" };
+        Command::Config {
+            action: ConfigAction::Show,
+        } => {
+            let exists = if loaded.file_exists {
+                ""
+            } else {
+                " (does not exist; defaults apply)"
+            };
             println!("# settings file: {}{exists}", loaded.file.display());
-            let w = loaded.entries.iter().map(|e| e.key.len()).max().unwrap_or(0);
+            let w = loaded
+                .entries
+                .iter()
+                .map(|e| e.key.len())
+                .max()
+                .unwrap_or(0);
             for e in &loaded.entries {
                 println!("{:w$} = {:<50} # {}", e.key, e.value, e.source);
             }
         }
         Command::Models { action } => {
             let opts = hub_options(settings, true);
+            let mut failed = 0;
             if matches!(action, Some(ModelsAction::Fetch)) {
+                // Every model is tried, so one unreachable repo does not hide the others' state.
                 for role in Role::ALL {
-                    let m = rt.block_on(hub::resolve(role, model_source(settings, role), &opts))?;
-                    eprintln!("{}: ready", m.label());
+                    match rt.block_on(hub::resolve(role, model_source(settings, role), &opts)) {
+                        Ok(m) => eprintln!("{}: ready", m.label()),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            failed += 1;
+                        }
+                    }
                 }
             }
             print_models(&rt, settings, &opts);
+            if failed > 0 {
+                bail!("{failed} model(s) could not be fetched (see above)");
+            }
         }
         Command::Layers => {
             let target = load_target(&rt, settings)?;
             println!("# {} — {}", target.name, target.net.architecture());
-            println!("{:<12} {:>8}  {:<14} map", "layer", "neurons", "output");
+            println!("{:<12} {:>8}  {:<16} map", "layer", "neurons", "output");
             for l in target.net.layers() {
                 let map = match l.kind {
                     LayerKind::Spatial => format!("{}x{}", l.shape[1], l.shape[2]),
                     LayerKind::Tokens { grid } => format!("CLS + {}x{} patches", grid.0, grid.1),
                     LayerKind::Vector => "-".into(),
                 };
-                println!("{:<12} {:>8}  {:<14} {map}", l.name, l.neurons, format!("{:?}", l.shape));
+                println!(
+                    "{:<12} {:>8}  {:<16} {map}",
+                    l.name,
+                    l.neurons,
+                    format!("{:?}", l.shape)
+                );
             }
         }
-        Command::Probe { action: ProbeAction::Check } => {
+        Command::Probe {
+            action: ProbeAction::Check,
+        } => {
             let probe = ProbeSet::open(&settings.probe)?;
             let bar = progress.add(images_bar(probe.len()));
             let cancel = ctrl_c_flag(&rt);
@@ -180,18 +217,32 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             bar.finish_and_clear();
             let failed = failed.into_inner().expect("not poisoned");
-            println!("{}: {} images, fingerprint {}", probe.root.display(), probe.len(), probe.fingerprint);
+            println!(
+                "{}: {} images, fingerprint {}",
+                probe.root.display(),
+                probe.len(),
+                probe.fingerprint
+            );
             for (i, reason) in &failed {
                 println!("skipped {}: {reason}", probe.images[*i].rel);
             }
-            println!("{} decoded, {} skipped", probe.len() - failed.len(), failed.len());
+            println!(
+                "{} decoded, {} skipped",
+                probe.len() - failed.len(),
+                failed.len()
+            );
         }
         Command::Activations(args) => activations_cmd(&rt, settings, &progress, args)?,
     }
     Ok(())
 }
 
-fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: &MultiProgress, args: ActivationsArgs) -> Result<()> {
+fn activations_cmd(
+    rt: &tokio::runtime::Runtime,
+    settings: &Settings,
+    progress: &MultiProgress,
+    args: ActivationsArgs,
+) -> Result<()> {
     let target = load_target(rt, settings)?;
     let layers = args
         .layer
@@ -212,9 +263,11 @@ fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: 
         &target,
         &probe,
         &layers,
-        args.pool,
-        settings.batch_size,
-        (!args.no_cache).then_some(&cache),
+        activations::ExtractOptions {
+            pool: args.pool,
+            batch_size: settings.batch_size,
+            cache: (!args.no_cache).then_some(&cache),
+        },
         &mut |p| {
             bar.set_length(p.total as u64);
             bar.set_position(p.done as u64);
@@ -236,12 +289,26 @@ fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: 
         };
         let li = target.layer_index(&acts.layer)?;
         if args.format == Format::Table {
-            writeln!(out, "# {} {} ({} pooling), {} images", target.name, acts.layer, acts.pool, acts.images.len())?;
-            writeln!(out, "{:>6} {:>4} {:>12}  image", "neuron", "rank", "activation")?;
+            writeln!(
+                out,
+                "# {} {} ({} pooling), {} images",
+                target.name,
+                acts.layer,
+                acts.pool,
+                acts.images.len()
+            )?;
+            writeln!(
+                out,
+                "{:>6} {:>4} {:>12}  image",
+                "neuron", "rank", "activation"
+            )?;
         }
         for (&n, top) in neurons.iter().zip(&tops) {
             let maps = if args.maps {
-                let paths: Vec<PathBuf> = top.iter().map(|&(i, _)| probe.root.join(&acts.images[i])).collect();
+                let paths: Vec<PathBuf> = top
+                    .iter()
+                    .map(|&(i, _)| probe.root.join(&acts.images[i]))
+                    .collect();
                 activations::neuron_maps(&target, li, n, &paths, settings.batch_size)?
             } else {
                 Vec::new()
@@ -252,7 +319,8 @@ fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: 
                         .iter()
                         .enumerate()
                         .map(|(r, &(i, v))| {
-                            let mut o = serde_json::json!({"image": acts.images[i], "activation": v});
+                            let mut o =
+                                serde_json::json!({"image": acts.images[i], "activation": v});
                             if let Some(m) = maps.get(r) {
                                 let rows: Vec<&[f32]> = m.values.chunks(m.width).collect();
                                 o["map"] = serde_json::json!(rows);
@@ -271,7 +339,8 @@ fn activations_cmd(rt: &tokio::runtime::Runtime, settings: &Settings, progress: 
                         writeln!(out, "{n:>6} {:>4} {v:>12.5}  {}", r + 1, acts.images[i])?;
                         if let Some(m) = maps.get(r) {
                             for row in m.values.chunks(m.width) {
-                                let cells: Vec<String> = row.iter().map(|v| format!("{v:7.3}")).collect();
+                                let cells: Vec<String> =
+                                    row.iter().map(|v| format!("{v:7.3}")).collect();
                                 writeln!(out, "{:>24}{}", "", cells.join(" "))?;
                             }
                         }
@@ -320,7 +389,11 @@ fn load_target(rt: &tokio::runtime::Runtime, s: &Settings) -> Result<Target> {
     let model = rt.block_on(hub::resolve(Role::Target, &s.target, &hub_options(s, true)))?;
     let device = dnd::device::open(s.device)?;
     let dtype = dnd::device::dtype_for(s.dtype, &device)?;
-    tracing::info!("target {} on {} ({dtype:?})", model.label(), dnd::device::describe(&device));
+    tracing::info!(
+        "target {} on {} ({dtype:?})",
+        model.label(),
+        dnd::device::describe(&device)
+    );
     Ok(Target::load(&model, &device, dtype)?)
 }
 
@@ -339,12 +412,19 @@ fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions) {
             };
             (status, size)
         };
-        println!("{:<12} {:<48} {status:<22} {size}", role.setting(), st.source.to_string());
+        println!(
+            "{:<12} {:<48} {status:<22} {size}",
+            role.setting(),
+            st.source.to_string()
+        );
         if !st.missing.is_empty() {
             println!("{:<12} needs: {}", "", st.missing.join(", "));
         }
     }
-    if Role::ALL.iter().any(|&r| matches!(model_source(s, r), hub::ModelSource::Hub { .. })) {
+    if Role::ALL
+        .iter()
+        .any(|&r| matches!(model_source(s, r), hub::ModelSource::Hub { .. }))
+    {
         println!("(Hub models live in the Hugging Face cache: $HF_HOME/hub, default ~/.cache/huggingface/hub; `dnd models fetch` downloads what is missing)");
     }
 }

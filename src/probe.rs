@@ -68,7 +68,10 @@ impl ProbeSet {
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!("{}: skipped, cannot read metadata: {e}", entry.path().display());
+                    tracing::warn!(
+                        "{}: skipped, cannot read metadata: {e}",
+                        entry.path().display()
+                    );
                     continue;
                 }
             };
@@ -178,7 +181,7 @@ fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
     }
     let (w, h) = d.size();
     let mut started = d.rgb().map_err(fail)?;
-    let pixels = started.read_scanlines_flat().map_err(fail)?;
+    let pixels = started.read_scanlines::<u8>().map_err(fail)?;
     started.finish().map_err(fail)?;
     RgbImage::from_raw(w as u32, h as u32, pixels)
         .map(Some)
@@ -244,7 +247,10 @@ impl Preprocess {
             .and_then(|v| v.last())
             .and_then(|v| v.as_u64())
             .unwrap_or(224) as u32;
-        let crop_pct = cfg.get("crop_pct").and_then(|v| v.as_f64()).unwrap_or(0.875);
+        let crop_pct = cfg
+            .get("crop_pct")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.875);
         let interpolation = match cfg.get("interpolation").and_then(|v| v.as_str()) {
             Some("bicubic") => Interpolation::Bicubic,
             _ => Interpolation::Bilinear,
@@ -292,7 +298,11 @@ impl Preprocess {
         let dst = resize_like_pil(img, nw, nh, filter);
         let crop = self.crop as usize;
         // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even.
-        let offset = |size: u32| ((size as f64 - crop as f64) / 2.0).round_ties_even().max(0.0) as usize;
+        let offset = |size: u32| {
+            ((size as f64 - crop as f64) / 2.0)
+                .round_ties_even()
+                .max(0.0) as usize
+        };
         let (left, top) = (offset(nw), offset(nh));
         let buf = dst.buffer();
         let plane = crop * crop;
@@ -317,16 +327,25 @@ impl Preprocess {
 /// Antialiased resize with PIL's pass order: horizontal first, rounded to 8 bits, then
 /// vertical. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
 /// level off PIL's; two single-direction passes reproduce PIL.)
-fn resize_like_pil(img: &RgbImage, nw: u32, nh: u32, filter: fr::FilterType) -> fr::images::Image<'static> {
+fn resize_like_pil(
+    img: &RgbImage,
+    nw: u32,
+    nh: u32,
+    filter: fr::FilterType,
+) -> fr::images::Image<'static> {
     let (w, h) = img.dimensions();
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
     let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
         .expect("RgbImage buffers are w*h*3 bytes");
     let mut wide = fr::images::Image::new(nw, h, fr::PixelType::U8x3);
-    resizer.resize(&src, &mut wide, &opts).expect("same pixel type on both sides");
+    resizer
+        .resize(&src, &mut wide, &opts)
+        .expect("same pixel type on both sides");
     let mut out = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
-    resizer.resize(&wide, &mut out, &opts).expect("same pixel type on both sides");
+    resizer
+        .resize(&wide, &mut out, &opts)
+        .expect("same pixel type on both sides");
     out
 }
 

@@ -27,9 +27,16 @@ fn check_against(key_prefix: &str, pre: &Preprocess, names: &[&str]) {
         let img = probe::decode(&fixtures().join("images").join(name)).unwrap();
         let mut got = vec![0f32; pre.len()];
         pre.apply(&img, &mut got);
-        let want = reference[&format!("{key_prefix}/{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = reference[&format!("{key_prefix}/{name}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let (mean, max) = stats(&got, &want);
-        assert!(mean < 1e-3 && max < 2e-2, "{key_prefix} {name}: mean abs diff {mean}, max {max}");
+        assert!(
+            mean < 1e-3 && max < 2e-2,
+            "{key_prefix} {name}: mean abs diff {mean}, max {max}"
+        );
     }
 }
 
@@ -38,7 +45,12 @@ fn preprocessing_matches_torchvision() {
     check_against(
         "torchvision",
         &Preprocess::imagenet(),
-        &["a_landscape.png", "b_portrait.png", "c_small.png", "d_photo.jpg"],
+        &[
+            "a_landscape.png",
+            "b_portrait.png",
+            "c_small.png",
+            "d_photo.jpg",
+        ],
     );
 }
 
@@ -47,7 +59,11 @@ fn preprocessing_from_timm_config_matches_timm_transform() {
     let t = load_fixture_target("vit_tiny");
     assert_eq!(t.preprocess.interpolation, Interpolation::Bicubic);
     assert_eq!((t.preprocess.resize, t.preprocess.crop), (248, 224));
-    check_against("timm_vit", &t.preprocess, &["a_landscape.png", "b_portrait.png"]);
+    check_against(
+        "timm_vit",
+        &t.preprocess,
+        &["a_landscape.png", "b_portrait.png"],
+    );
 }
 
 #[test]
@@ -59,7 +75,9 @@ fn resize_follows_torchvision_rounding() {
 }
 
 fn write_png(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])).save(path).unwrap();
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .save(path)
+        .unwrap();
 }
 
 #[test]
@@ -76,15 +94,23 @@ fn listing_is_recursive_sorted_and_fingerprinted() {
     let again = ProbeSet::open(dir.path()).unwrap();
     assert_eq!(set.fingerprint, again.fingerprint);
     write_png(&dir.path().join("b/new.png"), 4, 4);
-    assert_ne!(ProbeSet::open(dir.path()).unwrap().fingerprint, set.fingerprint);
+    assert_ne!(
+        ProbeSet::open(dir.path()).unwrap().fingerprint,
+        set.fingerprint
+    );
 }
 
 #[test]
 fn empty_or_missing_folder_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let msg = ProbeSet::open(dir.path()).unwrap_err().to_string();
-    assert!(msg.contains("no images") && msg.contains("--probe"), "{msg}");
-    let msg = ProbeSet::open(&dir.path().join("nope")).unwrap_err().to_string();
+    assert!(
+        msg.contains("no images") && msg.contains("--probe"),
+        "{msg}"
+    );
+    let msg = ProbeSet::open(&dir.path().join("nope"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not found") && msg.contains("nope"), "{msg}");
 }
 
@@ -93,16 +119,34 @@ fn decoding_edge_cases_are_handled_or_skipped_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Handled: grayscale, alpha, 16-bit, CMYK, EXIF orientation, GIF first frame, webp/bmp/tiff.
-    image::GrayImage::from_pixel(10, 6, image::Luma([200])).save(d.join("gray.png")).unwrap();
-    image::RgbaImage::from_pixel(10, 6, image::Rgba([10, 20, 30, 0])).save(d.join("alpha.png")).unwrap();
-    image::RgbImage::from_pixel(9, 5, image::Rgb([1, 2, 3])).save(d.join("pic.bmp")).unwrap();
-    image::RgbImage::from_pixel(9, 5, image::Rgb([1, 2, 3])).save(d.join("pic.tiff")).unwrap();
-    image::RgbaImage::from_pixel(9, 5, image::Rgba([1, 2, 3, 255])).save(d.join("pic.webp")).unwrap();
+    image::GrayImage::from_pixel(10, 6, image::Luma([200]))
+        .save(d.join("gray.png"))
+        .unwrap();
+    image::RgbaImage::from_pixel(10, 6, image::Rgba([10, 20, 30, 0]))
+        .save(d.join("alpha.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(9, 5, image::Rgb([1, 2, 3]))
+        .save(d.join("pic.bmp"))
+        .unwrap();
+    image::RgbImage::from_pixel(9, 5, image::Rgb([1, 2, 3]))
+        .save(d.join("pic.tiff"))
+        .unwrap();
+    image::RgbaImage::from_pixel(9, 5, image::Rgba([1, 2, 3, 255]))
+        .save(d.join("pic.webp"))
+        .unwrap();
     {
         let f = std::fs::File::create(d.join("anim.gif")).unwrap();
         let mut enc = image::codecs::gif::GifEncoder::new(f);
-        let first = image::Frame::new(image::RgbaImage::from_pixel(8, 8, image::Rgba([255, 0, 0, 255])));
-        let second = image::Frame::new(image::RgbaImage::from_pixel(8, 8, image::Rgba([0, 0, 255, 255])));
+        let first = image::Frame::new(image::RgbaImage::from_pixel(
+            8,
+            8,
+            image::Rgba([255, 0, 0, 255]),
+        ));
+        let second = image::Frame::new(image::RgbaImage::from_pixel(
+            8,
+            8,
+            image::Rgba([0, 0, 255, 255]),
+        ));
         enc.encode_frames([first, second]).unwrap();
     }
     for f in ["cmyk.jpg", "exif_rotated.jpg", "gray16.png", "bomb.png"] {
@@ -164,7 +208,17 @@ fn decoding_edge_cases_are_handled_or_skipped_with_a_reason() {
     })
     .unwrap();
     skipped.sort();
-    assert_eq!(skipped, ["bomb.png", "corrupt.png", "empty.webp", "text.jpg", "truncated.jpg", "truncated.png"]);
+    assert_eq!(
+        skipped,
+        [
+            "bomb.png",
+            "corrupt.png",
+            "empty.webp",
+            "text.jpg",
+            "truncated.jpg",
+            "truncated.png"
+        ]
+    );
     assert_eq!(decoded.len(), 9);
 }
 

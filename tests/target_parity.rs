@@ -14,17 +14,22 @@ fn check_resnet(name: &str) {
     let reference = reference(&format!("models/{name}.reference.safetensors"));
     let x = fixture_batch();
     let names = [
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4", "layer4.0", "avgpool",
-        "fc",
+        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
+        "layer4.0", "avgpool", "fc",
     ];
-    let taps: Vec<usize> = names.iter().map(|n| target.layer_index(n).unwrap()).collect();
+    let taps: Vec<usize> = names
+        .iter()
+        .map(|n| target.layer_index(n).unwrap())
+        .collect();
     // All taps in one forward pass.
     let outs = target.net.forward(&x, &taps).unwrap();
     for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
         let kind = target.layer(l).kind;
         for pool in [Pool::Mean, Pool::Max] {
             let key = format!("{pool}/{n}");
-            let Some(want) = reference.get(&key) else { continue };
+            let Some(want) = reference.get(&key) else {
+                continue;
+            };
             let got = pool_output(kind, out, pool).unwrap();
             let e = rel_err(&got, want);
             assert!(e < TOL, "{name} {key}: relative error {e}");
@@ -37,7 +42,11 @@ fn check_resnet(name: &str) {
     let out = target.net.forward(&x, &[l3]).unwrap().remove(0);
     assert_eq!(target.layer(l3).kind, LayerKind::Spatial);
     let maps = maps_of(LayerKind::Spatial, &out, 5).unwrap();
-    let want = reference["map/layer3"].narrow(1, 5, 1).unwrap().squeeze(1).unwrap();
+    let want = reference["map/layer3"]
+        .narrow(1, 5, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
     let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
     let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
     assert!(rel_err(&got, &want) < TOL);
@@ -56,7 +65,13 @@ fn resnet_bottleneck_blocks_match_pytorch() {
 #[test]
 fn resnet_structure_is_read_from_the_weights() {
     let t = load_fixture_target("resnet_bottleneck");
-    assert!(t.net.architecture().contains("bottleneck blocks [1, 2, 1, 1]"), "{}", t.net.architecture());
+    assert!(
+        t.net
+            .architecture()
+            .contains("bottleneck blocks [1, 2, 1, 1]"),
+        "{}",
+        t.net.architecture()
+    );
     let l4 = t.layer(t.layer_index("layer4").unwrap());
     assert_eq!((l4.neurons, l4.shape.clone()), (256, vec![256, 7, 7]));
     assert_eq!(t.layer(t.layer_index("fc").unwrap()).neurons, 10);
@@ -70,7 +85,10 @@ fn vit_matches_timm() {
     let reference = reference("models/vit_tiny.reference.safetensors");
     let x = fixture_batch();
     let names = ["blocks.0", "blocks.1", "norm", "head"];
-    let taps: Vec<usize> = names.iter().map(|n| target.layer_index(n).unwrap()).collect();
+    let taps: Vec<usize> = names
+        .iter()
+        .map(|n| target.layer_index(n).unwrap())
+        .collect();
     let outs = target.net.forward(&x, &taps).unwrap();
     for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
         let got = pool_output(target.layer(l).kind, out, Pool::Mean).unwrap();
@@ -81,7 +99,11 @@ fn vit_matches_timm() {
     let b1 = taps[1];
     assert_eq!(target.layer(b1).kind, LayerKind::Tokens { grid: (14, 14) });
     let maps = maps_of(target.layer(b1).kind, &outs[1], 7).unwrap();
-    let want = reference["map/blocks.1"].narrow(2, 7, 1).unwrap().squeeze(2).unwrap(); // [B, 196]
+    let want = reference["map/blocks.1"]
+        .narrow(2, 7, 1)
+        .unwrap()
+        .squeeze(2)
+        .unwrap(); // [B, 196]
     let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
     let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
     assert!(rel_err(&got, &want) < TOL);
@@ -95,9 +117,16 @@ fn batch_of_one_equals_batch_of_four() {
         let last = target.net.layers().len() - 1;
         let all = target.net.forward(&x, &[last]).unwrap().remove(0);
         for i in 0..4 {
-            let one = target.net.forward(&x.narrow(0, i, 1).unwrap(), &[last]).unwrap().remove(0);
+            let one = target
+                .net
+                .forward(&x.narrow(0, i, 1).unwrap(), &[last])
+                .unwrap()
+                .remove(0);
             let e = rel_err(&one, &all.narrow(0, i, 1).unwrap());
-            assert!(e < 1e-5, "{name} image {i}: batch 1 vs batch 4 differ by {e}");
+            assert!(
+                e < 1e-5,
+                "{name} image {i}: batch 1 vs batch 4 differ by {e}"
+            );
         }
     }
 }
@@ -106,7 +135,10 @@ fn batch_of_one_equals_batch_of_four() {
 fn unknown_layer_and_neuron_errors_list_what_is_valid() {
     let t = load_fixture_target("resnet_basic");
     let msg = t.layer_index("layer9").unwrap_err().to_string();
-    assert!(msg.contains("layer9") && msg.contains("layer4.0") && msg.contains("fc"), "{msg}");
+    assert!(
+        msg.contains("layer9") && msg.contains("layer4.0") && msg.contains("fc"),
+        "{msg}"
+    );
     let fc = t.layer_index("fc").unwrap();
     let msg = t.check_neuron(fc, 10).unwrap_err().to_string();
     assert!(msg.contains("10 neurons") && msg.contains("0..=9"), "{msg}");
@@ -118,10 +150,14 @@ fn mismatched_weights_are_one_clear_error() {
     let src = fixtures().join("models/resnet_basic");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     // Weights of a ResNet with one tensor removed.
-    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     w.remove("layer2.0.bn2.running_var");
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let model = rt
         .block_on(dnd::hub::resolve(
             dnd::hub::Role::Target,
@@ -132,7 +168,10 @@ fn mismatched_weights_are_one_clear_error() {
     let msg = dnd::target::Target::load(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("layer2.0.bn2.running_var") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("layer2.0.bn2.running_var") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
     // Not a model at all.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
     let msg = dnd::target::Target::load(&model, &candle_core::Device::Cpu, candle_core::DType::F32)

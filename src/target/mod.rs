@@ -96,9 +96,20 @@ impl Target {
             .unwrap_or_else(Preprocess::imagenet);
         let weights = Weights::load(&label, weights_path)?;
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
-            Box::new(Vit::load(&weights, config.as_ref(), &preprocess, device, dtype)?)
+            Box::new(Vit::load(
+                &weights,
+                config.as_ref(),
+                &preprocess,
+                device,
+                dtype,
+            )?)
         } else if weights.contains("layer1.0.conv1.weight") {
-            Box::new(ResNet::load(&weights, preprocess.crop as usize, device, dtype)?)
+            Box::new(ResNet::load(
+                &weights,
+                preprocess.crop as usize,
+                device,
+                dtype,
+            )?)
         } else {
             return Err(weights.mismatch(
                 "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm ViT (patch_embed, blocks.N, ...)".into(),
@@ -174,11 +185,14 @@ pub struct Weights {
 
 impl Weights {
     pub fn load(label: &str, path: &Path) -> Result<Self> {
-        let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::ModelMismatch {
-            model: label.to_string(),
-            file: path.display().to_string(),
-            detail: format!("not a readable safetensors file ({e})"),
-            fix: "re-download it (`dnd models fetch`) or convert the checkpoint to safetensors".into(),
+        let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::ModelMismatch {
+                model: label.to_string(),
+                file: path.display().to_string(),
+                detail: format!("not a readable safetensors file ({e})"),
+                fix: "re-download it (`dnd models fetch`) or convert the checkpoint to safetensors"
+                    .into(),
+            }
         })?;
         Self::from_tensors(label, &path.display().to_string(), raw)
     }
@@ -279,7 +293,8 @@ impl<'a> Recorder<'a> {
             .iter()
             .map(|i| {
                 self.found.get(i).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg(format!("layer index {i} is not in this network")).into()
+                    candle_core::Error::Msg(format!("layer index {i} is not in this network"))
+                        .into()
                 })
             })
             .collect()

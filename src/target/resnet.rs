@@ -18,7 +18,14 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn load(w: &Weights, conv: &str, bn: &str, stride: usize, dev: &Device, dt: DType) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        dev: &Device,
+        dt: DType,
+    ) -> Result<Self> {
         let weight = w.get(&format!("{conv}.weight"), None)?;
         let (scale, shift) = bn_affine(w, bn, weight.dim(0)?)?;
         let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
@@ -29,7 +36,11 @@ impl ConvBn {
             ..Default::default()
         };
         Ok(Self {
-            conv: Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, Some(shift.to_device(dev)?.to_dtype(dt)?), cfg),
+            conv: Conv2d::new(
+                weight.to_device(dev)?.to_dtype(dt)?,
+                Some(shift.to_device(dev)?.to_dtype(dt)?),
+                cfg,
+            ),
         })
     }
 
@@ -121,25 +132,43 @@ impl ResNet {
                 let convs = (1..=n_convs)
                     .map(|i| {
                         let st = if i == strided { stride } else { 1 };
-                        ConvBn::load(w, &format!("{p}.conv{i}"), &format!("{p}.bn{i}"), st, device, dtype)
+                        ConvBn::load(
+                            w,
+                            &format!("{p}.conv{i}"),
+                            &format!("{p}.bn{i}"),
+                            st,
+                            device,
+                            dtype,
+                        )
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let downsample = if w.contains(&format!("{p}.downsample.0.weight")) {
-                    Some(ConvBn::load(w, &format!("{p}.downsample.0"), &format!("{p}.downsample.1"), stride, device, dtype)?)
+                    Some(ConvBn::load(
+                        w,
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        stride,
+                        device,
+                        dtype,
+                    )?)
                 } else {
                     None
                 };
                 blocks.push(Block { convs, downsample });
             }
             if blocks.is_empty() {
-                return Err(w.mismatch(format!("stage layer{s} has no blocks (no layer{s}.0.conv1.weight)")));
+                return Err(w.mismatch(format!(
+                    "stage layer{s} has no blocks (no layer{s}.0.conv1.weight)"
+                )));
             }
             depths.push(blocks.len());
             stages.push(blocks);
         }
         let fc = if w.contains("fc.weight") {
             Some((
-                w.get("fc.weight", None)?.to_device(device)?.to_dtype(dtype)?,
+                w.get("fc.weight", None)?
+                    .to_device(device)?
+                    .to_dtype(dtype)?,
                 w.get("fc.bias", None)?.to_device(device)?.to_dtype(dtype)?,
             ))
         } else {
@@ -177,7 +206,13 @@ impl ResNet {
             if s > 0 {
                 hw = conv_out(hw, 3, 2, 1);
             }
-            channels = blocks[0].convs.last().expect("blocks have convs").conv.weight().dim(0)?;
+            channels = blocks[0]
+                .convs
+                .last()
+                .expect("blocks have convs")
+                .conv
+                .weight()
+                .dim(0)?;
             layers.push(spatial(&format!("layer{}", s + 1), channels, hw));
             for b in 0..blocks.len() {
                 layers.push(spatial(&format!("layer{}.{b}", s + 1), channels, hw));
@@ -192,7 +227,10 @@ impl ResNet {
         if let Some((fw, _)) = &fc {
             let classes = fw.dim(0)?;
             if fw.dim(1)? != channels {
-                return Err(w.mismatch(format!("fc.weight takes {} features but layer4 gives {channels}", fw.dim(1)?)));
+                return Err(w.mismatch(format!(
+                    "fc.weight takes {} features but layer4 gives {channels}",
+                    fw.dim(1)?
+                )));
             }
             layers.push(LayerInfo {
                 name: "fc".into(),
@@ -204,8 +242,14 @@ impl ResNet {
         Ok(Self {
             arch,
             stem,
-            bn1_scale: scale.reshape((1, (), 1, 1))?.to_device(device)?.to_dtype(dtype)?,
-            bn1_shift: shift.reshape((1, (), 1, 1))?.to_device(device)?.to_dtype(dtype)?,
+            bn1_scale: scale
+                .reshape((1, (), 1, 1))?
+                .to_device(device)?
+                .to_dtype(dtype)?,
+            bn1_shift: shift
+                .reshape((1, (), 1, 1))?
+                .to_device(device)?
+                .to_dtype(dtype)?,
             stages,
             fc,
             layers,
@@ -240,7 +284,9 @@ impl TargetNetwork for ResNet {
         if rec.record(0, &h) {
             return rec.finish();
         }
-        h = h.broadcast_mul(&self.bn1_scale)?.broadcast_add(&self.bn1_shift)?;
+        h = h
+            .broadcast_mul(&self.bn1_scale)?
+            .broadcast_add(&self.bn1_shift)?;
         if rec.record(1, &h) {
             return rec.finish();
         }
@@ -296,16 +342,33 @@ pub fn random_resnet_weights(depth: usize, classes: usize) -> Result<HashMap<Str
     };
     let dev = Device::Cpu;
     let mut m = HashMap::new();
-    let conv = |m: &mut HashMap<String, Tensor>, name: &str, cout: usize, cin: usize, k: usize| -> Result<()> {
+    let conv = |m: &mut HashMap<String, Tensor>,
+                name: &str,
+                cout: usize,
+                cin: usize,
+                k: usize|
+     -> Result<()> {
         let std = (2.0 / (cin * k * k) as f64).sqrt();
-        m.insert(format!("{name}.weight"), Tensor::randn(0f32, std as f32, (cout, cin, k, k), &dev)?);
+        m.insert(
+            format!("{name}.weight"),
+            Tensor::randn(0f32, std as f32, (cout, cin, k, k), &dev)?,
+        );
         Ok(())
     };
     let bn = |m: &mut HashMap<String, Tensor>, name: &str, c: usize| -> Result<()> {
-        m.insert(format!("{name}.weight"), Tensor::rand(0.5f32, 1.0, c, &dev)?);
+        m.insert(
+            format!("{name}.weight"),
+            Tensor::rand(0.5f32, 1.0, c, &dev)?,
+        );
         m.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.1, c, &dev)?);
-        m.insert(format!("{name}.running_mean"), Tensor::randn(0f32, 0.1, c, &dev)?);
-        m.insert(format!("{name}.running_var"), Tensor::rand(0.5f32, 1.5, c, &dev)?);
+        m.insert(
+            format!("{name}.running_mean"),
+            Tensor::randn(0f32, 0.1, c, &dev)?,
+        );
+        m.insert(
+            format!("{name}.running_var"),
+            Tensor::rand(0.5f32, 1.5, c, &dev)?,
+        );
         Ok(())
     };
     conv(&mut m, "conv1", 64, 3, 7)?;
@@ -329,13 +392,22 @@ pub fn random_resnet_weights(depth: usize, classes: usize) -> Result<HashMap<Str
                 bn(&mut m, &format!("{p}.bn{i}"), c)?;
             }
             if b == 0 && (s > 0 || cin != planes * expansion) {
-                conv(&mut m, &format!("{p}.downsample.0"), planes * expansion, cin, 1)?;
+                conv(
+                    &mut m,
+                    &format!("{p}.downsample.0"),
+                    planes * expansion,
+                    cin,
+                    1,
+                )?;
                 bn(&mut m, &format!("{p}.downsample.1"), planes * expansion)?;
             }
             cin = planes * expansion;
         }
     }
-    m.insert("fc.weight".into(), Tensor::randn(0f32, 0.01, (classes, cin), &dev)?);
+    m.insert(
+        "fc.weight".into(),
+        Tensor::randn(0f32, 0.01, (classes, cin), &dev)?,
+    );
     m.insert("fc.bias".into(), Tensor::zeros(classes, DType::F32, &dev)?);
     Ok(m)
 }

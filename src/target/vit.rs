@@ -18,13 +18,22 @@ struct Norm {
 impl Norm {
     fn load(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<Self> {
         Ok(Self {
-            w: w.get(&format!("{p}.weight"), Some(&[d]))?.to_device(dev)?.to_dtype(dt)?,
-            b: w.get(&format!("{p}.bias"), Some(&[d]))?.to_device(dev)?.to_dtype(dt)?,
+            w: w.get(&format!("{p}.weight"), Some(&[d]))?
+                .to_device(dev)?
+                .to_dtype(dt)?,
+            b: w.get(&format!("{p}.bias"), Some(&[d]))?
+                .to_device(dev)?
+                .to_dtype(dt)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, LN_EPS as f32)?)
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.w,
+            &self.b,
+            LN_EPS as f32,
+        )?)
     }
 }
 
@@ -36,8 +45,12 @@ struct Lin {
 impl Lin {
     fn load(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Self> {
         Ok(Self {
-            w: w.get(&format!("{p}.weight"), Some(&[out, inp]))?.to_device(dev)?.to_dtype(dt)?,
-            b: w.get(&format!("{p}.bias"), Some(&[out]))?.to_device(dev)?.to_dtype(dt)?,
+            w: w.get(&format!("{p}.weight"), Some(&[out, inp]))?
+                .to_device(dev)?
+                .to_dtype(dt)?,
+            b: w.get(&format!("{p}.bias"), Some(&[out]))?
+                .to_device(dev)?
+                .to_dtype(dt)?,
         })
     }
 
@@ -103,9 +116,13 @@ impl Vit {
         let pw = w.dims("patch_embed.proj.weight")?;
         let (d, patch) = (pw[0], pw[2]);
         if !w.contains("cls_token") {
-            return Err(w.mismatch("this ViT has no cls_token; dnd needs the class token as the neuron value".into()));
+            return Err(w.mismatch(
+                "this ViT has no cls_token; dnd needs the class token as the neuron value".into(),
+            ));
         }
-        let depth = (0..).take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight"))).count();
+        let depth = (0..)
+            .take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight")))
+            .count();
         // Head count is not in the weights: timm's config.json records it in model_args; the
         // standard ViTs (Ti/S/B/L) all use 64-dimensional heads.
         let heads = config
@@ -114,7 +131,9 @@ impl Vit {
             .map(|h| h as usize)
             .unwrap_or(if d == 1280 { 16 } else { (d / 64).max(1) });
         if d % heads != 0 {
-            return Err(w.mismatch(format!("embedding width {d} is not divisible by {heads} heads")));
+            return Err(w.mismatch(format!(
+                "embedding width {d} is not divisible by {heads} heads"
+            )));
         }
         let grid = pre.crop as usize / patch;
         let tokens = 1 + grid * grid;
@@ -154,7 +173,9 @@ impl Vit {
             shape: vec![tokens, d],
             kind: LayerKind::Tokens { grid: (grid, grid) },
         };
-        let mut layers: Vec<LayerInfo> = (0..depth).map(|i| tokens_layer(format!("blocks.{i}"))).collect();
+        let mut layers: Vec<LayerInfo> = (0..depth)
+            .map(|i| tokens_layer(format!("blocks.{i}")))
+            .collect();
         layers.push(tokens_layer("norm".into()));
         if let Some(h) = &head {
             let classes = h.w.dim(0)?;
@@ -208,7 +229,9 @@ impl TargetNetwork for Vit {
             .broadcast_add(&self.patch_b.reshape((1, (), 1, 1))?)?;
         let p = p.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
         let cls = self.cls.broadcast_as((b, 1, self.cls.dim(D::Minus1)?))?;
-        let mut h = Tensor::cat(&[&cls, &p], 1)?.broadcast_add(&self.pos)?.contiguous()?;
+        let mut h = Tensor::cat(&[&cls, &p], 1)?
+            .broadcast_add(&self.pos)?
+            .contiguous()?;
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h)?;
             if rec.record(i, &h) {

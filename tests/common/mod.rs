@@ -23,15 +23,32 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 /// max |a - b| / max |b|: the relative error of a whole tensor.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 pub fn load_fixture_target(name: &str) -> Target {
     let src = ModelSource::Local(fixtures().join("models").join(name));
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let model = rt
         .block_on(hub::resolve(Role::Target, &src, &HubOptions::default()))
         .unwrap();
@@ -41,7 +58,12 @@ pub fn load_fixture_target(name: &str) -> Target {
 /// The four fixture images as torchvision preprocessed them (f16-rounded), batched.
 pub fn fixture_batch() -> Tensor {
     let pre = reference("preprocess.safetensors");
-    let names = ["a_landscape.png", "b_portrait.png", "c_small.png", "d_photo.jpg"];
+    let names = [
+        "a_landscape.png",
+        "b_portrait.png",
+        "c_small.png",
+        "d_photo.jpg",
+    ];
     let ts: Vec<Tensor> = names
         .iter()
         .map(|n| pre[&format!("torchvision/{n}")].clone())

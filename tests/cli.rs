@@ -1,0 +1,224 @@
+//! The `dnd` binary end to end on the fixtures: settings, layers, activations, errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::fixtures;
+
+/// Runs dnd with its config, cache and HF folders inside `home`, offline.
+fn dnd(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dnd"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("HF_HOME", home.join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn model(name: &str) -> String {
+    fixtures().join("models").join(name).display().to_string()
+}
+
+#[test]
+fn config_show_reports_sources_and_masks_secrets() {
+    let home = tempfile::tempdir().unwrap();
+    let o = dnd(home.path(), &["config", "path"]);
+    let (path, _) = text(&o);
+    let path = path.trim();
+    assert!(
+        path.ends_with("config.toml") && path.starts_with(&home.path().display().to_string()),
+        "{path}"
+    );
+    std::fs::create_dir_all(Path::new(path).parent().unwrap()).unwrap();
+    std::fs::write(
+        path,
+        "batch_size = 7\nhf_token = \"hf_secretsecretsecret\"\n",
+    )
+    .unwrap();
+    let o = dnd(home.path(), &["config", "show", "--device", "cpu"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("batch_size") && out.contains("7") && out.contains(&format!("file {path}")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("device") && l.contains("cpu") && l.ends_with("# flag")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("offline") && l.contains("env HF_HUB_OFFLINE")),
+        "{out}"
+    );
+    assert!(!out.contains("secretsecret"), "{out}");
+}
+
+#[test]
+fn layers_lists_names_neurons_and_shapes() {
+    let home = tempfile::tempdir().unwrap();
+    let o = dnd(home.path(), &["layers", "--target", &model("vit_tiny")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("blocks.1") && out.contains("CLS + 14x14"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("head") && l.contains(" 10 ")),
+        "{out}"
+    );
+}
+
+#[test]
+fn activations_json_lines_and_cache_hit() {
+    let home = tempfile::tempdir().unwrap();
+    let probe = fixtures().join("images").display().to_string();
+    let args = [
+        "activations",
+        "--target",
+        &model("resnet_basic"),
+        "--probe",
+        &probe,
+        "--layer",
+        "layer4",
+        "--top",
+        "3",
+        "--format",
+        "json",
+    ];
+    let o = dnd(home.path(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 64, "one line per neuron of layer4");
+    assert_eq!(lines[5]["neuron"], 5);
+    let top = lines[5]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    let vals: Vec<f64> = top
+        .iter()
+        .map(|t| t["activation"].as_f64().unwrap())
+        .collect();
+    assert!(vals.windows(2).all(|w| w[0] >= w[1]), "{vals:?}");
+    assert!(
+        top[0]["image"].as_str().unwrap().ends_with(".png")
+            || top[0]["image"].as_str().unwrap().ends_with(".jpg")
+    );
+    assert!(!err.contains("from cache"), "{err}");
+    let o2 = dnd(home.path(), &args);
+    let (out2, err2) = text(&o2);
+    assert_eq!(out, out2);
+    assert!(err2.contains("from cache: layer4"), "{err2}");
+}
+
+#[test]
+fn bad_inputs_give_one_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let probe = fixtures().join("images").display().to_string();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec![
+                "activations".into(),
+                "--target".into(),
+                model("resnet_basic"),
+                "--probe".into(),
+                probe.clone(),
+                "--layer".into(),
+                "layer7".into(),
+            ],
+            vec!["layer7", "layer4.0", "fc"],
+        ),
+        (
+            vec![
+                "activations".into(),
+                "--target".into(),
+                model("resnet_basic"),
+                "--probe".into(),
+                probe.clone(),
+                "--layer".into(),
+                "fc".into(),
+                "--neuron".into(),
+                "99".into(),
+            ],
+            vec!["neuron 99", "10 neurons"],
+        ),
+        (
+            vec![
+                "activations".into(),
+                "--target".into(),
+                model("resnet_basic"),
+                "--probe".into(),
+                "/no/such/dir".into(),
+                "--layer".into(),
+                "fc".into(),
+            ],
+            vec!["/no/such/dir", "--probe"],
+        ),
+        (
+            vec!["layers".into(), "--target".into(), "/no/such/model".into()],
+            vec!["/no/such/model", "--target"],
+        ),
+        (
+            vec![
+                "layers".into(),
+                "--target".into(),
+                "someone/some-model".into(),
+            ],
+            vec!["someone/some-model", "offline", "dnd models fetch"],
+        ),
+        (
+            vec!["layers".into(), "--device".into(), "tpu".into()],
+            vec!["tpu", "cuda:N"],
+        ),
+    ];
+    for (args, words) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = dnd(home.path(), &args);
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {w:?} missing from: {err}");
+        }
+    }
+}
+
+#[test]
+fn models_lists_every_model_with_status() {
+    let home = tempfile::tempdir().unwrap();
+    let o = dnd(home.path(), &["models", "--target", &model("resnet_basic")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("target") && l.contains("on disk") && l.contains("KiB")),
+        "{out}"
+    );
+    for role in ["captioner", "synthesiser", "clip"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(role) && l.contains("missing")),
+            "{out}"
+        );
+    }
+}
