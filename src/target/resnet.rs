@@ -7,45 +7,74 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
+use super::cpu_conv::CpuConv;
 use super::{linear, LayerInfo, LayerKind, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
 
 const BN_EPS: f64 = 1e-5;
 
-/// A convolution with its BatchNorm folded in.
-struct ConvBn {
-    conv: Conv2d,
+/// A convolution with bias and optional ReLU: our fused kernel for f32 on the CPU, candle's
+/// conv2d elsewhere.
+struct Conv {
+    imp: ConvImpl,
+    c_out: usize,
 }
 
-impl ConvBn {
-    fn load(
-        w: &Weights,
-        conv: &str,
-        bn: &str,
-        stride: usize,
-        dev: &Device,
-        dt: DType,
-    ) -> Result<Self> {
+enum ConvImpl {
+    Cpu(CpuConv),
+    Candle { conv: Conv2d, relu: bool },
+}
+
+impl Conv {
+    /// `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]`, f32 on the CPU; padding k / 2.
+    fn new(weight: Tensor, bias: Tensor, stride: usize, relu: bool, dev: &Device, dt: DType) -> Result<Self> {
+        let (c_out, c_in, k, _) = weight.dims4()?;
+        let imp = if dev.is_cpu() && dt == DType::F32 {
+            ConvImpl::Cpu(CpuConv::new(
+                weight.flatten_all()?.to_vec1()?,
+                bias.to_vec1()?,
+                c_in,
+                k,
+                stride,
+                k / 2,
+                relu,
+            ))
+        } else {
+            let cfg = Conv2dConfig {
+                padding: k / 2,
+                stride,
+                ..Default::default()
+            };
+            let conv = Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, Some(bias.to_device(dev)?.to_dtype(dt)?), cfg);
+            ConvImpl::Candle { conv, relu }
+        };
+        Ok(Self { imp, c_out })
+    }
+
+    /// Convolution `conv` with BatchNorm `bn` folded into its weights and bias.
+    fn folded(w: &Weights, conv: &str, bn: &str, stride: usize, relu: bool, dev: &Device, dt: DType) -> Result<Self> {
         let weight = w.get(&format!("{conv}.weight"), None)?;
         let (scale, shift) = bn_affine(w, bn, weight.dim(0)?)?;
         let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-        let k = weight.dim(2)?;
-        let cfg = Conv2dConfig {
-            padding: k / 2,
-            stride,
-            ..Default::default()
-        };
-        Ok(Self {
-            conv: Conv2d::new(
-                weight.to_device(dev)?.to_dtype(dt)?,
-                Some(shift.to_device(dev)?.to_dtype(dt)?),
-                cfg,
-            ),
-        })
+        Self::new(weight, shift, stride, relu, dev, dt)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.conv.forward(x)?)
+        match &self.imp {
+            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
+            ConvImpl::Candle { conv, relu } => {
+                let y = conv.forward(x)?;
+                Ok(if *relu { y.relu()? } else { y })
+            }
+        }
+    }
+
+    /// `relu(conv(x) + residual)`: the end of a block, fused on the CPU.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.imp {
+            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, op)?),
+            ConvImpl::Candle { conv, .. } => Ok((conv.forward(x)? + residual)?.relu()?),
+        }
     }
 }
 
@@ -62,33 +91,34 @@ fn bn_affine(w: &Weights, bn: &str, channels: usize) -> Result<(Tensor, Tensor)>
 }
 
 struct Block {
-    convs: Vec<ConvBn>,
-    downsample: Option<ConvBn>,
+    /// All but the last apply their ReLU; the last adds the residual, then applies it.
+    convs: Vec<Conv>,
+    downsample: Option<Conv>,
 }
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (last, first) = self.convs.split_last().expect("blocks have convs");
         let mut h = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, c) in self.convs.iter().enumerate() {
+        for c in first {
             h = c.forward(&h)?;
-            if i < last {
-                h = h.relu()?;
-            }
         }
         let identity = match &self.downsample {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        Ok((h + identity)?.relu()?)
+        last.forward_residual(&h, &identity)
     }
 }
 
 pub struct ResNet {
     arch: String,
-    stem: Conv2d,
+    /// conv1 alone, then bn1 as an affine map: used only when conv1 or bn1 is tapped.
+    conv1: Conv,
     bn1_scale: Tensor,
     bn1_shift: Tensor,
+    /// conv1 + bn1 + relu fused: the usual path.
+    stem: Conv,
     stages: Vec<Vec<Block>>,
     fc: Option<(Tensor, Tensor)>,
     layers: Vec<LayerInfo>,
@@ -109,15 +139,8 @@ impl ResNet {
         let stem_w = w.get("conv1.weight", None)?;
         let stem_c = stem_w.dim(0)?;
         let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
-        let stem = Conv2d::new(
-            stem_w.to_device(device)?.to_dtype(dtype)?,
-            None,
-            Conv2dConfig {
-                padding: 3,
-                stride: 2,
-                ..Default::default()
-            },
-        );
+        let conv1 = Conv::new(stem_w.clone(), shift.zeros_like()?, 2, false, device, dtype)?;
+        let stem = Conv::folded(w, "conv1", "bn1", 2, true, device, dtype)?;
         let mut stages = Vec::new();
         let mut depths = Vec::new();
         for s in 1..=4 {
@@ -132,25 +155,13 @@ impl ResNet {
                 let convs = (1..=n_convs)
                     .map(|i| {
                         let st = if i == strided { stride } else { 1 };
-                        ConvBn::load(
-                            w,
-                            &format!("{p}.conv{i}"),
-                            &format!("{p}.bn{i}"),
-                            st,
-                            device,
-                            dtype,
-                        )
+                        let (c, b) = (format!("{p}.conv{i}"), format!("{p}.bn{i}"));
+                        Conv::folded(w, &c, &b, st, true, device, dtype)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let downsample = if w.contains(&format!("{p}.downsample.0.weight")) {
-                    Some(ConvBn::load(
-                        w,
-                        &format!("{p}.downsample.0"),
-                        &format!("{p}.downsample.1"),
-                        stride,
-                        device,
-                        dtype,
-                    )?)
+                    let (c, b) = (format!("{p}.downsample.0"), format!("{p}.downsample.1"));
+                    Some(Conv::folded(w, &c, &b, stride, false, device, dtype)?)
                 } else {
                     None
                 };
@@ -206,13 +217,7 @@ impl ResNet {
             if s > 0 {
                 hw = conv_out(hw, 3, 2, 1);
             }
-            channels = blocks[0]
-                .convs
-                .last()
-                .expect("blocks have convs")
-                .conv
-                .weight()
-                .dim(0)?;
+            channels = blocks[0].convs.last().expect("blocks have convs").c_out;
             layers.push(spatial(&format!("layer{}", s + 1), channels, hw));
             for b in 0..blocks.len() {
                 layers.push(spatial(&format!("layer{}.{b}", s + 1), channels, hw));
@@ -241,6 +246,7 @@ impl ResNet {
         }
         Ok(Self {
             arch,
+            conv1,
             stem,
             bn1_scale: scale
                 .reshape((1, (), 1, 1))?
@@ -279,18 +285,22 @@ impl TargetNetwork for ResNet {
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = Recorder::new(taps);
         let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
-        // The stem keeps BatchNorm separate so that conv1, bn1 and relu are each observable.
-        let mut h = self.stem.forward(&x)?;
-        if rec.record(0, &h) {
-            return rec.finish();
-        }
-        h = h
-            .broadcast_mul(&self.bn1_scale)?
-            .broadcast_add(&self.bn1_shift)?;
-        if rec.record(1, &h) {
-            return rec.finish();
-        }
-        h = h.relu()?;
+        let mut h = if taps.iter().any(|&t| t < 2) {
+            // conv1 and bn1 are observable only with BatchNorm kept apart.
+            let mut h = self.conv1.forward(&x)?;
+            if rec.record(0, &h) {
+                return rec.finish();
+            }
+            h = h
+                .broadcast_mul(&self.bn1_scale)?
+                .broadcast_add(&self.bn1_shift)?;
+            if rec.record(1, &h) {
+                return rec.finish();
+            }
+            h.relu()?
+        } else {
+            self.stem.forward(&x)?
+        };
         if rec.record(2, &h) {
             return rec.finish();
         }
