@@ -22,7 +22,7 @@ pub enum Error {
         fix: String,
     },
 
-    #[error("{model}: download of {file} failed: {reason}.\n  fix: check the network and the repo id, or point {flag} at a local folder (or pass --offline to use only local files)")]
+    #[error("{model}: download of {file} failed: {reason}.\n  fix: check the network and the repo id, or point {flag} at a local folder")]
     Download {
         model: String,
         file: String,

@@ -80,6 +80,19 @@ enum ConfigAction {
 enum ProbeAction {
     /// Count the images of the probing set, decode them all, and report the ones that fail.
     Check,
+    /// Download a default probing set from the Hub into the --probe folder: Open Images V7
+    /// validation photos (CC BY 2.0), about 3,100 images and 950 MB with the default 2 shards.
+    Fetch {
+        /// Hub dataset with images in parquet shards (the datasets Image feature).
+        #[arg(long, default_value = dnd::probe::fetch::DEFAULT_DATASET)]
+        dataset: String,
+        /// Only shards whose file name contains this (a split name).
+        #[arg(long, default_value = dnd::probe::fetch::DEFAULT_PATTERN)]
+        pattern: String,
+        /// How many shards to download (each ~480 MB, ~1,550 photos for the default dataset).
+        #[arg(long, default_value_t = dnd::probe::fetch::DEFAULT_SHARDS)]
+        shards: usize,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -230,6 +243,29 @@ fn run(cli: Cli) -> Result<()> {
                 "{} decoded, {} skipped",
                 probe.len() - failed.len(),
                 failed.len()
+            );
+        }
+        Command::Probe {
+            action:
+                ProbeAction::Fetch {
+                    dataset,
+                    pattern,
+                    shards,
+                },
+        } => {
+            let opts = dnd::probe::fetch::FetchOptions {
+                dataset,
+                pattern,
+                shards,
+                dest: settings.probe.clone(),
+                hub: hub_options(settings, true),
+            };
+            let n = rt.block_on(dnd::probe::fetch::fetch(&opts))?;
+            let set = ProbeSet::open(&opts.dest)?;
+            println!(
+                "{}: {n} new images, {} in all",
+                opts.dest.display(),
+                set.len()
             );
         }
         Command::Activations(args) => activations_cmd(&rt, settings, &progress, args)?,

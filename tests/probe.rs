@@ -235,3 +235,41 @@ fn cancelling_stops_the_stream() {
     assert!(matches!(r, Err(dnd::Error::Cancelled)));
     assert_eq!(seen, 1);
 }
+
+#[test]
+fn images_are_extracted_from_a_hub_parquet_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("probe/validation-00000-of-00001");
+    let n = probe::fetch::extract_images(&fixtures().join("probe_shard.parquet"), &out).unwrap();
+    assert_eq!(n, 3, "three images and one null row");
+    let set = ProbeSet::open(&dir.path().join("probe")).unwrap();
+    let rels: Vec<&str> = set.images.iter().map(|i| i.rel.as_str()).collect();
+    assert_eq!(
+        rels,
+        [
+            "validation-00000-of-00001/00000.png",
+            "validation-00000-of-00001/00001.jpg",
+            "validation-00000-of-00001/00003.jpg"
+        ]
+    );
+    // Byte-identical to the files that went in.
+    let got = std::fs::read(out.join("00000.png")).unwrap();
+    assert_eq!(
+        got,
+        std::fs::read(fixtures().join("images/c_small.png")).unwrap()
+    );
+    assert!(!dir
+        .path()
+        .join("probe/validation-00000-of-00001.partial")
+        .exists());
+    // Not a parquet file: a clear error naming it.
+    let bogus = dir.path().join("bogus.parquet");
+    std::fs::write(&bogus, b"nope").unwrap();
+    let msg = probe::fetch::extract_images(&bogus, &dir.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("bogus.parquet") && msg.contains("parquet"),
+        "{msg}"
+    );
+}

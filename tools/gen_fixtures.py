@@ -5,7 +5,7 @@ Everything here is produced by the reference libraries themselves (torchvision, 
 so the Rust parity tests compare against what a real checkpoint computes in PyTorch.
 Rerunning it reproduces the files (fixed seeds).
 
-    pip install torch torchvision timm safetensors numpy pillow
+    pip install torch torchvision timm safetensors numpy pillow datasets
     python3 tools/gen_fixtures.py
 """
 import json
@@ -158,6 +158,18 @@ def write_vit(x, gen):
     return model
 
 
+def write_parquet_shard():
+    """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+    files = [IMAGES / "c_small.png", EDGE / "exif_rotated.jpg", None, EDGE / "cmyk.jpg"]
+    rows = {"label": ["small", "rotated", "missing", "cmyk"],
+            "image": [None if f is None else {"bytes": f.read_bytes(), "path": None} for f in files]}
+    ds = Dataset.from_dict(rows, features=Features({"label": Value("string"), "image": HFImage()}))
+    import pyarrow.parquet as pq
+    # The table `datasets` built, with its feature metadata, snappy-compressed as Hub shards are.
+    pq.write_table(ds.data.table, ROOT / "probe_shard.parquet", compression="snappy")
+
+
 def main():
     rng = np.random.default_rng(1234)
     gen = torch.Generator().manual_seed(1234)
@@ -165,6 +177,7 @@ def main():
     assert set(torchvision.models.resnet50().state_dict()) == set(timm.create_model("resnet50").state_dict())
     paths = write_images(rng)
     write_edge_cases(rng)
+    write_parquet_shard()
 
     tv = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])

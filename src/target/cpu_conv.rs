@@ -27,7 +27,15 @@ pub(crate) struct CpuConv {
 
 impl CpuConv {
     /// `weight` is `[c_out, c_in, k, k]` row-major.
-    pub(crate) fn new(weight: Vec<f32>, bias: Vec<f32>, c_in: usize, k: usize, stride: usize, pad: usize, relu: bool) -> Self {
+    pub(crate) fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        c_in: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        relu: bool,
+    ) -> Self {
         let c_out = bias.len();
         assert_eq!(weight.len(), c_out * c_in * k * k, "conv weight shape");
         Self {
@@ -58,7 +66,12 @@ impl CpuConv {
                     let row = &mut col[((ci * k + ky) * k + kx) * n..][..n];
                     // Output columns whose input column ix = ox*s + kx - p lies inside [0, w).
                     let ox_lo = p.saturating_sub(kx).div_ceil(s).min(ow);
-                    let ox_hi = if w + p > kx { (w + p - kx - 1) / s + 1 } else { 0 }.min(ow);
+                    let ox_hi = if w + p > kx {
+                        (w + p - kx - 1) / s + 1
+                    } else {
+                        0
+                    }
+                    .min(ow);
                     for oy in 0..oh {
                         let dst = &mut row[oy * ow..(oy + 1) * ow];
                         let iy = (oy * s + ky) as isize - p as isize;
@@ -85,7 +98,15 @@ impl CpuConv {
 
     /// One image: `x` is `[c_in, h, w]`, `out` is `[c_out, oh, ow]`; `residual` (same shape as
     /// `out`) is added before the ReLU, as at the end of a ResNet block.
-    fn image(&self, x: &[f32], h: usize, w: usize, residual: Option<&[f32]>, out: &mut [f32], parallelism: gemm::Parallelism) {
+    fn image(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        parallelism: gemm::Parallelism,
+    ) {
         let n = self.out_size(h) * self.out_size(w);
         let kk = self.c_in * self.k * self.k;
         match residual {
@@ -144,17 +165,28 @@ impl CpuConv {
 }
 
 impl CpuConv {
-    fn run(&self, storage: &CpuStorage, layout: &Layout, residual: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout)?;
         let (b, c, h, w) = layout.shape().dims4()?;
         if c != self.c_in {
-            candle_core::bail!("dnd-cpu-conv2d: input has {c} channels, weights expect {}", self.c_in)
+            candle_core::bail!(
+                "dnd-cpu-conv2d: input has {c} channels, weights expect {}",
+                self.c_in
+            )
         }
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let out_shape = Shape::from((b, self.c_out, oh, ow));
         let residual = match residual {
             Some((s, l)) if l.shape() == &out_shape => Some(contiguous_f32(s, l)?),
-            Some((_, l)) => candle_core::bail!("dnd-cpu-conv2d: residual {:?} does not match output {out_shape:?}", l.shape()),
+            Some((_, l)) => candle_core::bail!(
+                "dnd-cpu-conv2d: residual {:?} does not match output {out_shape:?}",
+                l.shape()
+            ),
             None => None,
         };
         let per_out = self.c_out * oh * ow;
@@ -165,11 +197,25 @@ impl CpuConv {
         if b >= threads {
             // One image per thread: no synchronisation inside the GEMM.
             out.par_chunks_mut(per_out).enumerate().for_each(|(i, o)| {
-                self.image(&x[i * per_in..(i + 1) * per_in], h, w, res_of(i), o, gemm::Parallelism::None)
+                self.image(
+                    &x[i * per_in..(i + 1) * per_in],
+                    h,
+                    w,
+                    res_of(i),
+                    o,
+                    gemm::Parallelism::None,
+                )
             });
         } else {
             for (i, o) in out.chunks_mut(per_out).enumerate() {
-                self.image(&x[i * per_in..(i + 1) * per_in], h, w, res_of(i), o, gemm::Parallelism::Rayon(threads));
+                self.image(
+                    &x[i * per_in..(i + 1) * per_in],
+                    h,
+                    w,
+                    res_of(i),
+                    o,
+                    gemm::Parallelism::Rayon(threads),
+                );
             }
         }
         Ok((CpuStorage::F32(out), out_shape))
@@ -191,7 +237,11 @@ impl CustomOp1 for CpuConv {
         "dnd-cpu-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run(storage, layout, None)
     }
 }
@@ -202,7 +252,13 @@ impl CustomOp2 for CpuConv {
         "dnd-cpu-conv2d-residual"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run(s1, l1, Some((s2, l2)))
     }
 }
@@ -246,17 +302,40 @@ mod tests {
                     if relu {
                         want = want.relu().unwrap();
                     }
-                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (got - &want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     assert!(diff < 1e-3, "{ci}->{co} {k}x{k} s{s} b{batch}: {diff}");
                     // With a residual: relu?(conv + bias + r).
                     let r = Tensor::randn(0f32, 1.0, want.dims(), &dev).unwrap();
                     let got = x.apply_op2_no_bwd(&r, &op).unwrap();
-                    let mut want = (x.conv2d(&w, p, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, co, 1, 1)).unwrap()).unwrap() + &r).unwrap();
+                    let mut want = (x
+                        .conv2d(&w, p, s, 1, 1)
+                        .unwrap()
+                        .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+                        .unwrap()
+                        + &r)
+                        .unwrap();
                     if relu {
                         want = want.relu().unwrap();
                     }
-                    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(diff < 1e-3, "residual {ci}->{co} {k}x{k} s{s} b{batch}: {diff}");
+                    let diff = (got - want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        diff < 1e-3,
+                        "residual {ci}->{co} {k}x{k} s{s} b{batch}: {diff}"
+                    );
                 }
             }
         }

@@ -27,7 +27,14 @@ enum ConvImpl {
 
 impl Conv {
     /// `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]`, f32 on the CPU; padding k / 2.
-    fn new(weight: Tensor, bias: Tensor, stride: usize, relu: bool, dev: &Device, dt: DType) -> Result<Self> {
+    fn new(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        relu: bool,
+        dev: &Device,
+        dt: DType,
+    ) -> Result<Self> {
         let (c_out, c_in, k, _) = weight.dims4()?;
         let imp = if dev.is_cpu() && dt == DType::F32 {
             ConvImpl::Cpu(CpuConv::new(
@@ -45,14 +52,26 @@ impl Conv {
                 stride,
                 ..Default::default()
             };
-            let conv = Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, Some(bias.to_device(dev)?.to_dtype(dt)?), cfg);
+            let conv = Conv2d::new(
+                weight.to_device(dev)?.to_dtype(dt)?,
+                Some(bias.to_device(dev)?.to_dtype(dt)?),
+                cfg,
+            );
             ConvImpl::Candle { conv, relu }
         };
         Ok(Self { imp, c_out })
     }
 
     /// Convolution `conv` with BatchNorm `bn` folded into its weights and bias.
-    fn folded(w: &Weights, conv: &str, bn: &str, stride: usize, relu: bool, dev: &Device, dt: DType) -> Result<Self> {
+    fn folded(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        relu: bool,
+        dev: &Device,
+        dt: DType,
+    ) -> Result<Self> {
         let weight = w.get(&format!("{conv}.weight"), None)?;
         let (scale, shift) = bn_affine(w, bn, weight.dim(0)?)?;
         let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
@@ -72,7 +91,9 @@ impl Conv {
     /// `relu(conv(x) + residual)`: the end of a block, fused on the CPU.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match &self.imp {
-            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, op)?),
+            ConvImpl::Cpu(op) => Ok(x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, op)?),
             ConvImpl::Candle { conv, .. } => Ok((conv.forward(x)? + residual)?.relu()?),
         }
     }
