@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use candle_core::{DType, Tensor};
@@ -95,16 +96,67 @@ pub fn maps_of(kind: LayerKind, out: &Tensor, neuron: usize) -> Result<Vec<Neuro
         .collect())
 }
 
+/// The numbers of a [`LayerActivations`]: computed in memory, or read straight from a cache
+/// file's memory map (no copy of what can be hundreds of megabytes).
+#[derive(Clone)]
+enum Matrix {
+    Owned(Vec<f32>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl Matrix {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Matrix::Owned(v) => v,
+            Matrix::Mapped { map, offset, len } => {
+                let bytes = &map[*offset..*offset + len * 4];
+                // SAFETY: `mapped` checked alignment, length and a little-endian target.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), *len) }
+            }
+        }
+    }
+
+    /// Zero-copy view of little-endian f32 bytes at `offset` in `map`, when aligned.
+    fn mapped(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let aligned = (map[offset..].as_ptr() as usize) % std::mem::align_of::<f32>() == 0;
+        (cfg!(target_endian = "little") && aligned && map.len() >= offset + len * 4)
+            .then_some(Matrix::Mapped { map, offset, len })
+    }
+}
+
 /// Pooled activations of one layer: a `neurons x images` matrix, neuron-major so one neuron's
 /// values over the probing set are contiguous.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone)]
 pub struct LayerActivations {
     pub layer: String,
     pub pool: Pool,
     /// Relative paths of the images that decoded, in probing-set order.
     pub images: Vec<String>,
     pub neurons: usize,
-    values: Vec<f32>,
+    values: Matrix,
+}
+
+impl PartialEq for LayerActivations {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.layer, self.pool, &self.images, self.neurons)
+            == (&other.layer, other.pool, &other.images, other.neurons)
+            && self.values.as_slice() == other.values.as_slice()
+    }
+}
+
+impl fmt::Debug for LayerActivations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerActivations")
+            .field("layer", &self.layer)
+            .field("pool", &self.pool)
+            .field("images", &self.images.len())
+            .field("neurons", &self.neurons)
+            .finish()
+    }
 }
 
 impl LayerActivations {
@@ -126,14 +178,14 @@ impl LayerActivations {
             pool,
             images,
             neurons,
-            values,
+            values: Matrix::Owned(values),
         }
     }
 
     /// This neuron's pooled activation on every image.
     pub fn neuron(&self, n: usize) -> &[f32] {
         let m = self.images.len();
-        &self.values[n * m..(n + 1) * m]
+        &self.values.as_slice()[n * m..(n + 1) * m]
     }
 
     /// The `k` highest-activating images of neuron `n`, best first, as (image index, value).
@@ -254,7 +306,12 @@ impl ActivationCache {
             reason,
         };
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        let bytes: Vec<u8> = acts.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = acts
+            .values
+            .as_slice()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let view = safetensors::tensor::TensorView::new(
             safetensors::Dtype::F32,
             vec![acts.neurons, acts.images.len()],
@@ -342,15 +399,26 @@ fn read_cache(
     if t.dtype() != safetensors::Dtype::F32 || shape.len() != 2 || shape[1] != images.len() {
         return Err(format!("unexpected tensor {:?} {:?}", t.dtype(), shape));
     }
-    let values: Vec<f32> = t
-        .data()
-        .par_chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((
-        LayerActivations::new(layer.to_string(), pool, images, shape[0], values),
-        skipped,
-    ))
+    let (neurons, data) = (shape[0], t.data());
+    let len = neurons * images.len();
+    let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
+    let mmap = Arc::new(mmap);
+    let values = Matrix::mapped(mmap.clone(), offset, len).unwrap_or_else(|| {
+        Matrix::Owned(
+            mmap[offset..offset + len * 4]
+                .par_chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        )
+    });
+    let acts = LayerActivations {
+        layer: layer.to_string(),
+        pool,
+        images,
+        neurons,
+        values,
+    };
+    Ok((acts, skipped))
 }
 
 /// How [`extract`] runs.

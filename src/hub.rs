@@ -289,7 +289,8 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
     })
 }
 
-fn api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
+/// A Hub client honouring `HF_HOME`, `HF_ENDPOINT` and the token, without its own progress bars.
+pub(crate) fn api(opts: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
     let mut b = ApiBuilder::from_env().with_progress(false);
     if let Some(t) = &opts.token {
         b = b.with_token(Some(t.clone()));

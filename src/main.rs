@@ -507,12 +507,12 @@ fn ctrl_c_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
 
 /// Logs go to stderr, drawn around any progress bar so neither garbles the other.
 fn init_logging(level: &str, progress: MultiProgress) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("dnd={level},warn"))
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .with_context(|| format!("log level {level:?}: use error, warn, info, debug or trace"))?;
     if !["error", "warn", "info", "debug", "trace"].contains(&level) {
         bail!("log level {level:?}: use error, warn, info, debug or trace");
     }
+    // Our own messages at the chosen level; other crates' only when they warn.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("dnd={level},warn"))
+        .context("cannot set up logging")?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use hf_hub::{api::tokio::ApiBuilder, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 use parquet::column::reader::ColumnReader;
 use parquet::data_type::ByteArray;
@@ -49,11 +49,7 @@ pub async fn fetch(opts: &FetchOptions) -> Result<usize> {
             "offline mode is on (--offline or HF_HUB_OFFLINE)".into(),
         ));
     }
-    let mut builder = ApiBuilder::from_env().with_progress(false);
-    if let Some(t) = &opts.hub.token {
-        builder = builder.with_token(Some(t.clone()));
-    }
-    let api = builder.build().map_err(|e| fail(e.to_string()))?;
+    let api = crate::hub::api(&opts.hub).map_err(fail)?;
     let repo = api.repo(Repo::new(opts.dataset.clone(), RepoType::Dataset));
     let info = repo.info().await.map_err(|e| fail(e.to_string()))?;
     let mut shards: Vec<String> = info
