@@ -25,7 +25,7 @@ fn resnet50_forward(c: &mut Criterion) {
     )
     .unwrap();
     let net = ResNet::load(&w, 224, &Device::Cpu, DType::F32).unwrap();
-    let fc = net.layers().len() - 1;
+    let fc = net.info().layers.len() - 1;
     let x = Tensor::randn(0f32, 1.0, (BATCH, 3, 224, 224), &Device::Cpu).unwrap();
     let mut g = c.benchmark_group("resnet50_cpu_f32");
     g.throughput(Throughput::Elements(BATCH as u64));

@@ -199,9 +199,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Layers => {
             let target = load_target(&rt, settings)?;
-            println!("# {} — {}", target.name, target.net.architecture());
+            println!("# {} — {}", target.name, target.net.info().architecture);
             println!("{:<12} {:>8}  {:<16} map", "layer", "neurons", "output");
-            for l in target.net.layers() {
+            for l in target.layers() {
                 let map = match l.kind {
                     LayerKind::Spatial => format!("{}x{}", l.shape[1], l.shape[2]),
                     LayerKind::Tokens { grid } => format!("CLS + {}x{} patches", grid.0, grid.1),

@@ -122,29 +122,11 @@ fn second_run_is_served_from_the_cache_and_changes_invalidate_it() {
 
     // The weights change.
     let model_dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("models/resnet_basic");
-    std::fs::copy(
-        src.join("config.json"),
-        model_dir.path().join("config.json"),
-    )
-    .unwrap();
-    let mut w =
-        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let fcw = (w["layer4.0.conv2.weight"].clone() * 1.5).unwrap();
-    w.insert("layer4.0.conv2.weight".into(), fcw);
-    candle_core::safetensors::save(&w, model_dir.path().join("model.safetensors")).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let model = rt
-        .block_on(dnd::hub::resolve(
-            dnd::hub::Role::Target,
-            &dnd::hub::ModelSource::Local(model_dir.path().to_path_buf()),
-            &Default::default(),
-        ))
-        .unwrap();
-    let other = Target::load(&model, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    edited_fixture_model("resnet_basic", model_dir.path(), |w| {
+        let scaled = (w["layer4.0.conv2.weight"].clone() * 1.5).unwrap();
+        w.insert("layer4.0.conv2.weight".into(), scaled);
+    });
+    let other = try_load_target(model_dir.path()).unwrap();
     assert_ne!(other.weights_hash, target.weights_hash);
     let (_, report) = run(&other, &probe, &["layer4"], Some(&cache));
     assert!(report.cached.is_empty());

@@ -65,13 +65,8 @@ fn resnet_bottleneck_blocks_match_pytorch() {
 #[test]
 fn resnet_structure_is_read_from_the_weights() {
     let t = load_fixture_target("resnet_bottleneck");
-    assert!(
-        t.net
-            .architecture()
-            .contains("bottleneck blocks [1, 2, 1, 1]"),
-        "{}",
-        t.net.architecture()
-    );
+    let arch = &t.net.info().architecture;
+    assert!(arch.contains("bottleneck blocks [1, 2, 1, 1]"), "{arch}");
     let l4 = t.layer(t.layer_index("layer4").unwrap());
     assert_eq!((l4.neurons, l4.shape.clone()), (256, vec![256, 7, 7]));
     assert_eq!(t.layer(t.layer_index("fc").unwrap()).neurons, 10);
@@ -114,7 +109,7 @@ fn batch_of_one_equals_batch_of_four() {
     for name in ["resnet_bottleneck", "vit_tiny"] {
         let target = load_fixture_target(name);
         let x = fixture_batch();
-        let last = target.net.layers().len() - 1;
+        let last = target.layers().len() - 1;
         let all = target.net.forward(&x, &[last]).unwrap().remove(0);
         for i in 0..4 {
             let one = target
@@ -147,35 +142,17 @@ fn unknown_layer_and_neuron_errors_list_what_is_valid() {
 #[test]
 fn mismatched_weights_are_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("models/resnet_basic");
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     // Weights of a ResNet with one tensor removed.
-    let mut w =
-        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    w.remove("layer2.0.bn2.running_var");
-    candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let model = rt
-        .block_on(dnd::hub::resolve(
-            dnd::hub::Role::Target,
-            &dnd::hub::ModelSource::Local(dir.path().to_path_buf()),
-            &Default::default(),
-        ))
-        .unwrap();
-    let msg = dnd::target::Target::load(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
-        .unwrap_err()
-        .to_string();
+    edited_fixture_model("resnet_basic", dir.path(), |w| {
+        w.remove("layer2.0.bn2.running_var");
+    });
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(
         msg.contains("layer2.0.bn2.running_var") && msg.contains("model.safetensors"),
         "{msg}"
     );
     // Not a model at all.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
-    let msg = dnd::target::Target::load(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
-        .unwrap_err()
-        .to_string();
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("safetensors") && msg.contains("fix"), "{msg}");
 }

@@ -283,6 +283,31 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (batch, ci, hw, hw), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
                 let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+                // relu?(candle's conv2d + bias [+ residual]), the reference.
+                let reference = |residual: Option<&Tensor>, relu: bool| {
+                    let mut y = x
+                        .conv2d(&w, p, s, 1, 1)
+                        .unwrap()
+                        .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+                        .unwrap();
+                    if let Some(r) = residual {
+                        y = (y + r).unwrap();
+                    }
+                    if relu {
+                        y = y.relu().unwrap();
+                    }
+                    y
+                };
+                let max_diff = |a: Tensor, b: Tensor| {
+                    (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
                 for relu in [false, true] {
                     let op = CpuConv::new(
                         w.flatten_all().unwrap().to_vec1().unwrap(),
@@ -293,45 +318,13 @@ mod tests {
                         p,
                         relu,
                     );
-                    let got = x.apply_op1_no_bwd(&op).unwrap();
-                    let mut want = x
-                        .conv2d(&w, p, s, 1, 1)
-                        .unwrap()
-                        .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
-                        .unwrap();
-                    if relu {
-                        want = want.relu().unwrap();
-                    }
-                    let diff = (got - &want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_diff(x.apply_op1_no_bwd(&op).unwrap(), reference(None, relu));
                     assert!(diff < 1e-3, "{ci}->{co} {k}x{k} s{s} b{batch}: {diff}");
-                    // With a residual: relu?(conv + bias + r).
-                    let r = Tensor::randn(0f32, 1.0, want.dims(), &dev).unwrap();
-                    let got = x.apply_op2_no_bwd(&r, &op).unwrap();
-                    let mut want = (x
-                        .conv2d(&w, p, s, 1, 1)
-                        .unwrap()
-                        .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
-                        .unwrap()
-                        + &r)
-                        .unwrap();
-                    if relu {
-                        want = want.relu().unwrap();
-                    }
-                    let diff = (got - want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let r = Tensor::randn(0f32, 1.0, reference(None, false).dims(), &dev).unwrap();
+                    let diff = max_diff(
+                        x.apply_op2_no_bwd(&r, &op).unwrap(),
+                        reference(Some(&r), relu),
+                    );
                     assert!(
                         diff < 1e-3,
                         "residual {ci}->{co} {k}x{k} s{s} b{batch}: {diff}"

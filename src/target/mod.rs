@@ -49,16 +49,22 @@ impl LayerInfo {
     }
 }
 
+/// What every target network knows about itself.
+#[derive(Clone, Debug)]
+pub struct NetInfo {
+    /// e.g. `resnet50 (bottleneck blocks [3, 4, 6, 3])`.
+    pub architecture: String,
+    /// Every tappable layer, in the order `dnd layers` lists them.
+    pub layers: Vec<LayerInfo>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
 /// A target network with named taps. One implementation per architecture family.
 pub trait TargetNetwork: Send + Sync {
-    /// e.g. `resnet50 (bottleneck, blocks [3, 4, 6, 3])`.
-    fn architecture(&self) -> String;
-    /// Every tappable layer, in forward order.
-    fn layers(&self) -> &[LayerInfo];
-    fn device(&self) -> &Device;
-    fn dtype(&self) -> DType;
+    fn info(&self) -> &NetInfo;
     /// Runs a preprocessed batch `[B, 3, H, W]` and returns the outputs of the layers at
-    /// `taps` (indices into [`Self::layers`]), in the order given, each `[B, ...shape]`.
+    /// `taps` (indices into [`NetInfo::layers`]), in the order given, each `[B, ...shape]`.
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>>;
 }
 
@@ -76,7 +82,7 @@ impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
             .field("name", &self.name)
-            .field("architecture", &self.net.architecture())
+            .field("architecture", &self.net.info().architecture)
             .finish()
     }
 }
@@ -126,7 +132,7 @@ impl Target {
 
     /// Index of the layer called `name`, or an error listing the valid names.
     pub fn layer_index(&self, name: &str) -> Result<usize> {
-        let layers = self.net.layers();
+        let layers = self.layers();
         layers
             .iter()
             .position(|l| l.name == name)
@@ -141,8 +147,12 @@ impl Target {
             })
     }
 
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.net.info().layers
+    }
+
     pub fn layer(&self, index: usize) -> &LayerInfo {
-        &self.net.layers()[index]
+        &self.layers()[index]
     }
 
     /// Errors unless `neuron` exists in layer `index`.

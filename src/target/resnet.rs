@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
 use super::cpu_conv::CpuConv;
-use super::{linear, LayerInfo, LayerKind, Recorder, TargetNetwork, Weights};
+use super::{linear, LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
 
 const BN_EPS: f64 = 1e-5;
@@ -133,7 +133,7 @@ impl Block {
 }
 
 pub struct ResNet {
-    arch: String,
+    info: NetInfo,
     /// conv1 alone, then bn1 as an affine map: used only when conv1 or bn1 is tapped.
     conv1: Conv,
     bn1_scale: Tensor,
@@ -142,9 +142,6 @@ pub struct ResNet {
     stem: Conv,
     stages: Vec<Vec<Block>>,
     fc: Option<(Tensor, Tensor)>,
-    layers: Vec<LayerInfo>,
-    device: Device,
-    dtype: DType,
 }
 
 fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -266,7 +263,12 @@ impl ResNet {
             });
         }
         Ok(Self {
-            arch,
+            info: NetInfo {
+                architecture: arch,
+                layers,
+                device: device.clone(),
+                dtype,
+            },
             conv1,
             stem,
             bn1_scale: scale
@@ -279,33 +281,18 @@ impl ResNet {
                 .to_dtype(dtype)?,
             stages,
             fc,
-            layers,
-            device: device.clone(),
-            dtype,
         })
     }
 }
 
 impl TargetNetwork for ResNet {
-    fn architecture(&self) -> String {
-        self.arch.clone()
-    }
-
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn info(&self) -> &NetInfo {
+        &self.info
     }
 
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = Recorder::new(taps);
-        let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
         let mut h = if taps.iter().any(|&t| t < 2) {
             // conv1 and bn1 are observable only with BatchNorm kept apart.
             let mut h = self.conv1.forward(&x)?;

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{linear, LayerInfo, LayerKind, Recorder, TargetNetwork, Weights};
+use super::{linear, LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
 use crate::probe::Preprocess;
 
@@ -91,7 +91,7 @@ impl Block {
 }
 
 pub struct Vit {
-    arch: String,
+    info: NetInfo,
     patch_w: Tensor,
     patch_b: Tensor,
     patch: usize,
@@ -100,9 +100,6 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: Norm,
     head: Option<Lin>,
-    layers: Vec<LayerInfo>,
-    device: Device,
-    dtype: DType,
 }
 
 impl Vit {
@@ -187,7 +184,14 @@ impl Vit {
             });
         }
         Ok(Self {
-            arch: format!("vit (patch {patch}, width {d}, depth {depth}, {heads} heads)"),
+            info: NetInfo {
+                architecture: format!(
+                    "vit (patch {patch}, width {d}, depth {depth}, {heads} heads)"
+                ),
+                layers,
+                device: device.clone(),
+                dtype,
+            },
             patch_w: to(w.get("patch_embed.proj.weight", None)?)?,
             patch_b: to(w.get("patch_embed.proj.bias", Some(&[d]))?)?,
             patch,
@@ -196,33 +200,18 @@ impl Vit {
             blocks,
             norm: Norm::load(w, "norm", d, device, dtype)?,
             head,
-            layers,
-            device: device.clone(),
-            dtype,
         })
     }
 }
 
 impl TargetNetwork for Vit {
-    fn architecture(&self) -> String {
-        self.arch.clone()
-    }
-
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn info(&self) -> &NetInfo {
+        &self.info
     }
 
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = Recorder::new(taps);
-        let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
         let b = x.dim(0)?;
         let p = x
             .conv2d(&self.patch_w, 0, self.patch, 1, 1)?

@@ -45,14 +45,31 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn load_fixture_target(name: &str) -> Target {
-    let src = ModelSource::Local(fixtures().join("models").join(name));
+    try_load_target(&fixtures().join("models").join(name)).unwrap()
+}
+
+/// Loads the target in a local model folder, on the CPU in f32.
+pub fn try_load_target(dir: &Path) -> dnd::Result<Target> {
+    let src = ModelSource::Local(dir.to_path_buf());
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let model = rt
-        .block_on(hub::resolve(Role::Target, &src, &HubOptions::default()))
-        .unwrap();
-    Target::load(&model, &Device::Cpu, DType::F32).unwrap()
+    let model = rt.block_on(hub::resolve(Role::Target, &src, &HubOptions::default()))?;
+    Target::load(&model, &Device::Cpu, DType::F32)
+}
+
+/// A copy of a fixture model folder in `dir` whose weights `edit` changed.
+pub fn edited_fixture_model(
+    name: &str,
+    dir: &Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+) {
+    let src = fixtures().join("models").join(name);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut w);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
 }
 
 /// The four fixture images as torchvision preprocessed them (f16-rounded), batched.
