@@ -1,6 +1,6 @@
 //! The `dnd` command line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -221,15 +221,14 @@ fn run(cli: Cli) -> Result<()> {
             let probe = ProbeSet::open(&settings.probe)?;
             let bar = progress.add(images_bar(probe.len()));
             let cancel = ctrl_c_flag(&rt);
-            let failed = std::sync::Mutex::new(Vec::new());
+            let mut failed = Vec::new();
             let pre = dnd::probe::Preprocess::imagenet();
             dnd::probe::for_each_batch(&probe.images, &pre, settings.batch_size, &cancel, |b| {
                 bar.inc((b.indices.len() + b.skipped.len()) as u64);
-                failed.lock().expect("not poisoned").extend(b.skipped);
+                failed.extend(b.skipped);
                 Ok(())
             })?;
             bar.finish_and_clear();
-            let failed = failed.into_inner().expect("not poisoned");
             println!(
                 "{}: {} images, fingerprint {}",
                 probe.root.display(),
@@ -398,8 +397,11 @@ fn activations_cmd(
         report.skipped.len(),
         started.elapsed().as_secs_f64()
     );
-    for (rel, reason) in &report.skipped {
-        eprintln!("  skipped {rel}: {reason}");
+    // Computed runs warned about each skipped file as it came; a cache hit names them here.
+    if report.cached.len() == layers.len() {
+        for (rel, reason) in &report.skipped {
+            eprintln!("  skipped {rel}: {reason}");
+        }
     }
     Ok(())
 }
@@ -517,6 +519,7 @@ fn init_logging(level: &str, progress: MultiProgress) -> Result<()> {
         .with_env_filter(filter)
         .with_target(false)
         .without_time()
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(move || ProgressWriter(progress.clone()))
         .init();
     Ok(())
