@@ -1,7 +1,7 @@
 //! Target networks: the vision models being explained, with their layers addressed by the
 //! PyTorch module names the weights use, and several layers tapped in one forward pass.
 
-mod cpu_conv;
+mod cpu_ops;
 mod resnet;
 mod vit;
 

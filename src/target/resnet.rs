@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
-use super::cpu_conv::CpuConv;
+use super::cpu_ops::{CpuConv, MaxPool3x3s2};
 use super::{linear, LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
 
@@ -312,11 +312,14 @@ impl TargetNetwork for ResNet {
         if rec.record(2, &h) {
             return rec.finish();
         }
-        // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
-        h = h
-            .pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)?;
+        h = if h.device().is_cpu() && h.dtype() == DType::F32 {
+            h.contiguous()?.apply_op1_no_bwd(&MaxPool3x3s2)?
+        } else {
+            // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
+            h.pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2)?
+        };
         if rec.record(3, &h) {
             return rec.finish();
         }

@@ -1,4 +1,6 @@
-//! Convolution + bias (+ ReLU) for f32 on the CPU, as one fused operation: per image, im2col
+//! f32 CPU kernels for the target networks' hot spots.
+//!
+//! Convolution + bias (+ residual, + ReLU) as one fused operation: per image, im2col
 //! into a `[C_in * k * k, H_out * W_out]` buffer (1x1 stride-1 convolutions need none) and one
 //! GEMM that writes NCHW output directly on top of the bias, with the ReLU applied while the
 //! output is still in cache. Images of a batch run in parallel. candle's own CPU conv2d runs
@@ -263,6 +265,43 @@ impl CustomOp2 for CpuConv {
     }
 }
 
+/// PyTorch's `MaxPool2d(kernel_size=3, stride=2, padding=1)` (the ResNet stem's) for f32 NCHW
+/// on the CPU, in one pass; candle needs two padding copies and a generic pooling kernel.
+pub(crate) struct MaxPool3x3s2;
+
+impl CustomOp1 for MaxPool3x3s2 {
+    fn name(&self) -> &'static str {
+        "dnd-cpu-maxpool3x3s2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let mut out = vec![0f32; b * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    let (y0, y1) = ((2 * oy).saturating_sub(1), (2 * oy + 2).min(h));
+                    for ox in 0..ow {
+                        let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 2).min(w));
+                        let mut m = f32::NEG_INFINITY;
+                        for row in plane[y0 * w..y1 * w].chunks(w) {
+                            m = row[x0..x1].iter().fold(m, |m, &v| m.max(v));
+                        }
+                        o[oy * ow + ox] = m;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +370,32 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn maxpool_matches_padded_candle_pooling() {
+        let dev = Device::Cpu;
+        for hw in [7, 8, 112] {
+            // Negative values too: padding must act as -inf, not zero.
+            let x = Tensor::randn(0f32, 1.0, (2, 3, hw, hw), &dev).unwrap();
+            let got = x.apply_op1_no_bwd(&MaxPool3x3s2).unwrap();
+            let padded = x
+                .pad_with_same(2, 1, 1)
+                .unwrap()
+                .pad_with_same(3, 1, 1)
+                .unwrap();
+            let want = padded.max_pool2d_with_stride(3, 2).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "size {hw}");
         }
     }
 }
