@@ -268,9 +268,10 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                     None => missing.push(*spec),
                 }
             }
-            if missing.iter().any(|s| s.required) || (!opts.offline && !missing.is_empty()) {
+            // The network is used only when a required file is missing: optional files come
+            // along then, and a repo without them is not asked again on every run.
+            if let Some(first) = missing.iter().find(|s| s.required) {
                 if opts.offline {
-                    let first = missing.iter().find(|s| s.required).expect("checked above");
                     return Err(Error::MissingModelFile {
                         model: label(role, source),
                         file: first.name.into(),

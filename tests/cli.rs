@@ -222,3 +222,42 @@ fn models_lists_every_model_with_status() {
         );
     }
 }
+
+#[test]
+fn hub_ids_resolve_from_the_standard_hf_cache_offline() {
+    let home = tempfile::tempdir().unwrap();
+    // The layout huggingface_hub and hf-hub share: refs/<revision> holds a commit, and
+    // snapshots/<commit>/ the files.
+    let repo = home.path().join("hf/hub/models--someone--tiny-resnet");
+    for (rev, commit) in [("main", "c0ffee"), ("v2", "beef01")] {
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join(rev), commit).unwrap();
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(
+                fixtures().join("models/resnet_bottleneck").join(f),
+                snap.join(f),
+            )
+            .unwrap();
+        }
+    }
+    for id in ["someone/tiny-resnet", "someone/tiny-resnet@v2"] {
+        let o = dnd(home.path(), &["layers", "--target", id]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{id}: {err}");
+        assert!(
+            out.contains(&format!("# {id}")) && out.contains("layer4.0"),
+            "{out}"
+        );
+    }
+    let o = dnd(
+        home.path(),
+        &["layers", "--target", "someone/tiny-resnet@v3"],
+    );
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("someone/tiny-resnet@v3"),
+        "{err}"
+    );
+}

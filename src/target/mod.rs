@@ -38,17 +38,6 @@ pub struct LayerInfo {
     pub kind: LayerKind,
 }
 
-impl LayerInfo {
-    /// Height and width of a neuron's spatial map, if the layer has one.
-    pub fn map_size(&self) -> Option<(usize, usize)> {
-        match self.kind {
-            LayerKind::Spatial => Some((self.shape[1], self.shape[2])),
-            LayerKind::Tokens { grid } => Some(grid),
-            LayerKind::Vector => None,
-        }
-    }
-}
-
 /// What every target network knows about itself.
 #[derive(Clone, Debug)]
 pub struct NetInfo {
