@@ -461,12 +461,12 @@ pub fn extract(
             }
         }
     }
-    let todo: Vec<usize> = layers
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_none())
-        .map(|(&l, _)| l)
-        .collect();
+    let mut todo: Vec<usize> = Vec::new();
+    for (&l, r) in layers.iter().zip(&results) {
+        if r.is_none() && !todo.contains(&l) {
+            todo.push(l);
+        }
+    }
     if todo.is_empty() {
         return Ok((results.into_iter().flatten().collect(), report));
     }
@@ -528,11 +528,13 @@ pub fn extract(
                 &skipped,
             )?;
         }
-        let slot = layers
-            .iter()
-            .position(|&x| x == l)
-            .expect("todo is a subset of layers");
-        results[slot] = Some(acts);
+        // Every slot asking for this layer (a layer named twice is computed once).
+        let slots: Vec<usize> = (0..layers.len()).filter(|&i| layers[i] == l).collect();
+        let (&last, rest) = slots.split_last().expect("todo comes from layers");
+        for &i in rest {
+            results[i] = Some(acts.clone());
+        }
+        results[last] = Some(acts);
     }
     report.skipped = skipped;
     Ok((results.into_iter().flatten().collect(), report))

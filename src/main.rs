@@ -279,11 +279,13 @@ fn activations_cmd(
     args: ActivationsArgs,
 ) -> Result<()> {
     let target = load_target(rt, settings)?;
-    let layers = args
-        .layer
-        .iter()
-        .map(|l| target.layer_index(l.trim()))
-        .collect::<dnd::Result<Vec<_>>>()?;
+    let mut layers: Vec<usize> = Vec::new();
+    for name in &args.layer {
+        let l = target.layer_index(name.trim())?;
+        if !layers.contains(&l) {
+            layers.push(l);
+        }
+    }
     if let Some(n) = args.neuron {
         for &l in &layers {
             target.check_neuron(l, n)?;
