@@ -23,20 +23,15 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 /// max |a - b| / max |b|: the relative error of a whole tensor.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (flat(a), flat(b));
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
     a.iter()
         .zip(&b)
