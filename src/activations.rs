@@ -122,7 +122,7 @@ impl Matrix {
 
     /// Zero-copy view of little-endian f32 bytes at `offset` in `map`, when aligned.
     fn mapped(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
-        let aligned = (map[offset..].as_ptr() as usize) % std::mem::align_of::<f32>() == 0;
+        let aligned = (map[offset..].as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
         (cfg!(target_endian = "little") && aligned && map.len() >= offset + len * 4)
             .then_some(Matrix::Mapped { map, offset, len })
     }
