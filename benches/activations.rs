@@ -40,7 +40,7 @@ fn decode_preprocess(c: &mut Criterion) {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/d_photo.jpg");
     let pre = Preprocess::imagenet();
-    let mut out = vec![0f32; pre.len()];
+    let mut out = vec![0f32; pre.floats_per_image()];
     let mut g = c.benchmark_group("probe");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_preprocess_500x375_jpeg", |b| {

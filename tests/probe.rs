@@ -25,7 +25,7 @@ fn check_against(key_prefix: &str, pre: &Preprocess, names: &[&str]) {
     let reference = reference("preprocess.safetensors");
     for name in names {
         let img = probe::decode(&fixtures().join("images").join(name)).unwrap();
-        let mut got = vec![0f32; pre.len()];
+        let mut got = vec![0f32; pre.floats_per_image()];
         pre.apply(&img, &mut got);
         let want = reference[&format!("{key_prefix}/{name}")]
             .flatten_all()
@@ -201,7 +201,7 @@ fn decoding_edge_cases_are_handled_or_skipped_with_a_reason() {
     let mut decoded = Vec::new();
     let mut skipped = Vec::new();
     probe::for_each_batch(&set.images, &pre, 3, &AtomicBool::new(false), |b| {
-        assert_eq!(b.pixels.len(), b.indices.len() * pre.len());
+        assert_eq!(b.pixels.len(), b.indices.len() * pre.floats_per_image());
         decoded.extend(b.indices.iter().map(|&i| set.images[i].rel.clone()));
         skipped.extend(b.skipped.iter().map(|(i, _)| set.images[*i].rel.clone()));
         Ok(())

@@ -9,6 +9,13 @@ use dnd::target::LayerKind;
 
 const TOL: f32 = 1e-4;
 
+fn taps_of(target: &dnd::target::Target, names: &[&str]) -> Vec<usize> {
+    names
+        .iter()
+        .map(|n| target.layer_index(n).unwrap())
+        .collect()
+}
+
 fn check_resnet(name: &str) {
     let target = load_fixture_target(name);
     let reference = reference(&format!("models/{name}.reference.safetensors"));
@@ -17,10 +24,7 @@ fn check_resnet(name: &str) {
         "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
         "layer4.0", "avgpool", "fc",
     ];
-    let taps: Vec<usize> = names
-        .iter()
-        .map(|n| target.layer_index(n).unwrap())
-        .collect();
+    let taps = taps_of(&target, &names);
     // All taps in one forward pass.
     let outs = target.net.forward(&x, &taps).unwrap();
     for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
@@ -80,10 +84,7 @@ fn vit_matches_timm() {
     let reference = reference("models/vit_tiny.reference.safetensors");
     let x = fixture_batch();
     let names = ["blocks.0", "blocks.1", "norm", "head"];
-    let taps: Vec<usize> = names
-        .iter()
-        .map(|n| target.layer_index(n).unwrap())
-        .collect();
+    let taps = taps_of(&target, &names);
     let outs = target.net.forward(&x, &taps).unwrap();
     for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
         let got = pool_output(target.layer(l).kind, out, Pool::Mean).unwrap();

@@ -268,12 +268,16 @@ impl Preprocess {
     }
 
     /// Floats per preprocessed image (3 x crop x crop).
-    pub fn len(&self) -> usize {
+    pub fn floats_per_image(&self) -> usize {
         3 * (self.crop as usize).pow(2)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.crop == 0
+    /// Decodes `path` and returns its CHW tensor.
+    pub fn load(&self, path: &Path) -> Result<Vec<f32>, String> {
+        let img = decode(path)?;
+        let mut out = vec![0f32; self.floats_per_image()];
+        self.apply(&img, &mut out);
+        Ok(out)
     }
 
     /// Size after the resize step, as torchvision computes it: the shorter side becomes
@@ -290,7 +294,7 @@ impl Preprocess {
 
     /// Writes the CHW tensor of `img` into `out` (length [`Self::len`]).
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
-        assert_eq!(out.len(), self.len());
+        assert_eq!(out.len(), self.floats_per_image());
         let (w, h) = img.dimensions();
         let (nw, nh) = self.resized_size(w, h);
         let filter = match self.interpolation {
@@ -386,18 +390,11 @@ where
                 let decoded: Vec<(usize, Result<Vec<f32>, String>)> = chunk
                     .par_iter()
                     .enumerate()
-                    .map(|(i, im)| {
-                        let r = decode(&im.path).map(|img| {
-                            let mut out = vec![0f32; pre.len()];
-                            pre.apply(&img, &mut out);
-                            out
-                        });
-                        (base + i, r)
-                    })
+                    .map(|(i, im)| (base + i, pre.load(&im.path)))
                     .collect();
                 let mut batch = Batch {
                     indices: Vec::with_capacity(chunk.len()),
-                    pixels: Vec::with_capacity(chunk.len() * pre.len()),
+                    pixels: Vec::with_capacity(chunk.len() * pre.floats_per_image()),
                     skipped: Vec::new(),
                 };
                 for (i, r) in decoded {
@@ -441,16 +438,13 @@ pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<f32>> {
     let per: Vec<Result<Vec<f32>>> = paths
         .par_iter()
         .map(|p| {
-            let img = decode(p).map_err(|reason| Error::Probe {
+            pre.load(p).map_err(|reason| Error::Probe {
                 path: p.clone(),
                 reason,
-            })?;
-            let mut out = vec![0f32; pre.len()];
-            pre.apply(&img, &mut out);
-            Ok(out)
+            })
         })
         .collect();
-    let mut all = Vec::with_capacity(paths.len() * pre.len());
+    let mut all = Vec::with_capacity(paths.len() * pre.floats_per_image());
     for r in per {
         all.extend(r?);
     }

@@ -307,6 +307,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    fn max_diff(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn matches_candle_conv2d_for_every_resnet_shape() {
         let dev = Device::Cpu;
@@ -336,16 +347,6 @@ mod tests {
                         y = y.relu().unwrap();
                     }
                     y
-                };
-                let max_diff = |a: Tensor, b: Tensor| {
-                    (a - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
                 };
                 for relu in [false, true] {
                     let op = CpuConv::new(
@@ -387,15 +388,7 @@ mod tests {
                 .unwrap();
             let want = padded.max_pool2d_with_stride(3, 2).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "size {hw}");
+            assert_eq!(max_diff(got, want), 0.0, "size {hw}");
         }
     }
 }
