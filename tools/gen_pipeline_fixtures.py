@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Writes the random-weight fixtures of the describe pipeline under tests/fixtures/:
+attention crops (OpenCV), a tiny BLIP captioner and a tiny CLIP (transformers), a tiny Stable
+Diffusion in diffusers' folder layout (diffusers + transformers), and what each reference library
+computes on them. Fixed seeds: a rerun reproduces the files.
+
+    pip install torch transformers diffusers opencv-python-headless pillow safetensors numpy
+    python3 tools/gen_pipeline_fixtures.py
+"""
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+MODELS = ROOT / "models"
+IMAGES = sorted((ROOT / "images").iterdir())
+
+
+def save(path, tensors):
+    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in tensors.items()}, path)
+
+
+def scramble(model, gen, std=0.2):
+    """transformers/diffusers initialise with tiny weights that make every logit alike; wider
+    random weights keep greedy decoding far from ties so token-exact parity is meaningful."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:  # norms
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention crops: the reference's OpenCV calls on min-max scaled, PIL-resized neuron maps
+# ---------------------------------------------------------------------------------------------
+def iou(a, b):
+    area = lambda r: abs(r[2] - r[0]) * abs(r[3] - r[1])
+    ox = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    oy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ox * oy
+    return inter / (area(a) + area(b) - inter)
+
+
+def write_crops(rng):
+    cases, tensors = [], {}
+    specs = [(7, 7, 333, 250), (14, 14, 240, 417), (7, 7, 100, 80), (4, 4, 64, 64), (7, 7, 375, 375),
+             (14, 14, 500, 375)]
+    for i, (mh, mw, w, h) in enumerate(specs):
+        y, x = np.mgrid[0:mh, 0:mw].astype(np.float32)
+        m = rng.normal(0, 0.2, (mh, mw)).astype(np.float32)
+        for _ in range(rng.integers(1, 5)):
+            cy, cx, s = rng.uniform(0, mh), rng.uniform(0, mw), rng.uniform(0.5, 2.0)
+            m += rng.uniform(1, 4) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+        u8 = np.round((m - m.min()) / (m.max() - m.min()) * 255).astype(np.uint8)
+        heat = np.array(Image.fromarray(u8).resize((w, h), Image.BICUBIC))
+        t, binary = cv2.threshold(heat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        boxes = []
+        for c in contours:
+            bx, by, bw, bh = cv2.boundingRect(c)
+            boxes.append([bx, by, bx + bw, by + bh])
+        # stable sort, largest first (the reference's cmp_to_key sort)
+        ordered = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        kept = []
+        for b in ordered:
+            if len(kept) == 4:
+                break
+            if all(iou(b, k) <= 0.5 for k in kept) and iou(b, [0, 0, w, h]) < 0.8:
+                kept.append(b)
+        tensors[f"map{i}"] = torch.from_numpy(m)
+        tensors[f"heat{i}"] = torch.from_numpy(heat)
+        cases.append({"width": w, "height": h, "threshold": int(t), "boxes": boxes, "kept": kept})
+    save(ROOT / "crops.safetensors", tensors)
+    (ROOT / "crops.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP captioner
+# ---------------------------------------------------------------------------------------------
+WORDS = ("a an the of on in with and at is are photo picture image close up view man woman dog cat "
+         "red blue green white black striped wooden metal water sky grass tree car street building "
+         "shirt table sitting standing large small two there some").split()
+
+
+def write_blip(gen):
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    folder = MODELS / "blip_tiny"
+    shutil.rmtree(folder, ignore_errors=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["##s", "##ed", "##ing", "[DEC]"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tok = BertTokenizer(str(Path(tmp) / "vocab.txt"), bos_token="[DEC]", model_max_length=512)
+    dec = vocab.index("[DEC]")
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                         bos_token_id=dec, sep_token_id=3, pad_token_id=0, eos_token_id=3),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=96, patch_size=16, projection_dim=16),
+        projection_dim=16, image_text_hidden_size=32)
+    model = BlipForConditionalGeneration(cfg).eval()
+    scramble(model, gen, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    proc = BlipImageProcessorPil(size={"height": 96, "width": 96}, resample=3, image_mean=OPENAI_CLIP_MEAN,
+                                 image_std=OPENAI_CLIP_STD)
+    proc.save_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in IMAGES]
+    pixels = proc(images=images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ids = model.generate(pixel_values=pixels, max_new_tokens=32, min_length=5)
+        one = [model.generate(pixel_values=pixels[i:i + 1], max_new_tokens=32, min_length=5)[0]
+               for i in range(len(images))]
+        # the smallest gap between the best and second-best logit along the greedy path
+        gap = min_greedy_gap(model, pixels, ids)
+    captions = tok.batch_decode(ids, skip_special_tokens=True)
+    save(MODELS / "blip_tiny.reference.safetensors", {"pixel_values": pixels, "ids": ids})
+    (MODELS / "blip_tiny.reference.json").write_text(json.dumps({
+        "images": [p.name for p in IMAGES], "captions": captions,
+        "ids_one_by_one": [t.tolist() for t in one], "min_logit_gap": gap}, indent=1) + "\n")
+
+
+def min_greedy_gap(model, pixels, ids):
+    vision = model.vision_model(pixel_values=pixels).last_hidden_state
+    logits = model.text_decoder(input_ids=ids[:, :-1], encoder_hidden_states=vision).logits
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP image embeddings (the scoring weights)
+# ---------------------------------------------------------------------------------------------
+def write_clip(gen):
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    folder = MODELS / "clip_tiny"
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16),
+        projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    scramble(model, gen, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    proc.save_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in IMAGES]
+    pixels = proc(images=images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=pixels)
+        emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
+    save(MODELS / "clip_tiny.reference.safetensors", {"pixel_values": pixels, "image_embeds": emb})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion, diffusers layout (SD 2.x flavour, as sd-turbo: linear projections, GELU text
+# encoder, "!" padding, Euler with trailing timesteps)
+# ---------------------------------------------------------------------------------------------
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def clip_bpe_files(tmp):
+    chars = bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in ["one", "realistic", "image", "of", "red", "striped", "dog", "textiles", "scenes"]:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in vocab:
+                vocab.append(parts[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+PROMPTS = ["One realistic image of red striped dog", "One realistic image of multicolored textiles", ""]
+
+
+def write_sd(gen):
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = MODELS / "sd_tiny"
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp = tempfile.mkdtemp()
+    if True:
+        n_vocab = clip_bpe_files(tmp)
+        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="!",
+                            model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        hidden_act="gelu", projection_dim=32, bos_token_id=n_vocab - 2,
+                                        eos_token_id=n_vocab - 1, pad_token_id=1)).eval()
+    scramble(text, gen, 0.1)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True).eval()
+    scramble(unet, gen, 0.05)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+    scramble(vae, gen, 0.05)
+    euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000, prediction_type="epsilon", timestep_spacing="trailing",
+                                   steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=euler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # Hub SD repos ship vocab.json + merges.txt, not tokenizer.json: load the way a real repo does.
+    (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(Path(tmp) / name, folder / "tokenizer" / name)
+
+    ref = {}
+    g = torch.Generator().manual_seed(7)
+    init = torch.randn((2, 4, 16, 16), generator=g)
+    ref["init_latents"] = init
+    with torch.no_grad():
+        ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ref["token_ids"] = ids.to(torch.int64)
+        ref["text_hidden"] = text(ids)[0]
+        t = torch.tensor(500)
+        ref["unet_noise"] = unet(init, t, encoder_hidden_states=ref["text_hidden"][:2]).sample
+        ref["vae_decoded"] = vae.decode(init / vae.config.scaling_factor).sample
+        runs = {
+            "euler_1": (euler, 1, 0.0),
+            "euler_4": (euler, 4, 0.0),
+            "dpmpp_4": (DPMSolverMultistepScheduler.from_config(euler.config), 4, 7.5),
+            "dpmpp_6_leading": (DPMSolverMultistepScheduler.from_config(euler.config, timestep_spacing="leading"),
+                                6, 7.5),
+            "ddim_4": (DDIMScheduler.from_config(euler.config), 4, 7.5),
+            "ddim_4_linspace": (DDIMScheduler.from_config(euler.config, timestep_spacing="linspace"), 4, 2.0),
+        }
+        for key, (sched, steps, guidance) in runs.items():
+            pipe.scheduler = sched
+            out = pipe(PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, latents=init.clone(),
+                       height=32, width=32, output_type="latent").images
+            ref[f"{key}_latents"] = out
+            sched.set_timesteps(steps)
+            ref[f"{key}_timesteps"] = sched.timesteps.to(torch.float32)
+    save(MODELS / "sd_tiny.reference.safetensors", ref)
+    (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
+
+
+def main():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    write_crops(rng)
+    write_blip(gen)
+    write_clip(gen)
+    write_sd(gen)
+    import diffusers
+    import transformers
+    versions = json.loads((ROOT / "versions.json").read_text())
+    versions.update({"transformers": transformers.__version__, "diffusers": diffusers.__version__,
+                     "opencv": cv2.__version__})
+    (ROOT / "versions.json").write_text(json.dumps(versions, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
