@@ -5,6 +5,7 @@
 
 pub mod activations;
 pub mod config;
+pub mod crops;
 pub mod device;
 pub mod error;
 pub mod hub;

@@ -297,11 +297,13 @@ impl Preprocess {
         assert_eq!(out.len(), self.floats_per_image());
         let (w, h) = img.dimensions();
         let (nw, nh) = self.resized_size(w, h);
-        let filter = match self.interpolation {
-            Interpolation::Bilinear => fr::FilterType::Bilinear,
-            Interpolation::Bicubic => fr::FilterType::CatmullRom,
-        };
-        let dst = resize_like_pil(img, nw, nh, filter);
+        let buf = resize_like_pil(
+            img.as_raw(),
+            (w, h),
+            (nw, nh),
+            fr::PixelType::U8x3,
+            self.interpolation,
+        );
         let crop = self.crop as usize;
         // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even.
         let offset = |size: u32| {
@@ -310,7 +312,6 @@ impl Preprocess {
                 .max(0.0) as usize
         };
         let (left, top) = (offset(nw), offset(nh));
-        let buf = dst.buffer();
         let plane = crop * crop;
         for y in 0..crop {
             let sy = y + top;
@@ -332,27 +333,32 @@ impl Preprocess {
 
 /// Antialiased resize with PIL's pass order: horizontal first, rounded to 8 bits, then
 /// vertical. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
-/// level off PIL's; two single-direction passes reproduce PIL.)
-fn resize_like_pil(
-    img: &RgbImage,
-    nw: u32,
-    nh: u32,
-    filter: fr::FilterType,
-) -> fr::images::Image<'static> {
-    let (w, h) = img.dimensions();
+/// level off PIL's; two single-direction passes reproduce PIL.) `pixels` holds `w * h` pixels
+/// of `pixel_type` (U8 or U8x3).
+pub(crate) fn resize_like_pil(
+    pixels: &[u8],
+    (w, h): (u32, u32),
+    (nw, nh): (u32, u32),
+    pixel_type: fr::PixelType,
+    interpolation: Interpolation,
+) -> Vec<u8> {
+    let filter = match interpolation {
+        Interpolation::Bilinear => fr::FilterType::Bilinear,
+        Interpolation::Bicubic => fr::FilterType::CatmullRom,
+    };
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
-    let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
-        .expect("RgbImage buffers are w*h*3 bytes");
-    let mut wide = fr::images::Image::new(nw, h, fr::PixelType::U8x3);
+    let src = fr::images::ImageRef::new(w, h, pixels, pixel_type)
+        .expect("callers pass w*h pixels of pixel_type");
+    let mut wide = fr::images::Image::new(nw, h, pixel_type);
     resizer
         .resize(&src, &mut wide, &opts)
         .expect("same pixel type on both sides");
-    let mut out = fr::images::Image::new(nw, nh, fr::PixelType::U8x3);
+    let mut out = fr::images::Image::new(nw, nh, pixel_type);
     resizer
         .resize(&wide, &mut out, &opts)
         .expect("same pixel type on both sides");
-    out
+    out.into_vec()
 }
 
 /// One decoded, preprocessed batch: `pixels` holds `indices.len()` images, CHW, back to back.
