@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod probe;
+pub mod score;
 pub mod target;
 
 pub use error::{Error, Result};
