@@ -63,6 +63,9 @@ pub enum Error {
     #[error("activation cache {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
 
+    #[error("{model}: {detail}")]
+    Model { model: String, detail: String },
+
     #[error("cancelled")]
     Cancelled,
 

@@ -4,11 +4,13 @@
 //! touches the terminal.
 
 pub mod activations;
+pub mod caption;
 pub mod config;
 pub mod crops;
 pub mod device;
 pub mod error;
 pub mod hub;
+pub(crate) mod nn;
 pub mod probe;
 pub mod score;
 pub mod target;

@@ -208,12 +208,25 @@ pub enum Interpolation {
     Bicubic,
 }
 
-/// Evaluation preprocessing: shorter side to `resize`, centre crop `crop` x `crop`, to [0,1],
-/// normalised per channel. Identical to torchvision's `Resize, CenterCrop, ToTensor, Normalize`.
+/// How the resize and crop steps place the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Geometry {
+    /// torchvision: shorter side to `resize`, centre crop with offsets rounded half to even.
+    Torchvision,
+    /// transformers' image processors: shorter side to `resize`, crop offsets floored.
+    HfShortestEdge,
+    /// transformers' BLIP processor: both sides to `resize`, no crop (`crop == resize`).
+    HfSquare,
+}
+
+/// Evaluation preprocessing: resize, centre crop `crop` x `crop`, to [0,1], normalised per
+/// channel. With [`Geometry::Torchvision`] identical to torchvision's `Resize, CenterCrop,
+/// ToTensor, Normalize`; the other geometries follow transformers' PIL image processors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preprocess {
     pub resize: u32,
     pub crop: u32,
+    pub geometry: Geometry,
     pub interpolation: Interpolation,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -225,6 +238,7 @@ impl Preprocess {
         Self {
             resize: 256,
             crop: 224,
+            geometry: Geometry::Torchvision,
             interpolation: Interpolation::Bilinear,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
@@ -261,9 +275,67 @@ impl Preprocess {
             // timm: scale_size = floor(img_size / crop_pct)
             resize: ((size as f64) / crop_pct).floor() as u32,
             crop: size,
+            geometry: Geometry::Torchvision,
             interpolation,
             mean: triple("mean").unwrap_or([0.485, 0.456, 0.406]),
             std: triple("std").unwrap_or([0.229, 0.224, 0.225]),
+        })
+    }
+
+    /// transformers' image processor from a Hub `preprocessor_config.json` (BLIP, CLIP). An
+    /// integer `size` is the shortest edge when the processor centre-crops (CLIP's old
+    /// feature-extractor files) and both sides when it does not (BLIP's).
+    pub fn from_hf_processor(config: &serde_json::Value) -> std::result::Result<Self, String> {
+        let triple = |key: &str, default: [f32; 3]| -> [f32; 3] {
+            match config.get(key).and_then(|v| v.as_array()) {
+                Some(v) if v.len() == 3 => {
+                    let f = |i: usize| v[i].as_f64().unwrap_or(0.0) as f32;
+                    [f(0), f(1), f(2)]
+                }
+                _ => default,
+            }
+        };
+        let crops = config
+            .get("do_center_crop")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let side = |v: &serde_json::Value| -> Option<u32> {
+            v.as_u64()
+                .or_else(|| v.get("shortest_edge").and_then(|v| v.as_u64()))
+                .or_else(|| v.get("height").and_then(|v| v.as_u64()))
+                .map(|v| v as u32)
+        };
+        let size = config
+            .get("size")
+            .and_then(side)
+            .ok_or("preprocessor_config.json has no usable \"size\"")?;
+        let square = config
+            .get("size")
+            .is_some_and(|v| v.get("height").is_some())
+            || (config.get("size").is_some_and(|v| v.is_u64()) && !crops);
+        let (geometry, crop) = if square {
+            (Geometry::HfSquare, size)
+        } else {
+            let crop = config
+                .get("crop_size")
+                .and_then(side)
+                .filter(|_| crops)
+                .unwrap_or(size);
+            (Geometry::HfShortestEdge, crop)
+        };
+        let interpolation = match config.get("resample").and_then(|v| v.as_u64()) {
+            Some(2) => Interpolation::Bilinear,
+            _ => Interpolation::Bicubic, // 3, the value BLIP and CLIP ship
+        };
+        const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+        const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+        Ok(Self {
+            resize: size,
+            crop,
+            geometry,
+            interpolation,
+            mean: triple("image_mean", CLIP_MEAN),
+            std: triple("image_std", CLIP_STD),
         })
     }
 
@@ -283,6 +355,9 @@ impl Preprocess {
     /// Size after the resize step, as torchvision computes it: the shorter side becomes
     /// `resize`, the longer one `int(resize * long / short)`.
     pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
+        if self.geometry == Geometry::HfSquare {
+            return (self.resize, self.resize);
+        }
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         let new_long = ((self.resize as f64) * (long as f64) / (short as f64)) as u32;
         if w <= h {
@@ -305,11 +380,15 @@ impl Preprocess {
             self.interpolation,
         );
         let crop = self.crop as usize;
-        // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even.
+        // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even;
+        // transformers: (size - crop) // 2.
         let offset = |size: u32| {
-            ((size as f64 - crop as f64) / 2.0)
-                .round_ties_even()
-                .max(0.0) as usize
+            let half = (size as f64 - crop as f64) / 2.0;
+            let half = match self.geometry {
+                Geometry::Torchvision => half.round_ties_even(),
+                _ => half.floor(),
+            };
+            half.max(0.0) as usize
         };
         let (left, top) = (offset(nw), offset(nh));
         let plane = crop * crop;

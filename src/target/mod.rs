@@ -249,22 +249,6 @@ impl Weights {
     }
 }
 
-/// `x @ w.T + b` over the last dimension, flattening leading dimensions first (candle's CPU
-/// matmul mishandles batched transposed operands, so only plain 2-D products are used).
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (last, lead) = dims.split_last().expect("linear input has a dimension");
-    let n: usize = lead.iter().product();
-    let y = x.reshape((n, *last))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    Ok(y.reshape(out)?)
-}
-
 /// Collects the tapped outputs of a forward pass, so the pass can stop at the last one needed.
 pub(crate) struct Recorder<'a> {
     taps: &'a [usize],

@@ -8,8 +8,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
 use super::cpu_ops::{CpuConv, MaxPool3x3s2};
-use super::{linear, LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
+use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
+use crate::nn::linear;
 
 const BN_EPS: f64 = 1e-5;
 

@@ -4,8 +4,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{linear, LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
+use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
+use crate::nn::linear;
 use crate::probe::Preprocess;
 
 const LN_EPS: f64 = 1e-6;

@@ -82,3 +82,29 @@ pub fn fixture_batch() -> Tensor {
         .collect();
     Tensor::stack(&ts, 0).unwrap()
 }
+
+/// A fixture model folder resolved for `role`, offline.
+pub fn resolve_fixture(role: Role, name: &str) -> hub::ResolvedModel {
+    let src = ModelSource::Local(fixtures().join("models").join(name));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(hub::resolve(role, &src, &HubOptions::default()))
+        .unwrap()
+}
+
+/// The fixture images, decoded, in name order.
+pub fn fixture_images() -> Vec<(String, image::RgbImage)> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(fixtures().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, dnd::probe::decode(&p).unwrap())
+        })
+        .collect()
+}

@@ -1,0 +1,139 @@
+//! Building blocks shared by the transformer models (BLIP, CLIP, the SD text encoder):
+//! linear layers that only use plain 2-D products, head splitting, attention, and the
+//! mapping of load failures to an error that names the model and the file.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::{Error, Result};
+
+/// `x @ w.T + b` over the last dimension, flattening leading dimensions first (candle's CPU
+/// matmul mishandles batched transposed operands, so only plain 2-D products are used).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("linear input has a dimension");
+    let n: usize = lead.iter().product();
+    let y = x.contiguous()?.reshape((n, *last))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    Ok(y.reshape(out)?)
+}
+
+/// A linear layer loaded from `{prefix}.weight` / `{prefix}.bias`.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> candle_core::Result<Self> {
+        let w = vb.get((out, inp), "weight")?;
+        let b = if bias {
+            Some(vb.get(out, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Self { w, b }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+pub(crate) fn layer_norm(
+    vb: &VarBuilder,
+    dim: usize,
+    eps: f64,
+) -> candle_core::Result<candle_nn::LayerNorm> {
+    candle_nn::layer_norm(dim, eps, vb.clone())
+}
+
+/// (B, T, H*D) -> (B, H, T, D), contiguous.
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// (B, H, T, D) -> (B, T, H*D).
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?)
+}
+
+/// softmax(q k^T * scale + mask) v over (B, H, T, D) tensors; the mask, when given, is added
+/// to the scores in their own dtype (candle's BLIP decoder breaks in f16 by adding an f32 one).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// An additive causal mask (T, T): 0 on and below the diagonal, -inf above.
+pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)?)
+}
+
+/// Memory-maps safetensors files as a VarBuilder in `dtype` on `device`.
+pub(crate) fn var_builder<'a>(
+    files: &[&Path],
+    dtype: DType,
+    device: &Device,
+    label: &str,
+) -> Result<VarBuilder<'a>> {
+    // SAFETY: the files are not modified while mapped; dnd only ever reads model folders.
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|e| mismatch(label, files.first().copied(), &e))
+}
+
+/// A weights file that does not fit the architecture its config describes.
+pub(crate) fn mismatch(label: &str, file: Option<&Path>, e: &dyn std::fmt::Display) -> Error {
+    Error::ModelMismatch {
+        model: label.to_string(),
+        file: file.map(|f| f.display().to_string()).unwrap_or_default(),
+        detail: e.to_string(),
+        fix: "use the checkpoint's own folder as published on the Hub (its config.json must describe its weights)".into(),
+    }
+}
+
+/// Reads and parses a JSON config file, naming it on failure.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(label: &str, path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| mismatch(label, Some(path), &e))?;
+    serde_json::from_str(&text).map_err(|e| mismatch(label, Some(path), &e))
+}
+
+/// The last dimension's argmax per row, as u32.
+pub(crate) fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
+    Ok(x.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?)
+}

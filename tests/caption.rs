@@ -1,0 +1,99 @@
+//! BLIP captioner against transformers on the tiny BLIP of tools/gen_pipeline_fixtures.py:
+//! greedy token ids equal `BlipForConditionalGeneration.generate`'s, batched and one by one.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_images, fixtures, reference, rel_err, resolve_fixture};
+use dnd::caption::{Blip, Generation};
+use dnd::hub::Role;
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    captions: Vec<String>,
+    ids_one_by_one: Vec<Vec<u32>>,
+}
+
+fn expected() -> Expected {
+    let text = std::fs::read_to_string(fixtures().join("models/blip_tiny.reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn blip(dtype: DType) -> Blip {
+    Blip::load(
+        &resolve_fixture(Role::Captioner, "blip_tiny"),
+        &Device::Cpu,
+        dtype,
+    )
+    .unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(DType::U32).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn batched_greedy_ids_equal_transformers() {
+    let refs = reference("models/blip_tiny.reference.safetensors");
+    let model = blip(DType::F32);
+    let ids = model
+        .generate(&refs["pixel_values"], &Generation::default())
+        .unwrap();
+    assert_eq!(ids, rows(&refs["ids"]));
+    let exp = expected();
+    for (row, caption) in ids.iter().zip(&exp.captions) {
+        assert_eq!(&model.decode(row).unwrap(), caption);
+    }
+}
+
+#[test]
+fn batch_of_one_equals_transformers_one_by_one() {
+    let refs = reference("models/blip_tiny.reference.safetensors");
+    let model = blip(DType::F32);
+    let px = &refs["pixel_values"];
+    for (i, want) in expected().ids_one_by_one.iter().enumerate() {
+        let got = model
+            .generate(&px.narrow(0, i, 1).unwrap(), &Generation::default())
+            .unwrap();
+        assert_eq!(&got[0], want, "image {i}");
+    }
+}
+
+#[test]
+fn min_length_and_max_new_tokens_are_honoured() {
+    let refs = reference("models/blip_tiny.reference.safetensors");
+    let model = blip(DType::F32);
+    let gen = Generation {
+        max_new_tokens: 6,
+        min_length: 6,
+    };
+    let ids = model.generate(&refs["pixel_values"], &gen).unwrap();
+    for row in ids {
+        assert_eq!(row.len(), 7, "start token + 6 new");
+        assert!(
+            !row[..6].contains(&3),
+            "no end token before min_length: {row:?}"
+        );
+    }
+}
+
+#[test]
+fn preprocessing_matches_the_pil_image_processor() {
+    let refs = reference("models/blip_tiny.reference.safetensors");
+    let model = blip(DType::F32);
+    let images: Vec<_> = fixture_images().into_iter().map(|(_, i)| i).collect();
+    let ours = model.pixels(&images).unwrap();
+    let err = rel_err(&ours, &refs["pixel_values"]);
+    assert!(err < 2e-2, "relative error {err}");
+}
+
+#[test]
+fn half_precision_batch_runs() {
+    // candle's own BLIP decoder fails here (f32 mask + f16 scores, unbroadcast positions).
+    let refs = reference("models/blip_tiny.reference.safetensors");
+    let ids = blip(DType::F16)
+        .generate(&refs["pixel_values"], &Generation::default())
+        .unwrap();
+    assert_eq!(ids.len(), 4);
+    assert!(ids.iter().all(|r| r.len() > 5));
+}
