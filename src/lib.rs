@@ -5,6 +5,7 @@
 
 pub mod activations;
 pub mod caption;
+pub mod clip;
 pub mod config;
 pub mod crops;
 pub mod device;

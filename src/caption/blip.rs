@@ -455,19 +455,4 @@ impl Blip {
                 detail: format!("tokenizer failed to decode {ids:?}: {e}"),
             })
     }
-
-    /// Preprocessed pixels of `paths` as one batch on the captioner's device.
-    pub fn pixels(&self, images: &[image::RgbImage]) -> Result<Tensor> {
-        let n = self.preprocess.floats_per_image();
-        let s = self.preprocess.crop as usize;
-        let mut buf = vec![0f32; n * images.len()];
-        for (img, out) in images.iter().zip(buf.chunks_mut(n)) {
-            self.preprocess.apply(img, out);
-        }
-        Ok(Tensor::from_vec(
-            buf,
-            (images.len(), 3, s, s),
-            &Device::Cpu,
-        )?)
-    }
 }

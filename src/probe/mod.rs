@@ -344,6 +344,22 @@ impl Preprocess {
         3 * (self.crop as usize).pow(2)
     }
 
+    /// Decoded images as one preprocessed (B, 3, crop, crop) tensor on the CPU.
+    pub fn batch(&self, images: &[RgbImage]) -> Result<candle_core::Tensor> {
+        let n = self.floats_per_image();
+        let s = self.crop as usize;
+        let mut buf = vec![0f32; n * images.len()];
+        images
+            .par_iter()
+            .zip(buf.par_chunks_mut(n))
+            .for_each(|(img, out)| self.apply(img, out));
+        Ok(candle_core::Tensor::from_vec(
+            buf,
+            (images.len(), 3, s, s),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
     /// Decodes `path` and returns its CHW tensor.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>, String> {
         let img = decode(path)?;
