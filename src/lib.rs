@@ -14,6 +14,7 @@ pub mod hub;
 pub(crate) mod nn;
 pub mod probe;
 pub mod score;
+pub mod synthesise;
 pub mod target;
 
 pub use error::{Error, Result};

@@ -122,7 +122,8 @@ pub(crate) fn mismatch(label: &str, file: Option<&Path>, e: &dyn std::fmt::Displ
     Error::ModelMismatch {
         model: label.to_string(),
         file: file.map(|f| f.display().to_string()).unwrap_or_default(),
-        detail: e.to_string(),
+        // candle appends a backtrace to some errors; the first line is the message.
+        detail: e.to_string().lines().next().unwrap_or_default().to_string(),
         fix: "use the checkpoint's own folder as published on the Hub (its config.json must describe its weights)".into(),
     }
 }

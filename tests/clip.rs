@@ -42,7 +42,7 @@ fn preprocessing_and_embedding_from_decoded_images() {
     assert_eq!(emb.len(), 4);
     let want = refs["image_embeds"].to_vec2::<f32>().unwrap();
     for (a, b) in emb.iter().zip(&want) {
-        let cos = dnd::score::clip_weight(&[a.clone()], &[b.clone()]);
+        let cos = dnd::score::clip_weight(std::slice::from_ref(a), std::slice::from_ref(b));
         assert!(cos > 0.999, "cosine {cos}");
     }
 }

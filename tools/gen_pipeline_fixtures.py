@@ -219,14 +219,14 @@ def write_sd(gen):
                                         hidden_act="gelu", projection_dim=32, bos_token_id=n_vocab - 2,
                                         eos_token_id=n_vocab - 1, pad_token_id=1)).eval()
     scramble(text, gen, 0.1)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True).eval()
+                                attention_head_dim=(2, 4), norm_num_groups=32, use_linear_projection=True).eval()
     scramble(unet, gen, 0.05)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=32, sample_size=32).eval()
     scramble(vae, gen, 0.05)
     euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    num_train_timesteps=1000, prediction_type="epsilon", timestep_spacing="trailing",

@@ -1,0 +1,443 @@
+//! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM, and
+//! DPM-Solver++ 2M (what the reference swaps in; candle has none). Built from a folder's
+//! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
+
+use candle_core::Tensor;
+use serde::Deserialize;
+
+use crate::Result;
+
+/// Which solver runs the reverse process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    EulerDiscrete,
+    Ddim,
+    DpmSolverPlusPlus,
+}
+
+impl Kind {
+    /// From a diffusers `_class_name` or a flag value.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "EulerDiscreteScheduler" | "euler" => Self::EulerDiscrete,
+            "DDIMScheduler" | "ddim" => Self::Ddim,
+            "DPMSolverMultistepScheduler" | "dpm-solver++" | "dpmpp" => Self::DpmSolverPlusPlus,
+            _ => return None,
+        })
+    }
+}
+
+fn d_steps() -> usize {
+    1000
+}
+fn d_beta_start() -> f64 {
+    0.0001
+}
+fn d_beta_end() -> f64 {
+    0.02
+}
+fn d_linear() -> String {
+    "linear".into()
+}
+fn d_epsilon() -> String {
+    "epsilon".into()
+}
+
+/// The keys of `scheduler_config.json` that any of the three reads.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default = "d_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "d_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "d_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "d_linear")]
+    pub beta_schedule: String,
+    #[serde(default = "d_epsilon")]
+    pub prediction_type: String,
+    /// diffusers' default differs per class (Euler and DPM: linspace, DDIM: leading).
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    #[serde(default)]
+    pub steps_offset: usize,
+    /// DDIM only; diffusers defaults both to true.
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prediction {
+    Epsilon,
+    V,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spacing {
+    Linspace,
+    Leading,
+    Trailing,
+}
+
+/// A scheduler set to a number of steps; `step` is called once per timestep, in order.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    kind: Kind,
+    prediction: Prediction,
+    alphas_cumprod: Vec<f64>,
+    timesteps: Vec<f64>,
+    /// Euler and DPM-Solver++: one sigma per timestep plus the final one.
+    sigmas: Vec<f64>,
+    /// DDIM: clip the predicted sample to this range.
+    clip: Option<f64>,
+    final_alpha: f64,
+    step_index: usize,
+    /// DPM-Solver++: the previous data prediction and how many low-order steps ran.
+    previous: Option<Tensor>,
+    train_steps: usize,
+    spacing: Spacing,
+}
+
+fn config_error(detail: String) -> crate::Error {
+    crate::Error::Model {
+        model: "synthesiser scheduler".into(),
+        detail,
+    }
+}
+
+impl Scheduler {
+    /// `kind` overrides the folder's class (as the reference's `from_config` swap does).
+    pub fn new(cfg: &SchedulerConfig, kind: Option<Kind>, steps: usize) -> Result<Self> {
+        let kind = match kind {
+            Some(k) => k,
+            None => cfg
+                .class_name
+                .as_deref()
+                .and_then(Kind::parse)
+                .ok_or_else(|| {
+                    config_error(format!(
+                        "scheduler {:?} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler); pass --scheduler euler|ddim|dpm-solver++",
+                        cfg.class_name
+                    ))
+                })?,
+        };
+        if steps == 0 {
+            return Err(config_error(
+                "the number of steps must be at least 1".into(),
+            ));
+        }
+        if cfg.use_karras_sigmas == Some(true) {
+            return Err(config_error("Karras sigmas are not supported".into()));
+        }
+        if kind == Kind::DpmSolverPlusPlus
+            && !matches!(cfg.algorithm_type.as_deref(), None | Some("dpmsolver++"))
+        {
+            return Err(config_error(format!(
+                "DPM-Solver algorithm {:?} is not supported (dpmsolver++)",
+                cfg.algorithm_type
+            )));
+        }
+        if kind == Kind::DpmSolverPlusPlus && cfg.solver_order.unwrap_or(2) != 2 {
+            return Err(config_error(
+                "only DPM-Solver++ of order 2 is supported".into(),
+            ));
+        }
+        let prediction = match cfg.prediction_type.as_str() {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::V,
+            other => {
+                return Err(config_error(format!(
+                    "prediction_type {other:?} is not supported"
+                )))
+            }
+        };
+        let n = cfg.num_train_timesteps;
+        // diffusers builds betas in float32; so do we, for the same alphas.
+        let betas: Vec<f32> = match cfg.beta_schedule.as_str() {
+            "scaled_linear" => {
+                linspace(cfg.beta_start.sqrt() as f32, cfg.beta_end.sqrt() as f32, n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
+            "linear" => linspace(cfg.beta_start as f32, cfg.beta_end as f32, n),
+            other => {
+                return Err(config_error(format!(
+                    "beta_schedule {other:?} is not supported"
+                )))
+            }
+        };
+        let mut acc = 1f32;
+        let alphas_cumprod: Vec<f64> = betas
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                f64::from(acc)
+            })
+            .collect();
+        let spacing = match cfg.timestep_spacing.as_deref() {
+            Some("linspace") => Spacing::Linspace,
+            Some("leading") => Spacing::Leading,
+            Some("trailing") => Spacing::Trailing,
+            None if kind == Kind::Ddim => Spacing::Leading,
+            None => Spacing::Linspace,
+            Some(other) => {
+                return Err(config_error(format!(
+                    "timestep_spacing {other:?} is not supported"
+                )))
+            }
+        };
+        let timesteps = timesteps(kind, spacing, n, steps, cfg.steps_offset);
+        let full: Vec<f64> = alphas_cumprod
+            .iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &full)).collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            kind,
+            prediction,
+            timesteps,
+            sigmas,
+            clip: match kind {
+                Kind::Ddim if cfg.clip_sample.unwrap_or(true) => {
+                    Some(cfg.clip_sample_range.unwrap_or(1.0))
+                }
+                _ => None,
+            },
+            final_alpha: if cfg.set_alpha_to_one.unwrap_or(true) {
+                1.0
+            } else {
+                alphas_cumprod[0]
+            },
+            alphas_cumprod,
+            step_index: 0,
+            previous: None,
+            train_steps: n,
+            spacing,
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The timesteps the UNet is called with, in order.
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// Scale of the initial Gaussian noise.
+    pub fn init_noise_sigma(&self) -> f64 {
+        match self.kind {
+            Kind::EulerDiscrete => {
+                let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
+                match self.spacing {
+                    Spacing::Leading => (max * max + 1.0).sqrt(),
+                    _ => max,
+                }
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// The UNet input at the current step.
+    pub fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
+        Ok(match self.kind {
+            Kind::EulerDiscrete => {
+                let s = self.sigmas[self.step_index];
+                (sample / (s * s + 1.0).sqrt())?
+            }
+            _ => sample.clone(),
+        })
+    }
+
+    /// One reverse step from `sample` with the UNet's `output` at the current timestep.
+    pub fn step(&mut self, output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let i = self.step_index;
+        let next = match self.kind {
+            Kind::EulerDiscrete => self.euler(output, sample, i)?,
+            Kind::Ddim => self.ddim(output, sample, i)?,
+            Kind::DpmSolverPlusPlus => self.dpm(output, sample, i)?,
+        };
+        self.step_index += 1;
+        Ok(next)
+    }
+
+    fn euler(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let x0 = match self.prediction {
+            Prediction::Epsilon => (sample - (output * s)?)?,
+            Prediction::V => ((output * (-s / (s * s + 1.0).sqrt()))? + (sample / (s * s + 1.0))?)?,
+        };
+        let derivative = ((sample - x0)? / s)?;
+        Ok((sample + (derivative * (s_next - s))?)?)
+    }
+
+    fn ddim(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let t = self.timesteps[i] as i64;
+        let prev = t - (self.train_steps / self.timesteps.len()) as i64;
+        let a_t = self.alphas_cumprod[t as usize];
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha
+        };
+        let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+        let (mut x0, eps) = match self.prediction {
+            Prediction::Epsilon => (((sample - (output * sb)?)? / sa)?, output.clone()),
+            Prediction::V => (
+                ((sample * sa)? - (output * sb)?)?,
+                ((output * sa)? + (sample * sb)?)?,
+            ),
+        };
+        if let Some(r) = self.clip {
+            x0 = x0.clamp(-r, r)?;
+        }
+        Ok(((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?)
+    }
+
+    fn dpm(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let alpha_sigma = |s: f64| {
+            let a = 1.0 / (s * s + 1.0).sqrt();
+            (a, s * a)
+        };
+        let lambda = |s: f64| {
+            let (a, sg) = alpha_sigma(s);
+            a.ln() - sg.ln()
+        };
+        let (a_s, s_s) = alpha_sigma(self.sigmas[i]);
+        let x0 = match self.prediction {
+            Prediction::Epsilon => ((sample - (output * s_s)?)? / a_s)?,
+            Prediction::V => ((sample * a_s)? - (output * s_s)?)?,
+        };
+        let (a_t, s_t) = alpha_sigma(self.sigmas[i + 1]);
+        let h = lambda(self.sigmas[i + 1]) - lambda(self.sigmas[i]);
+        let n = self.timesteps.len();
+        // lower_order_final: the last step is first order (final sigma is zero), and so is the
+        // first; everything else is the second-order midpoint update.
+        let first_order = self.previous.is_none() || i == n - 1;
+        let coef = a_t * ((-h).exp() - 1.0);
+        let base = ((sample * (s_t / s_s))? - (&x0 * coef)?)?;
+        let next = if first_order {
+            base
+        } else {
+            let prev = self.previous.as_ref().expect("checked above");
+            let h0 = lambda(self.sigmas[i]) - lambda(self.sigmas[i - 1]);
+            let d1 = ((&x0 - prev)? * (h / h0))?;
+            (base - (d1 * (0.5 * coef))?)?
+        };
+        self.previous = Some(x0);
+        Ok(next)
+    }
+}
+
+fn linspace(a: f32, b: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![a];
+    }
+    (0..n)
+        .map(|i| a + (b - a) * i as f32 / (n - 1) as f32)
+        .collect()
+}
+
+/// numpy's `interp(t, arange(len), table)`.
+fn interp(t: f64, table: &[f64]) -> f64 {
+    let lo = (t.floor().max(0.0) as usize).min(table.len() - 1);
+    let hi = (lo + 1).min(table.len() - 1);
+    let w = t - lo as f64;
+    table[lo] * (1.0 - w) + table[hi] * w
+}
+
+/// The timesteps diffusers' `set_timesteps` produces for each class and spacing.
+fn timesteps(kind: Kind, spacing: Spacing, n: usize, steps: usize, offset: usize) -> Vec<f64> {
+    let (n_f, s_f) = (n as f64, steps as f64);
+    // DPM-Solver++ lays out steps + 1 points and drops the last (t = 0) one.
+    let points = if kind == Kind::DpmSolverPlusPlus && spacing != Spacing::Trailing {
+        steps + 1
+    } else {
+        steps
+    };
+    let mut ts: Vec<f64> = match spacing {
+        Spacing::Linspace => {
+            let p = points as f64;
+            let raw = (0..points).map(|i| (n_f - 1.0) * i as f64 / (p - 1.0).max(1.0));
+            let raw: Vec<f64> = if kind == Kind::EulerDiscrete {
+                raw.collect()
+            } else {
+                raw.map(f64::round_ties_even).collect()
+            };
+            raw.into_iter().rev().collect()
+        }
+        Spacing::Leading => {
+            let ratio = (n / points) as f64;
+            (0..points)
+                .rev()
+                .map(|i| (i as f64 * ratio).round_ties_even() + offset as f64)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = n_f / s_f;
+            let mut v = Vec::with_capacity(steps);
+            let mut t = n_f;
+            while t > 0.0 && v.len() < steps {
+                v.push(t.round_ties_even() - 1.0);
+                t -= ratio;
+            }
+            v
+        }
+    };
+    if points != steps {
+        ts.truncate(steps);
+    }
+    ts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(spacing: &str) -> SchedulerConfig {
+        serde_json::from_value(serde_json::json!({
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "timestep_spacing": spacing, "steps_offset": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn timesteps_by_hand() {
+        let t = |k, s, n| {
+            Scheduler::new(&cfg(s), Some(k), n)
+                .unwrap()
+                .timesteps()
+                .to_vec()
+        };
+        assert_eq!(
+            t(Kind::EulerDiscrete, "trailing", 4),
+            vec![999., 749., 499., 249.]
+        );
+        assert_eq!(t(Kind::EulerDiscrete, "trailing", 1), vec![999.]);
+        assert_eq!(t(Kind::Ddim, "leading", 4), vec![751., 501., 251., 1.]);
+        assert_eq!(
+            t(Kind::DpmSolverPlusPlus, "leading", 4),
+            vec![801., 601., 401., 201.]
+        );
+        assert_eq!(
+            t(Kind::DpmSolverPlusPlus, "linspace", 4),
+            vec![999., 749., 500., 250.]
+        );
+    }
+}

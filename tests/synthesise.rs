@@ -1,0 +1,223 @@
+//! Stable Diffusion against diffusers on the tiny diffusers-layout fixture: tokenizer, text
+//! encoder, UNet, VAE, and whole runs of each scheduler from stored initial latents.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixtures, reference, rel_err, resolve_fixture};
+use dnd::hub::Role;
+use dnd::synthesise::{Kind, Sampling, Scheduler, SchedulerConfig, StableDiffusion};
+
+const PROMPTS: [&str; 3] = [
+    "One realistic image of red striped dog",
+    "One realistic image of multicolored textiles",
+    "",
+];
+
+fn sd() -> StableDiffusion {
+    StableDiffusion::load(
+        &resolve_fixture(Role::Synthesiser, "sd_tiny"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn folder_scheduler() -> SchedulerConfig {
+    let text =
+        std::fs::read_to_string(fixtures().join("models/sd_tiny/scheduler/scheduler_config.json"))
+            .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn tokens_and_text_encoder_equal_transformers() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let model = sd();
+    let ids = model.token_ids(&PROMPTS).unwrap();
+    let want: Vec<Vec<u32>> = refs["token_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), want);
+    let hidden = model.encode_prompts(&PROMPTS).unwrap();
+    let err = rel_err(&hidden, &refs["text_hidden"]);
+    assert!(err < 1e-4, "text encoder relative error {err}");
+}
+
+#[test]
+fn unet_noise_prediction_equals_diffusers_at_batch_two_and_one() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let model = sd();
+    let text = refs["text_hidden"].narrow(0, 0, 2).unwrap();
+    let noise = model
+        .predict_noise(&refs["init_latents"], 500.0, &text)
+        .unwrap();
+    let err = rel_err(&noise, &refs["unet_noise"]);
+    assert!(err < 1e-3, "UNet relative error {err}");
+    for i in 0..2 {
+        let one = model
+            .predict_noise(
+                &refs["init_latents"].narrow(0, i, 1).unwrap(),
+                500.0,
+                &text.narrow(0, i, 1).unwrap(),
+            )
+            .unwrap();
+        let err = rel_err(&one, &refs["unet_noise"].narrow(0, i, 1).unwrap());
+        assert!(err < 1e-3, "UNet batch-1 row {i} relative error {err}");
+    }
+}
+
+#[test]
+fn vae_decode_equals_diffusers() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let img = sd().decode(&refs["init_latents"]).unwrap();
+    let want = ((&refs["vae_decoded"] / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0.0, 1.0)
+        .unwrap();
+    let err = rel_err(&img, &want);
+    assert!(err < 1e-3, "VAE relative error {err}");
+}
+
+#[test]
+fn scheduler_runs_end_at_diffusers_latents() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let model = sd();
+    let base = folder_scheduler();
+    let with_spacing = |s: &str| SchedulerConfig {
+        timestep_spacing: Some(s.into()),
+        ..base.clone()
+    };
+    let runs: [(&str, SchedulerConfig, Option<Kind>, usize, f64); 6] = [
+        ("euler_1", base.clone(), None, 1, 0.0),
+        ("euler_4", base.clone(), None, 4, 0.0),
+        (
+            "dpmpp_4",
+            base.clone(),
+            Some(Kind::DpmSolverPlusPlus),
+            4,
+            7.5,
+        ),
+        (
+            "dpmpp_6_leading",
+            with_spacing("leading"),
+            Some(Kind::DpmSolverPlusPlus),
+            6,
+            7.5,
+        ),
+        ("ddim_4", base.clone(), Some(Kind::Ddim), 4, 7.5),
+        (
+            "ddim_4_linspace",
+            with_spacing("linspace"),
+            Some(Kind::Ddim),
+            4,
+            2.0,
+        ),
+    ];
+    for (key, cfg, kind, steps, guidance) in runs {
+        let mut sched = Scheduler::new(&cfg, kind, steps).unwrap();
+        let want_t: Vec<f32> = refs[&format!("{key}_timesteps")].to_vec1().unwrap();
+        let got_t: Vec<f32> = sched.timesteps().iter().map(|&t| t as f32).collect();
+        assert_eq!(got_t, want_t, "{key} timesteps");
+        let out = model
+            .denoise(&refs["init_latents"], &PROMPTS[..2], &mut sched, guidance)
+            .unwrap();
+        let err = rel_err(&out, &refs[&format!("{key}_latents")]);
+        assert!(err < 1e-3, "{key}: final latents relative error {err}");
+    }
+}
+
+#[test]
+fn generate_is_seeded_and_batch_independent() {
+    let model = sd();
+    let sampling = Sampling {
+        steps: 2,
+        guidance: 0.0,
+        scheduler: None,
+        seed: 42,
+        size: None,
+    };
+    let a = model.generate("red striped dog", 3, &sampling).unwrap();
+    let b = model.generate("red striped dog", 3, &sampling).unwrap();
+    assert_eq!(a, b, "same seed, same images");
+    assert_eq!(a[0].dimensions(), (32, 32));
+    // image i of a batch of 3 equals the same image made alone from the same noise
+    let noise = model.noise(3, &sampling).unwrap();
+    let mut sched = model.scheduler(&sampling).unwrap();
+    let alone = model
+        .denoise(
+            &noise.narrow(0, 2, 1).unwrap(),
+            &["red striped dog"],
+            &mut sched,
+            0.0,
+        )
+        .unwrap();
+    let alone = dnd::synthesise::to_rgb(&model.decode(&alone).unwrap()).unwrap();
+    let diff = a[2]
+        .as_raw()
+        .iter()
+        .zip(alone[0].as_raw())
+        .map(|(&x, &y)| (x as i32 - y as i32).abs())
+        .max()
+        .unwrap();
+    assert!(diff <= 1, "batch vs alone differ by {diff} levels");
+}
+
+#[test]
+fn older_vae_attention_names_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/sd_tiny");
+    copy_dir(&src, dir.path());
+    let vae = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&vae, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.");
+            (k, v)
+        })
+        .collect();
+    assert!(renamed.keys().any(|k| k.contains(".proj_attn.")));
+    candle_core::safetensors::save(&renamed, &vae).unwrap();
+    let model = StableDiffusion::load(
+        &resolve_dir(Role::Synthesiser, dir.path()),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let img = model.decode(&refs["init_latents"]).unwrap();
+    let want = ((&refs["vae_decoded"] / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0.0, 1.0)
+        .unwrap();
+    assert!(rel_err(&img, &want) < 1e-3);
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    for e in walkdir::WalkDir::new(src) {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(src).unwrap();
+        let to = dst.join(rel);
+        if e.file_type().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+fn resolve_dir(role: Role, dir: &std::path::Path) -> dnd::hub::ResolvedModel {
+    let src = dnd::hub::ModelSource::Local(dir.to_path_buf());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(dnd::hub::resolve(role, &src, &Default::default()))
+        .unwrap()
+}
