@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, reference, rel_err, resolve_fixture};
+use common::{fixtures, reference, rel_err, resolve_dir, resolve_fixture};
 use dnd::hub::Role;
 use dnd::synthesise::{Kind, Sampling, Scheduler, SchedulerConfig, StableDiffusion};
 
@@ -211,13 +211,4 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
             std::fs::copy(e.path(), &to).unwrap();
         }
     }
-}
-
-fn resolve_dir(role: Role, dir: &std::path::Path) -> dnd::hub::ResolvedModel {
-    let src = dnd::hub::ModelSource::Local(dir.to_path_buf());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    rt.block_on(dnd::hub::resolve(role, &src, &Default::default()))
-        .unwrap()
 }

@@ -230,10 +230,6 @@ impl Scheduler {
         })
     }
 
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
     /// The timesteps the UNet is called with, in order.
     pub fn timesteps(&self) -> &[f64] {
         &self.timesteps

@@ -85,7 +85,12 @@ pub fn fixture_batch() -> Tensor {
 
 /// A fixture model folder resolved for `role`, offline.
 pub fn resolve_fixture(role: Role, name: &str) -> hub::ResolvedModel {
-    let src = ModelSource::Local(fixtures().join("models").join(name));
+    resolve_dir(role, &fixtures().join("models").join(name))
+}
+
+/// A local model folder resolved for `role`, offline.
+pub fn resolve_dir(role: Role, dir: &Path) -> hub::ResolvedModel {
+    let src = ModelSource::Local(dir.to_path_buf());
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
