@@ -66,6 +66,12 @@ pub enum Error {
     #[error("{model}: {detail}")]
     Model { model: String, detail: String },
 
+    #[error(transparent)]
+    Llm(#[from] crate::summarise::LlmError),
+
+    #[error("results store {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+
     #[error("cancelled")]
     Cancelled,
 

@@ -14,6 +14,8 @@ pub mod hub;
 pub(crate) mod nn;
 pub mod probe;
 pub mod score;
+pub mod store;
+pub mod summarise;
 pub mod synthesise;
 pub mod target;
 

@@ -1,0 +1,337 @@
+//! The results store: one SQLite file (WAL) holding each neuron's description and every LLM
+//! answer, with the crops and synthetic images as small PNG files in a folder beside it.
+//!
+//! A neuron's row is written in one transaction after its image files are on disk, so a
+//! kill at any moment loses at most the neuron in flight; its files are simply rewritten by
+//! the rerun.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::summarise::AnswerCache;
+
+/// Bumped when the tables change; older files are migrated or refused by number.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Whether a neuron got a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Described,
+    Failed,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Described => "described",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// One neuron's stored outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub target: String,
+    pub layer: String,
+    pub neuron: usize,
+    /// Identifies the models, probing set and parameters that made it: a rerun with the same
+    /// key skips the neuron.
+    pub settings_key: String,
+    pub status: Status,
+    /// The winning label; `None` when failed.
+    pub label: Option<String>,
+    /// Everything the pipeline knows about the neuron (the `describe --format json` line).
+    pub record: serde_json::Value,
+    pub error: Option<String>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    images: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating when needed) the store at `path`; images live in `<path>.images/`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let err = |e: rusqlite::Error| Error::Store {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{e}. fix: point --db at a writable SQLite file, or move this one aside"
+            ),
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Store {
+                path: path.to_path_buf(),
+                reason: format!("it was written by a newer dnd (schema {version}, this one knows {SCHEMA_VERSION}). fix: upgrade dnd, or use another --db"),
+            });
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS descriptions (
+                target TEXT NOT NULL,
+                layer TEXT NOT NULL,
+                neuron INTEGER NOT NULL,
+                settings_key TEXT NOT NULL,
+                status TEXT NOT NULL,
+                label TEXT,
+                record TEXT NOT NULL,
+                error TEXT,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (target, layer, neuron)
+            );
+            CREATE TABLE IF NOT EXISTS llm_cache (
+                model TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                answer TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                PRIMARY KEY (model, prompt)
+            );",
+        )
+        .map_err(err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(err)?;
+        let mut images = path.as_os_str().to_owned();
+        images.push(".images");
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            images: PathBuf::from(images),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The folder that image paths in records are relative to.
+    pub fn images_root(&self) -> &Path {
+        &self.images
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Store {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `img` as PNG at `rel` under [`Store::images_root`], atomically (temp + rename).
+    pub fn save_image(&self, rel: &Path, img: &image::RgbImage) -> Result<()> {
+        let path = self.images.join(rel);
+        let dir = path.parent().expect("image paths have a folder");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tmp = path.with_extension("png.tmp");
+        img.save_with_format(&tmp, image::ImageFormat::Png)
+            .map_err(|e| self.error(format!("cannot write {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Whether the neuron is already described with these settings.
+    pub fn is_described(
+        &self,
+        target: &str,
+        layer: &str,
+        neuron: usize,
+        settings_key: &str,
+    ) -> Result<bool> {
+        let found: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT status FROM descriptions WHERE target = ?1 AND layer = ?2 AND neuron = ?3 AND settings_key = ?4",
+                params![target, layer, neuron as i64, settings_key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.error(e))?;
+        Ok(found.as_deref() == Some(Status::Described.as_str()))
+    }
+
+    /// Stores one neuron's outcome in one transaction, replacing an earlier one.
+    pub fn put(&self, row: &Row) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.error(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO descriptions
+                (target, layer, neuron, settings_key, status, label, record, error, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                row.target,
+                row.layer,
+                row.neuron as i64,
+                row.settings_key,
+                row.status.as_str(),
+                row.label,
+                row.record.to_string(),
+                row.error,
+                now(),
+            ],
+        )
+        .map_err(|e| self.error(e))?;
+        tx.commit().map_err(|e| self.error(e))
+    }
+
+    /// Stored rows, ordered by target, layer and neuron; `None` filters nothing.
+    pub fn rows(&self, target: Option<&str>, layer: Option<&str>) -> Result<Vec<Row>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT target, layer, neuron, settings_key, status, label, record, error
+                 FROM descriptions
+                 WHERE (?1 IS NULL OR target = ?1) AND (?2 IS NULL OR layer = ?2)
+                 ORDER BY target, layer, neuron",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = stmt
+            .query_map(params![target, layer], |r| {
+                let status: String = r.get(4)?;
+                let record: String = r.get(6)?;
+                Ok(Row {
+                    target: r.get(0)?,
+                    layer: r.get(1)?,
+                    neuron: r.get::<_, i64>(2)? as usize,
+                    settings_key: r.get(3)?,
+                    status: if status == "described" {
+                        Status::Described
+                    } else {
+                        Status::Failed
+                    },
+                    label: r.get(5)?,
+                    record: serde_json::from_str(&record).unwrap_or(serde_json::Value::Null),
+                    error: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<Vec<Row>>>()
+            .map_err(|e| self.error(e))
+    }
+}
+
+impl AnswerCache for Store {
+    fn get(&self, model: &str, prompt: &str) -> Option<String> {
+        self.conn()
+            .query_row(
+                "SELECT answer FROM llm_cache WHERE model = ?1 AND prompt = ?2",
+                params![model, prompt],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap_or_else(|e| {
+                tracing::warn!("LLM cache read failed: {e}");
+                None
+            })
+    }
+
+    fn put(&self, model: &str, prompt: &str, answer: &str) {
+        if let Err(e) = self.conn().execute(
+            "INSERT OR REPLACE INTO llm_cache (model, prompt, answer, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![model, prompt, answer, now()],
+        ) {
+            tracing::warn!("LLM cache write failed (the answer is used, not remembered): {e}");
+        }
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(neuron: usize, key: &str, status: Status) -> Row {
+        Row {
+            target: "t".into(),
+            layer: "layer4".into(),
+            neuron,
+            settings_key: key.into(),
+            status,
+            label: (status == Status::Described).then(|| format!("label {neuron}")),
+            record: serde_json::json!({ "neuron": neuron }),
+            error: (status == Status::Failed).then(|| "boom".to_string()),
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_replace_and_skip_by_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sub/dnd.sqlite");
+        let store = Store::open(&db).unwrap();
+        store.put(&row(3, "k1", Status::Described)).unwrap();
+        store.put(&row(1, "k1", Status::Failed)).unwrap();
+        assert!(store.is_described("t", "layer4", 3, "k1").unwrap());
+        assert!(!store.is_described("t", "layer4", 3, "k2").unwrap());
+        assert!(!store.is_described("t", "layer4", 1, "k1").unwrap());
+        store.put(&row(1, "k1", Status::Described)).unwrap();
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        let rows = store.rows(None, Some("layer4")).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], row(1, "k1", Status::Described));
+        assert_eq!(rows[1].label.as_deref(), Some("label 3"));
+        assert!(store.rows(Some("other"), None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn answers_are_cached_per_model_and_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("dnd.sqlite")).unwrap();
+        assert_eq!(store.get("m", "p"), None);
+        AnswerCache::put(&store, "m", "p", "red cars");
+        assert_eq!(store.get("m", "p").as_deref(), Some("red cars"));
+        assert_eq!(store.get("other", "p"), None);
+    }
+
+    #[test]
+    fn images_land_beside_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("dnd.sqlite")).unwrap();
+        let img = image::RgbImage::from_pixel(4, 3, image::Rgb([1, 2, 3]));
+        store.save_image(Path::new("a/b/c.png"), &img).unwrap();
+        let back = image::open(dir.path().join("dnd.sqlite.images/a/b/c.png"))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(back, img);
+    }
+
+    #[test]
+    fn unwritable_location_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = Store::open(&file.join("dnd.sqlite")).unwrap_err();
+        assert!(err.to_string().contains("file"), "{err}");
+    }
+}
