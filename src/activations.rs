@@ -20,7 +20,8 @@ use crate::target::{LayerKind, Target};
 const CACHE_VERSION: &str = "dnd-activations-1";
 
 /// How a spatial map becomes one number per neuron (ViT token layers always use the CLS token).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pool {
     #[default]
     Mean,

@@ -109,6 +109,79 @@ impl fmt::Display for Switch {
     }
 }
 
+/// A set of defaults for the describe pipeline; any single setting still overrides it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum Preset {
+    /// SD-Turbo (Euler, trailing timesteps, 1 step, no guidance): seconds per neuron.
+    #[default]
+    Fast,
+    /// The reference's defaults (METHOD.md): SD v1.4 with DPM-Solver++ at 50 steps and
+    /// guidance 7.5, BLIP base.
+    Paper,
+}
+
+impl Preset {
+    fn captioner(self) -> ModelSource {
+        match self {
+            Preset::Fast => ModelSource::hub("Salesforce/blip-image-captioning-large"),
+            // BLIP base's safetensors live on this revision of the repo.
+            Preset::Paper => ModelSource::hub("Salesforce/blip-image-captioning-base@refs/pr/7"),
+        }
+    }
+    fn synthesiser(self) -> ModelSource {
+        match self {
+            Preset::Fast => ModelSource::hub("stabilityai/sd-turbo"),
+            Preset::Paper => ModelSource::hub("CompVis/stable-diffusion-v1-4"),
+        }
+    }
+    fn steps(self) -> usize {
+        match self {
+            Preset::Fast => 1,
+            Preset::Paper => 50,
+        }
+    }
+    fn guidance(self) -> f64 {
+        match self {
+            Preset::Fast => 0.0,
+            Preset::Paper => 7.5,
+        }
+    }
+    fn scheduler(self) -> String {
+        match self {
+            Preset::Fast => "folder".into(),
+            Preset::Paper => "dpm-solver++".into(),
+        }
+    }
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "fast" => Ok(Preset::Fast),
+            "paper" => Ok(Preset::Paper),
+            other => Err(format!("{other:?} is not a preset: use fast or paper")),
+        }
+    }
+}
+
+impl TryFrom<String> for Preset {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Preset::Fast => "fast",
+            Preset::Paper => "paper",
+        })
+    }
+}
+
 /// Platform folders for dnd (XDG on Linux, ~/Library on macOS, AppData on Windows).
 pub fn project_dirs() -> Option<directories::ProjectDirs> {
     directories::ProjectDirs::from("", "", "dnd")
@@ -138,6 +211,8 @@ fn env_alias(key: &str) -> Option<&'static str> {
     match key {
         "offline" => Some("HF_HUB_OFFLINE"),
         "hf_token" => Some("HF_TOKEN"),
+        "llm_api_key" => Some("OPENAI_API_KEY"),
+        "llm_url" => Some("OPENAI_BASE_URL"),
         _ => None,
     }
 }
@@ -154,7 +229,12 @@ show_via_display!(
     DeviceSpec,
     DTypeSpec,
     ModelSource,
+    Preset,
     usize,
+    u32,
+    u64,
+    f32,
+    f64,
     Switch,
     Secret,
     String
@@ -231,6 +311,10 @@ macro_rules! settings {
 }
 
 settings! {
+    /// Defaults for the describe pipeline: fast (SD-Turbo, 1 step) or paper (the reference's
+    /// SD v1.4, DPM-Solver++ 50 steps, guidance 7.5, BLIP base) [env: DND_PRESET]
+    #[arg(value_name = "fast|paper")]
+    preset: Preset = Preset::Fast;
     /// Compute device: auto, cpu, cuda[:N] or metal [env: DND_DEVICE]
     device: DeviceSpec = DeviceSpec::Auto;
     /// Float type: auto (f32 on CPU, f16 on GPU), f32, f16 or bf16 [env: DND_DTYPE]
@@ -238,9 +322,10 @@ settings! {
     /// Target network: a local folder in Hub layout or a Hub id[@revision] [env: DND_TARGET]
     target: ModelSource = ModelSource::hub("timm/resnet50.tv_in1k");
     /// BLIP captioner: local folder or Hub id[@revision] [env: DND_CAPTIONER]
-    captioner: ModelSource = ModelSource::hub("Salesforce/blip-image-captioning-large");
+    captioner: ModelSource = preset.captioner();
     /// Stable Diffusion (diffusers layout): local folder or Hub id[@revision] [env: DND_SYNTHESISER]
-    synthesiser: ModelSource = ModelSource::hub("stabilityai/sd-turbo");
+    #[arg(alias = "synthesizer")]
+    synthesiser: ModelSource = preset.synthesiser();
     /// CLIP model for image-similarity weights: local folder or Hub id[@revision] [env: DND_CLIP]
     clip: ModelSource = ModelSource::hub("openai/clip-vit-base-patch16");
     /// Probing set: a folder of images, searched recursively [env: DND_PROBE]
@@ -259,6 +344,63 @@ settings! {
     hf_token: Secret = Secret::default();
     /// Log level for the log output: error, warn, info, debug or trace [env: DND_LOG_LEVEL]
     log_level: String = "warn".to_string();
+    /// Results store (SQLite); crops and synthetic images go to <db>.images/ [env: DND_DB]
+    #[arg(value_name = "FILE")]
+    db: PathBuf = default_data_dir().join("dnd.sqlite");
+    /// K: top probing images per neuron [env: DND_TOP_K]
+    top_k: usize = 10;
+    /// Attention crops per top image, at most [env: DND_CROPS]
+    crops: usize = 4;
+    /// Images (originals and crops) kept after re-scoring and captioned [env: DND_TOP_IMAGES]
+    top_images: usize = 10;
+    /// Most new tokens per caption [env: DND_CAPTION_TOKENS]
+    caption_tokens: usize = 32;
+    /// Shortest caption in tokens, start token included [env: DND_CAPTION_MIN_LENGTH]
+    caption_min_length: usize = 5;
+    /// Candidate concepts: LLM summaries over shuffled captions [env: DND_CANDIDATES]
+    candidates: usize = 5;
+    /// Q: synthetic images per candidate [env: DND_IMAGES_PER_CONCEPT]
+    images_per_concept: usize = 10;
+    /// Text-to-image prompt; {} is the concept [env: DND_PROMPT]
+    prompt: String = "One realistic image of {}".to_string();
+    /// Denoising steps [env: DND_STEPS]
+    steps: usize = preset.steps();
+    /// Classifier-free guidance scale (<= 1 turns it off) [env: DND_GUIDANCE]
+    guidance: f64 = preset.guidance();
+    /// Scheduler: folder (the model's own), euler, ddim or dpm-solver++ [env: DND_SCHEDULER]
+    scheduler: String = preset.scheduler();
+    /// Seed of the synthetic images' noise and of the caption shuffles [env: DND_SEED]
+    seed: u64 = 0;
+    /// Rank score: topk-sq-mean, mean, median or sq-mean [env: DND_RANK_SCORE]
+    rank_score: String = "topk-sq-mean".to_string();
+    /// beta: positions averaged by topk-sq-mean [env: DND_BETA]
+    beta: usize = 5;
+    /// Synthetic images in the overall top this many count for the CLIP weight [env: DND_CLIP_TOP]
+    clip_top: usize = 10;
+    /// Images per BLIP batch [env: DND_CAPTION_BATCH]
+    caption_batch: usize = 16;
+    /// Images per Stable Diffusion batch (CUDA: keep SD 1.x at 512 px <= 16 without guidance, <= 8 with) [env: DND_SYNTHESIS_BATCH]
+    synthesis_batch: usize = 8;
+    /// Neurons whose model work is batched together in `describe` [env: DND_WAVE]
+    wave: usize = 4;
+    /// OpenAI-compatible endpoint, up to /v1 (OpenAI, vLLM, Ollama, llama.cpp) [env: DND_LLM_URL, OPENAI_BASE_URL]
+    #[arg(value_name = "URL")]
+    llm_url: String = "https://api.openai.com/v1".to_string();
+    /// Model name at the endpoint [env: DND_LLM_MODEL]
+    llm_model: String = "gpt-4o-mini".to_string();
+    /// API key for the endpoint (never printed) [env: DND_LLM_API_KEY, OPENAI_API_KEY]
+    #[arg(hide_env_values = true)]
+    llm_api_key: Secret = Secret::default();
+    /// Sampling temperature of the LLM [env: DND_TEMPERATURE]
+    temperature: f32 = 0.3;
+    /// Seconds one LLM call may take [env: DND_LLM_TIMEOUT]
+    llm_timeout: f64 = 60.0;
+    /// Retries of an LLM call after 429, 5xx, timeouts and unusable answers [env: DND_LLM_RETRIES]
+    llm_retries: u32 = 4;
+    /// LLM calls in flight at once [env: DND_LLM_CONCURRENCY]
+    llm_concurrency: usize = 8;
+    /// Seconds before the first retry (doubled each time, with jitter) [env: DND_LLM_BACKOFF]
+    llm_backoff: f64 = 1.0;
 }
 
 /// The effective settings plus where each value came from.

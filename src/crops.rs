@@ -43,7 +43,7 @@ impl CropBox {
 }
 
 /// The parameters of step 1.2.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct CropRules {
     /// At most this many boxes per image (reference: 4).
     pub max_crops: usize,

@@ -202,6 +202,18 @@ impl ResolvedModel {
         self.files.get(name).map(PathBuf::as_path)
     }
 
+    /// The commit a Hub model was resolved to (its HF-cache snapshot folder); `None` for
+    /// local folders.
+    pub fn revision(&self) -> Option<String> {
+        if !matches!(self.source, ModelSource::Hub { .. }) {
+            return None;
+        }
+        let path = self.files.values().next()?;
+        let mut parts = path.components().map(|c| c.as_os_str().to_string_lossy());
+        parts.find(|c| c == "snapshots")?;
+        parts.next().map(|c| c.into_owned())
+    }
+
     /// Path of a file this role lists as required.
     pub fn required(&self, name: &str) -> &Path {
         self.file(name)

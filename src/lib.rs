@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub(crate) mod nn;
+pub mod pipeline;
 pub mod probe;
 pub mod score;
 pub mod store;

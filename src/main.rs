@@ -15,6 +15,8 @@ use dnd::hub::{self, HubOptions, Role};
 use dnd::probe::ProbeSet;
 use dnd::target::{LayerKind, Target};
 
+mod headless;
+
 /// Describe-and-Dissect: explains what hidden neurons of vision networks detect.
 ///
 /// Every setting can come from the settings file (`dnd config path`), a DND_* environment
@@ -40,6 +42,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Describe neurons of a layer: top images and crops, BLIP captions, LLM candidate
+    /// concepts, Stable Diffusion images, scores, labels. Results go to the store (--db);
+    /// neurons already described with the same settings are skipped.
+    Describe(DescribeArgs),
+    /// Write the stored labels as CSV (the reference's columns) or JSON lines (everything).
+    Export(ExportArgs),
     /// Pooled activations of every neuron of a layer over the probing set (cached), and each
     /// neuron's top images.
     Activations(ActivationsArgs),
@@ -119,6 +127,54 @@ struct ActivationsArgs {
     /// Recompute even if a cached result exists.
     #[arg(long)]
     no_cache: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DescribeArgs {
+    /// Layer by PyTorch module name (`layer4`, `fc`, `blocks.7`); `dnd layers` lists them.
+    #[arg(long, short)]
+    layer: String,
+    /// Neurons: numbers and ranges, comma-separated (`0-19,42`). Default: every neuron of
+    /// the layer.
+    #[arg(long, short, value_name = "LIST")]
+    neurons: Option<String>,
+    /// How a neuron's spatial map becomes one number (ViT token layers use the CLS token).
+    #[arg(long, value_enum, default_value_t = Pool::Mean)]
+    pool: Pool,
+    /// Output: a line per neuron with its labels, or one JSON object per neuron per line
+    /// with everything (top images, crops, captions, candidates, scores, files, timings).
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Also print each neuron's top images and synthetic images in the terminal (kitty,
+    /// iTerm2 or Unicode half-blocks; table format only).
+    #[arg(long)]
+    show: bool,
+    /// Describe again neurons already described with the same settings.
+    #[arg(long)]
+    force: bool,
+    /// Recompute the layer's activations even if a cached result exists.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// csv: Neuron ID, Label 1, Label 2, Label 3 (described neurons of one layer);
+    /// json: one stored record per line, failed neurons included.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+    format: ExportFormat,
+    /// Only this layer (needed for CSV when the store holds several).
+    #[arg(long, short)]
+    layer: Option<String>,
+    /// Write here instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -268,6 +324,17 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Activations(args) => activations_cmd(&rt, settings, &progress, args)?,
+        Command::Describe(args) => headless::describe(&rt, settings, &progress, args)?,
+        Command::Export(args) => {
+            // The target filters only when chosen explicitly: its default would hide what
+            // was described with --target.
+            let target_chosen = loaded
+                .entries
+                .iter()
+                .any(|e| e.key == "target" && e.source != config::Source::Default);
+            let target = target_chosen.then(|| settings.target.to_string());
+            headless::export(settings, target.as_deref(), args)?
+        }
     }
     Ok(())
 }
@@ -408,7 +475,7 @@ fn activations_cmd(
     Ok(())
 }
 
-fn hub_options(s: &Settings, progress: bool) -> HubOptions {
+pub(crate) fn hub_options(s: &Settings, progress: bool) -> HubOptions {
     HubOptions {
         offline: s.offline.0,
         token: s.hf_token.expose().map(String::from),
@@ -416,7 +483,7 @@ fn hub_options(s: &Settings, progress: bool) -> HubOptions {
     }
 }
 
-fn model_source(s: &Settings, role: Role) -> &hub::ModelSource {
+pub(crate) fn model_source(s: &Settings, role: Role) -> &hub::ModelSource {
     match role {
         Role::Target => &s.target,
         Role::Captioner => &s.captioner,
@@ -484,7 +551,7 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn images_bar(total: usize) -> ProgressBar {
+pub(crate) fn images_bar(total: usize) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  ETA {eta}")
@@ -494,7 +561,7 @@ fn images_bar(total: usize) -> ProgressBar {
 }
 
 /// First Ctrl-C: stop after the current batch (nothing partial is written). Second: exit now.
-fn ctrl_c_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+pub(crate) fn ctrl_c_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     rt.spawn(async move {

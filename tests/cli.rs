@@ -3,36 +3,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::fixtures;
-
-/// Runs dnd with its config, cache and HF folders inside `home`, offline.
-fn dnd(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dnd"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("HF_HOME", home.join("hf"))
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
-fn model(name: &str) -> String {
-    fixtures().join("models").join(name).display().to_string()
-}
+use common::{dnd, fixture_model as model, fixtures, text};
 
 #[test]
 fn config_show_reports_sources_and_masks_secrets() {

@@ -335,7 +335,7 @@ impl TextDecoder {
 
 /// Greedy decoding limits (transformers' `max_new_tokens` and `min_length`; the length
 /// counts the start token, as transformers does).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Generation {
     pub max_new_tokens: usize,
     pub min_length: usize,

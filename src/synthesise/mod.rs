@@ -326,7 +326,7 @@ struct VaeConfig {
 }
 
 /// How one batch of images is made.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Sampling {
     pub steps: usize,
     pub guidance: f64,

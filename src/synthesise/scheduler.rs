@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::Result;
 
 /// Which solver runs the reverse process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Kind {
     EulerDiscrete,
     Ddim,

@@ -3,10 +3,46 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use dnd::hub::{self, HubOptions, ModelSource, Role};
 use dnd::target::Target;
+
+pub mod llm;
+
+/// The dnd binary with its config, cache, data and HF folders inside `home`, offline.
+pub fn dnd_command(home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dnd"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("HF_HOME", home.join("hf"))
+        .env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+/// Runs dnd as [`dnd_command`] sets it up and waits for it.
+pub fn dnd(home: &Path, args: &[&str]) -> Output {
+    dnd_command(home, args).output().unwrap()
+}
+
+/// (stdout, stderr) as text.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// A fixture model folder as a flag value.
+pub fn fixture_model(name: &str) -> String {
+    fixtures().join("models").join(name).display().to_string()
+}
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

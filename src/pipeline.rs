@@ -1,0 +1,1120 @@
+//! The DnD orchestration: for each neuron, top images and attention crops (step 1),
+//! captions and LLM concepts (step 2), synthetic images and scores (step 3), stored and
+//! reported as typed [`Event`]s.
+//!
+//! Neurons go through in waves. The model work of a wave is batched across its neurons; the
+//! LLM calls of wave n run on the async runtime while the models work on wave n+1. The run
+//! can be cancelled between any two batches; finished neurons are already stored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::activations::{self, LayerActivations, Pool};
+use crate::caption::{clean_caption, Blip, Generation};
+use crate::clip::ClipVision;
+use crate::config::Settings;
+use crate::crops::{self, CropRules};
+use crate::error::{Error, Result};
+use crate::hub::ResolvedModel;
+use crate::probe::{self, ProbeSet};
+use crate::score::{self, RankScore};
+use crate::store::{Row, Status, Store};
+use crate::summarise::{self, ConceptEvent, ConceptOptions, Concepts, Llm, Summariser};
+use crate::synthesise::{Kind, Sampling, StableDiffusion};
+use crate::target::{LayerKind, Target};
+
+/// A model as it was loaded: where from and which commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelId {
+    pub source: String,
+    pub revision: Option<String>,
+}
+
+impl ModelId {
+    pub fn of(m: &ResolvedModel) -> Self {
+        Self {
+            source: m.source.to_string(),
+            revision: m.revision(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIds {
+    pub target: ModelId,
+    pub captioner: ModelId,
+    pub synthesiser: ModelId,
+    pub clip: ModelId,
+    pub llm: String,
+}
+
+/// Every model of the pipeline, loaded once and used for every neuron.
+pub struct Models {
+    pub target: Target,
+    pub captioner: Blip,
+    pub synthesiser: StableDiffusion,
+    pub clip: ClipVision,
+    pub ids: ModelIds,
+}
+
+/// How many items go through each model at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Batches {
+    pub target: usize,
+    pub caption: usize,
+    pub synthesis: usize,
+    pub clip: usize,
+    /// Neurons per wave (their model work is batched together).
+    pub neurons: usize,
+}
+
+/// Every parameter of the method. Together with the models and the probing set it decides
+/// the result, so it is part of the key under which results are stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Params {
+    /// K: top probing images per neuron.
+    pub top_k: usize,
+    pub crops: CropRules,
+    /// Images (originals and crops) kept after re-scoring; they are captioned.
+    pub top_images: usize,
+    pub caption: Generation,
+    pub concepts: ConceptOptions,
+    /// Q: synthetic images per candidate.
+    pub images_per_concept: usize,
+    /// Text-to-image prompt; `{}` is replaced by the concept.
+    pub prompt: String,
+    pub sampling: Sampling,
+    pub rank_score: RankScore,
+    /// Synthetic images in the overall top this many count for the CLIP weight.
+    pub clip_top: usize,
+    pub pool: Pool,
+    #[serde(skip)]
+    pub batches: Batches,
+}
+
+impl Params {
+    /// The parameters the settings ask for, checked.
+    pub fn from_settings(s: &Settings, pool: Pool) -> Result<Self> {
+        let bad = |key: &str, reason: String| Error::Setting {
+            key: key.into(),
+            reason,
+        };
+        let rank_score = RankScore::parse(&s.rank_score, s.beta).ok_or_else(|| {
+            bad(
+                "rank_score",
+                format!(
+                    "{:?} is not a rank score: use topk-sq-mean, mean, median or sq-mean",
+                    s.rank_score
+                ),
+            )
+        })?;
+        let scheduler = match s.scheduler.as_str() {
+            "folder" => None,
+            name => Some(Kind::parse(name).ok_or_else(|| {
+                bad(
+                    "scheduler",
+                    format!("{name:?} is not a scheduler: use folder, euler, ddim or dpm-solver++"),
+                )
+            })?),
+        };
+        if !s.prompt.contains("{}") {
+            return Err(bad(
+                "prompt",
+                format!("{:?} has no {{}} where the concept goes", s.prompt),
+            ));
+        }
+        for (key, v) in [
+            ("top_k", s.top_k),
+            ("top_images", s.top_images),
+            ("candidates", s.candidates),
+            ("images_per_concept", s.images_per_concept),
+            ("steps", s.steps),
+            ("caption_tokens", s.caption_tokens),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        Ok(Self {
+            top_k: s.top_k,
+            crops: CropRules {
+                max_crops: s.crops,
+                ..CropRules::default()
+            },
+            top_images: s.top_images,
+            caption: Generation {
+                max_new_tokens: s.caption_tokens,
+                min_length: s.caption_min_length,
+            },
+            concepts: ConceptOptions {
+                summaries: s.candidates,
+                temperature: s.temperature,
+                seed: s.seed,
+            },
+            images_per_concept: s.images_per_concept,
+            prompt: s.prompt.clone(),
+            sampling: Sampling {
+                steps: s.steps,
+                guidance: s.guidance,
+                scheduler,
+                seed: s.seed,
+                size: None,
+            },
+            rank_score,
+            clip_top: s.clip_top,
+            pool,
+            batches: Batches {
+                target: s.batch_size,
+                caption: s.caption_batch,
+                synthesis: s.synthesis_batch,
+                clip: s.batch_size,
+                neurons: s.wave,
+            },
+        })
+    }
+}
+
+impl Models {
+    /// Loads every model of the pipeline on `device`.
+    pub fn load(
+        resolved: &[ResolvedModel; 4],
+        llm: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let [target, captioner, synthesiser, clip] = resolved;
+        Ok(Self {
+            target: Target::load(target, device, dtype)?,
+            captioner: Blip::load(captioner, device, dtype)?,
+            synthesiser: StableDiffusion::load(synthesiser, device, dtype)?,
+            clip: ClipVision::load(clip, device, dtype)?,
+            ids: ModelIds {
+                target: ModelId::of(target),
+                captioner: ModelId::of(captioner),
+                synthesiser: ModelId::of(synthesiser),
+                clip: ModelId::of(clip),
+                llm: llm.to_string(),
+            },
+        })
+    }
+}
+
+/// Pipeline stages, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Activations,
+    Crops,
+    Captions,
+    Concepts,
+    Synthesis,
+    Scoring,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::Activations,
+        Stage::Crops,
+        Stage::Captions,
+        Stage::Concepts,
+        Stage::Synthesis,
+        Stage::Scoring,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Activations => "activations",
+            Stage::Crops => "crops",
+            Stage::Captions => "captions",
+            Stage::Concepts => "concepts",
+            Stage::Synthesis => "synthesis",
+            Stage::Scoring => "scoring",
+        }
+    }
+}
+
+/// One of a neuron's top images: a probing image or a crop of one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopImage {
+    /// The probing image, relative to the probe folder.
+    pub image: String,
+    /// Set for a crop: its box in the original's pixels and its file (relative to the
+    /// store's image folder).
+    pub crop: Option<CropRef>,
+    pub activation: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CropRef {
+    /// [x0, y0, x1, y1]
+    #[serde(rename = "box")]
+    pub bbox: [u32; 4],
+    pub file: String,
+}
+
+/// A crop of one of the neuron's top probing images.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Crop {
+    pub source: String,
+    #[serde(rename = "box")]
+    pub bbox: [u32; 4],
+    pub file: String,
+    pub activation: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateScore {
+    pub concept: String,
+    pub rank_score: f64,
+    pub weight: f64,
+    pub final_score: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    pub label: String,
+    pub score: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyntheticSet {
+    pub concept: String,
+    /// Relative to the store's image folder.
+    pub files: Vec<String>,
+    pub activations: Vec<f32>,
+}
+
+/// Everything known about one neuron: the `describe --format json` line and the stored record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Description {
+    pub target: String,
+    pub layer: String,
+    pub neuron: usize,
+    pub status: Status,
+    /// The best three, best first.
+    pub labels: Vec<Label>,
+    /// Every candidate, best first.
+    pub candidates: Vec<CandidateScore>,
+    pub top_images: Vec<TopImage>,
+    pub crops: Vec<Crop>,
+    pub captions: Vec<String>,
+    /// One per caption; `null` where the LLM's answer was dropped.
+    pub simplified: Vec<Option<String>>,
+    pub synthetic: Vec<SyntheticSet>,
+    /// Seconds per stage.
+    pub timings: BTreeMap<String, f64>,
+    pub models: ModelIds,
+    pub seed: u64,
+    pub error: Option<String>,
+    /// LLM answers that were dropped, and why.
+    pub dropped: Vec<String>,
+}
+
+/// What the pipeline reports while it runs.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Progress of the layer-wide activation pass (once per layer, cached afterwards).
+    Activations {
+        done: usize,
+        total: usize,
+    },
+    /// The neurons that will run and those skipped as already described.
+    Plan {
+        run: Vec<usize>,
+        skipped: Vec<usize>,
+    },
+    StageStarted {
+        neuron: usize,
+        stage: Stage,
+    },
+    StageFinished {
+        neuron: usize,
+        stage: Stage,
+        seconds: f64,
+    },
+    /// The neuron's top images after re-scoring crops with originals.
+    TopImages {
+        neuron: usize,
+        images: Vec<TopImage>,
+    },
+    Crops {
+        neuron: usize,
+        crops: Vec<Crop>,
+    },
+    Caption {
+        neuron: usize,
+        index: usize,
+        text: String,
+    },
+    Simplified {
+        neuron: usize,
+        index: usize,
+        text: String,
+    },
+    Summary {
+        neuron: usize,
+        index: usize,
+        text: String,
+    },
+    Candidates {
+        neuron: usize,
+        candidates: Vec<String>,
+    },
+    Synthetic {
+        neuron: usize,
+        concept: String,
+        files: Vec<String>,
+    },
+    Scores {
+        neuron: usize,
+        scores: Vec<CandidateScore>,
+    },
+    /// The neuron is stored: described, or failed with the reason in `error`.
+    Finished {
+        neuron: usize,
+        description: Box<Description>,
+    },
+    Warning {
+        message: String,
+    },
+}
+
+/// One `describe` job: neurons of one layer.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub layer: String,
+    pub neurons: Vec<usize>,
+    pub params: Params,
+    /// Redo neurons already described with the same settings.
+    pub force: bool,
+}
+
+/// What a finished job did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub described: Vec<usize>,
+    pub failed: Vec<usize>,
+    pub skipped: Vec<usize>,
+}
+
+/// What a run needs besides the job.
+pub struct Context<'a> {
+    pub models: &'a Models,
+    pub probe: &'a ProbeSet,
+    pub store: &'a Arc<Store>,
+    pub llm: &'a Arc<dyn Llm>,
+    /// Where activation caches live (`None`: always recompute).
+    pub cache: Option<&'a activations::ActivationCache>,
+    pub runtime: &'a tokio::runtime::Handle,
+    pub events: &'a UnboundedSender<Event>,
+    pub cancel: &'a AtomicBool,
+}
+
+/// The key under which results of this job are stored: models, probing set and parameters.
+pub fn settings_key(models: &Models, probe: &ProbeSet, params: &Params) -> String {
+    let key = serde_json::json!({
+        "models": models.ids,
+        "target_weights": models.target.weights_hash,
+        "probe": probe.fingerprint,
+        "params": params,
+    });
+    blake3::hash(key.to_string().as_bytes()).to_hex()[..32].to_string()
+}
+
+fn check(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(Error::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// A neuron between stage A (images and captions) and stage B (synthesis and scores).
+struct Neuron {
+    n: usize,
+    top: Vec<TopImage>,
+    /// Decoded pixels of `top`, same order.
+    pixels: Vec<RgbImage>,
+    crops: Vec<Crop>,
+    captions: Vec<String>,
+    timings: BTreeMap<String, f64>,
+}
+
+/// Runs `job`. Per-neuron failures (nothing usable from the LLM, an unreadable image) are
+/// stored and reported and the job goes on; model errors and cancellation end it.
+pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
+    let target = &ctx.models.target;
+    let layer = target.layer_index(&job.layer)?;
+    for &n in &job.neurons {
+        target.check_neuron(layer, n)?;
+    }
+    let key = settings_key(ctx.models, ctx.probe, &job.params);
+    let mut summary = Summary::default();
+    let mut todo = Vec::new();
+    for &n in &job.neurons {
+        if !job.force && ctx.store.is_described(&target.name, &job.layer, n, &key)? {
+            summary.skipped.push(n);
+        } else if !todo.contains(&n) {
+            todo.push(n);
+        }
+    }
+    let _ = ctx.events.send(Event::Plan {
+        run: todo.clone(),
+        skipped: summary.skipped.clone(),
+    });
+    if todo.is_empty() {
+        return Ok(summary);
+    }
+    let (mut all, _) = activations::extract(
+        target,
+        ctx.probe,
+        &[layer],
+        activations::ExtractOptions {
+            pool: job.params.pool,
+            batch_size: job.params.batches.target,
+            cache: ctx.cache,
+        },
+        &mut |p| {
+            let _ = ctx.events.send(Event::Activations {
+                done: p.done,
+                total: p.total,
+            });
+        },
+        ctx.cancel,
+    )?;
+    let acts = all.remove(0);
+    let runner = Runner {
+        ctx,
+        job,
+        layer,
+        key,
+    };
+
+    let mut pending: Option<(Vec<Neuron>, LlmTask)> = None;
+    for wave in todo.chunks(job.params.batches.neurons.max(1)) {
+        check(ctx.cancel)?;
+        let ready = runner.images_and_captions(&acts, wave)?;
+        let task = runner.spawn_concepts(&ready);
+        if let Some((prev, prev_task)) = pending.take() {
+            runner.finish(prev, prev_task, &mut summary)?;
+        }
+        pending = Some((ready, task));
+    }
+    if let Some((prev, prev_task)) = pending {
+        runner.finish(prev, prev_task, &mut summary)?;
+    }
+    Ok(summary)
+}
+
+type LlmTask = tokio::task::JoinHandle<Vec<(Result<Concepts, summarise::LlmError>, f64)>>;
+
+struct Runner<'a> {
+    ctx: &'a Context<'a>,
+    job: &'a Job,
+    layer: usize,
+    key: String,
+}
+
+impl Runner<'_> {
+    fn send(&self, e: Event) {
+        // A consumer that went away (a closed TUI) does not stop the work being stored.
+        let _ = self.ctx.events.send(e);
+    }
+
+    fn params(&self) -> &Params {
+        &self.job.params
+    }
+
+    fn target(&self) -> &Target {
+        &self.ctx.models.target
+    }
+
+    /// Folder (relative to the store's images) of one neuron's files.
+    fn neuron_dir(&self, n: usize) -> PathBuf {
+        let slug: String = self
+            .target()
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Path::new(&slug).join(&self.job.layer).join(n.to_string())
+    }
+
+    /// Runs the target on `images` and hands each batch's layer output to `f` with the
+    /// index of its first image.
+    fn forward(
+        &self,
+        images: &[RgbImage],
+        mut f: impl FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let target = self.target();
+        for (i, chunk) in images
+            .chunks(self.params().batches.target.max(1))
+            .enumerate()
+        {
+            check(self.ctx.cancel)?;
+            let x = target.preprocess.batch(chunk)?;
+            let out = target.net.forward(&x, &[self.layer])?.remove(0);
+            f(i * self.params().batches.target.max(1), &out)?;
+        }
+        Ok(())
+    }
+
+    /// The pooled activation of neuron `neurons[i]` on `images[i]`.
+    fn activations_of(&self, images: &[RgbImage], neurons: &[usize]) -> Result<Vec<f32>> {
+        let kind = self.target().layer(self.layer).kind;
+        let mut out = Vec::with_capacity(images.len());
+        self.forward(images, |start, t| {
+            let pooled = activations::pool_output(kind, t, self.params().pool)?.to_vec2::<f32>()?;
+            for (j, row) in pooled.iter().enumerate() {
+                out.push(row[neurons[start + j]]);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn timed<T>(
+        &self,
+        n: &[usize],
+        stage: Stage,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, f64)> {
+        for &neuron in n {
+            self.send(Event::StageStarted { neuron, stage });
+        }
+        let t0 = Instant::now();
+        let r = f()?;
+        // A wave's batched work is shared; each neuron is charged its share.
+        let seconds = t0.elapsed().as_secs_f64() / n.len().max(1) as f64;
+        for &neuron in n {
+            self.send(Event::StageFinished {
+                neuron,
+                stage,
+                seconds,
+            });
+        }
+        Ok((r, seconds))
+    }
+
+    /// Step 1 and captions (step 2.1) for a wave of neurons.
+    fn images_and_captions(&self, acts: &LayerActivations, wave: &[usize]) -> Result<Vec<Neuron>> {
+        let p = self.params();
+        let probe = self.ctx.probe;
+        let ((mut neurons, spatial), crop_secs) = self.timed(wave, Stage::Crops, || {
+            // Top probing images, decoded once at their own resolution.
+            let mut neurons: Vec<Neuron> = Vec::with_capacity(wave.len());
+            for &n in wave {
+                let tops = acts.top_k(n, p.top_k);
+                let decoded: Vec<(TopImage, std::result::Result<RgbImage, String>)> = tops
+                    .par_iter()
+                    .map(|&(i, a)| {
+                        let rel = acts.images[i].clone();
+                        let img = probe::decode(&probe.root.join(&rel));
+                        (
+                            TopImage {
+                                image: rel,
+                                crop: None,
+                                activation: a,
+                            },
+                            img,
+                        )
+                    })
+                    .collect();
+                let mut neuron = Neuron {
+                    n,
+                    top: Vec::new(),
+                    pixels: Vec::new(),
+                    crops: Vec::new(),
+                    captions: Vec::new(),
+                    timings: BTreeMap::new(),
+                };
+                for (t, img) in decoded {
+                    match img {
+                        Ok(img) => {
+                            neuron.top.push(t);
+                            neuron.pixels.push(img);
+                        }
+                        Err(reason) => self.send(Event::Warning {
+                            message: format!(
+                                "neuron {n}: top image {} left out: {reason}",
+                                t.image
+                            ),
+                        }),
+                    }
+                }
+                neurons.push(neuron);
+            }
+            let spatial = self.target().layer(self.layer).kind == LayerKind::Spatial;
+            if spatial {
+                self.add_crops(&mut neurons)?;
+            }
+            Ok((neurons, spatial))
+        })?;
+        for nr in &mut neurons {
+            nr.timings.insert(Stage::Crops.name().into(), crop_secs);
+            if spatial {
+                self.send(Event::Crops {
+                    neuron: nr.n,
+                    crops: nr.crops.clone(),
+                });
+            }
+            self.send(Event::TopImages {
+                neuron: nr.n,
+                images: nr.top.clone(),
+            });
+        }
+
+        let ids: Vec<usize> = neurons.iter().map(|n| n.n).collect();
+        let (captions, secs) = self.timed(&ids, Stage::Captions, || {
+            let all: Vec<&RgbImage> = neurons.iter().flat_map(|n| &n.pixels).collect();
+            let blip = &self.ctx.models.captioner;
+            let mut captions = Vec::with_capacity(all.len());
+            for chunk in all.chunks(p.batches.caption.max(1)) {
+                check(self.ctx.cancel)?;
+                let owned: Vec<RgbImage> = chunk.iter().map(|&i| i.clone()).collect();
+                let px = blip.preprocess().batch(&owned)?;
+                for ids in blip.generate(&px, &p.caption)? {
+                    captions.push(clean_caption(&blip.decode(&ids)?));
+                }
+            }
+            Ok(captions)
+        })?;
+        let mut it = captions.into_iter();
+        for nr in &mut neurons {
+            nr.captions = it.by_ref().take(nr.pixels.len()).collect();
+            nr.timings.insert(Stage::Captions.name().into(), secs);
+            for (index, text) in nr.captions.iter().enumerate() {
+                self.send(Event::Caption {
+                    neuron: nr.n,
+                    index,
+                    text: text.clone(),
+                });
+            }
+        }
+        Ok(neurons)
+    }
+
+    /// Attention crops of each neuron's top images, re-scored with the originals; each
+    /// neuron keeps its best `top_images`.
+    fn add_crops(&self, neurons: &mut [Neuron]) -> Result<()> {
+        let p = self.params();
+        let kind = self.target().layer(self.layer).kind;
+        // Neuron maps of every top image of the wave, one batched pass.
+        let all: Vec<RgbImage> = neurons.iter().flat_map(|n| n.pixels.clone()).collect();
+        let owner: Vec<usize> = neurons
+            .iter()
+            .flat_map(|n| std::iter::repeat_n(n.n, n.pixels.len()))
+            .collect();
+        let mut maps = Vec::with_capacity(all.len());
+        self.forward(&all, |start, out| {
+            for j in 0..out.dim(0)? {
+                let one = out.narrow(0, j, 1)?;
+                maps.extend(activations::maps_of(kind, &one, owner[start + j])?);
+            }
+            Ok(())
+        })?;
+        let mut pieces: Vec<RgbImage> = Vec::new();
+        let mut piece_owner: Vec<usize> = Vec::new();
+        let mut maps = maps.into_iter();
+        for (w, nr) in neurons.iter_mut().enumerate() {
+            let dir = self.neuron_dir(nr.n).join("crops");
+            for (i, img) in nr.pixels.iter().enumerate() {
+                let map = maps.next().expect("one map per image");
+                let boxes = crops::attention_boxes(
+                    &map.values,
+                    (map.width as u32, map.height as u32),
+                    img.dimensions(),
+                    &p.crops,
+                );
+                for (c, b) in boxes.iter().enumerate() {
+                    let piece = crops::cut(img, b);
+                    let file = dir.join(format!("{i:02}_{c}.png"));
+                    self.ctx.store.save_image(&file, &piece)?;
+                    nr.crops.push(Crop {
+                        source: nr.top[i].image.clone(),
+                        bbox: b.as_array(),
+                        file: file.to_string_lossy().into_owned(),
+                        activation: f32::NAN,
+                    });
+                    pieces.push(piece);
+                    piece_owner.push(w);
+                }
+            }
+        }
+        let ns: Vec<usize> = piece_owner.iter().map(|&w| neurons[w].n).collect();
+        let scores = self.activations_of(&pieces, &ns)?;
+        let mut cursor = vec![0usize; neurons.len()];
+        let mut crop_pixels: Vec<Vec<RgbImage>> = vec![Vec::new(); neurons.len()];
+        for ((w, a), piece) in piece_owner.iter().zip(scores).zip(pieces) {
+            neurons[*w].crops[cursor[*w]].activation = a;
+            cursor[*w] += 1;
+            crop_pixels[*w].push(piece);
+        }
+        // Originals and crops together, best first (stable: originals win ties).
+        for (nr, cp) in neurons.iter_mut().zip(crop_pixels) {
+            let mut pool: Vec<(TopImage, RgbImage)> = nr
+                .top
+                .drain(..)
+                .zip(nr.pixels.drain(..))
+                .chain(nr.crops.iter().zip(cp).map(|(c, px)| {
+                    (
+                        TopImage {
+                            image: c.source.clone(),
+                            crop: Some(CropRef {
+                                bbox: c.bbox,
+                                file: c.file.clone(),
+                            }),
+                            activation: c.activation,
+                        },
+                        px,
+                    )
+                }))
+                .collect();
+            pool.sort_by(|a, b| b.0.activation.total_cmp(&a.0.activation));
+            pool.truncate(p.top_images);
+            (nr.top, nr.pixels) = pool.into_iter().unzip();
+        }
+        Ok(())
+    }
+
+    /// Starts the LLM work of a wave on the runtime; it runs while the models do the next one.
+    fn spawn_concepts(&self, wave: &[Neuron]) -> LlmTask {
+        let llm = self.ctx.llm.clone();
+        let store = self.ctx.store.clone();
+        let events = self.ctx.events.clone();
+        let base = self.params().concepts.clone();
+        let jobs: Vec<(usize, Vec<String>)> =
+            wave.iter().map(|n| (n.n, n.captions.clone())).collect();
+        for (n, _) in &jobs {
+            self.send(Event::StageStarted {
+                neuron: *n,
+                stage: Stage::Concepts,
+            });
+        }
+        self.ctx.runtime.spawn(async move {
+            let s = Summariser {
+                llm: &*llm,
+                cache: &*store,
+            };
+            let calls = jobs.iter().map(|(n, captions)| {
+                let events = events.clone();
+                // Each neuron shuffles with its own seed, so its prompts do not depend on
+                // which other neurons share the run.
+                let opts = ConceptOptions {
+                    seed: base.seed ^ (*n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ..base.clone()
+                };
+                let s = &s;
+                async move {
+                    let t0 = Instant::now();
+                    let neuron = *n;
+                    let on_event = move |e: ConceptEvent| {
+                        let _ = events.send(match e {
+                            ConceptEvent::Simplified { index, text } => Event::Simplified {
+                                neuron,
+                                index,
+                                text,
+                            },
+                            ConceptEvent::Summary { index, text } => Event::Summary {
+                                neuron,
+                                index,
+                                text,
+                            },
+                        });
+                    };
+                    let r = summarise::concepts(s, captions, &opts, &on_event).await;
+                    (r, t0.elapsed().as_secs_f64())
+                }
+            });
+            futures::future::join_all(calls).await
+        })
+    }
+
+    /// Waits for a wave's LLM answers (cancellable), then synthesises, scores and stores it.
+    fn finish(&self, wave: Vec<Neuron>, task: LlmTask, summary: &mut Summary) -> Result<()> {
+        let answers = self.wait(task)?;
+        let mut ready = Vec::new();
+        for (mut nr, (r, secs)) in wave.into_iter().zip(answers) {
+            nr.timings.insert(Stage::Concepts.name().into(), secs);
+            self.send(Event::StageFinished {
+                neuron: nr.n,
+                stage: Stage::Concepts,
+                seconds: secs,
+            });
+            let n = nr.n;
+            match r {
+                Ok(c) => {
+                    self.send(Event::Candidates {
+                        neuron: nr.n,
+                        candidates: c.candidates.clone(),
+                    });
+                    ready.push((nr, c));
+                }
+                Err(e) => {
+                    self.store_failure(nr, &e.to_string())?;
+                    summary.failed.push(n);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let (sets, secs) = self.synthesise(&ready)?;
+        for (nr, _) in &mut ready {
+            nr.timings.insert(Stage::Synthesis.name().into(), secs);
+        }
+        self.score_and_store(ready, sets, summary)
+    }
+
+    fn wait(&self, mut task: LlmTask) -> Result<Vec<(Result<Concepts, summarise::LlmError>, f64)>> {
+        self.ctx.runtime.block_on(async {
+            loop {
+                match tokio::time::timeout(Duration::from_millis(100), &mut task).await {
+                    Ok(joined) => {
+                        return joined.map_err(|e| Error::Model {
+                            model: "summariser".into(),
+                            detail: format!("the LLM task stopped: {e}"),
+                        })
+                    }
+                    Err(_) if self.ctx.cancel.load(Ordering::Relaxed) => {
+                        task.abort();
+                        return Err(Error::Cancelled);
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+
+    fn store_failure(&self, nr: Neuron, error: &str) -> Result<()> {
+        let description = Description {
+            status: Status::Failed,
+            error: Some(error.to_string()),
+            ..self.describe(&nr, None, Vec::new(), Vec::new())
+        };
+        self.ctx.store.put(&self.row(&description))?;
+        self.send(Event::Finished {
+            neuron: nr.n,
+            description: Box::new(description),
+        });
+        Ok(())
+    }
+
+    fn describe(
+        &self,
+        nr: &Neuron,
+        concepts: Option<&Concepts>,
+        candidates: Vec<CandidateScore>,
+        synthetic: Vec<SyntheticSet>,
+    ) -> Description {
+        let labels = candidates
+            .iter()
+            .take(3)
+            .map(|c| Label {
+                label: c.concept.clone(),
+                score: c.final_score,
+            })
+            .collect();
+        Description {
+            target: self.target().name.clone(),
+            layer: self.job.layer.clone(),
+            neuron: nr.n,
+            status: Status::Described,
+            labels,
+            candidates,
+            top_images: nr.top.clone(),
+            crops: nr.crops.clone(),
+            captions: nr.captions.clone(),
+            simplified: concepts.map(|c| c.simplified.clone()).unwrap_or_default(),
+            synthetic,
+            timings: nr.timings.clone(),
+            models: self.ctx.models.ids.clone(),
+            seed: self.params().sampling.seed,
+            error: None,
+            dropped: concepts.map(|c| c.dropped.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn row(&self, d: &Description) -> Row {
+        Row {
+            target: d.target.clone(),
+            layer: d.layer.clone(),
+            neuron: d.neuron,
+            settings_key: self.key.clone(),
+            status: d.status,
+            label: d.labels.first().map(|l| l.label.clone()),
+            record: serde_json::to_value(d).expect("descriptions serialise"),
+            error: d.error.clone(),
+        }
+    }
+
+    /// Q images per candidate of every neuron of the wave, batched across neurons. Every
+    /// candidate starts from the same seeded noise, so candidates differ only by prompt.
+    fn synthesise(&self, ready: &[(Neuron, Concepts)]) -> Result<(Vec<Vec<Synthesised>>, f64)> {
+        let p = self.params();
+        let ids: Vec<usize> = ready.iter().map(|(n, _)| n.n).collect();
+        let sd = &self.ctx.models.synthesiser;
+        let (sets, secs) = self.timed(&ids, Stage::Synthesis, || {
+            let q = p.images_per_concept;
+            let noise = sd.noise(q, &p.sampling)?;
+            // (wave index, candidate index, image index) of every image to make.
+            let items: Vec<(usize, usize, usize)> = ready
+                .iter()
+                .enumerate()
+                .flat_map(|(w, (_, c))| {
+                    (0..c.candidates.len()).flat_map(move |ci| (0..q).map(move |j| (w, ci, j)))
+                })
+                .collect();
+            let mut sets: Vec<Vec<Synthesised>> = ready
+                .iter()
+                .map(|(_, c)| {
+                    c.candidates
+                        .iter()
+                        .map(|concept| Synthesised {
+                            set: SyntheticSet {
+                                concept: concept.clone(),
+                                files: Vec::new(),
+                                activations: Vec::new(),
+                            },
+                            images: Vec::new(),
+                        })
+                        .collect()
+                })
+                .collect();
+            for chunk in items.chunks(p.batches.synthesis.max(1)) {
+                check(self.ctx.cancel)?;
+                let prompts: Vec<String> = chunk
+                    .iter()
+                    .map(|&(w, ci, _)| p.prompt.replace("{}", &ready[w].1.candidates[ci]))
+                    .collect();
+                let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                let rows: Vec<Tensor> = chunk
+                    .iter()
+                    .map(|&(_, _, j)| noise.narrow(0, j, 1))
+                    .collect::<candle_core::Result<_>>()?;
+                let latents = Tensor::cat(&rows, 0)?;
+                let mut sched = sd.scheduler(&p.sampling)?;
+                let out = sd.denoise(&latents, &prompt_refs, &mut sched, p.sampling.guidance)?;
+                let images = crate::synthesise::to_rgb(&sd.decode(&out)?)?;
+                for (&(w, ci, j), img) in chunk.iter().zip(images) {
+                    let file = self
+                        .neuron_dir(ready[w].0.n)
+                        .join("synthetic")
+                        .join(format!("{ci}_{j:02}.png"));
+                    self.ctx.store.save_image(&file, &img)?;
+                    let s = &mut sets[w][ci];
+                    s.set.files.push(file.to_string_lossy().into_owned());
+                    s.images.push(img);
+                }
+            }
+            Ok(sets)
+        })?;
+        for ((nr, _), s) in ready.iter().zip(&sets) {
+            for x in s {
+                self.send(Event::Synthetic {
+                    neuron: nr.n,
+                    concept: x.set.concept.clone(),
+                    files: x.set.files.clone(),
+                });
+            }
+        }
+        Ok((sets, secs))
+    }
+
+    /// Step 3.2-3.5 for every neuron of the wave, then one stored row per neuron.
+    fn score_and_store(
+        &self,
+        ready: Vec<(Neuron, Concepts)>,
+        mut sets: Vec<Vec<Synthesised>>,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        let p = self.params();
+        let ids: Vec<usize> = ready.iter().map(|(n, _)| n.n).collect();
+        let (scored, secs) = self.timed(&ids, Stage::Scoring, || {
+            // The target on every synthetic image of the wave, one batched pass.
+            let images: Vec<RgbImage> = sets
+                .iter()
+                .flatten()
+                .flat_map(|x| x.images.iter().cloned())
+                .collect();
+            let owners: Vec<usize> = ready
+                .iter()
+                .zip(&sets)
+                .flat_map(|((nr, _), s)| {
+                    std::iter::repeat_n(nr.n, s.iter().map(|x| x.images.len()).sum())
+                })
+                .collect();
+            let mut acts = self.activations_of(&images, &owners)?.into_iter();
+            let clip = &self.ctx.models.clip;
+            let mut out = Vec::with_capacity(ready.len());
+            for ((nr, _), s) in ready.iter().zip(sets.iter_mut()) {
+                for x in s.iter_mut() {
+                    x.set.activations = acts.by_ref().take(x.images.len()).collect();
+                }
+                let per: Vec<Vec<f32>> = s.iter().map(|x| x.set.activations.clone()).collect();
+                let ranking = score::rank(&per, p.clip_top);
+                let rank_scores: Vec<f64> = ranking
+                    .positions
+                    .iter()
+                    .map(|pos| p.rank_score.score(pos, per.len()))
+                    .collect();
+                let probe_emb = clip.embed_images(&nr.pixels, p.batches.clip)?;
+                let mut weights = Vec::with_capacity(per.len());
+                for (x, in_top) in s.iter().zip(&ranking.in_top) {
+                    let imgs: Vec<RgbImage> = in_top.iter().map(|&j| x.images[j].clone()).collect();
+                    let emb = clip.embed_images(&imgs, p.batches.clip)?;
+                    weights.push(score::clip_weight(&probe_emb, &emb));
+                }
+                let scores: Vec<CandidateScore> = score::combine(&rank_scores, &weights)
+                    .into_iter()
+                    .map(|sc| CandidateScore {
+                        concept: s[sc.candidate].set.concept.clone(),
+                        rank_score: sc.rank_score,
+                        weight: sc.weight,
+                        final_score: sc.final_score,
+                    })
+                    .collect();
+                self.send(Event::Scores {
+                    neuron: nr.n,
+                    scores: scores.clone(),
+                });
+                out.push(scores);
+            }
+            Ok(out)
+        })?;
+        for (((mut nr, c), s), scores) in ready.into_iter().zip(sets).zip(scored) {
+            nr.timings.insert(Stage::Scoring.name().into(), secs);
+            let sets = s.into_iter().map(|x| x.set).collect();
+            let d = self.describe(&nr, Some(&c), scores, sets);
+            self.ctx.store.put(&self.row(&d))?;
+            summary.described.push(nr.n);
+            self.send(Event::Finished {
+                neuron: nr.n,
+                description: Box::new(d),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A candidate's synthetic images, kept in memory for scoring.
+struct Synthesised {
+    set: SyntheticSet,
+    images: Vec<RgbImage>,
+}

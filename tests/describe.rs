@@ -1,0 +1,361 @@
+//! `dnd describe` and `dnd export` end to end on the tiny fixtures (ResNet target, BLIP,
+//! Stable Diffusion, CLIP written by the reference libraries) against an in-process
+//! OpenAI-compatible mock: labels reach the store, LLM faults are retried or fail one neuron
+//! while the batch goes on, and a kill -9 mid-batch loses nothing.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::llm::{Fault, MockLlm};
+use common::{dnd, dnd_command, fixture_model, fixtures, text};
+use dnd::store::{Status, Store};
+
+/// Flags for a small, quick run on the fixtures.
+fn flags(home: &Path, llm: &str) -> Vec<String> {
+    let probe = fixtures().join("images");
+    [
+        "--device",
+        "cpu",
+        "--target",
+        &fixture_model("resnet_basic"),
+        "--captioner",
+        &fixture_model("blip_tiny"),
+        "--synthesiser",
+        &fixture_model("sd_tiny"),
+        "--clip",
+        &fixture_model("clip_tiny"),
+        "--probe",
+        &probe.display().to_string(),
+        "--db",
+        &home.join("out/dnd.sqlite").display().to_string(),
+        "--llm-url",
+        llm,
+        "--llm-model",
+        "mock",
+        "--llm-timeout",
+        "1",
+        "--llm-backoff",
+        "0.05",
+        "--top-k",
+        "3",
+        "--top-images",
+        "4",
+        "--candidates",
+        "3",
+        "--images-per-concept",
+        "2",
+        "--caption-tokens",
+        "8",
+        "--wave",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn describe(home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["describe".to_string()];
+    args.extend(flags(home, llm));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    dnd(home, &refs)
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn describe_stores_labels_and_export_reads_them() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let o = describe(
+        home.path(),
+        &llm.url(),
+        &["--layer", "layer4", "--neurons", "0-2", "--format", "json"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 3, "{out}");
+    let images_root = home.path().join("out/dnd.sqlite.images");
+    for (i, d) in lines.iter().enumerate() {
+        assert_eq!(d["neuron"], i, "{d}");
+        assert_eq!(d["layer"], "layer4");
+        assert_eq!(d["status"], "described", "{d}");
+        let labels = d["labels"].as_array().unwrap();
+        assert!(!labels.is_empty() && labels.len() <= 3, "{d}");
+        let candidates = d["candidates"].as_array().unwrap();
+        assert!(!candidates.is_empty());
+        // The label is the best-scored candidate, every candidate is cleaned.
+        assert_eq!(labels[0]["label"], candidates[0]["concept"]);
+        for c in candidates {
+            let c = c["concept"].as_str().unwrap();
+            assert_eq!(c, c.to_lowercase());
+            assert!(
+                !c.ends_with('.') && !c.contains(':') && !c.contains(','),
+                "{c}"
+            );
+        }
+        let top = d["top_images"].as_array().unwrap();
+        assert!(!top.is_empty() && top.len() <= 4, "{d}");
+        let acts: Vec<f64> = top
+            .iter()
+            .map(|t| t["activation"].as_f64().unwrap())
+            .collect();
+        assert!(
+            acts.windows(2).all(|w| w[0] >= w[1]),
+            "top images sorted: {acts:?}"
+        );
+        for c in d["crops"].as_array().unwrap() {
+            let b: Vec<u64> = serde_json::from_value(c["box"].clone()).unwrap();
+            assert!(b[0] < b[2] && b[1] < b[3], "{c}");
+            assert!(images_root.join(c["file"].as_str().unwrap()).is_file());
+        }
+        assert_eq!(d["captions"].as_array().unwrap().len(), top.len());
+        assert_eq!(d["simplified"].as_array().unwrap().len(), top.len());
+        for set in d["synthetic"].as_array().unwrap() {
+            let files = set["files"].as_array().unwrap();
+            assert_eq!(files.len(), 2);
+            for f in files {
+                assert!(images_root.join(f.as_str().unwrap()).is_file());
+            }
+        }
+        for stage in ["crops", "captions", "concepts", "synthesis", "scoring"] {
+            assert!(d["timings"][stage].as_f64().is_some(), "{stage}: {d}");
+        }
+        assert!(d["models"]["synthesiser"]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("sd_tiny"));
+        assert_eq!(d["models"]["llm"], "mock");
+        assert_eq!(d["seed"], 0);
+    }
+
+    // The store has them; a rerun skips them and asks the LLM nothing.
+    let asked = llm.requests();
+    let again = describe(
+        home.path(),
+        &llm.url(),
+        &["--layer", "layer4", "--neurons", "0-2"],
+    );
+    let (out2, err2) = text(&again);
+    assert!(again.status.success(), "{err2}");
+    assert_eq!(out2.matches("(stored)").count(), 3, "{out2}");
+    assert!(err2.contains("3 already described"), "{err2}");
+    assert_eq!(llm.requests(), asked);
+
+    // --force recomputes everything, yet every LLM answer comes from the cache: same labels.
+    let forced = describe(
+        home.path(),
+        &llm.url(),
+        &[
+            "--layer",
+            "layer4",
+            "--neurons",
+            "0-2",
+            "--format",
+            "json",
+            "--force",
+        ],
+    );
+    assert!(forced.status.success());
+    assert_eq!(
+        llm.requests(),
+        asked,
+        "answers are cached by (model, prompt)"
+    );
+    let relabelled = json_lines(&text(&forced).0);
+    for (a, b) in lines.iter().zip(&relabelled) {
+        assert_eq!(a["labels"], b["labels"]);
+    }
+
+    let db = home.path().join("out/dnd.sqlite").display().to_string();
+    let csv = dnd(home.path(), &["export", "--db", &db, "--format", "csv"]);
+    let (csv_out, csv_err) = text(&csv);
+    assert!(csv.status.success(), "{csv_err}");
+    let rows: Vec<&str> = csv_out.lines().collect();
+    assert_eq!(rows[0], "Neuron ID,Label 1,Label 2,Label 3");
+    assert_eq!(rows.len(), 4, "{csv_out}");
+    let first_label = lines[0]["labels"][0]["label"].as_str().unwrap();
+    assert!(
+        rows[1].starts_with(&format!("0,{first_label}")),
+        "{csv_out}"
+    );
+    let json = dnd(
+        home.path(),
+        &[
+            "export", "--db", &db, "--format", "json", "--layer", "layer4",
+        ],
+    );
+    assert_eq!(json_lines(&text(&json).0).len(), 3);
+}
+
+#[test]
+fn llm_faults_are_retried_and_the_batch_goes_on() {
+    let home = tempfile::tempdir().unwrap();
+    let faults = [
+        (0, Fault::RateLimited),
+        (1, Fault::ServerError),
+        (2, Fault::Hang(Duration::from_secs(3))),
+        (3, Fault::Malformed),
+        (4, Fault::Empty),
+    ];
+    let llm = MockLlm::start(&faults, None, Duration::ZERO);
+    let o = describe(
+        home.path(),
+        &llm.url(),
+        &[
+            "--layer",
+            "layer4",
+            "--neurons",
+            "0,1",
+            "--format",
+            "json",
+            "--llm-concurrency",
+            "1",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for d in json_lines(&out) {
+        assert_eq!(d["status"], "described", "{d}");
+    }
+    for seen in [
+        "HTTP 429",
+        "HTTP 500",
+        "no answer within",
+        "not a chat completion",
+        "no text",
+    ] {
+        assert!(
+            err.contains(seen),
+            "warning about {seen:?} expected in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_down_endpoint_fails_each_neuron_clearly_and_the_batch_finishes() {
+    let home = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let o = describe(
+        home.path(),
+        &url,
+        &[
+            "--layer",
+            "layer4",
+            "--neurons",
+            "0-2",
+            "--llm-retries",
+            "1",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(!o.status.success());
+    assert_eq!(out.matches("FAILED").count(), 3, "{out}");
+    assert!(out.contains("unreachable") && out.contains(&url), "{out}");
+    assert!(err.contains("3 neuron(s) failed"), "{err}");
+    let store = Store::open(&home.path().join("out/dnd.sqlite")).unwrap();
+    let rows = store.rows(None, Some("layer4")).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows
+        .iter()
+        .all(|r| r.status == Status::Failed && r.error.is_some()));
+    // Captions were kept with the failure, for a look at what the LLM was asked.
+    assert!(!rows[0].record["captions"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn garbage_answers_fail_the_neuron_with_the_reason() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], Some(Fault::Malformed), Duration::ZERO);
+    let o = describe(
+        home.path(),
+        &llm.url(),
+        &["--layer", "layer4", "--neurons", "0", "--llm-retries", "1"],
+    );
+    let (out, _) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        out.contains("FAILED") && out.contains("no usable answer"),
+        "{out}"
+    );
+}
+
+#[test]
+fn missing_api_key_for_openai_is_refused_before_any_work() {
+    let home = tempfile::tempdir().unwrap();
+    let o = describe(
+        home.path(),
+        "https://api.openai.com/v1",
+        &["--layer", "layer4", "--neurons", "0"],
+    );
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("OPENAI_API_KEY"), "{err}");
+}
+
+#[test]
+fn kill_mid_batch_then_rerun_loses_and_duplicates_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    // Slow answers, so the batch is still running when it is killed.
+    let llm = MockLlm::start(&[], None, Duration::from_millis(150));
+    let mut args = vec!["describe".to_string()];
+    args.extend(flags(home.path(), &llm.url()));
+    args.extend(["--layer", "layer4", "--neurons", "0-5"].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = dnd_command(home.path(), &refs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut finished = 0;
+    while finished < 2 {
+        let line = lines.next().expect("dnd ended before two neurons").unwrap();
+        if !line.starts_with('#') && !line.trim_start().starts_with("neuron") {
+            finished += 1;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stored = Store::open(&home.path().join("out/dnd.sqlite"))
+        .unwrap()
+        .rows(None, None)
+        .unwrap()
+        .len();
+    assert!(
+        (2..6).contains(&stored),
+        "killed mid-batch: {stored} stored"
+    );
+
+    let o = describe(
+        home.path(),
+        &llm.url(),
+        &["--layer", "layer4", "--neurons", "0-5"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.matches("(stored)").count() >= 2, "{out}");
+    let store = Store::open(&home.path().join("out/dnd.sqlite")).unwrap();
+    let rows = store.rows(None, Some("layer4")).unwrap();
+    let neurons: Vec<usize> = rows.iter().map(|r| r.neuron).collect();
+    assert_eq!(neurons, (0..6).collect::<Vec<_>>());
+    assert!(rows
+        .iter()
+        .all(|r| r.status == Status::Described && r.label.is_some()));
+}
