@@ -521,6 +521,34 @@ mod tests {
     }
 
     #[test]
+    fn presets_set_defaults_and_anything_explicit_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "preset = \"paper\"\nguidance = 3.0\n").unwrap();
+        let args = SettingsArgs {
+            steps: Some(20),
+            ..Default::default()
+        };
+        let l = load_with_env(Some(&file), &args, &env_of(&[])).unwrap();
+        let s = &l.settings;
+        assert_eq!(s.preset, Preset::Paper);
+        assert_eq!(s.synthesiser.to_string(), "CompVis/stable-diffusion-v1-4");
+        assert_eq!(s.scheduler, "dpm-solver++");
+        assert_eq!((s.steps, s.guidance), (20, 3.0));
+        let fast = load_with_env(
+            Some(&file),
+            &SettingsArgs::default(),
+            &env_of(&[("DND_PRESET", "fast")]),
+        )
+        .unwrap();
+        assert_eq!(
+            fast.settings.synthesiser.to_string(),
+            "stabilityai/sd-turbo"
+        );
+        assert_eq!((fast.settings.steps, fast.settings.guidance), (1, 3.0));
+    }
+
+    #[test]
     fn bad_file_and_unknown_key_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.toml");

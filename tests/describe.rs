@@ -15,13 +15,13 @@ use common::{dnd, dnd_command, fixture_model, fixtures, text};
 use dnd::store::{Status, Store};
 
 /// Flags for a small, quick run on the fixtures.
-fn flags(home: &Path, llm: &str) -> Vec<String> {
+fn flags(home: &Path, llm: &str, target: &str) -> Vec<String> {
     let probe = fixtures().join("images");
     [
         "--device",
         "cpu",
         "--target",
-        &fixture_model("resnet_basic"),
+        &fixture_model(target),
         "--captioner",
         &fixture_model("blip_tiny"),
         "--synthesiser",
@@ -59,8 +59,12 @@ fn flags(home: &Path, llm: &str) -> Vec<String> {
 }
 
 fn describe(home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
+    describe_on("resnet_basic", home, llm, extra)
+}
+
+fn describe_on(target: &str, home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["describe".to_string()];
-    args.extend(flags(home, llm));
+    args.extend(flags(home, llm, target));
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     dnd(home, &refs)
@@ -198,6 +202,35 @@ fn describe_stores_labels_and_export_reads_them() {
     assert_eq!(json_lines(&text(&json).0).len(), 3);
 }
 
+/// Layers without a spatial map (a classifier's fc, a ViT block's CLS dimension) skip the
+/// crops and describe the same way.
+#[test]
+fn fc_and_vit_layers_describe_without_crops() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    for (target, layer) in [("resnet_bottleneck", "fc"), ("vit_tiny", "blocks.1")] {
+        let o = describe_on(
+            target,
+            home.path(),
+            &llm.url(),
+            &["--layer", layer, "--neurons", "0,3", "--format", "json"],
+        );
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{target} {layer}: {err}");
+        let lines = json_lines(&out);
+        assert_eq!(lines.len(), 2);
+        for d in lines {
+            assert_eq!(d["status"], "described", "{d}");
+            assert!(d["crops"].as_array().unwrap().is_empty());
+            assert!(d["top_images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["crop"].is_null()));
+        }
+    }
+}
+
 #[test]
 fn llm_faults_are_retried_and_the_batch_goes_on() {
     let home = tempfile::tempdir().unwrap();
@@ -209,6 +242,7 @@ fn llm_faults_are_retried_and_the_batch_goes_on() {
         (4, Fault::Empty),
     ];
     let llm = MockLlm::start(&faults, None, Duration::ZERO);
+    let key = "sk-very-secret-key-123456";
     let o = describe(
         home.path(),
         &llm.url(),
@@ -221,10 +255,15 @@ fn llm_faults_are_retried_and_the_batch_goes_on() {
             "json",
             "--llm-concurrency",
             "1",
+            "--llm-api-key",
+            key,
         ],
     );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
+    assert!(!out.contains(key) && !err.contains(key));
+    let db = std::fs::read(home.path().join("out/dnd.sqlite")).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains(key));
     for d in json_lines(&out) {
         assert_eq!(d["status"], "described", "{d}");
     }
@@ -315,7 +354,7 @@ fn kill_mid_batch_then_rerun_loses_and_duplicates_nothing() {
     // Slow answers, so the batch is still running when it is killed.
     let llm = MockLlm::start(&[], None, Duration::from_millis(150));
     let mut args = vec!["describe".to_string()];
-    args.extend(flags(home.path(), &llm.url()));
+    args.extend(flags(home.path(), &llm.url(), "resnet_basic"));
     args.extend(["--layer", "layer4", "--neurons", "0-5"].map(String::from));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = dnd_command(home.path(), &refs)

@@ -17,6 +17,7 @@ pub enum Fault {
     Hang(Duration),
     Malformed,
     Empty,
+    Unauthorized,
 }
 
 impl Fault {
@@ -31,6 +32,9 @@ impl Fault {
                 .insert_header("content-type", "application/json")
                 .set_body_string("{\"choices\": [ this is not json"),
             Fault::Empty => completion(""),
+            Fault::Unauthorized => ResponseTemplate::new(401).set_body_string(
+                r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+            ),
         }
     }
 }

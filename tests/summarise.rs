@@ -1,0 +1,162 @@
+//! The API summariser against the in-process mock: Retry-After is honoured, refusals are
+//! not retried, answers are cached, and the concepts come out cleaned.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::llm::{Fault, MockLlm};
+use dnd::config::Secret;
+use dnd::summarise::{
+    self, AnswerCache, ApiLlm, ApiOptions, ConceptOptions, Llm, LlmError, Summariser,
+};
+
+fn api(url: String, retries: u32) -> ApiLlm {
+    ApiLlm::new(ApiOptions {
+        url,
+        model: "mock".into(),
+        api_key: Secret::from("sk-test-secret-value".to_string()),
+        timeout: Duration::from_millis(500),
+        retries,
+        backoff: Duration::from_millis(10),
+        concurrency: 2,
+    })
+    .unwrap()
+}
+
+#[derive(Default)]
+struct MemoryCache(Mutex<Vec<(String, String, String)>>);
+
+impl AnswerCache for MemoryCache {
+    fn get(&self, model: &str, prompt: &str) -> Option<String> {
+        let v = self.0.lock().unwrap();
+        v.iter()
+            .find(|(m, p, _)| m == model && p == prompt)
+            .map(|(_, _, a)| a.clone())
+    }
+    fn put(&self, model: &str, prompt: &str, answer: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((model.into(), prompt.into(), answer.into()));
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Runtime::new().unwrap().block_on(f)
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let mock = MockLlm::start(&[(0, Fault::RateLimited)], None, Duration::ZERO);
+    let llm = api(mock.url(), 2);
+    let msgs = summarise::simplify_prompt("a red car");
+    let t0 = Instant::now();
+    let answer = block_on(llm.chat(&msgs, 0.3)).unwrap();
+    // The mock asks for 1 s; our own backoff would have waited ~10 ms.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(!answer.is_empty());
+    assert_eq!(mock.requests(), 2);
+}
+
+#[test]
+fn failures_say_what_to_fix_and_only_transient_ones_are_retried() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let llm = api(format!("http://127.0.0.1:{port}/nothing"), 0);
+    let err = block_on(llm.chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    assert!(
+        matches!(err, LlmError::Unreachable { attempts: 1, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--llm-url") && !msg.contains("sk-test"),
+        "{msg}"
+    );
+
+    // Every request 500: retried, then reported with the status and the attempts.
+    let mock = MockLlm::start(&[], Some(Fault::ServerError), Duration::ZERO);
+    let err = block_on(api(mock.url(), 2).chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LlmError::Busy {
+                status: 500,
+                attempts: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(mock.requests(), 3);
+
+    // A wrong key is final at once, and the key never shows.
+    let mock = MockLlm::start(&[], Some(Fault::Unauthorized), Duration::ZERO);
+    let err = block_on(api(mock.url(), 3).chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    assert!(
+        matches!(err, LlmError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("OPENAI_API_KEY") && !msg.contains("sk-test"),
+        "{msg}"
+    );
+    assert_eq!(mock.requests(), 1);
+}
+
+#[test]
+fn concepts_are_cleaned_and_answers_cached() {
+    let mock = MockLlm::start(&[], None, Duration::ZERO);
+    let llm = api(mock.url(), 0);
+    let cache = MemoryCache::default();
+    let s = Summariser {
+        llm: &llm,
+        cache: &cache,
+    };
+    let captions: Vec<String> = [
+        "a red car on a road",
+        "a striped shirt",
+        "a dog on grass",
+        "blue sky over a field",
+    ]
+    .map(String::from)
+    .to_vec();
+    let opts = ConceptOptions::default();
+    let events = Mutex::new(Vec::new());
+    let on_event = |e| events.lock().unwrap().push(e);
+    let first = block_on(summarise::concepts(&s, &captions, &opts, &on_event)).unwrap();
+    assert_eq!(first.simplified.len(), 4);
+    assert!(first.simplified.iter().all(|s| s
+        .as_deref()
+        .is_some_and(|s| !s.contains('"') && !s.ends_with('.'))));
+    assert_eq!(first.answers.len(), 5);
+    assert!(!first.candidates.is_empty());
+    for c in &first.candidates {
+        assert_eq!(c, &c.to_lowercase());
+        assert!(
+            !c.contains(':') && !c.contains(',') && !c.ends_with('.'),
+            "{c}"
+        );
+    }
+    if first.candidates.iter().any(|c| c == "floral designs") {
+        assert!(first
+            .candidates
+            .iter()
+            .any(|c| c == "floral designs background"));
+    }
+    assert_eq!(events.lock().unwrap().len(), 4 + 5);
+    let asked = mock.requests();
+    let second = block_on(summarise::concepts(&s, &captions, &opts, &|_| {})).unwrap();
+    assert_eq!(second, first);
+    assert_eq!(mock.requests(), asked, "a rerun asks nothing");
+}
