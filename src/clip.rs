@@ -208,7 +208,11 @@ impl ClipVision {
     }
 
     /// Embeddings of decoded images, `batch` at a time.
-    pub fn embed_images(&self, images: &[image::RgbImage], batch: usize) -> Result<Vec<Vec<f32>>> {
+    pub fn embed_images<I: std::borrow::Borrow<image::RgbImage> + Sync>(
+        &self,
+        images: &[I],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(images.len());
         for chunk in images.chunks(batch.max(1)) {
             let px = self.preprocess.batch(chunk)?;

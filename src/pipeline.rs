@@ -515,7 +515,9 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
     Ok(summary)
 }
 
-type LlmTask = tokio::task::JoinHandle<Vec<(Result<Concepts, summarise::LlmError>, f64)>>;
+/// Per neuron of a wave: its concepts or why there are none, and the seconds it took.
+type Answers = Vec<(std::result::Result<Concepts, String>, f64)>;
+type LlmTask = tokio::task::JoinHandle<Answers>;
 
 struct Runner<'a> {
     ctx: &'a Context<'a>,
@@ -559,7 +561,7 @@ impl Runner<'_> {
     /// index of its first image.
     fn forward(
         &self,
-        images: &[RgbImage],
+        images: &[&RgbImage],
         mut f: impl FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let target = self.target();
@@ -576,7 +578,7 @@ impl Runner<'_> {
     }
 
     /// The pooled activation of neuron `neurons[i]` on `images[i]`.
-    fn activations_of(&self, images: &[RgbImage], neurons: &[usize]) -> Result<Vec<f32>> {
+    fn activations_of(&self, images: &[&RgbImage], neurons: &[usize]) -> Result<Vec<f32>> {
         let kind = self.target().layer(self.layer).kind;
         let mut out = Vec::with_capacity(images.len());
         self.forward(images, |start, t| {
@@ -687,8 +689,7 @@ impl Runner<'_> {
             let mut captions = Vec::with_capacity(all.len());
             for chunk in all.chunks(p.batches.caption.max(1)) {
                 check(self.ctx.cancel)?;
-                let owned: Vec<RgbImage> = chunk.iter().map(|&i| i.clone()).collect();
-                let px = blip.preprocess().batch(&owned)?;
+                let px = blip.preprocess().batch(chunk)?;
                 for ids in blip.generate(&px, &p.caption)? {
                     captions.push(clean_caption(&blip.decode(&ids)?));
                 }
@@ -716,7 +717,7 @@ impl Runner<'_> {
         let p = self.params();
         let kind = self.target().layer(self.layer).kind;
         // Neuron maps of every top image of the wave, one batched pass.
-        let all: Vec<RgbImage> = neurons.iter().flat_map(|n| n.pixels.clone()).collect();
+        let all: Vec<&RgbImage> = neurons.iter().flat_map(|n| &n.pixels).collect();
         let owner: Vec<usize> = neurons
             .iter()
             .flat_map(|n| std::iter::repeat_n(n.n, n.pixels.len()))
@@ -758,7 +759,7 @@ impl Runner<'_> {
             }
         }
         let ns: Vec<usize> = piece_owner.iter().map(|&w| neurons[w].n).collect();
-        let scores = self.activations_of(&pieces, &ns)?;
+        let scores = self.activations_of(&pieces.iter().collect::<Vec<_>>(), &ns)?;
         let mut cursor = vec![0usize; neurons.len()];
         let mut crop_pixels: Vec<Vec<RgbImage>> = vec![Vec::new(); neurons.len()];
         for ((w, a), piece) in piece_owner.iter().zip(scores).zip(pieces) {
@@ -838,7 +839,13 @@ impl Runner<'_> {
                             },
                         });
                     };
-                    let r = summarise::concepts(s, captions, &opts, &on_event).await;
+                    let r = if captions.is_empty() {
+                        Err("none of its top images could be read (see the warnings)".into())
+                    } else {
+                        summarise::concepts(s, captions, &opts, &on_event)
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
                     (r, t0.elapsed().as_secs_f64())
                 }
             });
@@ -867,7 +874,7 @@ impl Runner<'_> {
                     ready.push((nr, c));
                 }
                 Err(e) => {
-                    self.store_failure(nr, &e.to_string())?;
+                    self.store_failure(nr, &e)?;
                     summary.failed.push(n);
                 }
             }
@@ -882,7 +889,7 @@ impl Runner<'_> {
         self.score_and_store(ready, sets, summary)
     }
 
-    fn wait(&self, mut task: LlmTask) -> Result<Vec<(Result<Concepts, summarise::LlmError>, f64)>> {
+    fn wait(&self, mut task: LlmTask) -> Result<Answers> {
         self.ctx.runtime.block_on(async {
             loop {
                 match tokio::time::timeout(Duration::from_millis(100), &mut task).await {
@@ -1048,11 +1055,7 @@ impl Runner<'_> {
         let ids: Vec<usize> = ready.iter().map(|(n, _)| n.n).collect();
         let (scored, secs) = self.timed(&ids, Stage::Scoring, || {
             // The target on every synthetic image of the wave, one batched pass.
-            let images: Vec<RgbImage> = sets
-                .iter()
-                .flatten()
-                .flat_map(|x| x.images.iter().cloned())
-                .collect();
+            let images: Vec<&RgbImage> = sets.iter().flatten().flat_map(|x| &x.images).collect();
             let owners: Vec<usize> = ready
                 .iter()
                 .zip(&sets)
@@ -1077,7 +1080,7 @@ impl Runner<'_> {
                 let probe_emb = clip.embed_images(&nr.pixels, p.batches.clip)?;
                 let mut weights = Vec::with_capacity(per.len());
                 for (x, in_top) in s.iter().zip(&ranking.in_top) {
-                    let imgs: Vec<RgbImage> = in_top.iter().map(|&j| x.images[j].clone()).collect();
+                    let imgs: Vec<&RgbImage> = in_top.iter().map(|&j| &x.images[j]).collect();
                     let emb = clip.embed_images(&imgs, p.batches.clip)?;
                     weights.push(score::clip_weight(&probe_emb, &emb));
                 }

@@ -345,14 +345,17 @@ impl Preprocess {
     }
 
     /// Decoded images as one preprocessed (B, 3, crop, crop) tensor on the CPU.
-    pub fn batch(&self, images: &[RgbImage]) -> Result<candle_core::Tensor> {
+    pub fn batch<I: std::borrow::Borrow<RgbImage> + Sync>(
+        &self,
+        images: &[I],
+    ) -> Result<candle_core::Tensor> {
         let n = self.floats_per_image();
         let s = self.crop as usize;
         let mut buf = vec![0f32; n * images.len()];
         images
             .par_iter()
             .zip(buf.par_chunks_mut(n))
-            .for_each(|(img, out)| self.apply(img, out));
+            .for_each(|(img, out)| self.apply(img.borrow(), out));
         Ok(candle_core::Tensor::from_vec(
             buf,
             (images.len(), 3, s, s),

@@ -93,6 +93,8 @@ pub enum LlmError {
         attempts: u32,
         reason: String,
     },
+    #[error("every {0} the LLM gave was empty after clean-up")]
+    AllEmpty(&'static str),
     #[error("cancelled")]
     Cancelled,
 }
@@ -287,11 +289,7 @@ pub async fn concepts(
     }
     let kept: Vec<String> = out.simplified.iter().flatten().cloned().collect();
     if kept.is_empty() {
-        return Err(last_err.unwrap_or_else(|| LlmError::Malformed {
-            url: String::new(),
-            attempts: 0,
-            reason: "every simplification was empty".into(),
-        }));
+        return Err(last_err.unwrap_or(LlmError::AllEmpty("simplified caption")));
     }
     // The first summary sees the captions in order, each later one a fresh seeded shuffle,
     // as the reference does.
@@ -328,11 +326,7 @@ pub async fn concepts(
     }
     out.candidates = clean_candidates(&out.answers);
     if out.candidates.is_empty() {
-        return Err(last_err.unwrap_or_else(|| LlmError::Malformed {
-            url: String::new(),
-            attempts: 0,
-            reason: "every summary was empty".into(),
-        }));
+        return Err(last_err.unwrap_or(LlmError::AllEmpty("candidate concept")));
     }
     Ok(out)
 }
