@@ -182,6 +182,48 @@ impl fmt::Display for Preset {
     }
 }
 
+/// Which LLM writes the candidate concepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum LlmChoice {
+    /// The endpoint when one (or an API key) is configured, else the local model.
+    #[default]
+    Auto,
+    Api,
+    Local,
+}
+
+impl FromStr for LlmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "api" => Ok(Self::Api),
+            "local" => Ok(Self::Local),
+            other => Err(format!(
+                "{other:?} is not an LLM choice: use auto, api or local"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for LlmChoice {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for LlmChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Api => "api",
+            Self::Local => "local",
+        })
+    }
+}
+
 /// Platform folders for dnd (XDG on Linux, ~/Library on macOS, AppData on Windows).
 pub fn project_dirs() -> Option<directories::ProjectDirs> {
     directories::ProjectDirs::from("", "", "dnd")
@@ -230,6 +272,7 @@ show_via_display!(
     DTypeSpec,
     ModelSource,
     Preset,
+    LlmChoice,
     usize,
     u32,
     u64,
@@ -383,6 +426,14 @@ settings! {
     synthesis_batch: usize = 8;
     /// Neurons whose model work is batched together in `describe` [env: DND_WAVE]
     wave: usize = 4;
+    /// LLM for candidate concepts: api (the endpoint below), local (llm_local, no key, no
+    /// network) or auto: api when an endpoint or API key is configured, else local [env: DND_LLM]
+    #[arg(value_name = "auto|api|local")]
+    llm: LlmChoice = LlmChoice::Auto;
+    /// Local LLM (Qwen2-family instruct model, transformers layout): folder or Hub id[@revision] [env: DND_LLM_LOCAL]
+    llm_local: ModelSource = ModelSource::hub("Qwen/Qwen2.5-1.5B-Instruct");
+    /// New tokens per local LLM answer, at most [env: DND_LLM_MAX_TOKENS]
+    llm_max_tokens: usize = 48;
     /// OpenAI-compatible endpoint, up to /v1 (OpenAI, vLLM, Ollama, llama.cpp) [env: DND_LLM_URL, OPENAI_BASE_URL]
     #[arg(value_name = "URL")]
     llm_url: String = "https://api.openai.com/v1".to_string();
@@ -410,6 +461,20 @@ pub struct Loaded {
     pub entries: Vec<Entry>,
     pub file: PathBuf,
     pub file_exists: bool,
+}
+
+impl Loaded {
+    /// Whether the local LLM writes the concepts: chosen, or `auto` with neither an endpoint
+    /// nor an API key configured anywhere (file, environment or flag).
+    pub fn llm_is_local(&self) -> bool {
+        match self.settings.llm {
+            LlmChoice::Local => true,
+            LlmChoice::Api => false,
+            LlmChoice::Auto => !self.entries.iter().any(|e| {
+                (e.key == "llm_url" || e.key == "llm_api_key") && e.source != Source::Default
+            }),
+        }
+    }
 }
 
 /// Loads settings from `file` (the default path when `None`), the process environment and `args`.

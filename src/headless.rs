@@ -14,7 +14,7 @@ use dnd::hub::{self, Role};
 use dnd::pipeline::{self, Description, Event, Job, Models, Params};
 use dnd::probe::ProbeSet;
 use dnd::store::{Status, Store};
-use dnd::summarise::{ApiLlm, ApiOptions, Llm};
+use dnd::summarise::{ApiLlm, ApiOptions, Llm, LocalLlm, LocalOptions};
 
 use crate::{
     ctrl_c_flag, hub_options, images_bar, model_source, DescribeArgs, ExportArgs, ExportFormat,
@@ -84,6 +84,7 @@ fn spinner(progress: &MultiProgress, msg: &str) -> ProgressBar {
 pub(crate) fn describe(
     rt: &tokio::runtime::Runtime,
     settings: &Settings,
+    local_llm: bool,
     progress: &MultiProgress,
     args: DescribeArgs,
 ) -> Result<()> {
@@ -91,23 +92,44 @@ pub(crate) fn describe(
         bail!("--show prints images on standard output, which --format json keeps for JSON lines; use one or the other");
     }
     let params = Params::from_settings(settings, args.pool)?;
-    let llm: Arc<dyn Llm> = Arc::new(ApiLlm::new(llm_options(settings)?)?);
+    // An endpoint is checked before anything loads; a local model loads with the others.
+    let api = if local_llm {
+        None
+    } else {
+        Some(ApiLlm::new(llm_options(settings)?)?)
+    };
     let probe = ProbeSet::open(&settings.probe)?;
     let store = Arc::new(Store::open(&settings.db)?);
 
     let opts = hub_options(settings, true);
     let mut resolved = Vec::with_capacity(4);
-    for role in Role::ALL {
+    for role in Role::PIPELINE {
         resolved.push(rt.block_on(hub::resolve(role, model_source(settings, role), &opts))?);
     }
     let resolved: [hub::ResolvedModel; 4] = resolved.try_into().expect("four roles");
+    let local = match api {
+        Some(_) => None,
+        None => Some(rt.block_on(hub::resolve(Role::Llm, &settings.llm_local, &opts))?),
+    };
     let device = dnd::device::open(settings.device)?;
     let dtype = dnd::device::dtype_for(settings.dtype, &device)?;
     let loading = spinner(
         progress,
         &format!("loading models on {}", dnd::device::describe(&device)),
     );
-    let models = Models::load(&resolved, &settings.llm_model, &device, dtype)?;
+    let llm: Arc<dyn Llm> = match (api, local) {
+        (Some(api), _) => Arc::new(api),
+        (None, Some(m)) => Arc::new(LocalLlm::load(
+            &m,
+            &device,
+            dtype,
+            LocalOptions {
+                max_new_tokens: settings.llm_max_tokens,
+            },
+        )?),
+        (None, None) => unreachable!("the local model is resolved when there is no endpoint"),
+    };
+    let models = Models::load(&resolved, llm.model(), &device, dtype)?;
     loading.finish_and_clear();
 
     let layer = models.target.layer_index(&args.layer)?;

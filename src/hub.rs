@@ -99,6 +99,8 @@ pub enum Role {
     Captioner,
     Synthesiser,
     Clip,
+    /// The local summariser LLM.
+    Llm,
 }
 
 /// A file of a model folder; optional files are used when present.
@@ -122,7 +124,15 @@ const fn opt(name: &'static str) -> FileSpec {
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Target, Role::Captioner, Role::Synthesiser, Role::Clip];
+    pub const ALL: [Role; 5] = [
+        Role::Target,
+        Role::Captioner,
+        Role::Synthesiser,
+        Role::Clip,
+        Role::Llm,
+    ];
+    /// The models every `describe` loads (the LLM may be an endpoint instead).
+    pub const PIPELINE: [Role; 4] = [Role::Target, Role::Captioner, Role::Synthesiser, Role::Clip];
 
     /// The settings key (and so the flag `--KEY` and variable `DND_KEY`) naming this model.
     pub fn setting(self) -> &'static str {
@@ -131,6 +141,7 @@ impl Role {
             Role::Captioner => "captioner",
             Role::Synthesiser => "synthesiser",
             Role::Clip => "clip",
+            Role::Llm => "llm_local",
         }
     }
 
@@ -140,6 +151,7 @@ impl Role {
             Role::Captioner => CAPTIONER_FILES,
             Role::Synthesiser => SYNTHESISER_FILES,
             Role::Clip => CLIP_FILES,
+            Role::Llm => LLM_FILES,
         }
     }
 }
@@ -167,6 +179,15 @@ const SYNTHESISER_FILES: &[FileSpec] = &[
     req("unet/diffusion_pytorch_model.safetensors"),
     req("vae/config.json"),
     req("vae/diffusion_pytorch_model.safetensors"),
+];
+// A transformers causal LM; transformers 5 keeps the chat template in its own file.
+const LLM_FILES: &[FileSpec] = &[
+    req("config.json"),
+    req("model.safetensors"),
+    req("tokenizer.json"),
+    req("tokenizer_config.json"),
+    opt("generation_config.json"),
+    opt("chat_template.jinja"),
 ];
 const CLIP_FILES: &[FileSpec] = &[
     req("config.json"),

@@ -235,10 +235,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models { action } => {
             let opts = hub_options(settings, true);
+            // The local LLM only when it is the one describe would use.
+            let roles: Vec<Role> = Role::ALL
+                .into_iter()
+                .filter(|&r| r != Role::Llm || loaded.llm_is_local())
+                .collect();
             let mut failed = 0;
             if matches!(action, Some(ModelsAction::Fetch)) {
                 // Every model is tried, so one unreachable repo does not hide the others' state.
-                for role in Role::ALL {
+                for &role in &roles {
                     match rt.block_on(hub::resolve(role, model_source(settings, role), &opts)) {
                         Ok(m) => eprintln!("{}: ready", m.label()),
                         Err(e) => {
@@ -248,7 +253,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            print_models(&rt, settings, &opts);
+            print_models(&rt, settings, &opts, &roles);
             if failed > 0 {
                 bail!("{failed} model(s) could not be fetched (see above)");
             }
@@ -324,7 +329,9 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Activations(args) => activations_cmd(&rt, settings, &progress, args)?,
-        Command::Describe(args) => headless::describe(&rt, settings, &progress, args)?,
+        Command::Describe(args) => {
+            headless::describe(&rt, settings, loaded.llm_is_local(), &progress, args)?
+        }
         Command::Export(args) => {
             // The target filters only when chosen explicitly: its default would hide what
             // was described with --target.
@@ -489,6 +496,7 @@ pub(crate) fn model_source(s: &Settings, role: Role) -> &hub::ModelSource {
         Role::Captioner => &s.captioner,
         Role::Synthesiser => &s.synthesiser,
         Role::Clip => &s.clip,
+        Role::Llm => &s.llm_local,
     }
 }
 
@@ -504,9 +512,9 @@ fn load_target(rt: &tokio::runtime::Runtime, s: &Settings) -> Result<Target> {
     Ok(Target::load(&model, &device, dtype)?)
 }
 
-fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions) {
+fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions, roles: &[Role]) {
     println!("{:<12} {:<48} {:<22} size", "model", "source", "status");
-    for role in Role::ALL {
+    for &role in roles {
         let st = rt.block_on(hub::status(role, model_source(s, role), opts));
         let (status, size) = if st.missing.is_empty() {
             ("on disk".to_string(), human_bytes(st.local_bytes))
@@ -528,7 +536,7 @@ fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions) {
             println!("{:<12} needs: {}", "", st.missing.join(", "));
         }
     }
-    if Role::ALL
+    if roles
         .iter()
         .any(|&r| matches!(model_source(s, r), hub::ModelSource::Hub { .. }))
     {

@@ -28,7 +28,7 @@ use crate::hub::ResolvedModel;
 use crate::probe::{self, ProbeSet};
 use crate::score::{self, RankScore};
 use crate::store::{Row, Status, Store};
-use crate::summarise::{self, ConceptEvent, ConceptOptions, Concepts, Llm, Summariser};
+use crate::summarise::{self, Call, ConceptEvent, ConceptOptions, Concepts, Llm, Summariser};
 use crate::synthesise::{Kind, Sampling, StableDiffusion};
 use crate::target::{LayerKind, Target};
 
@@ -353,6 +353,12 @@ pub enum Event {
     Caption {
         neuron: usize,
         index: usize,
+        text: String,
+    },
+    /// A piece of an LLM answer as it is generated (a local model streams token by token).
+    LlmText {
+        neuron: usize,
+        call: Call,
         text: String,
     },
     Simplified {
@@ -827,6 +833,9 @@ impl Runner<'_> {
                     let neuron = *n;
                     let on_event = move |e: ConceptEvent| {
                         let _ = events.send(match e {
+                            ConceptEvent::Text { call, text } => {
+                                Event::LlmText { neuron, call, text }
+                            }
                             ConceptEvent::Simplified { index, text } => Event::Simplified {
                                 neuron,
                                 index,

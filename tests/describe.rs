@@ -14,8 +14,14 @@ use common::llm::{Fault, MockLlm};
 use common::{dnd, dnd_command, fixture_model, fixtures, text};
 use dnd::store::{Status, Store};
 
-/// Flags for a small, quick run on the fixtures.
+/// Flags for a small, quick run on the fixtures; `llm` is the mock's URL, or "local" for no
+/// endpoint at all and the tiny local Qwen2.
 fn flags(home: &Path, llm: &str, target: &str) -> Vec<String> {
+    let endpoint = if llm == "local" {
+        ["--llm-local".to_string(), fixture_model("qwen2_tiny")]
+    } else {
+        ["--llm-url".to_string(), llm.to_string()]
+    };
     let probe = fixtures().join("images");
     [
         "--device",
@@ -32,8 +38,8 @@ fn flags(home: &Path, llm: &str, target: &str) -> Vec<String> {
         &probe.display().to_string(),
         "--db",
         &home.join("out/dnd.sqlite").display().to_string(),
-        "--llm-url",
-        llm,
+        &endpoint[0],
+        &endpoint[1],
         "--llm-model",
         "mock",
         "--llm-timeout",
@@ -228,6 +234,30 @@ fn fc_and_vit_layers_describe_without_crops() {
                 .iter()
                 .all(|t| t["crop"].is_null()));
         }
+    }
+}
+
+#[test]
+fn without_an_endpoint_the_local_llm_writes_the_concepts() {
+    let home = tempfile::tempdir().unwrap();
+    let o = describe(
+        home.path(),
+        "local",
+        &["--layer", "layer4", "--neurons", "1", "--format", "json"],
+    );
+    let (out, err) = text(&o);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{err}");
+    let d = &lines[0];
+    assert!(
+        d["models"]["llm"].as_str().unwrap().starts_with("local:"),
+        "{d}"
+    );
+    // A random tiny model writes gibberish: either it survives clean-up and the neuron is
+    // labelled, or the neuron fails saying the answers were empty. Both are handled.
+    match d["status"].as_str().unwrap() {
+        "described" => assert!(o.status.success(), "{err}"),
+        _ => assert!(d["error"].as_str().unwrap().contains("empty"), "{d}"),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::llm::{Fault, MockLlm};
 use dnd::config::Secret;
 use dnd::summarise::{
-    self, AnswerCache, ApiLlm, ApiOptions, ConceptOptions, Llm, LlmError, Summariser,
+    self, AnswerCache, ApiLlm, ApiOptions, ConceptEvent, ConceptOptions, Llm, LlmError, Summariser,
 };
 
 fn api(url: String, retries: u32) -> ApiLlm {
@@ -53,7 +53,7 @@ fn retry_after_is_honoured() {
     let llm = api(mock.url(), 2);
     let msgs = summarise::simplify_prompt("a red car");
     let t0 = Instant::now();
-    let answer = block_on(llm.chat(&msgs, 0.3)).unwrap();
+    let answer = block_on(llm.chat(&msgs, 0.3, &|_| {})).unwrap();
     // The mock asks for 1 s; our own backoff would have waited ~10 ms.
     assert!(
         t0.elapsed() >= Duration::from_millis(950),
@@ -72,7 +72,7 @@ fn failures_say_what_to_fix_and_only_transient_ones_are_retried() {
         .unwrap()
         .port();
     let llm = api(format!("http://127.0.0.1:{port}/nothing"), 0);
-    let err = block_on(llm.chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    let err = block_on(llm.chat(&summarise::simplify_prompt("x"), 0.3, &|_| {})).unwrap_err();
     assert!(
         matches!(err, LlmError::Unreachable { attempts: 1, .. }),
         "{err}"
@@ -85,7 +85,8 @@ fn failures_say_what_to_fix_and_only_transient_ones_are_retried() {
 
     // Every request 500: retried, then reported with the status and the attempts.
     let mock = MockLlm::start(&[], Some(Fault::ServerError), Duration::ZERO);
-    let err = block_on(api(mock.url(), 2).chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    let err = block_on(api(mock.url(), 2).chat(&summarise::simplify_prompt("x"), 0.3, &|_| {}))
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -101,7 +102,8 @@ fn failures_say_what_to_fix_and_only_transient_ones_are_retried() {
 
     // A wrong key is final at once, and the key never shows.
     let mock = MockLlm::start(&[], Some(Fault::Unauthorized), Duration::ZERO);
-    let err = block_on(api(mock.url(), 3).chat(&summarise::simplify_prompt("x"), 0.3)).unwrap_err();
+    let err = block_on(api(mock.url(), 3).chat(&summarise::simplify_prompt("x"), 0.3, &|_| {}))
+        .unwrap_err();
     assert!(
         matches!(err, LlmError::Refused { status: 401, .. }),
         "{err}"
@@ -154,7 +156,12 @@ fn concepts_are_cleaned_and_answers_cached() {
             .iter()
             .any(|c| c == "floral designs background"));
     }
-    assert_eq!(events.lock().unwrap().len(), 4 + 5);
+    let events = events.into_inner().unwrap();
+    let finished = |e: &&ConceptEvent| !matches!(e, ConceptEvent::Text { .. });
+    assert_eq!(events.iter().filter(finished).count(), 4 + 5);
+    // Every call's text arrived before its result: one piece per answer from an endpoint.
+    let texts = events.len() - 4 - 5;
+    assert!((4 + 5..=4 + 5 + 5).contains(&texts), "{texts} text events");
     let asked = mock.requests();
     let second = block_on(summarise::concepts(&s, &captions, &opts, &|_| {})).unwrap();
     assert_eq!(second, first);

@@ -12,7 +12,8 @@ use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-    ChatCompletionRequestUserMessage, CreateChatCompletionRequest,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    CreateChatCompletionRequest,
 };
 use async_openai::Client;
 use rand::Rng;
@@ -115,6 +116,9 @@ impl ApiLlm {
         let messages = messages
             .iter()
             .map(|m| match m.role {
+                Speaker::System => ChatCompletionRequestMessage::from(
+                    ChatCompletionRequestSystemMessage::from(m.content.as_str()),
+                ),
                 Speaker::User => ChatCompletionRequestMessage::from(
                     ChatCompletionRequestUserMessage::from(m.content.as_str()),
                 ),
@@ -298,13 +302,17 @@ impl Llm for ApiLlm {
         &'a self,
         messages: &'a [Message],
         temperature: f32,
+        on_text: &'a (dyn Fn(&str) + Send + Sync),
     ) -> BoxFuture<'a, Result<String, LlmError>> {
         Box::pin(async move {
             let req = self.request(messages, temperature);
             let mut attempt = 0;
             loop {
                 match self.attempt(&req).await {
-                    Ok(text) => return Ok(text),
+                    Ok(text) => {
+                        on_text(&text);
+                        return Ok(text);
+                    }
                     Err(Attempt::Fatal(e)) => return Err(e),
                     Err(Attempt::Retry { error, after }) => {
                         if attempt >= self.opts.retries {

@@ -7,6 +7,7 @@
 //! a rerun with the same captions and seed asks nothing and gives the same concepts.
 
 mod api;
+mod local;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,11 +16,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 pub use api::{ApiLlm, ApiOptions};
+pub use local::{LocalLlm, LocalOptions};
 
 /// Who speaks a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Speaker {
+    System,
     User,
     Assistant,
 }
@@ -48,7 +51,8 @@ impl Message {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A chat model. Implementations retry transient failures themselves and return either a
-/// non-empty answer or an error that says what to fix.
+/// non-empty answer or an error that says what to fix. `on_text` receives the answer as it
+/// is produced, in pieces (all at once where the model does not stream).
 pub trait Llm: Send + Sync {
     /// The model's name, part of every cache key.
     fn model(&self) -> &str;
@@ -56,6 +60,7 @@ pub trait Llm: Send + Sync {
         &'a self,
         messages: &'a [Message],
         temperature: f32,
+        on_text: &'a (dyn Fn(&str) + Send + Sync),
     ) -> BoxFuture<'a, Result<String, LlmError>>;
 }
 
@@ -93,6 +98,8 @@ pub enum LlmError {
         attempts: u32,
         reason: String,
     },
+    #[error("local LLM {model}: {reason}")]
+    Local { model: String, reason: String },
     #[error("every {0} the LLM gave was empty after clean-up")]
     AllEmpty(&'static str),
     #[error("cancelled")]
@@ -138,11 +145,33 @@ pub struct Concepts {
     pub dropped: Vec<String>,
 }
 
+/// One LLM call of [`concepts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// Simplifying caption i.
+    Simplify(usize),
+    /// Summary i.
+    Summary(usize),
+    /// Merging the comma-separated parts of summary i.
+    Merge(usize),
+}
+
 /// Progress of [`concepts`], reported as answers arrive.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConceptEvent {
-    Simplified { index: usize, text: String },
-    Summary { index: usize, text: String },
+    /// A piece of an answer being generated (cached answers come whole).
+    Text {
+        call: Call,
+        text: String,
+    },
+    Simplified {
+        index: usize,
+        text: String,
+    },
+    Summary {
+        index: usize,
+        text: String,
+    },
 }
 
 /// An [`Llm`] with its answer cache.
@@ -153,13 +182,19 @@ pub struct Summariser<'a> {
 
 impl Summariser<'_> {
     /// One answer, from the cache when this exact prompt was asked of this model before.
-    pub async fn ask(&self, messages: &[Message], temperature: f32) -> Result<String, LlmError> {
+    pub async fn ask(
+        &self,
+        messages: &[Message],
+        temperature: f32,
+        on_text: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<String, LlmError> {
         let key =
             serde_json::json!({ "messages": messages, "temperature": temperature }).to_string();
         if let Some(hit) = self.cache.get(self.llm.model(), &key) {
+            on_text(&hit);
             return Ok(hit);
         }
-        let answer = self.llm.chat(messages, temperature).await?;
+        let answer = self.llm.chat(messages, temperature, on_text).await?;
         self.cache.put(self.llm.model(), &key, &answer);
         Ok(answer)
     }
@@ -261,7 +296,13 @@ pub async fn concepts(
     let mut out = Concepts::default();
     let simplified =
         futures::future::join_all(captions.iter().enumerate().map(|(i, c)| async move {
-            let r = s.ask(&simplify_prompt(c), opts.temperature).await;
+            let text = |t: &str| {
+                on_event(ConceptEvent::Text {
+                    call: Call::Simplify(i),
+                    text: t.to_string(),
+                })
+            };
+            let r = s.ask(&simplify_prompt(c), opts.temperature, &text).await;
             if let Ok(text) = &r {
                 on_event(ConceptEvent::Simplified {
                     index: i,
@@ -301,11 +342,31 @@ pub async fn concepts(
         order.shuffle(&mut rng);
     }
     let summaries = futures::future::join_all(orders.iter().enumerate().map(|(i, o)| async move {
-        let first = s.ask(&summary_prompt(o), opts.temperature).await?;
+        let text = |call: Call| {
+            move |t: &str| {
+                on_event(ConceptEvent::Text {
+                    call,
+                    text: t.to_string(),
+                })
+            }
+        };
+        let first = s
+            .ask(
+                &summary_prompt(o),
+                opts.temperature,
+                &text(Call::Summary(i)),
+            )
+            .await?;
         let mut answer = after_colon(&first).to_string();
         if answer.contains(',') {
             let parts: Vec<&str> = answer.split(',').map(str::trim).collect();
-            let merged = s.ask(&merge_prompt(&parts), opts.temperature).await?;
+            let merged = s
+                .ask(
+                    &merge_prompt(&parts),
+                    opts.temperature,
+                    &text(Call::Merge(i)),
+                )
+                .await?;
             answer = after_colon(&merged).to_string();
         }
         on_event(ConceptEvent::Summary {
