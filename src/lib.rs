@@ -9,6 +9,7 @@ pub mod clip;
 pub mod config;
 pub mod crops;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod hub;
 pub(crate) mod nn;

@@ -384,6 +384,8 @@ pub enum Event {
         neuron: usize,
         scores: Vec<CandidateScore>,
     },
+    /// A job of the engine ended: what it did, or why it stopped.
+    JobFinished(std::result::Result<Summary, String>),
     /// The neuron is stored: described, or failed with the reason in `error`.
     Finished {
         neuron: usize,

@@ -170,3 +170,53 @@ fn cancelling_stops_between_batches_and_keeps_finished_neurons() {
     let rows = store.rows(None, None).unwrap();
     assert!(!rows.is_empty() && rows.len() < 4, "{} stored", rows.len());
 }
+
+#[test]
+fn the_engine_runs_submitted_jobs_and_cancels_on_request() {
+    use dnd::engine::{Engine, Resources};
+    let mock = MockLlm::start(&[], None, Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("dnd.sqlite")).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::start(
+        Resources {
+            models: models(),
+            probe: ProbeSet::open(&fixtures().join("images")).unwrap(),
+            store: store.clone(),
+            llm: llm(mock.url()),
+            cache: None,
+            runtime: rt.handle().clone(),
+        },
+        tx,
+    );
+    let job = |neurons: Vec<usize>| Job {
+        layer: "layer4".into(),
+        neurons,
+        params: params(),
+        force: false,
+    };
+    let finished = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>| loop {
+        match rx.blocking_recv().expect("the engine reports") {
+            Event::JobFinished(r) => return r,
+            _ => continue,
+        }
+    };
+    engine.submit(job(vec![2]));
+    assert_eq!(finished(&mut rx).unwrap().described, vec![2]);
+    // The models stay loaded: a second job runs on the same engine, and can be cancelled.
+    engine.submit(job(vec![0, 1, 3]));
+    loop {
+        if let Event::StageStarted {
+            stage: Stage::Concepts,
+            ..
+        } = rx.blocking_recv().unwrap()
+        {
+            engine.cancel();
+            break;
+        }
+    }
+    assert_eq!(finished(&mut rx).unwrap_err(), "cancelled");
+    assert_eq!(store.rows(None, None).unwrap().len(), 1);
+    drop(engine);
+}
