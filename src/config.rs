@@ -385,6 +385,8 @@ settings! {
     /// Hugging Face token for gated or private repos (never printed) [env: DND_HF_TOKEN, HF_TOKEN]
     #[arg(hide_env_values = true)]
     hf_token: Secret = Secret::default();
+    /// Terminal UI colours: dark, light, high-contrast or a theme file (NO_COLOR turns colour off) [env: DND_THEME]
+    theme: String = "dark".to_string();
     /// Log level for the log output: error, warn, info, debug or trace [env: DND_LOG_LEVEL]
     log_level: String = "warn".to_string();
     /// Results store (SQLite); crops and synthetic images go to <db>.images/ [env: DND_DB]

@@ -81,18 +81,22 @@ fn spinner(progress: &MultiProgress, msg: &str) -> ProgressBar {
     bar
 }
 
-pub(crate) fn describe(
+/// What `describe` and the terminal UI run on.
+pub(crate) struct Loaded {
+    pub models: Models,
+    pub llm: Arc<dyn Llm>,
+    pub probe: ProbeSet,
+    pub store: Arc<Store>,
+}
+
+/// Opens the probing set and the store and loads every model (the LLM endpoint is checked
+/// first, before anything heavy loads).
+pub(crate) fn load(
     rt: &tokio::runtime::Runtime,
     settings: &Settings,
     local_llm: bool,
     progress: &MultiProgress,
-    args: DescribeArgs,
-) -> Result<()> {
-    if args.show && args.format == Format::Json {
-        bail!("--show prints images on standard output, which --format json keeps for JSON lines; use one or the other");
-    }
-    let params = Params::from_settings(settings, args.pool)?;
-    // An endpoint is checked before anything loads; a local model loads with the others.
+) -> Result<Loaded> {
     let api = if local_llm {
         None
     } else {
@@ -100,7 +104,6 @@ pub(crate) fn describe(
     };
     let probe = ProbeSet::open(&settings.probe)?;
     let store = Arc::new(Store::open(&settings.db)?);
-
     let opts = hub_options(settings, true);
     let mut resolved = Vec::with_capacity(4);
     for role in Role::PIPELINE {
@@ -131,6 +134,31 @@ pub(crate) fn describe(
     };
     let models = Models::load(&resolved, llm.model(), &device, dtype)?;
     loading.finish_and_clear();
+    Ok(Loaded {
+        models,
+        llm,
+        probe,
+        store,
+    })
+}
+
+pub(crate) fn describe(
+    rt: &tokio::runtime::Runtime,
+    settings: &Settings,
+    local_llm: bool,
+    progress: &MultiProgress,
+    args: DescribeArgs,
+) -> Result<()> {
+    if args.show && args.format == Format::Json {
+        bail!("--show prints images on standard output, which --format json keeps for JSON lines; use one or the other");
+    }
+    let params = Params::from_settings(settings, args.pool)?;
+    let Loaded {
+        models,
+        llm,
+        probe,
+        store,
+    } = load(rt, settings, local_llm, progress)?;
 
     let layer = models.target.layer_index(&args.layer)?;
     let neurons = match &args.neurons {

@@ -20,5 +20,6 @@ pub mod store;
 pub mod summarise;
 pub mod synthesise;
 pub mod target;
+pub mod tui;
 
 pub use error::{Error, Result};

@@ -19,15 +19,11 @@ mod headless;
 
 /// Describe-and-Dissect: explains what hidden neurons of vision networks detect.
 ///
-/// Every setting can come from the settings file (`dnd config path`), a DND_* environment
+/// Without a subcommand, `dnd` opens the terminal UI: pick a layer and a neuron, watch its
+/// description being made. Every setting can come from the settings file (`dnd config path`), a DND_* environment
 /// variable or a flag; `dnd config show` prints the effective values and their sources.
 #[derive(Parser, Debug)]
-#[command(
-    name = "dnd",
-    version,
-    arg_required_else_help = true,
-    max_term_width = 100
-)]
+#[command(name = "dnd", version, max_term_width = 100)]
 struct Cli {
     /// Settings file to read instead of the default one
     #[arg(long, global = true, env = "DND_CONFIG", value_name = "FILE")]
@@ -36,8 +32,26 @@ struct Cli {
     #[command(flatten)]
     settings: SettingsArgs,
 
+    #[command(flatten)]
+    ui: UiArgs,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// The terminal UI's own flags (it also takes every setting above).
+#[derive(clap::Args, Debug)]
+struct UiArgs {
+    /// Open straight into this layer's neuron list.
+    #[arg(long)]
+    layer: Option<String>,
+    /// With --layer: open this neuron's run view (running it when it has no description yet).
+    #[arg(long, requires = "layer")]
+    neuron: Option<usize>,
+    /// How images are drawn: detected once at start (auto), a graphics protocol, Unicode
+    /// half-blocks (plain SSH, tmux, screen) or not at all.
+    #[arg(long, value_enum, default_value_t = dnd::tui::images::ImageMode::Auto)]
+    images: dnd::tui::images::ImageMode,
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,10 +219,16 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let loaded = config::load(cli.config.as_deref(), &cli.settings)?;
     let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    init_logging(&loaded.settings.log_level, progress.clone())?;
     let settings = &loaded.settings;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    match cli.command {
+    let Some(command) = cli.command else {
+        // The UI owns the screen: logs go to a file.
+        let log = settings.cache_dir.join("dnd.log");
+        init_logging(&settings.log_level, LogTo::File(log.clone()))?;
+        return tui_session(&rt, &loaded, &progress, cli.ui, &log);
+    };
+    init_logging(&settings.log_level, LogTo::Stderr(progress.clone()))?;
+    match command {
         Command::Config {
             action: ConfigAction::Path,
         } => {
@@ -585,20 +605,131 @@ pub(crate) fn ctrl_c_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
 }
 
 /// Logs go to stderr, drawn around any progress bar so neither garbles the other.
-fn init_logging(level: &str, progress: MultiProgress) -> Result<()> {
+/// Where log lines go.
+enum LogTo {
+    /// Drawn around any progress bar so neither garbles the other.
+    Stderr(MultiProgress),
+    /// Appended to a file (while the terminal UI owns the screen).
+    File(PathBuf),
+}
+
+fn init_logging(level: &str, to: LogTo) -> Result<()> {
     if !["error", "warn", "info", "debug", "trace"].contains(&level) {
         bail!("log level {level:?}: use error, warn, info, debug or trace");
     }
     // Our own messages at the chosen level; other crates' only when they warn.
     let filter = tracing_subscriber::EnvFilter::try_new(format!("dnd={level},warn"))
         .context("cannot set up logging")?;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .without_time()
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_writer(move || ProgressWriter(progress.clone()))
-        .init();
+        .with_target(false);
+    match to {
+        LogTo::Stderr(progress) => fmt
+            .without_time()
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .with_writer(move || ProgressWriter(progress.clone()))
+            .init(),
+        LogTo::File(path) => {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the log folder {}", dir.display()))?;
+            let name = path.file_name().unwrap_or_default().to_owned();
+            fmt.with_ansi(false)
+                .with_writer(tracing_appender::rolling::never(dir, name))
+                .init()
+        }
+    }
+    Ok(())
+}
+
+/// `dnd` with no subcommand: models load (with a spinner on the plain terminal), then the UI
+/// takes the screen.
+fn tui_session(
+    rt: &tokio::runtime::Runtime,
+    loaded: &config::Loaded,
+    progress: &MultiProgress,
+    ui: UiArgs,
+    log: &std::path::Path,
+) -> Result<()> {
+    use dnd::tui::app::{Action, App, LayerRow};
+    let s = &loaded.settings;
+    let theme = dnd::tui::theme::Theme::load(&s.theme, std::env::var_os("NO_COLOR").is_some())
+        .map_err(anyhow::Error::msg)?;
+    let params = dnd::pipeline::Params::from_settings(s, Pool::Mean)?;
+    let headless::Loaded {
+        models,
+        llm,
+        probe,
+        store,
+    } = headless::load(rt, s, loaded.llm_is_local(), progress)?;
+    let target = models.target.name.clone();
+    let rows = store.rows(Some(&target), None)?;
+    let layers: Vec<LayerRow> = models
+        .target
+        .layers()
+        .iter()
+        .map(|l| LayerRow {
+            name: l.name.clone(),
+            neurons: l.neurons,
+            described: rows
+                .iter()
+                .filter(|r| r.layer == l.name && r.status == dnd::store::Status::Described)
+                .count(),
+            failed: rows
+                .iter()
+                .filter(|r| r.layer == l.name && r.status == dnd::store::Status::Failed)
+                .count(),
+        })
+        .collect();
+    if let Some(l) = &ui.layer {
+        let i = models.target.layer_index(l)?;
+        if let Some(n) = ui.neuron {
+            models.target.check_neuron(i, n)?;
+        }
+    }
+    let layer_sizes = layers.iter().map(|l| (l.name.clone(), l.neurons)).collect();
+    let probe_root = probe.root.clone();
+    // The terminal is asked about graphics before the UI reads its keys.
+    let picker = dnd::tui::images::Thumbs::picker(ui.images);
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let engine = dnd::engine::Engine::start(
+        dnd::engine::Resources {
+            models,
+            probe,
+            store: store.clone(),
+            llm,
+            cache: Some(ActivationCache::new(&s.cache_dir)),
+            runtime: rt.handle().clone(),
+        },
+        tx,
+    );
+    let mut session = dnd::tui::Session {
+        app: App::new(target, layers),
+        engine,
+        events,
+        store,
+        params,
+        theme,
+        thumbs: dnd::tui::images::Thumbs::new(picker),
+        probe_root,
+        layer_sizes,
+    };
+    // --layer / --neuron: the same steps a user would take.
+    if let Some(l) = ui.layer {
+        session.app.layer_sel = session
+            .app
+            .layers
+            .iter()
+            .position(|r| r.name == l)
+            .unwrap_or(0);
+        session.open(Action::Open)?;
+        if let Some(n) = ui.neuron {
+            session.app.neuron_sel = n;
+            session.open(Action::Open)?;
+        }
+    }
+    tracing::info!("terminal UI started; log at {}", log.display());
+    rt.block_on(session.run())?;
     Ok(())
 }
 

@@ -482,6 +482,13 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
     if todo.is_empty() {
         return Ok(summary);
     }
+    for &neuron in &todo {
+        let _ = ctx.events.send(Event::StageStarted {
+            neuron,
+            stage: Stage::Activations,
+        });
+    }
+    let t0 = Instant::now();
     let (mut all, _) = activations::extract(
         target,
         ctx.probe,
@@ -500,6 +507,15 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         ctx.cancel,
     )?;
     let acts = all.remove(0);
+    // One pass (or a cache hit) for the whole layer, shared by every neuron of the job.
+    let seconds = t0.elapsed().as_secs_f64();
+    for &neuron in &todo {
+        let _ = ctx.events.send(Event::StageFinished {
+            neuron,
+            stage: Stage::Activations,
+            seconds,
+        });
+    }
     let runner = Runner {
         ctx,
         job,

@@ -145,6 +145,7 @@ fn llm_of_one_wave_overlaps_model_work_of_the_next() {
         assert_eq!(
             stages,
             vec![
+                Stage::Activations,
                 Stage::Crops,
                 Stage::Captions,
                 Stage::Concepts,

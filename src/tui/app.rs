@@ -1,0 +1,484 @@
+//! The terminal UI's state and how user actions and pipeline events change it. Nothing here
+//! draws or does I/O: `update` returns the effects for the loop to carry out.
+
+use std::collections::BTreeMap;
+
+use crate::pipeline::{CandidateScore, Description, Event, Stage, TopImage};
+use crate::store::{Row, Status};
+
+/// One layer of the target, with how much of it is described.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerRow {
+    pub name: String,
+    pub neurons: usize,
+    pub described: usize,
+    pub failed: usize,
+}
+
+/// One neuron of the open layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeuronRow {
+    pub neuron: usize,
+    pub status: Option<Status>,
+    pub label: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Screen {
+    Layers,
+    Neurons,
+    Run,
+}
+
+/// A one-line prompt at the bottom of the neuron list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    Jump(String),
+    Filter(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum StageState {
+    #[default]
+    Waiting,
+    Running,
+    Done(f64),
+}
+
+/// Everything the run view shows about one neuron, filled in as events arrive.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunView {
+    pub neuron: usize,
+    pub stages: BTreeMap<Stage, StageState>,
+    pub top: Vec<TopImage>,
+    pub captions: Vec<String>,
+    pub simplified: BTreeMap<usize, String>,
+    pub summaries: BTreeMap<usize, String>,
+    /// Text of the LLM answer being written, as it streams.
+    pub streaming: String,
+    pub candidates: Vec<String>,
+    pub synthetic: Vec<(String, Vec<String>)>,
+    pub scores: Vec<CandidateScore>,
+    pub description: Option<Description>,
+}
+
+impl RunView {
+    fn new(neuron: usize) -> Self {
+        Self {
+            neuron,
+            stages: Stage::ALL
+                .iter()
+                .map(|&s| (s, StageState::Waiting))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The view of a stored description (nothing is running).
+    pub fn from_description(d: &Description) -> Self {
+        let mut v = Self::new(d.neuron);
+        for s in Stage::ALL {
+            let secs = d.timings.get(s.name()).copied();
+            v.stages
+                .insert(s, secs.map_or(StageState::Waiting, StageState::Done));
+        }
+        v.top = d.top_images.clone();
+        v.captions = d.captions.clone();
+        v.simplified = d
+            .simplified
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.clone().map(|s| (i, s)))
+            .collect();
+        v.candidates = d.candidates.iter().map(|c| c.concept.clone()).collect();
+        v.synthetic = d
+            .synthetic
+            .iter()
+            .map(|s| (s.concept.clone(), s.files.clone()))
+            .collect();
+        v.scores = d.candidates.clone();
+        v.description = Some(d.clone());
+        v
+    }
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Up,
+    Down,
+    Open,
+    Back,
+    Help,
+    Quit,
+    /// `R`: describe the open neuron again.
+    Rerun,
+    /// `n`: the next neuron without a description.
+    NextUndescribed,
+    /// `g` / `/`: start typing a neuron number / a filter.
+    StartJump,
+    StartFilter,
+    Type(char),
+    Erase,
+}
+
+/// What the loop must do after an update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Read the stored rows of this layer and hand them to [`App::set_neurons`].
+    LoadLayer(String),
+    /// Describe this neuron (again when `force`).
+    Describe {
+        neuron: usize,
+        force: bool,
+    },
+    /// Show this stored neuron (hand its row to [`App::show_stored`]).
+    ShowStored(usize),
+    Cancel,
+    Quit,
+}
+
+pub struct App {
+    pub target: String,
+    pub screen: Screen,
+    pub layers: Vec<LayerRow>,
+    pub layer_sel: usize,
+    pub layer: Option<String>,
+    pub neurons: Vec<NeuronRow>,
+    pub neuron_sel: usize,
+    pub filter: String,
+    pub prompt: Option<Prompt>,
+    pub run: Option<RunView>,
+    /// A describe job is in flight.
+    pub busy: bool,
+    pub help: bool,
+    /// `q` while busy asks first; a second `q` quits.
+    pub confirm_quit: bool,
+    /// The last notice for the status line (errors included).
+    pub notice: Option<String>,
+}
+
+impl App {
+    pub fn new(target: String, layers: Vec<LayerRow>) -> Self {
+        Self {
+            target,
+            screen: Screen::Layers,
+            layers,
+            layer_sel: 0,
+            layer: None,
+            neurons: Vec::new(),
+            neuron_sel: 0,
+            filter: String::new(),
+            prompt: None,
+            run: None,
+            busy: false,
+            help: false,
+            confirm_quit: false,
+            notice: None,
+        }
+    }
+
+    /// The neuron rows the filter lets through, in order.
+    pub fn visible(&self) -> Vec<&NeuronRow> {
+        let f = self.filter.to_lowercase();
+        self.neurons
+            .iter()
+            .filter(|r| {
+                f.is_empty()
+                    || r.label
+                        .as_deref()
+                        .is_some_and(|l| l.to_lowercase().contains(&f))
+                    || status_name(r.status).contains(&f)
+            })
+            .collect()
+    }
+
+    /// The stored rows of the open layer.
+    pub fn set_neurons(&mut self, layer: &str, count: usize, rows: &[Row]) {
+        self.layer = Some(layer.to_string());
+        self.neurons = (0..count)
+            .map(|n| NeuronRow {
+                neuron: n,
+                status: None,
+                label: None,
+            })
+            .collect();
+        for r in rows {
+            if let Some(row) = self.neurons.get_mut(r.neuron) {
+                row.status = Some(r.status);
+                row.label = r.label.clone();
+            }
+        }
+        self.neuron_sel = self.neuron_sel.min(count.saturating_sub(1));
+        self.screen = Screen::Neurons;
+    }
+
+    /// Opens the run view on a stored description.
+    pub fn show_stored(&mut self, d: &Description) {
+        self.run = Some(RunView::from_description(d));
+        self.screen = Screen::Run;
+    }
+
+    fn selected_neuron(&self) -> Option<usize> {
+        self.visible().get(self.neuron_sel).map(|r| r.neuron)
+    }
+
+    fn describe(&mut self, neuron: usize, force: bool) -> Vec<Effect> {
+        if self.busy {
+            self.notice = Some("a run is in flight: Esc cancels it first".into());
+            return Vec::new();
+        }
+        self.busy = true;
+        self.run = Some(RunView::new(neuron));
+        self.screen = Screen::Run;
+        vec![Effect::Describe { neuron, force }]
+    }
+
+    pub fn update(&mut self, action: Action) -> Vec<Effect> {
+        if action != Action::Quit {
+            self.confirm_quit = false;
+        }
+        if let Some(p) = &mut self.prompt {
+            match action {
+                Action::Type(c) => {
+                    match p {
+                        Prompt::Jump(t) if c.is_ascii_digit() => t.push(c),
+                        Prompt::Filter(t) => t.push(c),
+                        _ => {}
+                    }
+                    if let Prompt::Filter(t) = p {
+                        self.filter = t.clone();
+                        self.neuron_sel = 0;
+                    }
+                }
+                Action::Erase => match p {
+                    Prompt::Jump(t) => {
+                        t.pop();
+                    }
+                    Prompt::Filter(t) => {
+                        t.pop();
+                        self.filter = t.clone();
+                    }
+                },
+                Action::Open => {
+                    if let Prompt::Jump(t) = p {
+                        let n: Option<usize> = t.parse().ok();
+                        self.filter.clear();
+                        match n.filter(|&n| n < self.neurons.len()) {
+                            Some(n) => self.neuron_sel = n,
+                            None => {
+                                self.notice = Some(format!(
+                                    "no neuron {t}: this layer has 0..{}",
+                                    self.neurons.len().saturating_sub(1)
+                                ))
+                            }
+                        }
+                    }
+                    self.prompt = None;
+                }
+                Action::Back => {
+                    if matches!(p, Prompt::Filter(_)) {
+                        self.filter.clear();
+                    }
+                    self.prompt = None;
+                }
+                _ => {}
+            }
+            return Vec::new();
+        }
+        match action {
+            Action::Help => self.help = !self.help,
+            Action::Quit => {
+                if self.busy && !self.confirm_quit {
+                    self.confirm_quit = true;
+                    self.notice = Some(
+                        "a run is in flight: q again quits (its neuron is lost), Esc cancels it"
+                            .into(),
+                    );
+                } else {
+                    return vec![Effect::Cancel, Effect::Quit];
+                }
+            }
+            Action::Back if self.help => self.help = false,
+            _ if self.help => {}
+            Action::Up => match self.screen {
+                Screen::Layers => self.layer_sel = self.layer_sel.saturating_sub(1),
+                Screen::Neurons => self.neuron_sel = self.neuron_sel.saturating_sub(1),
+                Screen::Run => {}
+            },
+            Action::Down => match self.screen {
+                Screen::Layers => {
+                    self.layer_sel = (self.layer_sel + 1).min(self.layers.len().saturating_sub(1))
+                }
+                Screen::Neurons => {
+                    self.neuron_sel =
+                        (self.neuron_sel + 1).min(self.visible().len().saturating_sub(1))
+                }
+                Screen::Run => {}
+            },
+            Action::Open => match self.screen {
+                Screen::Layers => {
+                    if let Some(l) = self.layers.get(self.layer_sel) {
+                        return vec![Effect::LoadLayer(l.name.clone())];
+                    }
+                }
+                Screen::Neurons => {
+                    if let Some(n) = self.selected_neuron() {
+                        if self.neurons[n].status.is_some() {
+                            return vec![Effect::ShowStored(n)];
+                        }
+                        return self.describe(n, false);
+                    }
+                }
+                Screen::Run => {}
+            },
+            Action::Rerun => {
+                if let (Screen::Run, Some(r)) = (self.screen, &self.run) {
+                    return self.describe(r.neuron, true);
+                }
+            }
+            Action::Back => match self.screen {
+                Screen::Run if self.busy => return vec![Effect::Cancel],
+                Screen::Run => self.screen = Screen::Neurons,
+                Screen::Neurons => self.screen = Screen::Layers,
+                Screen::Layers => {}
+            },
+            Action::NextUndescribed if self.screen == Screen::Neurons => {
+                let start = self.selected_neuron().map_or(0, |n| n + 1);
+                let next = (start..self.neurons.len())
+                    .chain(0..start)
+                    .find(|&n| self.neurons[n].status != Some(Status::Described));
+                match next {
+                    Some(n) => {
+                        self.filter.clear();
+                        self.neuron_sel = n;
+                    }
+                    None => self.notice = Some("every neuron of this layer is described".into()),
+                }
+            }
+            Action::StartJump if self.screen == Screen::Neurons => {
+                self.prompt = Some(Prompt::Jump(String::new()))
+            }
+            Action::StartFilter if self.screen == Screen::Neurons => {
+                self.prompt = Some(Prompt::Filter(self.filter.clone()))
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    /// Folds a pipeline event into the state.
+    pub fn on_event(&mut self, event: Event) {
+        if let Event::JobFinished(r) = &event {
+            self.busy = false;
+            if let Err(e) = r {
+                self.notice = Some(if e == "cancelled" {
+                    "run cancelled".into()
+                } else {
+                    format!("run failed: {e}")
+                });
+                if let Some(run) = &mut self.run {
+                    for s in run.stages.values_mut() {
+                        if *s == StageState::Running {
+                            *s = StageState::Waiting;
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        if let Event::Finished {
+            neuron,
+            description,
+        } = &event
+        {
+            if let Some(row) = self.neurons.get_mut(*neuron) {
+                row.status = Some(description.status);
+                row.label = description.labels.first().map(|l| l.label.clone());
+            }
+            if let Some(l) = self.layers.iter_mut().find(|l| l.name == description.layer) {
+                match description.status {
+                    Status::Described => l.described += 1,
+                    Status::Failed => l.failed += 1,
+                }
+            }
+        }
+        if let Event::Warning { message } = &event {
+            self.notice = Some(message.clone());
+        }
+        let Some(run) = &mut self.run else { return };
+        match event {
+            Event::StageStarted { neuron, stage } if neuron == run.neuron => {
+                run.stages.insert(stage, StageState::Running);
+            }
+            Event::StageFinished {
+                neuron,
+                stage,
+                seconds,
+            } if neuron == run.neuron => {
+                run.stages.insert(stage, StageState::Done(seconds));
+            }
+            Event::TopImages { neuron, images } if neuron == run.neuron => run.top = images,
+            Event::Caption {
+                neuron,
+                index,
+                text,
+            } if neuron == run.neuron => {
+                if run.captions.len() <= index {
+                    run.captions.resize(index + 1, String::new());
+                }
+                run.captions[index] = text;
+            }
+            Event::LlmText { neuron, text, .. } if neuron == run.neuron => {
+                run.streaming.push_str(&text);
+            }
+            Event::Simplified {
+                neuron,
+                index,
+                text,
+            } if neuron == run.neuron => {
+                run.simplified.insert(index, text);
+                run.streaming.clear();
+            }
+            Event::Summary {
+                neuron,
+                index,
+                text,
+            } if neuron == run.neuron => {
+                run.summaries.insert(index, text);
+                run.streaming.clear();
+            }
+            Event::Candidates { neuron, candidates } if neuron == run.neuron => {
+                run.candidates = candidates;
+                run.streaming.clear();
+            }
+            Event::Synthetic {
+                neuron,
+                concept,
+                files,
+            } if neuron == run.neuron => run.synthetic.push((concept, files)),
+            Event::Scores { neuron, scores } if neuron == run.neuron => run.scores = scores,
+            Event::Finished {
+                neuron,
+                description,
+            } if neuron == run.neuron => {
+                if description.status == Status::Failed {
+                    self.notice = Some(format!(
+                        "neuron {neuron} failed: {}",
+                        description.error.as_deref().unwrap_or("unknown")
+                    ));
+                }
+                run.description = Some(*description);
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn status_name(s: Option<Status>) -> &'static str {
+    match s {
+        None => "undescribed",
+        Some(Status::Described) => "described",
+        Some(Status::Failed) => "failed",
+    }
+}

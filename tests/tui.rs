@@ -1,0 +1,291 @@
+//! Snapshot tests of every screen of the terminal UI in scripted states (ratatui's
+//! TestBackend, images off so the text is deterministic). `cargo insta review` after a
+//! deliberate change.
+
+use std::path::Path;
+
+use dnd::pipeline::{
+    CandidateScore, CropRef, Description, Event, Label, ModelId, ModelIds, Stage, TopImage,
+};
+use dnd::store::{Row, Status};
+use dnd::tui::app::{Action, App, LayerRow};
+use dnd::tui::images::Thumbs;
+use dnd::tui::theme::Theme;
+use dnd::tui::ui::{draw, Roots};
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+fn app() -> App {
+    let layers = vec![
+        LayerRow {
+            name: "layer3".into(),
+            neurons: 32,
+            described: 0,
+            failed: 0,
+        },
+        LayerRow {
+            name: "layer4".into(),
+            neurons: 6,
+            described: 2,
+            failed: 1,
+        },
+        LayerRow {
+            name: "fc".into(),
+            neurons: 10,
+            described: 0,
+            failed: 0,
+        },
+    ];
+    App::new("timm/resnet50.tv_in1k".into(), layers)
+}
+
+fn row(neuron: usize, status: Status, label: Option<&str>) -> Row {
+    Row {
+        target: "timm/resnet50.tv_in1k".into(),
+        layer: "layer4".into(),
+        neuron,
+        settings_key: "k".into(),
+        status,
+        label: label.map(String::from),
+        record: serde_json::Value::Null,
+        error: None,
+    }
+}
+
+fn in_layer4() -> App {
+    let mut a = app();
+    a.layer_sel = 1;
+    a.update(Action::Open);
+    let rows = [
+        row(0, Status::Described, Some("striped fabric")),
+        row(2, Status::Failed, None),
+        row(4, Status::Described, Some("red cars")),
+    ];
+    a.set_neurons("layer4", 6, &rows);
+    a
+}
+
+fn render(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    let mut thumbs = Thumbs::new(None);
+    let roots = Roots {
+        probe: Path::new("/probe"),
+        store: Path::new("/store"),
+    };
+    t.draw(|f| draw(f, app, &Theme::plain(), &mut thumbs, &roots))
+        .unwrap();
+    t.backend().to_string()
+}
+
+fn description(neuron: usize) -> Description {
+    let id = |s: &str| ModelId {
+        source: s.into(),
+        revision: None,
+    };
+    Description {
+        target: "timm/resnet50.tv_in1k".into(),
+        layer: "layer4".into(),
+        neuron,
+        status: Status::Described,
+        labels: vec![
+            Label {
+                label: "striped fabric".into(),
+                score: 2.61,
+            },
+            Label {
+                label: "zebra".into(),
+                score: 1.2,
+            },
+        ],
+        candidates: vec![
+            CandidateScore {
+                concept: "striped fabric".into(),
+                rank_score: 4.0,
+                weight: 0.87,
+                final_score: 2.61,
+            },
+            CandidateScore {
+                concept: "zebra".into(),
+                rank_score: 9.5,
+                weight: 0.6,
+                final_score: 1.2,
+            },
+        ],
+        top_images: Vec::new(),
+        crops: Vec::new(),
+        captions: vec!["a striped shirt".into(), "a zebra in a field".into()],
+        simplified: vec![Some("striped shirt".into()), Some("zebra".into())],
+        synthetic: Vec::new(),
+        timings: Stage::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), 0.5))
+            .collect(),
+        models: ModelIds {
+            target: id("t"),
+            captioner: id("c"),
+            synthesiser: id("s"),
+            clip: id("clip"),
+            llm: "gpt".into(),
+        },
+        seed: 0,
+        error: None,
+        dropped: Vec::new(),
+    }
+}
+
+/// The run view of neuron 1 after the events of a run up to the LLM's answers streaming.
+fn mid_run() -> App {
+    let mut a = in_layer4();
+    a.neuron_sel = 1;
+    a.update(Action::Open);
+    for stage in [Stage::Activations, Stage::Crops, Stage::Captions] {
+        a.on_event(Event::StageStarted { neuron: 1, stage });
+        a.on_event(Event::StageFinished {
+            neuron: 1,
+            stage,
+            seconds: 0.25,
+        });
+    }
+    a.on_event(Event::TopImages {
+        neuron: 1,
+        images: vec![
+            TopImage {
+                image: "a.jpg".into(),
+                crop: None,
+                activation: 3.0,
+            },
+            TopImage {
+                image: "b.jpg".into(),
+                crop: Some(CropRef {
+                    bbox: [0, 0, 10, 10],
+                    file: "crops/00_0.png".into(),
+                }),
+                activation: 2.0,
+            },
+        ],
+    });
+    a.on_event(Event::Caption {
+        neuron: 1,
+        index: 0,
+        text: "a striped shirt on a bed".into(),
+    });
+    a.on_event(Event::Caption {
+        neuron: 1,
+        index: 1,
+        text: "a zebra in a field".into(),
+    });
+    a.on_event(Event::StageStarted {
+        neuron: 1,
+        stage: Stage::Concepts,
+    });
+    a.on_event(Event::Simplified {
+        neuron: 1,
+        index: 0,
+        text: "striped shirt".into(),
+    });
+    a.on_event(Event::LlmText {
+        neuron: 1,
+        call: dnd::summarise::Call::Simplify(1),
+        text: "zeb".into(),
+    });
+    a
+}
+
+#[test]
+fn layers_screen() {
+    insta::assert_snapshot!(render(&app(), 80, 24));
+}
+
+#[test]
+fn neuron_list_with_statuses_and_a_filter() {
+    let a = in_layer4();
+    insta::assert_snapshot!("neurons", render(&a, 80, 24));
+    let mut f = in_layer4();
+    f.update(Action::StartFilter);
+    for c in "red".chars() {
+        f.update(Action::Type(c));
+    }
+    insta::assert_snapshot!("neurons_filtered", render(&f, 80, 24));
+}
+
+#[test]
+fn run_view_mid_stream_and_finished() {
+    let mut a = mid_run();
+    assert!(a.busy);
+    insta::assert_snapshot!("run_mid_stream", render(&a, 100, 30));
+    a.on_event(Event::StageFinished {
+        neuron: 1,
+        stage: Stage::Concepts,
+        seconds: 1.5,
+    });
+    a.on_event(Event::Candidates {
+        neuron: 1,
+        candidates: vec!["striped fabric".into(), "zebra".into()],
+    });
+    let d = description(1);
+    a.on_event(Event::Scores {
+        neuron: 1,
+        scores: d.candidates.clone(),
+    });
+    a.on_event(Event::Finished {
+        neuron: 1,
+        description: Box::new(d),
+    });
+    a.on_event(Event::JobFinished(Ok(Default::default())));
+    assert!(!a.busy);
+    insta::assert_snapshot!("run_finished", render(&a, 100, 30));
+    assert_eq!(a.neurons[1].label.as_deref(), Some("striped fabric"));
+}
+
+#[test]
+fn a_failed_run_shows_the_error() {
+    let mut a = mid_run();
+    let mut d = description(1);
+    d.status = Status::Failed;
+    d.labels.clear();
+    d.candidates.clear();
+    d.error = Some("LLM endpoint http://localhost:8000/v1 is unreachable".into());
+    a.on_event(Event::Finished {
+        neuron: 1,
+        description: Box::new(d),
+    });
+    a.on_event(Event::JobFinished(Ok(Default::default())));
+    insta::assert_snapshot!(render(&a, 100, 30));
+}
+
+#[test]
+fn help_overlay_and_quit_confirmation() {
+    let mut a = mid_run();
+    a.update(Action::Help);
+    insta::assert_snapshot!("help", render(&a, 80, 24));
+    a.update(Action::Back);
+    assert!(!a.help);
+    assert!(
+        a.update(Action::Quit).is_empty(),
+        "asks first while a run is in flight"
+    );
+    insta::assert_snapshot!("confirm_quit", render(&a, 80, 24));
+    assert!(a
+        .update(Action::Quit)
+        .contains(&dnd::tui::app::Effect::Quit));
+}
+
+#[test]
+fn a_small_terminal_gets_a_message_not_a_panic() {
+    insta::assert_snapshot!(render(&mid_run(), 60, 15));
+    // Even tinier sizes draw something.
+    render(&mid_run(), 1, 1);
+}
+
+#[test]
+fn keys_jump_and_next_undescribed() {
+    let mut a = in_layer4();
+    a.update(Action::StartJump);
+    a.update(Action::Type('4'));
+    a.update(Action::Open);
+    assert_eq!(a.neuron_sel, 4);
+    a.update(Action::NextUndescribed);
+    assert_eq!(a.neuron_sel, 5);
+    a.update(Action::NextUndescribed);
+    assert_eq!(a.neuron_sel, 1, "wraps around, skipping described neurons");
+}

@@ -1,0 +1,113 @@
+//! The real binary's terminal UI inside tmux (send-keys, capture-pane) against the tiny
+//! fixtures and the mock LLM: open layer4 of the fixture target at neuron 3, let it run, see
+//! its label, quit; `dnd export` then has neuron 3's label. Needs tmux (.ci/run installs it).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::llm::MockLlm;
+use common::{dnd, fixture_model, fixtures, text};
+
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let o = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux is installed (apt-get install tmux)");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "dnd"])
+    }
+
+    /// Waits until the screen shows `what`, or panics with the last screen.
+    fn wait_for(&self, what: &str, limit: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            if t0.elapsed() > limit {
+                panic!("{what:?} did not appear within {limit:?}; the screen:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+#[test]
+fn open_a_neuron_run_it_see_its_label_quit_and_export() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let db = home.path().join("dnd.sqlite").display().to_string();
+    let h = home.path().display().to_string();
+    let dnd_cmd = format!(
+        "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HUB_OFFLINE=1 TERM=xterm-256color \
+         {bin} --device cpu --target {t} --captioner {c} --synthesiser {s} --clip {clip} --probe {probe} --db {db} \
+         --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks \
+         --layer layer4 --neuron 3",
+        bin = env!("CARGO_BIN_EXE_dnd"),
+        t = fixture_model("resnet_basic"),
+        c = fixture_model("blip_tiny"),
+        s = fixture_model("sd_tiny"),
+        clip = fixture_model("clip_tiny"),
+        probe = fixtures().join("images").display(),
+        url = llm.url(),
+    );
+    let tmux = Tmux {
+        socket: format!("dnd-test-{}", std::process::id()),
+    };
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "dnd",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &dnd_cmd,
+    ]);
+    let screen = tmux.wait_for("label: ", Duration::from_secs(90));
+    assert!(screen.contains("layer4 › neuron 3"), "{screen}");
+    assert!(screen.contains("✓ scoring"), "{screen}");
+    let label = screen
+        .split("label: ")
+        .nth(1)
+        .and_then(|r| r.split(" ─").next())
+        .unwrap()
+        .trim()
+        .to_string();
+
+    tmux.run(&["send-keys", "-t", "dnd", "Escape"]);
+    tmux.wait_for("neurons (64)", Duration::from_secs(10));
+    tmux.run(&["send-keys", "-t", "dnd", "q"]);
+    let t0 = Instant::now();
+    while tmux.run(&["list-sessions"]).contains("dnd:") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "dnd did not quit on q"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let o = dnd(home.path(), &["export", "--db", &db, "--layer", "layer4"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains(&format!("3,{label}")), "{out}");
+}
