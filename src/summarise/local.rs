@@ -189,11 +189,13 @@ struct Generator {
     device: Device,
 }
 
+/// The local LLM; cheap to share with the blocking task that generates.
 pub struct LocalLlm {
-    inner: Arc<Inner>,
+    inner: Arc<LocalModel>,
 }
 
-struct Inner {
+/// The loaded model with its tokenizer, chat template and stop tokens.
+pub struct LocalModel {
     name: String,
     template: ChatTemplate,
     tokenizer: Tokenizer,
@@ -274,7 +276,7 @@ impl LocalLlm {
         let net = qwen2::ModelForCausalLM::new(&cfg, vb)
             .map_err(|e| nn::mismatch(&label, Some(weights), &e))?;
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(LocalModel {
                 name: format!("local:{}", model.source),
                 template,
                 tokenizer,
@@ -288,50 +290,34 @@ impl LocalLlm {
             }),
         })
     }
+}
 
-    /// The prompt text the model sees for `messages`.
-    pub fn render(&self, messages: &[Message]) -> std::result::Result<String, LlmError> {
-        self.inner.render(messages)
-    }
-
-    /// Token ids of rendered prompt text (special tokens in the text are recognised).
-    pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, LlmError> {
-        self.inner.encode(text)
-    }
-
-    /// New token ids after `prompt` (the stop token included when one ends it), greedy when
-    /// `temperature` is 0, else sampled with `seed`; `on_ids` sees the ids so far after each.
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        temperature: f32,
-        seed: u64,
-        on_ids: &mut dyn FnMut(&[u32]),
-    ) -> std::result::Result<Vec<u32>, LlmError> {
-        self.inner.generate(prompt, temperature, seed, on_ids)
-    }
-
-    /// Text of generated ids, without stop and other special tokens.
-    pub fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids)
+impl std::ops::Deref for LocalLlm {
+    type Target = LocalModel;
+    fn deref(&self) -> &LocalModel {
+        &self.inner
     }
 }
 
-impl Inner {
-    fn render(&self, messages: &[Message]) -> std::result::Result<String, LlmError> {
+impl LocalModel {
+    /// The prompt text the model sees for `messages`.
+    pub fn render(&self, messages: &[Message]) -> std::result::Result<String, LlmError> {
         self.template
             .render(messages)
             .map_err(|reason| self.fail(reason))
     }
 
-    fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, LlmError> {
+    /// Token ids of rendered prompt text (special tokens in the text are recognised).
+    pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, LlmError> {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| self.fail(format!("cannot tokenize the prompt: {e}")))
     }
 
-    fn generate(
+    /// New token ids after `prompt` (the stop token included when one ends it), greedy when
+    /// `temperature` is 0, else sampled with `seed`; `on_ids` sees the ids so far after each.
+    pub fn generate(
         &self,
         prompt: &[u32],
         temperature: f32,
@@ -382,7 +368,8 @@ impl Inner {
         Ok(out)
     }
 
-    fn decode(&self, ids: &[u32]) -> String {
+    /// Text of generated ids, without stop and other special tokens.
+    pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 

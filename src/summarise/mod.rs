@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 pub use api::{ApiLlm, ApiOptions};
-pub use local::{LocalLlm, LocalOptions};
+pub use local::{LocalLlm, LocalModel, LocalOptions};
 
 /// Who speaks a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
