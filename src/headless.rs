@@ -13,7 +13,7 @@ use dnd::config::Settings;
 use dnd::hub::{self, Role};
 use dnd::pipeline::{self, Description, Event, Job, Models, Params};
 use dnd::probe::ProbeSet;
-use dnd::store::{Status, Store};
+use dnd::store::{Review, Status, Store};
 use dnd::summarise::{ApiLlm, ApiOptions, Llm, LocalLlm, LocalOptions};
 
 use crate::{
@@ -422,7 +422,11 @@ pub(crate) fn export(settings: &Settings, target: Option<&str>, args: ExportArgs
         );
     }
     let store = Store::open(&settings.db)?;
-    let rows = store.rows(target, args.layer.as_deref())?;
+    let rows: Vec<_> = store
+        .rows(target, args.layer.as_deref())?
+        .into_iter()
+        .filter(|r| args.include_rejected || r.review != Review::Rejected)
+        .collect();
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -432,7 +436,10 @@ pub(crate) fn export(settings: &Settings, target: Option<&str>, args: ExportArgs
     match args.format {
         ExportFormat::Json => {
             for r in &rows {
-                writeln!(out, "{}", r.record)?;
+                let mut rec = r.record.clone();
+                rec["review"] = serde_json::json!(r.review);
+                rec["curated_label"] = serde_json::json!(r.curated_label);
+                writeln!(out, "{rec}")?;
             }
         }
         ExportFormat::Csv => {
@@ -449,10 +456,16 @@ pub(crate) fn export(settings: &Settings, target: Option<&str>, args: ExportArgs
                     names.join(", ")
                 );
             }
+            // The reference's columns; a Status column once a person has reviewed labels.
+            let reviewed = rows.iter().any(|r| r.review != Review::Unreviewed);
             let mut w = csv::Writer::from_writer(&mut out);
-            w.write_record(["Neuron ID", "Label 1", "Label 2", "Label 3"])?;
+            let mut header = vec!["Neuron ID", "Label 1", "Label 2", "Label 3"];
+            if reviewed {
+                header.push("Status");
+            }
+            w.write_record(&header)?;
             for r in rows.iter().filter(|r| r.status == Status::Described) {
-                let labels: Vec<String> = r.record["labels"]
+                let mut labels: Vec<String> = r.record["labels"]
                     .as_array()
                     .map(|a| {
                         a.iter()
@@ -460,8 +473,16 @@ pub(crate) fn export(settings: &Settings, target: Option<&str>, args: ExportArgs
                             .collect()
                     })
                     .unwrap_or_default();
+                if let Some(c) = &r.curated_label {
+                    labels.retain(|l| l != c);
+                    labels.insert(0, c.clone());
+                }
                 let label = |i: usize| labels.get(i).cloned().unwrap_or_default();
-                w.write_record([r.neuron.to_string(), label(0), label(1), label(2)])?;
+                let mut record = vec![r.neuron.to_string(), label(0), label(1), label(2)];
+                if reviewed {
+                    record.push(r.review.as_str().to_string());
+                }
+                w.write_record(&record)?;
             }
             w.flush()?;
         }

@@ -173,10 +173,15 @@ struct DescribeArgs {
 
 #[derive(clap::Args, Debug)]
 struct ExportArgs {
-    /// csv: Neuron ID, Label 1, Label 2, Label 3 (described neurons of one layer);
-    /// json: one stored record per line, failed neurons included.
+    /// csv: Neuron ID, Label 1, Label 2, Label 3 (described neurons of one layer; Label 1 is
+    /// the curated label where there is one), plus a Status column once any label has been
+    /// accepted, edited or rejected; json: one stored record per line with its review,
+    /// failed neurons included.
     #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
     format: ExportFormat,
+    /// Also export neurons whose label was rejected.
+    #[arg(long)]
+    include_rejected: bool,
     /// Only this layer (needed for CSV when the store holds several).
     #[arg(long, short)]
     layer: Option<String>,
@@ -668,18 +673,7 @@ fn tui_session(
         .target
         .layers()
         .iter()
-        .map(|l| LayerRow {
-            name: l.name.clone(),
-            neurons: l.neurons,
-            described: rows
-                .iter()
-                .filter(|r| r.layer == l.name && r.status == dnd::store::Status::Described)
-                .count(),
-            failed: rows
-                .iter()
-                .filter(|r| r.layer == l.name && r.status == dnd::store::Status::Failed)
-                .count(),
-        })
+        .map(|l| LayerRow::new(&l.name, l.neurons, &rows))
         .collect();
     if let Some(l) = &ui.layer {
         let i = models.target.layer_index(l)?;

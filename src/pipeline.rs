@@ -995,6 +995,8 @@ impl Runner<'_> {
             label: d.labels.first().map(|l| l.label.clone()),
             record: serde_json::to_value(d).expect("descriptions serialise"),
             error: d.error.clone(),
+            review: Default::default(),
+            curated_label: None,
         }
     }
 

@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::summarise::AnswerCache;
 
 /// Bumped when the tables change; older files are migrated or refused by number.
-const SCHEMA_VERSION: i64 = 1;
+/// 2: curation (review state, curated label, history).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Whether a neuron got a label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,6 +35,56 @@ impl Status {
     }
 }
 
+/// What a person made of a neuron's label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Review {
+    #[default]
+    Unreviewed,
+    Accepted,
+    Edited,
+    Rejected,
+}
+
+impl Review {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Review::Unreviewed => "unreviewed",
+            Review::Accepted => "accepted",
+            Review::Edited => "edited",
+            Review::Rejected => "rejected",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "accepted" => Review::Accepted,
+            "edited" => Review::Edited,
+            "rejected" => Review::Rejected,
+            _ => Review::Unreviewed,
+        }
+    }
+}
+
+/// A curation decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Curation {
+    Accept,
+    /// A new label: typed, or a runner-up or candidate chosen.
+    Edit(String),
+    Reject,
+}
+
+/// One line of a neuron's curation history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Review,
+    pub previous: Option<String>,
+    pub label: Option<String>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
 /// One neuron's stored outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
@@ -49,6 +100,17 @@ pub struct Row {
     /// Everything the pipeline knows about the neuron (the `describe --format json` line).
     pub record: serde_json::Value,
     pub error: Option<String>,
+    /// Set by curation; a new description of the neuron starts unreviewed again.
+    pub review: Review,
+    /// The label a person gave (edited or chosen); the pipeline's stays in `label`.
+    pub curated_label: Option<String>,
+}
+
+impl Row {
+    /// The label in force: the curated one, else the pipeline's.
+    pub fn current_label(&self) -> Option<&str> {
+        self.curated_label.as_deref().or(self.label.as_deref())
+    }
 }
 
 pub struct Store {
@@ -104,6 +166,16 @@ impl Store {
                 updated_at INTEGER NOT NULL,
                 PRIMARY KEY (target, layer, neuron)
             );
+            CREATE TABLE IF NOT EXISTS curation (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                target TEXT NOT NULL,
+                layer TEXT NOT NULL,
+                neuron INTEGER NOT NULL,
+                action TEXT NOT NULL,
+                previous TEXT,
+                label TEXT,
+                at INTEGER NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS llm_cache (
                 model TEXT NOT NULL,
                 prompt TEXT NOT NULL,
@@ -113,6 +185,17 @@ impl Store {
             );",
         )
         .map_err(err)?;
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('descriptions')")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        if !columns.iter().any(|c| c == "review") {
+            conn.execute_batch(
+                "ALTER TABLE descriptions ADD COLUMN review TEXT NOT NULL DEFAULT 'unreviewed';
+                 ALTER TABLE descriptions ADD COLUMN curated_label TEXT;",
+            )
+            .map_err(err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
         let mut images = path.as_os_str().to_owned();
@@ -205,7 +288,8 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT target, layer, neuron, settings_key, status, label, record, error
+                "SELECT target, layer, neuron, settings_key, status, label, record, error,
+                        review, curated_label
                  FROM descriptions
                  WHERE (?1 IS NULL OR target = ?1) AND (?2 IS NULL OR layer = ?2)
                  ORDER BY target, layer, neuron",
@@ -228,10 +312,106 @@ impl Store {
                     label: r.get(5)?,
                     record: serde_json::from_str(&record).unwrap_or(serde_json::Value::Null),
                     error: r.get(7)?,
+                    review: Review::parse(&r.get::<_, String>(8)?),
+                    curated_label: r.get(9)?,
                 })
             })
             .map_err(|e| self.error(e))?;
         rows.collect::<rusqlite::Result<Vec<Row>>>()
+            .map_err(|e| self.error(e))
+    }
+}
+
+impl Store {
+    /// Records a curation decision on a stored neuron, with its history, in one transaction.
+    pub fn curate(
+        &self,
+        target: &str,
+        layer: &str,
+        neuron: usize,
+        decision: &Curation,
+    ) -> Result<Row> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.error(e))?;
+        let current: Option<(Option<String>, Option<String>)> = tx
+            .query_row(
+                "SELECT label, curated_label FROM descriptions WHERE target = ?1 AND layer = ?2 AND neuron = ?3",
+                params![target, layer, neuron as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.error(e))?;
+        let Some((label, curated)) = current else {
+            return Err(self.error(format!(
+                "neuron {neuron} of {layer} has no description to curate; describe it first"
+            )));
+        };
+        let previous = curated.or(label);
+        let (review, new_label) = match decision {
+            Curation::Accept => (Review::Accepted, previous.clone()),
+            Curation::Edit(text) => (Review::Edited, Some(text.trim().to_string())),
+            Curation::Reject => (Review::Rejected, previous.clone()),
+        };
+        // An edit keeps its own label; accept and reject keep the one in force.
+        let curated_label = match decision {
+            Curation::Edit(_) => new_label.clone(),
+            _ => previous.clone(),
+        };
+        tx.execute(
+            "UPDATE descriptions SET review = ?4, curated_label = ?5, updated_at = ?6
+             WHERE target = ?1 AND layer = ?2 AND neuron = ?3",
+            params![
+                target,
+                layer,
+                neuron as i64,
+                review.as_str(),
+                curated_label,
+                now()
+            ],
+        )
+        .map_err(|e| self.error(e))?;
+        tx.execute(
+            "INSERT INTO curation (target, layer, neuron, action, previous, label, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                target,
+                layer,
+                neuron as i64,
+                review.as_str(),
+                previous,
+                new_label,
+                now()
+            ],
+        )
+        .map_err(|e| self.error(e))?;
+        tx.commit().map_err(|e| self.error(e))?;
+        drop(conn);
+        self.rows(Some(target), Some(layer))?
+            .into_iter()
+            .find(|r| r.neuron == neuron)
+            .ok_or_else(|| self.error("the curated row vanished"))
+    }
+
+    /// A neuron's curation decisions, oldest first.
+    pub fn history(&self, target: &str, layer: &str, neuron: usize) -> Result<Vec<Decision>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(
+                "SELECT action, previous, label, at FROM curation
+                 WHERE target = ?1 AND layer = ?2 AND neuron = ?3 ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = st
+            .query_map(params![target, layer, neuron as i64], |r| {
+                Ok(Decision {
+                    action: Review::parse(&r.get::<_, String>(0)?),
+                    previous: r.get(1)?,
+                    label: r.get(2)?,
+                    at: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.error(e))
     }
 }
@@ -281,7 +461,55 @@ mod tests {
             label: (status == Status::Described).then(|| format!("label {neuron}")),
             record: serde_json::json!({ "neuron": neuron }),
             error: (status == Status::Failed).then(|| "boom".to_string()),
+            review: Review::Unreviewed,
+            curated_label: None,
         }
+    }
+
+    #[test]
+    fn curation_is_recorded_with_history_and_reset_by_a_new_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("dnd.sqlite")).unwrap();
+        store.put(&row(3, "k1", Status::Described)).unwrap();
+        let r = store.curate("t", "layer4", 3, &Curation::Accept).unwrap();
+        assert_eq!(
+            (r.review, r.current_label()),
+            (Review::Accepted, Some("label 3"))
+        );
+        let r = store
+            .curate("t", "layer4", 3, &Curation::Edit(" red stripes ".into()))
+            .unwrap();
+        assert_eq!(
+            (r.review, r.current_label()),
+            (Review::Edited, Some("red stripes"))
+        );
+        assert_eq!(
+            r.label.as_deref(),
+            Some("label 3"),
+            "the pipeline's label is kept"
+        );
+        let r = store.curate("t", "layer4", 3, &Curation::Reject).unwrap();
+        assert_eq!(r.review, Review::Rejected);
+        let h = store.history("t", "layer4", 3).unwrap();
+        let actions: Vec<Review> = h.iter().map(|d| d.action).collect();
+        assert_eq!(
+            actions,
+            [Review::Accepted, Review::Edited, Review::Rejected]
+        );
+        assert_eq!(h[1].previous.as_deref(), Some("label 3"));
+        assert_eq!(h[2].previous.as_deref(), Some("red stripes"));
+        assert!(store.curate("t", "layer4", 9, &Curation::Accept).is_err());
+        store.put(&row(3, "k2", Status::Described)).unwrap();
+        let r = &store.rows(None, None).unwrap()[0];
+        assert_eq!(
+            (r.review, r.curated_label.as_deref()),
+            (Review::Unreviewed, None)
+        );
+        assert_eq!(
+            store.history("t", "layer4", 3).unwrap().len(),
+            3,
+            "history is kept"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::llm::{Fault, MockLlm};
 use common::{dnd, dnd_command, fixture_model, fixtures, text};
-use dnd::store::{Status, Store};
+use dnd::store::{Curation, Status, Store};
 
 /// Flags for a small, quick run on the fixtures; `llm` is the mock's URL, or "local" for no
 /// endpoint at all and the tiny local Qwen2.
@@ -206,6 +206,49 @@ fn describe_stores_labels_and_export_reads_them() {
         ],
     );
     assert_eq!(json_lines(&text(&json).0).len(), 3);
+
+    // Curation: a rejected label leaves the CSV unless asked for, an edited one leads it,
+    // and a Status column appears.
+    let store = Store::open(&home.path().join("out/dnd.sqlite")).unwrap();
+    let target = lines[0]["target"].as_str().unwrap();
+    store
+        .curate(target, "layer4", 1, &Curation::Reject)
+        .unwrap();
+    store
+        .curate(target, "layer4", 2, &Curation::Edit("my label".into()))
+        .unwrap();
+    let csv = dnd(home.path(), &["export", "--db", &db]);
+    let out = text(&csv).0;
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows[0], "Neuron ID,Label 1,Label 2,Label 3,Status");
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(
+        rows[1].starts_with("0,") && rows[1].ends_with(",unreviewed"),
+        "{out}"
+    );
+    assert!(
+        rows[2].starts_with("2,my label,") && rows[2].ends_with(",edited"),
+        "{out}"
+    );
+    let all = dnd(home.path(), &["export", "--db", &db, "--include-rejected"]);
+    assert!(text(&all)
+        .0
+        .lines()
+        .any(|l| l.starts_with("1,") && l.ends_with(",rejected")));
+    let json = dnd(
+        home.path(),
+        &[
+            "export",
+            "--db",
+            &db,
+            "--format",
+            "json",
+            "--include-rejected",
+        ],
+    );
+    let records = json_lines(&text(&json).0);
+    assert_eq!(records[2]["review"], "edited");
+    assert_eq!(records[2]["curated_label"], "my label");
 }
 
 /// Layers without a spatial map (a classifier's fc, a ViT block's CLS dimension) skip the

@@ -17,24 +17,14 @@ use ratatui::Terminal;
 
 fn app() -> App {
     let layers = vec![
+        LayerRow::new("layer3", 32, &[]),
         LayerRow {
-            name: "layer3".into(),
-            neurons: 32,
-            described: 0,
-            failed: 0,
-        },
-        LayerRow {
-            name: "layer4".into(),
-            neurons: 6,
             described: 2,
             failed: 1,
+            accepted: 1,
+            ..LayerRow::new("layer4", 6, &[])
         },
-        LayerRow {
-            name: "fc".into(),
-            neurons: 10,
-            described: 0,
-            failed: 0,
-        },
+        LayerRow::new("fc", 10, &[]),
     ];
     App::new("timm/resnet50.tv_in1k".into(), layers)
 }
@@ -49,6 +39,8 @@ fn row(neuron: usize, status: Status, label: Option<&str>) -> Row {
         label: label.map(String::from),
         record: serde_json::Value::Null,
         error: None,
+        review: Default::default(),
+        curated_label: None,
     }
 }
 
@@ -288,4 +280,63 @@ fn keys_jump_and_next_undescribed() {
     assert_eq!(a.neuron_sel, 5);
     a.update(Action::NextUndescribed);
     assert_eq!(a.neuron_sel, 1, "wraps around, skipping described neurons");
+}
+
+#[test]
+fn curation_keys_ask_the_loop_to_store_decisions() {
+    use dnd::store::{Curation, Review};
+    use dnd::tui::app::Effect;
+    let mut a = mid_run();
+    assert!(
+        a.update(Action::Accept).is_empty(),
+        "nothing to curate mid-run"
+    );
+    let d = description(1);
+    a.on_event(Event::Scores {
+        neuron: 1,
+        scores: d.candidates.clone(),
+    });
+    a.on_event(Event::Finished {
+        neuron: 1,
+        description: Box::new(d),
+    });
+    a.on_event(Event::JobFinished(Ok(Default::default())));
+    assert_eq!(
+        a.update(Action::Accept),
+        vec![Effect::Curate {
+            neuron: 1,
+            decision: Curation::Accept
+        }]
+    );
+    assert_eq!(
+        a.update(Action::Choose(1)),
+        vec![Effect::Curate {
+            neuron: 1,
+            decision: Curation::Edit("zebra".into())
+        }]
+    );
+    a.update(Action::StartEdit);
+    for _ in 0.."striped fabric".len() {
+        a.update(Action::Erase);
+    }
+    for c in "zebra stripes".chars() {
+        a.update(Action::Type(c));
+    }
+    insta::assert_snapshot!("editing_label", render(&a, 100, 30));
+    assert_eq!(
+        a.update(Action::Open),
+        vec![Effect::Curate {
+            neuron: 1,
+            decision: Curation::Edit("zebra stripes".into())
+        }]
+    );
+    // The stored row comes back: list and counts follow.
+    let mut r = row(1, Status::Described, Some("striped fabric"));
+    r.review = Review::Edited;
+    r.curated_label = Some("zebra stripes".into());
+    a.curated(&r);
+    assert_eq!(a.neurons[1].label.as_deref(), Some("zebra stripes"));
+    assert_eq!(a.layers[1].edited, 1);
+    a.update(Action::Back);
+    insta::assert_snapshot!("neurons_after_edit", render(&a, 80, 24));
 }

@@ -1,6 +1,7 @@
 //! The real binary's terminal UI inside tmux (send-keys, capture-pane) against the tiny
-//! fixtures and the mock LLM: open layer4 of the fixture target at neuron 3, let it run, see
-//! its label, quit; `dnd export` then has neuron 3's label. Needs tmux (.ci/run installs it).
+//! fixtures and the mock LLM: open layer4 of the fixture target at neuron 3, let it run,
+//! accept its label, quit; `dnd export` then has neuron 3's accepted label. Needs tmux
+//! (.ci/run installs it).
 
 mod common;
 
@@ -51,7 +52,7 @@ impl Drop for Tmux {
 }
 
 #[test]
-fn open_a_neuron_run_it_see_its_label_quit_and_export() {
+fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     let db = home.path().join("dnd.sqlite").display().to_string();
@@ -94,8 +95,11 @@ fn open_a_neuron_run_it_see_its_label_quit_and_export() {
         .trim()
         .to_string();
 
+    tmux.run(&["send-keys", "-t", "dnd", "a"]);
+    tmux.wait_for("neuron 3: accepted", Duration::from_secs(10));
     tmux.run(&["send-keys", "-t", "dnd", "Escape"]);
-    tmux.wait_for("neurons (64)", Duration::from_secs(10));
+    let list = tmux.wait_for("neurons (64)", Duration::from_secs(10));
+    assert!(list.contains("3  accepted"), "{list}");
     tmux.run(&["send-keys", "-t", "dnd", "q"]);
     let t0 = Instant::now();
     while tmux.run(&["list-sessions"]).contains("dnd:") {
@@ -109,5 +113,16 @@ fn open_a_neuron_run_it_see_its_label_quit_and_export() {
     let o = dnd(home.path(), &["export", "--db", &db, "--layer", "layer4"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(out.contains(&format!("3,{label}")), "{out}");
+    assert!(
+        out.starts_with("Neuron ID,Label 1,Label 2,Label 3,Status"),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("3,"))
+        .expect("neuron 3 exported");
+    assert!(
+        line.starts_with(&format!("3,{label},")) && line.ends_with(",accepted"),
+        "{line}"
+    );
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::pipeline::{CandidateScore, Description, Event, Stage, TopImage};
-use crate::store::{Row, Status};
+use crate::store::{Curation, Review, Row, Status};
 
 /// One layer of the target, with how much of it is described.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,7 +12,27 @@ pub struct LayerRow {
     pub name: String,
     pub neurons: usize,
     pub described: usize,
+    pub accepted: usize,
+    pub edited: usize,
+    pub rejected: usize,
     pub failed: usize,
+}
+
+impl LayerRow {
+    /// A layer's counts from its stored rows.
+    pub fn new(name: &str, neurons: usize, rows: &[Row]) -> Self {
+        let mine = || rows.iter().filter(|r| r.layer == name);
+        let reviewed = |v: Review| mine().filter(|r| r.review == v).count();
+        Self {
+            name: name.to_string(),
+            neurons,
+            described: mine().filter(|r| r.status == Status::Described).count(),
+            accepted: reviewed(Review::Accepted),
+            edited: reviewed(Review::Edited),
+            rejected: reviewed(Review::Rejected),
+            failed: mine().filter(|r| r.status == Status::Failed).count(),
+        }
+    }
 }
 
 /// One neuron of the open layer.
@@ -20,6 +40,8 @@ pub struct LayerRow {
 pub struct NeuronRow {
     pub neuron: usize,
     pub status: Option<Status>,
+    pub review: Review,
+    /// The label in force (curated, else the pipeline's).
     pub label: Option<String>,
 }
 
@@ -35,6 +57,8 @@ pub enum Screen {
 pub enum Prompt {
     Jump(String),
     Filter(String),
+    /// Editing the open neuron's label.
+    Edit(String),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -118,6 +142,12 @@ pub enum Action {
     /// `g` / `/`: start typing a neuron number / a filter.
     StartJump,
     StartFilter,
+    /// `a` / `e` / `r` in the run view: accept, edit, reject the label.
+    Accept,
+    StartEdit,
+    Reject,
+    /// `1`-`9` in the run view: take that row of the score table as the label.
+    Choose(usize),
     Type(char),
     Erase,
 }
@@ -134,6 +164,11 @@ pub enum Effect {
     },
     /// Show this stored neuron (hand its row to [`App::show_stored`]).
     ShowStored(usize),
+    /// Store a curation decision on this neuron and hand the row to [`App::curated`].
+    Curate {
+        neuron: usize,
+        decision: Curation,
+    },
     Cancel,
     Quit,
 }
@@ -188,7 +223,7 @@ impl App {
                     || r.label
                         .as_deref()
                         .is_some_and(|l| l.to_lowercase().contains(&f))
-                    || status_name(r.status).contains(&f)
+                    || neuron_state(r).contains(&f)
             })
             .collect()
     }
@@ -200,13 +235,15 @@ impl App {
             .map(|n| NeuronRow {
                 neuron: n,
                 status: None,
+                review: Review::Unreviewed,
                 label: None,
             })
             .collect();
         for r in rows {
             if let Some(row) = self.neurons.get_mut(r.neuron) {
                 row.status = Some(r.status);
-                row.label = r.label.clone();
+                row.review = r.review;
+                row.label = r.current_label().map(String::from);
             }
         }
         self.neuron_sel = self.neuron_sel.min(count.saturating_sub(1));
@@ -217,6 +254,51 @@ impl App {
     pub fn show_stored(&mut self, d: &Description) {
         self.run = Some(RunView::from_description(d));
         self.screen = Screen::Run;
+    }
+
+    /// A curation decision was stored: the rows and counts follow.
+    pub fn curated(&mut self, row: &Row) {
+        let before = self.neurons.get(row.neuron).map(|n| n.review);
+        if let Some(n) = self.neurons.get_mut(row.neuron) {
+            n.review = row.review;
+            n.label = row.current_label().map(String::from);
+        }
+        if let Some(l) = self.layers.iter_mut().find(|l| l.name == row.layer) {
+            for (review, step) in [(before, -1i64), (Some(row.review), 1)] {
+                let slot = match review {
+                    Some(Review::Accepted) => &mut l.accepted,
+                    Some(Review::Edited) => &mut l.edited,
+                    Some(Review::Rejected) => &mut l.rejected,
+                    _ => continue,
+                };
+                *slot = (*slot as i64 + step).max(0) as usize;
+            }
+        }
+        self.notice = Some(format!(
+            "neuron {}: {} — {}",
+            row.neuron,
+            row.review.as_str(),
+            row.current_label().unwrap_or("")
+        ));
+    }
+
+    /// The open neuron when it has a description to curate.
+    fn curatable(&self) -> Option<usize> {
+        let run = self.run.as_ref()?;
+        let d = run.description.as_ref()?;
+        (self.screen == Screen::Run && !self.busy && d.status == Status::Described)
+            .then_some(run.neuron)
+    }
+
+    fn curate(&mut self, decision: Curation) -> Vec<Effect> {
+        match self.curatable() {
+            Some(neuron) => vec![Effect::Curate { neuron, decision }],
+            None => {
+                self.notice =
+                    Some("only a finished, described neuron's label can be curated".into());
+                Vec::new()
+            }
+        }
     }
 
     fn selected_neuron(&self) -> Option<usize> {
@@ -243,7 +325,7 @@ impl App {
                 Action::Type(c) => {
                     match p {
                         Prompt::Jump(t) if c.is_ascii_digit() => t.push(c),
-                        Prompt::Filter(t) => t.push(c),
+                        Prompt::Filter(t) | Prompt::Edit(t) => t.push(c),
                         _ => {}
                     }
                     if let Prompt::Filter(t) = p {
@@ -252,7 +334,7 @@ impl App {
                     }
                 }
                 Action::Erase => match p {
-                    Prompt::Jump(t) => {
+                    Prompt::Jump(t) | Prompt::Edit(t) => {
                         t.pop();
                     }
                     Prompt::Filter(t) => {
@@ -261,6 +343,15 @@ impl App {
                     }
                 },
                 Action::Open => {
+                    if let Prompt::Edit(t) = p {
+                        let text = t.trim().to_string();
+                        self.prompt = None;
+                        if text.is_empty() {
+                            self.notice = Some("an empty label is not saved".into());
+                            return Vec::new();
+                        }
+                        return self.curate(Curation::Edit(text));
+                    }
                     if let Prompt::Jump(t) = p {
                         let n: Option<usize> = t.parse().ok();
                         self.filter.clear();
@@ -362,6 +453,24 @@ impl App {
             Action::StartFilter if self.screen == Screen::Neurons => {
                 self.prompt = Some(Prompt::Filter(self.filter.clone()))
             }
+            Action::Accept => return self.curate(Curation::Accept),
+            Action::Reject => return self.curate(Curation::Reject),
+            Action::StartEdit => {
+                if let Some(n) = self.curatable() {
+                    let current = self.neurons.get(n).and_then(|r| r.label.clone());
+                    self.prompt = Some(Prompt::Edit(current.unwrap_or_default()));
+                }
+            }
+            Action::Choose(i) => {
+                let concept = self
+                    .run
+                    .as_ref()
+                    .and_then(|r| r.scores.get(i))
+                    .map(|s| s.concept.clone());
+                if let Some(c) = concept {
+                    return self.curate(Curation::Edit(c));
+                }
+            }
             _ => {}
         }
         Vec::new()
@@ -394,6 +503,7 @@ impl App {
         {
             if let Some(row) = self.neurons.get_mut(*neuron) {
                 row.status = Some(description.status);
+                row.review = Review::Unreviewed;
                 row.label = description.labels.first().map(|l| l.label.clone());
             }
             if let Some(l) = self.layers.iter_mut().find(|l| l.name == description.layer) {
@@ -480,5 +590,13 @@ pub fn status_name(s: Option<Status>) -> &'static str {
         None => "undescribed",
         Some(Status::Described) => "described",
         Some(Status::Failed) => "failed",
+    }
+}
+
+/// The status shown for a neuron: its review once reviewed, else its pipeline status.
+pub fn neuron_state(r: &NeuronRow) -> &'static str {
+    match r.review {
+        Review::Unreviewed => status_name(r.status),
+        other => other.as_str(),
     }
 }

@@ -59,6 +59,10 @@ pub fn action_for(key: KeyEvent, typing: bool) -> Option<Action> {
         KeyCode::Char('n') => Action::NextUndescribed,
         KeyCode::Char('g') => Action::StartJump,
         KeyCode::Char('/') => Action::StartFilter,
+        KeyCode::Char('a') => Action::Accept,
+        KeyCode::Char('e') => Action::StartEdit,
+        KeyCode::Char('r') => Action::Reject,
+        KeyCode::Char(c @ '1'..='9') => Action::Choose(c as usize - '1' as usize),
         _ => return None,
     })
 }
@@ -87,6 +91,13 @@ impl Session {
                 {
                     self.app.show_stored(&d);
                 }
+            }
+            Effect::Curate { neuron, decision } => {
+                let layer = self.app.layer.clone().unwrap_or_default();
+                let row = self
+                    .store
+                    .curate(&self.app.target, &layer, neuron, &decision)?;
+                self.app.curated(&row);
             }
             Effect::Describe { neuron, force } => self.engine.submit(Job {
                 layer: self.app.layer.clone().unwrap_or_default(),

@@ -10,7 +10,7 @@ use ratatui::widgets::{
 };
 use ratatui::Frame;
 
-use super::app::{status_name, App, Prompt, RunView, Screen, StageState};
+use super::app::{neuron_state, App, Prompt, RunView, Screen, StageState};
 use super::images::{Thumb, Thumbs};
 use super::theme::Theme;
 use crate::pipeline::Stage;
@@ -80,6 +80,7 @@ fn status_line<'a>(app: &'a App, theme: &Theme) -> Paragraph<'a> {
         let (what, text) = match p {
             Prompt::Jump(t) => ("go to neuron", t),
             Prompt::Filter(t) => ("filter (label or status)", t),
+            Prompt::Edit(t) => ("new label", t),
         };
         return Paragraph::new(format!(" {what}: {text}█   Enter done · Esc cancel"))
             .style(theme.accent);
@@ -92,7 +93,9 @@ fn status_line<'a>(app: &'a App, theme: &Theme) -> Paragraph<'a> {
         Screen::Neurons => {
             "↑↓ move · Enter run/show · g go to · n next undescribed · / filter · Esc back · ? help"
         }
-        Screen::Run => "R re-run · Esc cancel/back · ? help · q quit",
+        Screen::Run => {
+            "a accept · e edit · r reject · 1-9 choose · R re-run · Esc cancel/back · ? help"
+        }
     };
     Paragraph::new(format!(" {keys}")).style(theme.dim)
 }
@@ -105,12 +108,24 @@ fn block<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
 }
 
 fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
-    let header = Row::new(["layer", "neurons", "described", "failed"]).style(theme.header);
+    let header = Row::new([
+        "layer",
+        "neurons",
+        "described",
+        "accepted",
+        "edited",
+        "rejected",
+        "failed",
+    ])
+    .style(theme.header);
     let rows = app.layers.iter().map(|l| {
         Row::new([
             l.name.clone(),
             l.neurons.to_string(),
             l.described.to_string(),
+            l.accepted.to_string(),
+            l.edited.to_string(),
+            l.rejected.to_string(),
             l.failed.to_string(),
         ])
     });
@@ -118,9 +133,12 @@ fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
         rows,
         [
             Constraint::Min(16),
-            Constraint::Length(9),
-            Constraint::Length(10),
             Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(9),
+            Constraint::Length(7),
+            Constraint::Length(9),
+            Constraint::Length(7),
         ],
     )
     .header(header)
@@ -143,7 +161,7 @@ fn neurons(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
             };
             ListItem::new(Line::from(vec![
                 Span::styled(format!("{:>6}  ", r.neuron), theme.accent),
-                Span::styled(format!("{:<12}", status_name(r.status)), style),
+                Span::styled(format!("{:<12}", neuron_state(r)), style),
                 Span::styled(r.label.clone().unwrap_or_default(), theme.text),
             ]))
         })
@@ -334,6 +352,9 @@ fn help(f: &mut Frame, theme: &Theme, area: Rect) {
         ("g", "go to a neuron by number"),
         ("n", "next neuron without a description"),
         ("/", "filter neurons by label or status"),
+        ("a / r", "accept / reject the open neuron's label"),
+        ("e", "edit the label (Enter saves, Esc cancels)"),
+        ("1-9", "take that row of the score table as the label"),
         ("R", "describe the open neuron again"),
         ("?", "this help"),
         ("q", "quit (asks first while a run is in flight)"),
