@@ -467,6 +467,40 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_store_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("dnd.sqlite");
+        {
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch(
+                "CREATE TABLE descriptions (target TEXT NOT NULL, layer TEXT NOT NULL,
+                    neuron INTEGER NOT NULL, settings_key TEXT NOT NULL, status TEXT NOT NULL,
+                    label TEXT, record TEXT NOT NULL, error TEXT, updated_at INTEGER NOT NULL,
+                    PRIMARY KEY (target, layer, neuron));
+                 INSERT INTO descriptions VALUES ('t', 'layer4', 3, 'k1', 'described', 'old', '{}', NULL, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&db).unwrap();
+        let r = &store.rows(None, None).unwrap()[0];
+        assert_eq!(
+            (r.label.as_deref(), r.review),
+            (Some("old"), Review::Unreviewed)
+        );
+        store.curate("t", "layer4", 3, &Curation::Accept).unwrap();
+        drop(store);
+        assert_eq!(
+            Store::open(&db)
+                .unwrap()
+                .history("t", "layer4", 3)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
     fn curation_is_recorded_with_history_and_reset_by_a_new_description() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("dnd.sqlite")).unwrap();

@@ -54,7 +54,8 @@ impl Drop for Tmux {
 #[test]
 fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
     let home = tempfile::tempdir().unwrap();
-    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    // Slow answers keep the run in flight while keys are timed.
+    let llm = MockLlm::start(&[], None, Duration::from_millis(150));
     let db = home.path().join("dnd.sqlite").display().to_string();
     let h = home.path().display().to_string();
     let dnd_cmd = format!(
@@ -84,6 +85,50 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         "40",
         &dnd_cmd,
     ]);
+    tmux.wait_for("stages", Duration::from_secs(60));
+
+    // Key latency while the run is in flight: toggle the help overlay and time until the
+    // screen shows the change, for as long as the run lasts.
+    let mut latencies = Vec::new();
+    let mut shown = false;
+    while latencies.len() < 200 {
+        let t0 = Instant::now();
+        tmux.run(&["send-keys", "-t", "dnd", "?"]);
+        shown = !shown;
+        let screen = loop {
+            let s = tmux.screen();
+            if s.contains(" keys ") == shown {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no answer to a key:\n{s}"
+            );
+        };
+        latencies.push(t0.elapsed());
+        if screen.contains("✓ scoring") {
+            break;
+        }
+    }
+    if shown {
+        tmux.run(&["send-keys", "-t", "dnd", "?"]);
+    }
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let worst = *latencies.last().unwrap();
+    eprintln!(
+        "key latency during the run: {} presses, median {median:?}, worst {worst:?} (tmux send-keys to capture-pane)",
+        latencies.len()
+    );
+    assert!(
+        latencies.len() >= 5,
+        "the run ended before keys could be measured"
+    );
+    assert!(
+        median < Duration::from_millis(50),
+        "median key latency {median:?}"
+    );
+
     let screen = tmux.wait_for("label: ", Duration::from_secs(90));
     assert!(screen.contains("layer4 › neuron 3"), "{screen}");
     assert!(screen.contains("✓ scoring"), "{screen}");
