@@ -149,8 +149,12 @@ impl Session {
                         if let Some(a) = action_for(k, self.app.prompt.is_some()) {
                             self.app.notice = None;
                             for effect in self.app.update(a) {
-                                if !self.carry_out(effect)? {
-                                    return Ok(());
+                                match self.carry_out(effect) {
+                                    Ok(true) => {}
+                                    Ok(false) => return Ok(()),
+                                    // A store that cannot be read or written is shown, and
+                                    // the UI stays up (nothing is lost by quitting later).
+                                    Err(e) => self.app.notice = Some(e.to_string()),
                                 }
                             }
                             dirty = true;
