@@ -81,6 +81,13 @@ fn spinner(progress: &MultiProgress, msg: &str) -> ProgressBar {
     bar
 }
 
+/// The summariser chosen: an endpoint (checked at once) or a local model (loaded with the
+/// others).
+enum LlmChoice {
+    Api(Arc<dyn Llm>),
+    Local(hub::ResolvedModel),
+}
+
 /// What `describe` and the terminal UI run on.
 pub(crate) struct Loaded {
     pub models: Models,
@@ -97,32 +104,28 @@ pub(crate) fn load(
     local_llm: bool,
     progress: &MultiProgress,
 ) -> Result<Loaded> {
-    let api = if local_llm {
-        None
+    let opts = hub_options(settings, true);
+    let llm_choice = if local_llm {
+        LlmChoice::Local(rt.block_on(hub::resolve(Role::Llm, &settings.llm_local, &opts))?)
     } else {
-        Some(ApiLlm::new(llm_options(settings)?)?)
+        LlmChoice::Api(Arc::new(ApiLlm::new(llm_options(settings)?)?))
     };
     let probe = ProbeSet::open(&settings.probe)?;
     let store = Arc::new(Store::open(&settings.db)?);
-    let opts = hub_options(settings, true);
     let mut resolved = Vec::with_capacity(4);
     for role in Role::PIPELINE {
         resolved.push(rt.block_on(hub::resolve(role, model_source(settings, role), &opts))?);
     }
     let resolved: [hub::ResolvedModel; 4] = resolved.try_into().expect("four roles");
-    let local = match api {
-        Some(_) => None,
-        None => Some(rt.block_on(hub::resolve(Role::Llm, &settings.llm_local, &opts))?),
-    };
     let device = dnd::device::open(settings.device)?;
     let dtype = dnd::device::dtype_for(settings.dtype, &device)?;
     let loading = spinner(
         progress,
         &format!("loading models on {}", dnd::device::describe(&device)),
     );
-    let llm: Arc<dyn Llm> = match (api, local) {
-        (Some(api), _) => Arc::new(api),
-        (None, Some(m)) => Arc::new(LocalLlm::load(
+    let llm: Arc<dyn Llm> = match llm_choice {
+        LlmChoice::Api(api) => api,
+        LlmChoice::Local(m) => Arc::new(LocalLlm::load(
             &m,
             &device,
             dtype,
@@ -130,7 +133,6 @@ pub(crate) fn load(
                 max_new_tokens: settings.llm_max_tokens,
             },
         )?),
-        (None, None) => unreachable!("the local model is resolved when there is no endpoint"),
     };
     let models = Models::load(&resolved, llm.model(), &device, dtype)?;
     loading.finish_and_clear();

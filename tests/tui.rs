@@ -183,6 +183,21 @@ fn mid_run() -> App {
     a
 }
 
+/// The last events of neuron 1's run: scores, the stored description, the job's end.
+fn finish(a: &mut App, d: Description) {
+    if d.status == Status::Described {
+        a.on_event(Event::Scores {
+            neuron: 1,
+            scores: d.candidates.clone(),
+        });
+    }
+    a.on_event(Event::Finished {
+        neuron: 1,
+        description: Box::new(d),
+    });
+    a.on_event(Event::JobFinished(Ok(Default::default())));
+}
+
 #[test]
 fn layers_screen() {
     insta::assert_snapshot!(render(&app(), 80, 24));
@@ -214,16 +229,7 @@ fn run_view_mid_stream_and_finished() {
         neuron: 1,
         candidates: vec!["striped fabric".into(), "zebra".into()],
     });
-    let d = description(1);
-    a.on_event(Event::Scores {
-        neuron: 1,
-        scores: d.candidates.clone(),
-    });
-    a.on_event(Event::Finished {
-        neuron: 1,
-        description: Box::new(d),
-    });
-    a.on_event(Event::JobFinished(Ok(Default::default())));
+    finish(&mut a, description(1));
     assert!(!a.busy);
     insta::assert_snapshot!("run_finished", render(&a, 100, 30));
     assert_eq!(a.neurons[1].label.as_deref(), Some("striped fabric"));
@@ -237,11 +243,7 @@ fn a_failed_run_shows_the_error() {
     d.labels.clear();
     d.candidates.clear();
     d.error = Some("LLM endpoint http://localhost:8000/v1 is unreachable".into());
-    a.on_event(Event::Finished {
-        neuron: 1,
-        description: Box::new(d),
-    });
-    a.on_event(Event::JobFinished(Ok(Default::default())));
+    finish(&mut a, d);
     insta::assert_snapshot!(render(&a, 100, 30));
 }
 
@@ -291,16 +293,7 @@ fn curation_keys_ask_the_loop_to_store_decisions() {
         a.update(Action::Accept).is_empty(),
         "nothing to curate mid-run"
     );
-    let d = description(1);
-    a.on_event(Event::Scores {
-        neuron: 1,
-        scores: d.candidates.clone(),
-    });
-    a.on_event(Event::Finished {
-        neuron: 1,
-        description: Box::new(d),
-    });
-    a.on_event(Event::JobFinished(Ok(Default::default())));
+    finish(&mut a, description(1));
     assert_eq!(
         a.update(Action::Accept),
         vec![Effect::Curate {

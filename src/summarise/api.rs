@@ -261,36 +261,16 @@ impl ApiLlm {
     }
 }
 
-fn with_attempts(e: LlmError, n: u32) -> LlmError {
-    match e {
-        LlmError::Unreachable { url, reason, .. } => LlmError::Unreachable {
-            url,
-            attempts: n,
-            reason,
-        },
-        LlmError::Timeout { url, seconds, .. } => LlmError::Timeout {
-            url,
-            seconds,
-            attempts: n,
-        },
-        LlmError::Busy {
-            url,
-            status,
-            message,
-            ..
-        } => LlmError::Busy {
-            url,
-            status,
-            attempts: n,
-            message,
-        },
-        LlmError::Malformed { url, reason, .. } => LlmError::Malformed {
-            url,
-            attempts: n,
-            reason,
-        },
-        other => other,
+/// `e` with the number of attempts it took filled in.
+fn with_attempts(mut e: LlmError, n: u32) -> LlmError {
+    if let LlmError::Unreachable { attempts, .. }
+    | LlmError::Timeout { attempts, .. }
+    | LlmError::Busy { attempts, .. }
+    | LlmError::Malformed { attempts, .. } = &mut e
+    {
+        *attempts = n;
     }
+    e
 }
 
 impl Llm for ApiLlm {
