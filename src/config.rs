@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::error::{Error, Result};
-use crate::hub::ModelSource;
+use crate::hub::{HubOptions, ModelSource, Progress, Role};
 
 /// Where an effective setting came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -456,6 +456,28 @@ settings! {
     llm_backoff: f64 = 1.0;
 }
 
+impl Settings {
+    /// The setting naming the model of `role`.
+    pub fn model(&self, role: Role) -> &ModelSource {
+        match role {
+            Role::Target => &self.target,
+            Role::Captioner => &self.captioner,
+            Role::Synthesiser => &self.synthesiser,
+            Role::Clip => &self.clip,
+            Role::Llm => &self.llm_local,
+        }
+    }
+
+    /// How these settings let the Hub be used.
+    pub fn hub_options(&self, progress: Progress) -> HubOptions {
+        HubOptions {
+            offline: self.offline.0,
+            token: self.hf_token.expose().map(String::from),
+            progress,
+        }
+    }
+}
+
 /// The effective settings plus where each value came from.
 #[derive(Clone, Debug)]
 pub struct Loaded {
@@ -477,6 +499,33 @@ impl Loaded {
             }),
         }
     }
+}
+
+/// Writes `values` (settings key, string value) into the settings file at `path`, keeping
+/// everything else in it, comments included. The file is replaced whole, so a crash leaves
+/// the old or the new one.
+pub fn save(path: &Path, values: &[(&str, &str)]) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| Error::Setting {
+        key: "settings file".into(),
+        reason: format!(
+            "{} is not valid TOML, so it is left as it is: {e}",
+            path.display()
+        ),
+    })?;
+    for (key, value) in values {
+        doc[*key] = toml_edit::value(*value);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, doc.to_string()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Loads settings from `file` (the default path when `None`), the process environment and `args`.
@@ -585,6 +634,30 @@ mod tests {
             .collect();
         assert!(!shown.contains("abcdefghijklmnop"), "{shown}");
         assert_eq!(l.settings.hf_token.expose(), Some("hf_abcdefghijklmnop"));
+    }
+
+    #[test]
+    fn save_keeps_the_rest_of_the_file_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/config.toml");
+        save(&file, &[("llm_model", "qwen")]).unwrap();
+        std::fs::write(
+            &file,
+            format!("# my notes\n{}steps = 4\n", std::fs::read_to_string(&file).unwrap()),
+        )
+        .unwrap();
+        save(&file, &[("llm_model", "llama"), ("llm", "api")]).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("# my notes\n"), "{text}");
+        let s = load_with_env(Some(&file), &SettingsArgs::default(), &|_| None)
+            .unwrap()
+            .settings;
+        assert_eq!((s.llm_model.as_str(), s.steps), ("llama", 4));
+        assert_eq!(s.llm, LlmChoice::Api);
+        std::fs::write(&file, "not = [toml").unwrap();
+        let err = save(&file, &[("llm", "api")]).unwrap_err().to_string();
+        assert!(err.contains("left as it is"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "not = [toml");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! bars on stderr and one result per neuron on stdout.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -10,16 +9,12 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use dnd::activations::ActivationCache;
 use dnd::config::Settings;
-use dnd::hub::{self, Role};
-use dnd::pipeline::{self, Description, Event, Job, Models, Params};
-use dnd::probe::ProbeSet;
+use dnd::hub;
+use dnd::pipeline::{self, Description, Event, Job, Params};
 use dnd::store::{Review, Status, Store};
-use dnd::summarise::{ApiLlm, ApiOptions, Llm, LocalLlm, LocalOptions};
+use dnd::workspace::Workspace;
 
-use crate::{
-    ctrl_c_flag, hub_options, images_bar, model_source, DescribeArgs, ExportArgs, ExportFormat,
-    Format,
-};
+use crate::{ctrl_c_flag, images_bar, DescribeArgs, ExportArgs, ExportFormat, Format};
 
 /// `0-19,42` to neuron numbers, in the order given, without repeats.
 fn parse_neurons(spec: &str) -> Result<Vec<usize>> {
@@ -49,28 +44,6 @@ fn parse_neurons(spec: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-fn llm_options(s: &Settings) -> Result<ApiOptions> {
-    if s.llm_url.contains("api.openai.com") && s.llm_api_key.expose().is_none() {
-        bail!(
-            "the LLM endpoint is {} but no API key is set.\n  fix: export OPENAI_API_KEY=..., set llm_api_key in {}, or point --llm-url at a local OpenAI-compatible server (vLLM, Ollama, llama.cpp)",
-            s.llm_url,
-            dnd::config::default_config_path().display()
-        );
-    }
-    if !(s.llm_timeout > 0.0 && s.llm_backoff >= 0.0) {
-        bail!("llm_timeout must be > 0 and llm_backoff >= 0 (seconds)");
-    }
-    Ok(ApiOptions {
-        url: s.llm_url.clone(),
-        model: s.llm_model.clone(),
-        api_key: s.llm_api_key.clone(),
-        timeout: Duration::from_secs_f64(s.llm_timeout),
-        retries: s.llm_retries,
-        backoff: Duration::from_secs_f64(s.llm_backoff),
-        concurrency: s.llm_concurrency,
-    })
-}
-
 fn spinner(progress: &MultiProgress, msg: &str) -> ProgressBar {
     let bar = progress.add(ProgressBar::new_spinner());
     bar.set_style(
@@ -81,67 +54,28 @@ fn spinner(progress: &MultiProgress, msg: &str) -> ProgressBar {
     bar
 }
 
-/// The summariser chosen: an endpoint (checked at once) or a local model (loaded with the
-/// others).
-enum LlmChoice {
-    Api(Arc<dyn Llm>),
-    Local(hub::ResolvedModel),
-}
-
-/// What `describe` and the terminal UI run on.
-pub(crate) struct Loaded {
-    pub models: Models,
-    pub llm: Arc<dyn Llm>,
-    pub probe: ProbeSet,
-    pub store: Arc<Store>,
-}
-
-/// Opens the probing set and the store and loads every model (the LLM endpoint is checked
-/// first, before anything heavy loads).
+/// Finds and loads what `describe` and the terminal UI run on, with download bars and a
+/// spinner while the weights load.
 pub(crate) fn load(
     rt: &tokio::runtime::Runtime,
     settings: &Settings,
     local_llm: bool,
     progress: &MultiProgress,
-) -> Result<Loaded> {
-    let opts = hub_options(settings, true);
-    let llm_choice = if local_llm {
-        LlmChoice::Local(rt.block_on(hub::resolve(Role::Llm, &settings.llm_local, &opts))?)
-    } else {
-        LlmChoice::Api(Arc::new(ApiLlm::new(llm_options(settings)?)?))
-    };
-    let probe = ProbeSet::open(&settings.probe)?;
-    let store = Arc::new(Store::open(&settings.db)?);
-    let mut resolved = Vec::with_capacity(4);
-    for role in Role::PIPELINE {
-        resolved.push(rt.block_on(hub::resolve(role, model_source(settings, role), &opts))?);
-    }
-    let resolved: [hub::ResolvedModel; 4] = resolved.try_into().expect("four roles");
+) -> Result<Workspace> {
+    let resolved = Workspace::resolve(
+        rt.handle(),
+        settings,
+        local_llm,
+        &settings.hub_options(hub::Progress::Stderr),
+    )?;
     let device = dnd::device::open(settings.device)?;
-    let dtype = dnd::device::dtype_for(settings.dtype, &device)?;
     let loading = spinner(
         progress,
         &format!("loading models on {}", dnd::device::describe(&device)),
     );
-    let llm: Arc<dyn Llm> = match llm_choice {
-        LlmChoice::Api(api) => api,
-        LlmChoice::Local(m) => Arc::new(LocalLlm::load(
-            &m,
-            &device,
-            dtype,
-            LocalOptions {
-                max_new_tokens: settings.llm_max_tokens,
-            },
-        )?),
-    };
-    let models = Models::load(&resolved, llm.model(), &device, dtype)?;
+    let ws = resolved.load(settings)?;
     loading.finish_and_clear();
-    Ok(Loaded {
-        models,
-        llm,
-        probe,
-        store,
-    })
+    Ok(ws)
 }
 
 pub(crate) fn describe(
@@ -155,7 +89,7 @@ pub(crate) fn describe(
         bail!("--show prints images on standard output, which --format json keeps for JSON lines; use one or the other");
     }
     let params = Params::from_settings(settings, args.pool)?;
-    let Loaded {
+    let Workspace {
         models,
         llm,
         probe,

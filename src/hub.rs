@@ -134,6 +134,14 @@ impl Role {
     /// The models every `describe` loads (the LLM may be an endpoint instead).
     pub const PIPELINE: [Role; 4] = [Role::Target, Role::Captioner, Role::Synthesiser, Role::Clip];
 
+    /// The models a run needs: the pipeline's, and the local LLM when it writes the concepts.
+    pub fn needed(local_llm: bool) -> Vec<Role> {
+        Role::ALL
+            .into_iter()
+            .filter(|&r| r != Role::Llm || local_llm)
+            .collect()
+    }
+
     /// The settings key (and so the flag `--KEY` and variable `DND_KEY`) naming this model.
     pub fn setting(self) -> &'static str {
         match self {
@@ -200,8 +208,35 @@ const CLIP_FILES: &[FileSpec] = &[
 pub struct HubOptions {
     pub offline: bool,
     pub token: Option<String>,
-    /// Draw download progress bars on stderr.
-    pub progress: bool,
+    pub progress: Progress,
+}
+
+/// Where download progress goes.
+#[derive(Clone, Debug, Default)]
+pub enum Progress {
+    #[default]
+    Hidden,
+    /// A bar per file on stderr.
+    Stderr,
+    /// Every file advances this bar (length, position and the file name as its message),
+    /// for a caller that draws progress itself.
+    Bar(ProgressBar),
+}
+
+impl Progress {
+    /// The bar for the next file.
+    pub(crate) fn bar(&self) -> ProgressBar {
+        match self {
+            Progress::Hidden => ProgressBar::hidden(),
+            Progress::Stderr => {
+                ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+            }
+            Progress::Bar(bar) => {
+                bar.set_position(0);
+                bar.clone()
+            }
+        }
+    }
 }
 
 /// A model whose files are all on local disk.
@@ -373,13 +408,8 @@ async fn download_missing(
             }
             continue;
         }
-        let bar = if opts.progress {
-            ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
-        } else {
-            ProgressBar::hidden()
-        };
         let path = remote
-            .download_with_progress(spec.name, bar)
+            .download_with_progress(spec.name, opts.progress.bar())
             .await
             .map_err(|e| fail(spec.name, e.to_string()))?;
         files.insert(spec.name, path);
@@ -388,7 +418,7 @@ async fn download_missing(
 }
 
 /// What `dnd models` shows for one model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelStatus {
     pub role: Role,
     pub source: ModelSource,
@@ -436,6 +466,36 @@ pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> Mode
         missing,
         local_bytes,
         remote_bytes,
+    }
+}
+
+impl ModelStatus {
+    /// The size column of `dnd models` and the set-up screen.
+    pub fn size(&self, offline: bool) -> String {
+        if self.missing.is_empty() {
+            return human_bytes(self.local_bytes);
+        }
+        match self.remote_bytes {
+            Some(b) => format!("{} to download", human_bytes(b)),
+            None if offline => "unknown (offline)".into(),
+            None => "unknown (Hub unreachable)".into(),
+        }
+    }
+}
+
+/// `1536` -> `1.5 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

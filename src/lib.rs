@@ -21,5 +21,6 @@ pub mod summarise;
 pub mod synthesise;
 pub mod target;
 pub mod tui;
+pub mod workspace;
 
 pub use error::{Error, Result};

@@ -19,8 +19,9 @@ mod headless;
 
 /// Describe-and-Dissect: explains what hidden neurons of vision networks detect.
 ///
-/// Without a subcommand, `dnd` opens the terminal UI: pick a layer and a neuron, watch its
-/// description being made. Every setting can come from the settings file (`dnd config path`), a DND_* environment
+/// Without a subcommand, `dnd` opens the terminal UI: a set-up screen while the models load
+/// (listing, downloading with `d`, what is missing; LLM endpoint settings), then pick a layer
+/// and a neuron, watch its description being made, accept / edit / reject its label. Every setting can come from the settings file (`dnd config path`), a DND_* environment
 /// variable or a flag; `dnd config show` prints the effective values and their sources.
 #[derive(Parser, Debug)]
 #[command(name = "dnd", version, max_term_width = 100)]
@@ -230,7 +231,11 @@ fn run(cli: Cli) -> Result<()> {
         // The UI owns the screen: logs go to a file.
         let log = settings.cache_dir.join("dnd.log");
         init_logging(&settings.log_level, LogTo::File(log.clone()))?;
-        return tui_session(&rt, &loaded, &progress, cli.ui, &log);
+        let source = dnd::tui::SettingsSource {
+            file: cli.config,
+            args: cli.settings,
+        };
+        return tui_session(&rt, &loaded, source, cli.ui, &log);
     };
     init_logging(&settings.log_level, LogTo::Stderr(progress.clone()))?;
     match command {
@@ -259,17 +264,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Models { action } => {
-            let opts = hub_options(settings, true);
+            let opts = settings.hub_options(hub::Progress::Stderr);
             // The local LLM only when it is the one describe would use.
-            let roles: Vec<Role> = Role::ALL
-                .into_iter()
-                .filter(|&r| r != Role::Llm || loaded.llm_is_local())
-                .collect();
+            let roles = Role::needed(loaded.llm_is_local());
             let mut failed = 0;
             if matches!(action, Some(ModelsAction::Fetch)) {
                 // Every model is tried, so one unreachable repo does not hide the others' state.
                 for &role in &roles {
-                    match rt.block_on(hub::resolve(role, model_source(settings, role), &opts)) {
+                    match rt.block_on(hub::resolve(role, settings.model(role), &opts)) {
                         Ok(m) => eprintln!("{}: ready", m.label()),
                         Err(e) => {
                             eprintln!("error: {e}");
@@ -343,7 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 pattern,
                 shards,
                 dest: settings.probe.clone(),
-                hub: hub_options(settings, true),
+                hub: settings.hub_options(hub::Progress::Stderr),
             };
             let n = rt.block_on(dnd::probe::fetch::fetch(&opts))?;
             let set = ProbeSet::open(&opts.dest)?;
@@ -507,26 +509,12 @@ fn activations_cmd(
     Ok(())
 }
 
-pub(crate) fn hub_options(s: &Settings, progress: bool) -> HubOptions {
-    HubOptions {
-        offline: s.offline.0,
-        token: s.hf_token.expose().map(String::from),
-        progress,
-    }
-}
-
-pub(crate) fn model_source(s: &Settings, role: Role) -> &hub::ModelSource {
-    match role {
-        Role::Target => &s.target,
-        Role::Captioner => &s.captioner,
-        Role::Synthesiser => &s.synthesiser,
-        Role::Clip => &s.clip,
-        Role::Llm => &s.llm_local,
-    }
-}
-
 fn load_target(rt: &tokio::runtime::Runtime, s: &Settings) -> Result<Target> {
-    let model = rt.block_on(hub::resolve(Role::Target, &s.target, &hub_options(s, true)))?;
+    let model = rt.block_on(hub::resolve(
+        Role::Target,
+        &s.target,
+        &s.hub_options(hub::Progress::Stderr),
+    ))?;
     let device = dnd::device::open(s.device)?;
     let dtype = dnd::device::dtype_for(s.dtype, &device)?;
     tracing::info!(
@@ -540,18 +528,13 @@ fn load_target(rt: &tokio::runtime::Runtime, s: &Settings) -> Result<Target> {
 fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions, roles: &[Role]) {
     println!("{:<12} {:<48} {:<22} size", "model", "source", "status");
     for &role in roles {
-        let st = rt.block_on(hub::status(role, model_source(s, role), opts));
-        let (status, size) = if st.missing.is_empty() {
-            ("on disk".to_string(), human_bytes(st.local_bytes))
+        let st = rt.block_on(hub::status(role, s.model(role), opts));
+        let status = if st.missing.is_empty() {
+            "on disk".to_string()
         } else {
-            let status = format!("missing {} file(s)", st.missing.len());
-            let size = match st.remote_bytes {
-                Some(b) => format!("{} to download", human_bytes(b)),
-                None if opts.offline => "unknown (offline)".into(),
-                None => "unknown (Hub unreachable)".into(),
-            };
-            (status, size)
+            format!("missing {} file(s)", st.missing.len())
         };
+        let size = st.size(opts.offline);
         println!(
             "{:<12} {:<48} {status:<22} {size}",
             role.setting(),
@@ -563,24 +546,9 @@ fn print_models(rt: &tokio::runtime::Runtime, s: &Settings, opts: &HubOptions, r
     }
     if roles
         .iter()
-        .any(|&r| matches!(model_source(s, r), hub::ModelSource::Hub { .. }))
+        .any(|&r| matches!(s.model(r), hub::ModelSource::Hub { .. }))
     {
         println!("(Hub models live in the Hugging Face cache: $HF_HOME/hub, default ~/.cache/huggingface/hub; `dnd models fetch` downloads what is missing)");
-    }
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -652,76 +620,27 @@ fn init_logging(level: &str, to: LogTo) -> Result<()> {
 fn tui_session(
     rt: &tokio::runtime::Runtime,
     loaded: &config::Loaded,
-    progress: &MultiProgress,
+    source: dnd::tui::SettingsSource,
     ui: UiArgs,
     log: &std::path::Path,
 ) -> Result<()> {
-    use dnd::tui::app::{Action, App, LayerRow};
-    let s = &loaded.settings;
-    let theme = dnd::tui::theme::Theme::load(&s.theme, std::env::var_os("NO_COLOR").is_some())
-        .map_err(anyhow::Error::msg)?;
-    let params = dnd::pipeline::Params::from_settings(s, Pool::Mean)?;
-    let headless::Loaded {
-        models,
-        llm,
-        probe,
-        store,
-    } = headless::load(rt, s, loaded.llm_is_local(), progress)?;
-    let target = models.target.name.clone();
-    let rows = store.rows(Some(&target), None)?;
-    let layers: Vec<LayerRow> = models
-        .target
-        .layers()
-        .iter()
-        .map(|l| LayerRow::new(&l.name, l.neurons, &rows))
-        .collect();
-    if let Some(l) = &ui.layer {
-        let i = models.target.layer_index(l)?;
-        if let Some(n) = ui.neuron {
-            models.target.check_neuron(i, n)?;
-        }
-    }
-    let layer_sizes = layers.iter().map(|l| (l.name.clone(), l.neurons)).collect();
-    let probe_root = probe.root.clone();
+    let theme = dnd::tui::theme::Theme::load(
+        &loaded.settings.theme,
+        std::env::var_os("NO_COLOR").is_some(),
+    )
+    .map_err(anyhow::Error::msg)?;
     // The terminal is asked about graphics before the UI reads its keys.
-    let picker = dnd::tui::images::Thumbs::picker(ui.images);
-    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
-    let engine = dnd::engine::Engine::start(
-        dnd::engine::Resources {
-            models,
-            probe,
-            store: store.clone(),
-            llm,
-            cache: Some(ActivationCache::new(&s.cache_dir)),
-            runtime: rt.handle().clone(),
-        },
-        tx,
-    );
-    let mut session = dnd::tui::Session {
-        app: App::new(target, layers),
-        engine,
-        events,
-        store,
-        params,
+    let thumbs = dnd::tui::images::Thumbs::new(dnd::tui::images::Thumbs::picker(ui.images));
+    let session = dnd::tui::Session::new(
+        source,
+        rt.handle().clone(),
         theme,
-        thumbs: dnd::tui::images::Thumbs::new(picker),
-        probe_root,
-        layer_sizes,
-    };
-    // --layer / --neuron: the same steps a user would take.
-    if let Some(l) = ui.layer {
-        session.app.layer_sel = session
-            .app
-            .layers
-            .iter()
-            .position(|r| r.name == l)
-            .unwrap_or(0);
-        session.open(Action::Open)?;
-        if let Some(n) = ui.neuron {
-            session.app.neuron_sel = n;
-            session.open(Action::Open)?;
-        }
-    }
+        thumbs,
+        dnd::tui::AfterLoad::Open {
+            layer: ui.layer,
+            neuron: ui.neuron,
+        },
+    )?;
     tracing::info!("terminal UI started; log at {}", log.display());
     rt.block_on(session.run())?;
     Ok(())

@@ -4,11 +4,12 @@
 
 use std::path::Path;
 
+use dnd::config::Preset;
 use dnd::pipeline::{
     CandidateScore, CropRef, Description, Event, Label, ModelId, ModelIds, Stage, TopImage,
 };
 use dnd::store::{Row, Status};
-use dnd::tui::app::{Action, App, LayerRow};
+use dnd::tui::app::{Action, App, Effect, LayerRow, Rerun};
 use dnd::tui::images::Thumbs;
 use dnd::tui::theme::Theme;
 use dnd::tui::ui::{draw, Roots};
@@ -26,7 +27,16 @@ fn app() -> App {
         },
         LayerRow::new("fc", 10, &[]),
     ];
-    App::new("timm/resnet50.tv_in1k".into(), layers)
+    App::new("timm/resnet50.tv_in1k".into(), layers, fast())
+}
+
+fn fast() -> Rerun {
+    Rerun {
+        preset: Preset::Fast,
+        candidates: 5,
+        steps: 1,
+        seed: 0,
+    }
 }
 
 fn row(neuron: usize, status: Status, label: Option<&str>) -> Row {
@@ -64,8 +74,10 @@ fn render(app: &App, w: u16, h: u16) -> String {
         probe: Path::new("/probe"),
         store: Path::new("/store"),
     };
-    t.draw(|f| draw(f, app, &Theme::plain(), &mut thumbs, &roots))
-        .unwrap();
+    t.draw(|f| {
+        draw(f, app, &Theme::plain(), &mut thumbs, &roots);
+    })
+    .unwrap();
     t.backend().to_string()
 }
 
@@ -287,7 +299,6 @@ fn keys_jump_and_next_undescribed() {
 #[test]
 fn curation_keys_ask_the_loop_to_store_decisions() {
     use dnd::store::{Curation, Review};
-    use dnd::tui::app::Effect;
     let mut a = mid_run();
     assert!(
         a.update(Action::Accept).is_empty(),
@@ -332,4 +343,187 @@ fn curation_keys_ask_the_loop_to_store_decisions() {
     assert_eq!(a.layers[1].edited, 1);
     a.update(Action::Back);
     insta::assert_snapshot!("neurons_after_edit", render(&a, 80, 24));
+}
+
+#[test]
+fn rerun_form_changes_preset_candidates_steps_seed() {
+    let mut a = mid_run();
+    finish(&mut a, description(1));
+    assert!(a.update(Action::Rerun).is_empty(), "R opens the form");
+    assert!(a.typing(), "the form takes digits");
+    // The preset toggles; the loop answers with that preset's steps.
+    assert_eq!(
+        a.update(Action::Right),
+        vec![Effect::PresetSteps(Preset::Paper)]
+    );
+    a.form.as_mut().unwrap().numbers[1] = "50".into();
+    a.update(Action::Down);
+    a.update(Action::Erase);
+    a.update(Action::Type('3'));
+    a.update(Action::Type('x'));
+    a.update(Action::Down);
+    a.update(Action::Down);
+    a.update(Action::Erase);
+    for c in "42".chars() {
+        a.update(Action::Type(c));
+    }
+    insta::assert_snapshot!("rerun_form", render(&a, 100, 30));
+    assert_eq!(
+        a.update(Action::Open),
+        vec![Effect::Rerun {
+            neuron: 1,
+            settings: Rerun {
+                preset: Preset::Paper,
+                candidates: 3,
+                steps: 50,
+                seed: 42,
+            }
+        }]
+    );
+    assert!(a.form.is_none());
+    // Esc leaves the form without running; an empty number is refused.
+    a.update(Action::Rerun);
+    assert!(a.update(Action::Back).is_empty());
+    assert!(a.form.is_none());
+    a.update(Action::Rerun);
+    a.update(Action::Down);
+    a.update(Action::Erase);
+    assert!(a.update(Action::Open).is_empty());
+    assert!(a.notice.as_deref().unwrap().contains("numbers"));
+}
+
+#[test]
+fn clicks_select_then_open_rows() {
+    let mut a = app();
+    assert!(a.update(Action::Click(2)).is_empty());
+    assert_eq!(a.layer_sel, 2);
+    assert_eq!(
+        a.update(Action::Click(2)),
+        vec![Effect::LoadLayer("fc".into())],
+        "a click on the selected row opens it"
+    );
+    assert!(a.update(Action::Click(9)).is_empty(), "below the rows");
+    assert_eq!(a.layer_sel, 2);
+    let mut a = in_layer4();
+    a.update(Action::Click(3));
+    assert_eq!(a.neuron_sel, 3);
+    assert_eq!(
+        a.update(Action::Click(3)),
+        vec![Effect::Describe {
+            neuron: 3,
+            force: false
+        }]
+    );
+}
+
+mod setup {
+    use super::*;
+    use dnd::hub::{ModelSource, ModelStatus, Role};
+    use dnd::tui::app::{LlmView, Phase, Setup};
+
+    fn status(
+        role: Role,
+        repo: &str,
+        missing: &[&'static str],
+        remote: Option<u64>,
+    ) -> ModelStatus {
+        ModelStatus {
+            role,
+            source: ModelSource::hub(repo),
+            missing: missing.to_vec(),
+            local_bytes: if missing.is_empty() { 102_760_448 } else { 0 },
+            remote_bytes: remote,
+        }
+    }
+
+    fn first_run(offline: bool, remote: Option<u64>) -> App {
+        let mut a = App::new("timm/resnet50.tv_in1k".into(), Vec::new(), fast());
+        a.set_up(Setup {
+            models: vec![
+                status(Role::Target, "timm/resnet50.tv_in1k", &[], None),
+                status(
+                    Role::Captioner,
+                    "Salesforce/blip-image-captioning-large",
+                    &["model.safetensors"],
+                    remote,
+                ),
+                status(
+                    Role::Synthesiser,
+                    "stabilityai/sd-turbo",
+                    &["unet/diffusion_pytorch_model.safetensors"],
+                    remote,
+                ),
+                status(Role::Clip, "openai/clip-vit-base-patch16", &[], None),
+            ],
+            sizes_known: true,
+            offline,
+            llm: LlmView {
+                local: false,
+                url: "https://api.openai.com/v1".into(),
+                model: "gpt-4o-mini".into(),
+                key_set: false,
+                local_model: "Qwen/Qwen2.5-1.5B-Instruct".into(),
+                problem: Some("setting llm_api_key: the LLM endpoint is https://api.openai.com/v1 but no API key is set.\n  fix: export OPENAI_API_KEY=...".into()),
+            },
+            phase: Phase::Waiting,
+            settings_file: "/home/me/.config/dnd/config.toml".into(),
+        });
+        a
+    }
+
+    #[test]
+    fn missing_models_sizes_and_llm_settings() {
+        let mut a = first_run(false, Some(1_879_048_192));
+        insta::assert_snapshot!("setup_missing", render(&a, 110, 32));
+        assert_eq!(a.update(Action::Download), vec![Effect::Download]);
+        assert_eq!(a.update(Action::Open), vec![Effect::Recheck]);
+        assert_eq!(
+            a.update(Action::ToggleLocalLlm),
+            vec![Effect::SetLlm {
+                local: Some(true),
+                url: None,
+                model: None
+            }]
+        );
+        a.update(Action::EditLlmUrl);
+        for _ in 0.."https://api.openai.com/v1".len() {
+            a.update(Action::Erase);
+        }
+        for c in "http://gpu-box:8000/v1".chars() {
+            a.update(Action::Type(c));
+        }
+        assert_eq!(
+            a.update(Action::Open),
+            vec![Effect::SetLlm {
+                local: None,
+                url: Some("http://gpu-box:8000/v1".into()),
+                model: None
+            }]
+        );
+        a.setup.as_mut().unwrap().phase = Phase::Downloading {
+            file: "model.safetensors".into(),
+            done: 471_859_200,
+            total: 1_879_048_192,
+        };
+        insta::assert_snapshot!("setup_downloading", render(&a, 110, 32));
+        assert!(
+            a.update(Action::Download).is_empty(),
+            "one download at a time"
+        );
+    }
+
+    #[test]
+    fn offline_and_unreachable_say_so_and_show_local_folders() {
+        let mut a = first_run(true, None);
+        insta::assert_snapshot!("setup_offline", render(&a, 110, 32));
+        assert!(a.update(Action::Download).is_empty());
+        assert!(a.notice.as_deref().unwrap().contains("offline"));
+        let a = first_run(false, None);
+        let screen = render(&a, 110, 32);
+        assert!(screen.contains("cannot be reached"), "{screen}");
+        assert!(
+            screen.contains("dnd --captioner /path/to/folder"),
+            "{screen}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The real binary's terminal UI inside tmux (send-keys, capture-pane) against the tiny
 //! fixtures and the mock LLM: open layer4 of the fixture target at neuron 3, let it run,
-//! accept its label, quit; `dnd export` then has neuron 3's accepted label. Needs tmux
-//! (.ci/run installs it).
+//! re-run it from the form with another seed, accept its label, quit; `dnd export` then has
+//! neuron 3's accepted label. And a first run with a model missing: the set-up screen, an
+//! LLM setting saved, the files arriving, the layers. Needs tmux (.ci/run installs it).
 
 mod common;
 
@@ -51,28 +52,27 @@ impl Drop for Tmux {
     }
 }
 
-#[test]
-fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
-    let home = tempfile::tempdir().unwrap();
-    // Slow answers keep the run in flight while keys are timed.
-    let llm = MockLlm::start(&[], None, Duration::from_millis(150));
-    let db = home.path().join("dnd.sqlite").display().to_string();
-    let h = home.path().display().to_string();
+/// Starts the real `dnd` UI in a fresh tmux server at 120x40, with a clean environment
+/// under `home`, the fixture models (the captioner as given) and the mock LLM.
+fn start(home: &std::path::Path, captioner: &str, llm: &MockLlm, extra: &str) -> Tmux {
+    let h = home.display().to_string();
     let dnd_cmd = format!(
         "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HUB_OFFLINE=1 TERM=xterm-256color \
-         {bin} --device cpu --target {t} --captioner {c} --synthesiser {s} --clip {clip} --probe {probe} --db {db} \
-         --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks \
-         --layer layer4 --neuron 3",
+         {bin} --device cpu --target {t} --captioner {captioner} --synthesiser {s} --clip {clip} --probe {probe} --db {h}/dnd.sqlite \
+         --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks {extra}",
         bin = env!("CARGO_BIN_EXE_dnd"),
         t = fixture_model("resnet_basic"),
-        c = fixture_model("blip_tiny"),
         s = fixture_model("sd_tiny"),
         clip = fixture_model("clip_tiny"),
         probe = fixtures().join("images").display(),
         url = llm.url(),
     );
     let tmux = Tmux {
-        socket: format!("dnd-test-{}", std::process::id()),
+        socket: format!(
+            "dnd-test-{}-{}",
+            std::process::id(),
+            home.display().to_string().len() + extra.len()
+        ),
     };
     tmux.run(&[
         "new-session",
@@ -85,6 +85,40 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         "40",
         &dnd_cmd,
     ]);
+    tmux
+}
+
+impl Tmux {
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            self.run(&["send-keys", "-t", "dnd", k]);
+        }
+    }
+
+    fn wait_until_quit(&self) {
+        let t0 = Instant::now();
+        while self.run(&["list-sessions"]).contains("dnd:") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "dnd did not quit on q"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
+    let home = tempfile::tempdir().unwrap();
+    // Slow answers keep the run in flight while keys are timed.
+    let llm = MockLlm::start(&[], None, Duration::from_millis(150));
+    let db = home.path().join("dnd.sqlite").display().to_string();
+    let tmux = start(
+        home.path(),
+        &fixture_model("blip_tiny"),
+        &llm,
+        "--layer layer4 --neuron 3",
+    );
     tmux.wait_for("stages", Duration::from_secs(60));
 
     // Key latency while the run is in flight: toggle the help overlay and time until the
@@ -132,28 +166,42 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
     let screen = tmux.wait_for("label: ", Duration::from_secs(90));
     assert!(screen.contains("layer4 › neuron 3"), "{screen}");
     assert!(screen.contains("✓ scoring"), "{screen}");
-    let label = screen
-        .split("label: ")
-        .nth(1)
-        .and_then(|r| r.split(" ─").next())
-        .unwrap()
-        .trim()
-        .to_string();
 
-    tmux.run(&["send-keys", "-t", "dnd", "a"]);
-    tmux.wait_for("neuron 3: accepted", Duration::from_secs(10));
-    tmux.run(&["send-keys", "-t", "dnd", "Escape"]);
-    let list = tmux.wait_for("neurons (64)", Duration::from_secs(10));
-    assert!(list.contains("3  accepted"), "{list}");
-    tmux.run(&["send-keys", "-t", "dnd", "q"]);
+    // R: the re-run form, another seed, Enter: the neuron runs again with it.
+    tmux.keys(&["R"]);
+    tmux.wait_for("re-run neuron 3", Duration::from_secs(10));
+    tmux.keys(&["Down", "Down", "Down", "BSpace", "7"]);
+    tmux.wait_for("seed        7", Duration::from_secs(10));
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("[running]", Duration::from_secs(10));
     let t0 = Instant::now();
-    while tmux.run(&["list-sessions"]).contains("dnd:") {
+    loop {
+        let s = tmux.screen();
+        if !s.contains("[running]") && s.contains("label: ") {
+            break;
+        }
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "dnd did not quit on q"
+            t0.elapsed() < Duration::from_secs(90),
+            "the re-run did not finish:\n{s}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    tmux.keys(&["a"]);
+    // The status line has the whole label (the panel title may cut it).
+    let screen = tmux.wait_for("neuron 3: accepted — ", Duration::from_secs(10));
+    let label = screen
+        .split("neuron 3: accepted — ")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .unwrap()
+        .trim()
+        .to_string();
+    tmux.run(&["send-keys", "-t", "dnd", "Escape"]);
+    let list = tmux.wait_for("neurons (64)", Duration::from_secs(10));
+    assert!(list.contains("3  accepted"), "{list}");
+    tmux.keys(&["q"]);
+    tmux.wait_until_quit();
 
     let o = dnd(home.path(), &["export", "--db", &db, "--layer", "layer4"]);
     let (out, err) = text(&o);
@@ -170,4 +218,52 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         line.starts_with(&format!("3,{label},")) && line.ends_with(",accepted"),
         "{line}"
     );
+}
+
+#[test]
+fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let blip = home.path().join("blip");
+    let tmux = start(home.path(), &blip.display().to_string(), &llm, "");
+    let screen = tmux.wait_for("what next", Duration::from_secs(30));
+    assert!(screen.contains("set-up"), "{screen}");
+    assert!(screen.contains("missing"), "{screen}");
+    assert!(screen.contains("dnd is offline"), "{screen}");
+    assert!(
+        screen.contains("dnd --captioner /path/to/folder"),
+        "{screen}"
+    );
+    assert!(screen.contains("mock   (m: edit)"), "{screen}");
+
+    // m: the model name is edited and saved to the settings file.
+    tmux.keys(&["m", "BSpace", "BSpace", "BSpace", "BSpace"]);
+    for c in ["m", "o", "c", "k", "2", "Enter"] {
+        tmux.keys(&[c]);
+    }
+    tmux.wait_for("saved to", Duration::from_secs(10));
+    let file = home.path().join("config/dnd/config.toml");
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.contains("llm_model = \"mock2\""), "{saved}");
+
+    // The model files arrive; Enter checks again, loads, and shows the layers.
+    copy_dir(&std::path::PathBuf::from(fixture_model("blip_tiny")), &blip);
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("layer4", Duration::from_secs(60));
+    assert!(screen.contains(" layers "), "{screen}");
+    tmux.keys(&["q"]);
+    tmux.wait_until_quit();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
 }

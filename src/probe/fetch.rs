@@ -8,7 +8,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use hf_hub::{Repo, RepoType};
-use indicatif::{ProgressBar, ProgressDrawTarget};
 use parquet::column::reader::ColumnReader;
 use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -79,13 +78,8 @@ pub async fn fetch(opts: &FetchOptions) -> Result<usize> {
             tracing::info!("{}: already extracted", out.display());
             continue;
         }
-        let bar = if opts.hub.progress {
-            ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
-        } else {
-            ProgressBar::hidden()
-        };
         let file = repo
-            .download_with_progress(shard, bar)
+            .download_with_progress(shard, opts.hub.progress.bar())
             .await
             .map_err(|e| fail(format!("{shard}: {e}")))?;
         total += extract_images(&file, &out)?;

@@ -64,6 +64,37 @@ enum Attempt {
     Fatal(LlmError),
 }
 
+impl ApiOptions {
+    /// The endpoint the settings name, refused before anything loads when it cannot work.
+    pub fn from_settings(s: &crate::config::Settings) -> crate::Result<Self> {
+        if s.llm_url.contains("api.openai.com") && s.llm_api_key.expose().is_none() {
+            return Err(crate::Error::Setting {
+                key: "llm_api_key".into(),
+                reason: format!(
+                    "the LLM endpoint is {} but no API key is set.\n  fix: export OPENAI_API_KEY=..., set llm_api_key in {}, or point --llm-url at a local OpenAI-compatible server (vLLM, Ollama, llama.cpp), or use --llm local",
+                    s.llm_url,
+                    crate::config::default_config_path().display()
+                ),
+            });
+        }
+        if !(s.llm_timeout > 0.0 && s.llm_backoff >= 0.0) {
+            return Err(crate::Error::Setting {
+                key: "llm_timeout".into(),
+                reason: "llm_timeout must be > 0 and llm_backoff >= 0 (seconds)".into(),
+            });
+        }
+        Ok(Self {
+            url: s.llm_url.clone(),
+            model: s.llm_model.clone(),
+            api_key: s.llm_api_key.clone(),
+            timeout: Duration::from_secs_f64(s.llm_timeout),
+            retries: s.llm_retries,
+            backoff: Duration::from_secs_f64(s.llm_backoff),
+            concurrency: s.llm_concurrency,
+        })
+    }
+}
+
 impl ApiLlm {
     pub fn new(opts: ApiOptions) -> Result<Self, LlmError> {
         // reqwest is built without a bundled crypto provider; ring is the one hf-hub's TLS

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::Preset;
+use crate::hub::ModelStatus;
 use crate::pipeline::{CandidateScore, Description, Event, Stage, TopImage};
 use crate::store::{Curation, Review, Row, Status};
 
@@ -47,6 +49,8 @@ pub struct NeuronRow {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Screen {
+    /// Models and LLM settings, shown while they load and whenever something is missing.
+    Setup,
     Layers,
     Neurons,
     Run,
@@ -59,6 +63,84 @@ pub enum Prompt {
     Filter(String),
     /// Editing the open neuron's label.
     Edit(String),
+    /// Editing the LLM endpoint's URL / model name on the set-up screen.
+    LlmUrl(String),
+    LlmModel(String),
+}
+
+/// How far the set-up has come.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Phase {
+    /// The models are being looked for on disk.
+    Checking,
+    /// Something is missing; the user acts (download, edit, point at folders).
+    Waiting,
+    Downloading {
+        file: String,
+        done: u64,
+        total: u64,
+    },
+    /// Every file is there; the weights are loading.
+    Loading,
+    /// A download or the loading failed; the reason is in the notice.
+    Failed,
+}
+
+/// The LLM settings shown (and partly edited) on the set-up screen. The API key itself is
+/// never held here: only whether one is set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlmView {
+    pub local: bool,
+    pub url: String,
+    pub model: String,
+    pub key_set: bool,
+    /// The local model's source, when local.
+    pub local_model: String,
+    /// Why the endpoint cannot be used as configured.
+    pub problem: Option<String>,
+}
+
+/// The set-up screen's state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Setup {
+    pub models: Vec<ModelStatus>,
+    /// The Hub has been asked for the sizes of missing files.
+    pub sizes_known: bool,
+    pub offline: bool,
+    pub llm: LlmView,
+    pub phase: Phase,
+    /// The settings file, for the hints.
+    pub settings_file: String,
+}
+
+impl Setup {
+    /// Models and LLM are usable as they stand.
+    pub fn ready(&self) -> bool {
+        self.models.iter().all(|m| m.missing.is_empty()) && self.llm.problem.is_none()
+    }
+}
+
+/// The re-run form's fields, in order.
+pub const FORM_FIELDS: [&str; 4] = ["preset", "candidates", "steps", "seed"];
+
+/// The re-run form (`R`): the settings a re-run may change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Form {
+    pub neuron: usize,
+    pub preset: Preset,
+    /// candidates, steps, seed, as typed.
+    pub numbers: [String; 3],
+    /// The selected field (index into [`FORM_FIELDS`]).
+    pub field: usize,
+}
+
+/// The settings a re-run asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rerun {
+    pub preset: Preset,
+    pub candidates: usize,
+    pub steps: usize,
+    pub seed: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -150,6 +232,17 @@ pub enum Action {
     Choose(usize),
     Type(char),
     Erase,
+    /// Left / right: change a choice (the form's preset).
+    Left,
+    Right,
+    /// A click on row `n` of the list shown (layers or neurons).
+    Click(usize),
+    /// `d` on the set-up screen: download what is missing.
+    Download,
+    /// `u` / `m` / `l` on the set-up screen: edit the LLM URL / model, switch API and local.
+    EditLlmUrl,
+    EditLlmModel,
+    ToggleLocalLlm,
 }
 
 /// What the loop must do after an update.
@@ -169,6 +262,23 @@ pub enum Effect {
         neuron: usize,
         decision: Curation,
     },
+    /// Re-run this neuron with changed settings (models reload when the preset needs others).
+    Rerun {
+        neuron: usize,
+        settings: Rerun,
+    },
+    /// Fill a new re-run form's steps for this preset (what the settings give under it).
+    PresetSteps(Preset),
+    /// Download the missing models.
+    Download,
+    /// Check the models again and load them when nothing is missing.
+    Recheck,
+    /// Change and save LLM settings (`None` leaves one as it is).
+    SetLlm {
+        local: Option<bool>,
+        url: Option<String>,
+        model: Option<String>,
+    },
     Cancel,
     Quit,
 }
@@ -184,6 +294,10 @@ pub struct App {
     pub filter: String,
     pub prompt: Option<Prompt>,
     pub run: Option<RunView>,
+    pub setup: Option<Setup>,
+    pub form: Option<Form>,
+    /// The settings in force, which a re-run form starts from.
+    pub current: Rerun,
     /// A describe job is in flight.
     pub busy: bool,
     pub help: bool,
@@ -194,10 +308,11 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(target: String, layers: Vec<LayerRow>) -> Self {
+    pub fn new(target: String, layers: Vec<LayerRow>, current: Rerun) -> Self {
         Self {
             target,
             screen: Screen::Layers,
+            current,
             layers,
             layer_sel: 0,
             layer: None,
@@ -206,6 +321,8 @@ impl App {
             filter: String::new(),
             prompt: None,
             run: None,
+            setup: None,
+            form: None,
             busy: false,
             help: false,
             confirm_quit: false,
@@ -226,6 +343,20 @@ impl App {
                     || neuron_state(r).contains(&f)
             })
             .collect()
+    }
+
+    /// The set-up screen, shown while models are found and loaded.
+    pub fn set_up(&mut self, setup: Setup) {
+        self.setup = Some(setup);
+        self.screen = Screen::Setup;
+    }
+
+    /// The models are loaded: the layers of `target` are shown.
+    pub fn loaded(&mut self, target: String, layers: Vec<LayerRow>) {
+        self.target = target;
+        self.layers = layers;
+        self.layer_sel = self.layer_sel.min(self.layers.len().saturating_sub(1));
+        self.screen = Screen::Layers;
     }
 
     /// The stored rows of the open layer.
@@ -305,7 +436,8 @@ impl App {
         self.visible().get(self.neuron_sel).map(|r| r.neuron)
     }
 
-    fn describe(&mut self, neuron: usize, force: bool) -> Vec<Effect> {
+    /// Starts describing `neuron` (again when `force`), unless a run is in flight.
+    pub fn describe(&mut self, neuron: usize, force: bool) -> Vec<Effect> {
         if self.busy {
             self.notice = Some("a run is in flight: Esc cancels it first".into());
             return Vec::new();
@@ -316,17 +448,110 @@ impl App {
         vec![Effect::Describe { neuron, force }]
     }
 
+    /// The keyboard is typing into a prompt or the form.
+    pub fn typing(&self) -> bool {
+        self.prompt.is_some() || self.form.is_some()
+    }
+
+    fn update_form(&mut self, action: Action) -> Vec<Effect> {
+        let Some(form) = &mut self.form else {
+            return Vec::new();
+        };
+        match action {
+            Action::Up => form.field = form.field.saturating_sub(1),
+            Action::Down => form.field = (form.field + 1).min(FORM_FIELDS.len() - 1),
+            Action::Left | Action::Right | Action::Type(' ') if form.field == 0 => {
+                form.preset = match form.preset {
+                    Preset::Fast => Preset::Paper,
+                    Preset::Paper => Preset::Fast,
+                };
+                return vec![Effect::PresetSteps(form.preset)];
+            }
+            Action::Type(c) if form.field > 0 && c.is_ascii_digit() => {
+                form.numbers[form.field - 1].push(c)
+            }
+            Action::Erase if form.field > 0 => {
+                form.numbers[form.field - 1].pop();
+            }
+            Action::Back => self.form = None,
+            Action::Open => {
+                let parse = |i: usize| form.numbers[i].parse::<u64>().ok();
+                let (Some(candidates), Some(steps), Some(seed)) = (parse(0), parse(1), parse(2))
+                else {
+                    self.notice = Some("candidates, steps and seed must be numbers".into());
+                    return Vec::new();
+                };
+                if candidates == 0 || steps == 0 {
+                    self.notice = Some("candidates and steps must be at least 1".into());
+                    return Vec::new();
+                }
+                let (neuron, preset) = (form.neuron, form.preset);
+                self.form = None;
+                if self.busy {
+                    self.notice = Some("a run is in flight: Esc cancels it first".into());
+                    return Vec::new();
+                }
+                let settings = Rerun {
+                    preset,
+                    candidates: candidates as usize,
+                    steps: steps as usize,
+                    seed,
+                };
+                return vec![Effect::Rerun { neuron, settings }];
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    fn update_setup(&mut self, action: Action) -> Vec<Effect> {
+        let Some(setup) = &self.setup else {
+            return Vec::new();
+        };
+        if matches!(setup.phase, Phase::Downloading { .. } | Phase::Loading) {
+            return Vec::new();
+        }
+        match action {
+            Action::Download if setup.models.iter().all(|m| m.missing.is_empty()) => {
+                self.notice = Some("every model is on disk".into())
+            }
+            Action::Download if setup.offline => {
+                self.notice =
+                    Some("offline (--offline or HF_HUB_OFFLINE): nothing can be downloaded".into())
+            }
+            Action::Download => return vec![Effect::Download],
+            Action::Open => return vec![Effect::Recheck],
+            Action::EditLlmUrl => self.prompt = Some(Prompt::LlmUrl(setup.llm.url.clone())),
+            Action::EditLlmModel => self.prompt = Some(Prompt::LlmModel(setup.llm.model.clone())),
+            Action::ToggleLocalLlm => {
+                return vec![Effect::SetLlm {
+                    local: Some(!setup.llm.local),
+                    url: None,
+                    model: None,
+                }]
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
     pub fn update(&mut self, action: Action) -> Vec<Effect> {
         if action != Action::Quit {
             self.confirm_quit = false;
+        }
+        if self.form.is_some() && action != Action::Quit {
+            return self.update_form(action);
         }
         if let Some(p) = &mut self.prompt {
             match action {
                 Action::Type(c) => {
                     match p {
                         Prompt::Jump(t) if c.is_ascii_digit() => t.push(c),
-                        Prompt::Filter(t) | Prompt::Edit(t) => t.push(c),
-                        _ => {}
+                        Prompt::Jump(_) => {}
+                        Prompt::Filter(t)
+                        | Prompt::Edit(t)
+                        | Prompt::LlmUrl(t)
+                        | Prompt::LlmModel(t) => t.push(c),
                     }
                     if let Prompt::Filter(t) = p {
                         self.filter = t.clone();
@@ -334,7 +559,7 @@ impl App {
                     }
                 }
                 Action::Erase => match p {
-                    Prompt::Jump(t) | Prompt::Edit(t) => {
+                    Prompt::Jump(t) | Prompt::Edit(t) | Prompt::LlmUrl(t) | Prompt::LlmModel(t) => {
                         t.pop();
                     }
                     Prompt::Filter(t) => {
@@ -343,6 +568,24 @@ impl App {
                     }
                 },
                 Action::Open => {
+                    if let Prompt::LlmUrl(t) | Prompt::LlmModel(t) = p {
+                        let text = t.trim().to_string();
+                        let is_url = matches!(p, Prompt::LlmUrl(_));
+                        self.prompt = None;
+                        if text.is_empty() {
+                            return Vec::new();
+                        }
+                        let (url, model) = if is_url {
+                            (Some(text), None)
+                        } else {
+                            (None, Some(text))
+                        };
+                        return vec![Effect::SetLlm {
+                            local: None,
+                            url,
+                            model,
+                        }];
+                    }
                     if let Prompt::Edit(t) = p {
                         let text = t.trim().to_string();
                         self.prompt = None;
@@ -392,10 +635,26 @@ impl App {
             }
             Action::Back if self.help => self.help = false,
             _ if self.help => {}
+            _ if self.screen == Screen::Setup => return self.update_setup(action),
+            Action::Click(row) => match self.screen {
+                Screen::Layers if row < self.layers.len() => {
+                    if row == self.layer_sel {
+                        return self.update(Action::Open);
+                    }
+                    self.layer_sel = row;
+                }
+                Screen::Neurons if row < self.visible().len() => {
+                    if row == self.neuron_sel {
+                        return self.update(Action::Open);
+                    }
+                    self.neuron_sel = row;
+                }
+                _ => {}
+            },
             Action::Up => match self.screen {
                 Screen::Layers => self.layer_sel = self.layer_sel.saturating_sub(1),
                 Screen::Neurons => self.neuron_sel = self.neuron_sel.saturating_sub(1),
-                Screen::Run => {}
+                Screen::Run | Screen::Setup => {}
             },
             Action::Down => match self.screen {
                 Screen::Layers => {
@@ -405,7 +664,7 @@ impl App {
                     self.neuron_sel =
                         (self.neuron_sel + 1).min(self.visible().len().saturating_sub(1))
                 }
-                Screen::Run => {}
+                Screen::Run | Screen::Setup => {}
             },
             Action::Open => match self.screen {
                 Screen::Layers => {
@@ -421,18 +680,28 @@ impl App {
                         return self.describe(n, false);
                     }
                 }
-                Screen::Run => {}
+                Screen::Run | Screen::Setup => {}
             },
             Action::Rerun => {
                 if let (Screen::Run, Some(r)) = (self.screen, &self.run) {
-                    return self.describe(r.neuron, true);
+                    let c = &self.current;
+                    self.form = Some(Form {
+                        neuron: r.neuron,
+                        preset: c.preset,
+                        numbers: [
+                            c.candidates.to_string(),
+                            c.steps.to_string(),
+                            c.seed.to_string(),
+                        ],
+                        field: 0,
+                    });
                 }
             }
             Action::Back => match self.screen {
                 Screen::Run if self.busy => return vec![Effect::Cancel],
                 Screen::Run => self.screen = Screen::Neurons,
                 Screen::Neurons => self.screen = Screen::Layers,
-                Screen::Layers => {}
+                Screen::Layers | Screen::Setup => {}
             },
             Action::NextUndescribed if self.screen == Screen::Neurons => {
                 let start = self.selected_neuron().map_or(0, |n| n + 1);

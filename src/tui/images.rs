@@ -1,6 +1,7 @@
 //! Thumbnails in the terminal: decoded and shrunk on a worker thread (with a crop's box
-//! drawn on its original), cached, and drawn with the graphics protocol detected at start
-//! (kitty, sixel, iTerm2) or Unicode half-blocks.
+//! drawn on its original), fitted and encoded for the terminal on a worker thread too, cached,
+//! and drawn with the graphics protocol detected at start (kitty, sixel, iTerm2) or Unicode
+//! half-blocks. The UI thread only copies finished encodings into the frame.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,8 +12,9 @@ use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
 use ratatui::widgets::StatefulWidget;
 use ratatui_image::picker::{Picker, ProtocolType};
-use ratatui_image::protocol::StatefulProtocol;
+use ratatui_image::thread::{ResizeRequest, ResizeResponse, ThreadProtocol};
 use ratatui_image::{Resize, StatefulImage};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 /// Longest side of a decoded thumbnail, in pixels.
 const SIDE: u32 = 160;
@@ -37,28 +39,37 @@ pub struct Thumb {
     pub bbox: Option<[u32; 4]>,
 }
 
+/// A decoded thumbnail: the protocol state drawn from, and the fit-and-encode requests it
+/// makes when drawn at a new size (served on a worker thread).
+struct Ready {
+    protocol: ThreadProtocol,
+    requests: UnboundedReceiver<ResizeRequest>,
+}
+
 enum Slot {
     Loading,
-    Ready(Box<StatefulProtocol>),
+    Ready(Box<Ready>),
     Failed,
 }
+
+type Decoded = (Thumb, Option<DynamicImage>);
+type Encoded = (Thumb, ResizeResponse);
 
 pub struct Thumbs {
     picker: Option<Picker>,
     slots: HashMap<Thumb, Slot>,
-    done_tx: mpsc::Sender<(Thumb, Option<DynamicImage>)>,
-    done_rx: mpsc::Receiver<(Thumb, Option<DynamicImage>)>,
+    decoded: (mpsc::Sender<Decoded>, mpsc::Receiver<Decoded>),
+    encoded: (mpsc::Sender<Encoded>, mpsc::Receiver<Encoded>),
 }
 
 impl Thumbs {
     /// `picker` is `None` for `--images off`.
     pub fn new(picker: Option<Picker>) -> Self {
-        let (done_tx, done_rx) = mpsc::channel();
         Self {
             picker,
             slots: HashMap::new(),
-            done_tx,
-            done_rx,
+            decoded: mpsc::channel(),
+            encoded: mpsc::channel(),
         }
     }
 
@@ -80,18 +91,48 @@ impl Thumbs {
         Some(picker)
     }
 
-    /// Takes in thumbnails decoded since the last call; true when any arrived.
+    /// Takes in thumbnails decoded or encoded since the last call and sends out the encodings
+    /// the last draw asked for; true when anything new can be drawn.
     pub fn poll(&mut self) -> bool {
         let mut any = false;
-        while let Ok((thumb, img)) = self.done_rx.try_recv() {
+        while let Ok((thumb, img)) = self.decoded.1.try_recv() {
             let slot = match (img, &self.picker) {
-                (Some(img), Some(p)) => Slot::Ready(Box::new(p.new_resize_protocol(img))),
+                (Some(img), Some(p)) => {
+                    let (tx, requests) = unbounded_channel();
+                    Slot::Ready(Box::new(Ready {
+                        protocol: ThreadProtocol::new(tx, Some(p.new_resize_protocol(img))),
+                        requests,
+                    }))
+                }
                 _ => Slot::Failed,
             };
             self.slots.insert(thumb, slot);
             any = true;
         }
+        while let Ok((thumb, done)) = self.encoded.1.try_recv() {
+            if let Some(Slot::Ready(r)) = self.slots.get_mut(&thumb) {
+                any |= r.protocol.update_resized_protocol(done);
+            }
+        }
+        self.dispatch();
         any
+    }
+
+    /// Sends the fit-and-encode work asked for by the last draw to worker threads.
+    pub fn dispatch(&mut self) {
+        for (thumb, slot) in &mut self.slots {
+            let Slot::Ready(r) = slot else { continue };
+            while let Ok(req) = r.requests.try_recv() {
+                let tx = self.encoded.0.clone();
+                let thumb = thumb.clone();
+                rayon::spawn(move || {
+                    // A failed encoding leaves the cell empty; the next resize asks again.
+                    if let Ok(done) = req.resize_encode() {
+                        let _ = tx.send((thumb, done));
+                    }
+                });
+            }
+        }
     }
 
     /// Draws `thumb` in `area`, starting its decode on first sight.
@@ -100,15 +141,17 @@ impl Thumbs {
             return;
         }
         match self.slots.get_mut(thumb) {
-            Some(Slot::Ready(p)) => {
-                StatefulImage::default()
-                    .resize(Resize::Fit(None))
-                    .render(area, buf, p.as_mut());
+            Some(Slot::Ready(r)) => {
+                StatefulImage::default().resize(Resize::Fit(None)).render(
+                    area,
+                    buf,
+                    &mut r.protocol,
+                );
             }
             Some(_) => {}
             None => {
                 self.slots.insert(thumb.clone(), Slot::Loading);
-                let tx = self.done_tx.clone();
+                let tx = self.decoded.0.clone();
                 let t = thumb.clone();
                 rayon::spawn(move || {
                     let img = load(&t);

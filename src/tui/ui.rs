@@ -10,9 +10,12 @@ use ratatui::widgets::{
 };
 use ratatui::Frame;
 
-use super::app::{neuron_state, App, Prompt, RunView, Screen, StageState};
+use super::app::{
+    neuron_state, App, Form, Phase, Prompt, RunView, Screen, Setup, StageState, FORM_FIELDS,
+};
 use super::images::{Thumb, Thumbs};
 use super::theme::Theme;
+use crate::hub::human_bytes;
 use crate::pipeline::Stage;
 
 /// The smallest terminal the layout is made for.
@@ -24,7 +27,23 @@ pub struct Roots<'a> {
     pub store: &'a Path,
 }
 
-pub fn draw(f: &mut Frame, app: &App, theme: &Theme, thumbs: &mut Thumbs, roots: &Roots) {
+/// Where the rows of the list shown were drawn, so a click can pick one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListArea {
+    /// The rows, without borders or header.
+    pub rows: Rect,
+    /// The index of the row drawn first (the list may be scrolled).
+    pub first: usize,
+}
+
+/// Draws the state; returns where the list shown (if any) went.
+pub fn draw(
+    f: &mut Frame,
+    app: &App,
+    theme: &Theme,
+    thumbs: &mut Thumbs,
+    roots: &Roots,
+) -> Option<ListArea> {
     let area = f.area();
     if area.width < MIN_SIZE.0 || area.height < MIN_SIZE.1 {
         let msg = format!(
@@ -37,7 +56,7 @@ pub fn draw(f: &mut Frame, app: &App, theme: &Theme, thumbs: &mut Thumbs, roots:
                 .wrap(Wrap { trim: true }),
             area,
         );
-        return;
+        return None;
     }
     let [top, main, bottom] = Layout::vertical([
         Constraint::Length(1),
@@ -46,22 +65,36 @@ pub fn draw(f: &mut Frame, app: &App, theme: &Theme, thumbs: &mut Thumbs, roots:
     ])
     .areas(area);
     f.render_widget(Paragraph::new(title(app)).style(theme.title), top);
-    match app.screen {
-        Screen::Layers => layers(f, app, theme, main),
-        Screen::Neurons => neurons(f, app, theme, main),
+    let list = match app.screen {
+        Screen::Setup => {
+            if let Some(s) = &app.setup {
+                setup(f, s, theme, main);
+            }
+            None
+        }
+        Screen::Layers => Some(layers(f, app, theme, main)),
+        Screen::Neurons => Some(neurons(f, app, theme, main)),
         Screen::Run => {
             if let Some(run) = &app.run {
                 run_view(f, run, theme, thumbs, roots, main)
             }
+            None
         }
-    }
+    };
     f.render_widget(status_line(app, theme), bottom);
+    if let Some(form) = &app.form {
+        rerun_form(f, form, theme, area);
+    }
     if app.help {
         help(f, theme, area);
     }
+    list.filter(|_| app.form.is_none() && !app.help)
 }
 
 fn title(app: &App) -> String {
+    if app.screen == Screen::Setup {
+        return " dnd — set-up: models and LLM".into();
+    }
     let mut t = format!(" dnd — {}", app.target);
     if let Some(l) = &app.layer {
         t.push_str(&format!(" › {l}"));
@@ -81,6 +114,8 @@ fn status_line<'a>(app: &'a App, theme: &Theme) -> Paragraph<'a> {
             Prompt::Jump(t) => ("go to neuron", t),
             Prompt::Filter(t) => ("filter (label or status)", t),
             Prompt::Edit(t) => ("new label", t),
+            Prompt::LlmUrl(t) => ("LLM endpoint URL (up to /v1)", t),
+            Prompt::LlmModel(t) => ("LLM model name", t),
         };
         return Paragraph::new(format!(" {what}: {text}█   Enter done · Esc cancel"))
             .style(theme.accent);
@@ -88,7 +123,15 @@ fn status_line<'a>(app: &'a App, theme: &Theme) -> Paragraph<'a> {
     if let Some(n) = &app.notice {
         return Paragraph::new(format!(" {n}")).style(theme.warning);
     }
+    if app.form.is_some() {
+        return Paragraph::new(" ↑↓ field · ←→ preset · digits edit · Enter re-run · Esc cancel")
+            .style(theme.dim);
+    }
     let keys = match app.screen {
+        Screen::Setup => match app.setup.as_ref().map(|s| &s.phase) {
+            Some(Phase::Downloading { .. } | Phase::Loading | Phase::Checking) => "q quit",
+            _ => "d download missing · Enter check again · u URL · m model · l API/local · ? help · q quit",
+        },
         Screen::Layers => "↑↓ move · Enter open · ? help · q quit",
         Screen::Neurons => {
             "↑↓ move · Enter run/show · g go to · n next undescribed · / filter · Esc back · ? help"
@@ -107,7 +150,7 @@ fn block<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
         .title(Span::styled(format!(" {title} "), theme.title))
 }
 
-fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
+fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
     let header = Row::new([
         "layer",
         "neurons",
@@ -147,9 +190,19 @@ fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
     .style(theme.text);
     let mut state = ratatui::widgets::TableState::default().with_selected(Some(app.layer_sel));
     f.render_stateful_widget(table, area, &mut state);
+    let inner = Block::default().borders(Borders::ALL).inner(area);
+    ListArea {
+        // The header takes the first row.
+        rows: Rect {
+            y: inner.y + 1,
+            height: inner.height.saturating_sub(1),
+            ..inner
+        },
+        first: state.offset(),
+    }
 }
 
-fn neurons(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
+fn neurons(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
     let visible = app.visible();
     let items: Vec<ListItem> = visible
         .iter()
@@ -181,6 +234,226 @@ fn neurons(f: &mut Frame, app: &App, theme: &Theme, area: Rect) {
         .highlight_style(theme.selected);
     let mut state = ListState::default().with_selected(Some(app.neuron_sel));
     f.render_stateful_widget(list, area, &mut state);
+    ListArea {
+        rows: Block::default().borders(Borders::ALL).inner(area),
+        first: state.offset(),
+    }
+}
+
+fn setup(f: &mut Frame, s: &Setup, theme: &Theme, area: Rect) {
+    let [models_area, llm_area, next_area] = Layout::vertical([
+        Constraint::Length(s.models.len().max(1) as u16 + 3),
+        Constraint::Length(7),
+        Constraint::Min(0),
+    ])
+    .areas(area);
+    let rows = s.models.iter().map(|m| {
+        let (status, style) = if m.missing.is_empty() {
+            ("on disk".to_string(), theme.text)
+        } else {
+            (
+                format!("missing {} file(s)", m.missing.len()),
+                theme.warning,
+            )
+        };
+        let size = if !m.missing.is_empty() && !s.sizes_known && !s.offline {
+            "asking the Hub…".to_string()
+        } else {
+            m.size(s.offline)
+        };
+        Row::new([
+            Cell::from(m.role.setting()),
+            Cell::from(m.source.to_string()),
+            Cell::from(status),
+            Cell::from(size),
+        ])
+        .style(style)
+    });
+    f.render_widget(
+        Table::new(
+            rows,
+            [
+                Constraint::Length(12),
+                Constraint::Min(30),
+                Constraint::Length(18),
+                Constraint::Length(26),
+            ],
+        )
+        .header(Row::new(["model", "source", "status", "size"]).style(theme.header))
+        .block(block("models", theme))
+        .style(theme.text),
+        models_area,
+    );
+
+    let l = &s.llm;
+    let mut lines = if l.local {
+        vec![
+            kv("using", "a local model (l: use an endpoint instead)", theme),
+            kv("model", &l.local_model, theme),
+        ]
+    } else {
+        let key = if l.key_set {
+            "set (never shown)"
+        } else {
+            "not set: export OPENAI_API_KEY=… before starting dnd, or set llm_api_key in the settings file"
+        };
+        vec![
+            kv(
+                "using",
+                "an OpenAI-compatible endpoint (l: use a local model instead)",
+                theme,
+            ),
+            kv("URL", &format!("{}   (u: edit)", l.url), theme),
+            kv("model", &format!("{}   (m: edit)", l.model), theme),
+            kv("API key", key, theme),
+        ]
+    };
+    if let Some(p) = &l.problem {
+        lines.push(Line::styled(
+            format!(" ! {}", p.lines().next().unwrap_or_default()),
+            theme.warning,
+        ));
+    }
+    f.render_widget(
+        Paragraph::new(lines)
+            .block(block("LLM for candidate concepts", theme))
+            .wrap(Wrap { trim: false }),
+        llm_area,
+    );
+
+    let missing: Vec<_> = s.models.iter().filter(|m| !m.missing.is_empty()).collect();
+    let mut next: Vec<Line> = Vec::new();
+    match &s.phase {
+        Phase::Checking => next.push(Line::styled(" looking for the models on disk…", theme.text)),
+        Phase::Loading => next.push(Line::styled(
+            " every file is on disk: loading the models…",
+            theme.accent,
+        )),
+        Phase::Downloading { file, done, total } => {
+            let pct = if *total > 0 {
+                *done as f64 * 100.0 / *total as f64
+            } else {
+                0.0
+            };
+            next.push(Line::styled(
+                format!(
+                    " downloading {file}: {} of {} ({pct:.0}%)",
+                    human_bytes(*done),
+                    human_bytes(*total)
+                ),
+                theme.accent,
+            ));
+        }
+        Phase::Waiting | Phase::Failed => {
+            if !missing.is_empty() {
+                let unreachable = s.sizes_known && missing.iter().all(|m| m.remote_bytes.is_none());
+                let what = if s.offline {
+                    " dnd is offline (--offline or HF_HUB_OFFLINE): nothing can be downloaded."
+                        .to_string()
+                } else if unreachable {
+                    " The Hugging Face Hub cannot be reached from this machine (no network?), so nothing can be downloaded here."
+                        .to_string()
+                } else {
+                    let bytes: u64 = missing.iter().filter_map(|m| m.remote_bytes).sum();
+                    let size = if bytes > 0 {
+                        format!(" ({})", human_bytes(bytes))
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        " d downloads the {} missing model(s){size} into the Hugging Face cache ($HF_HOME/hub).",
+                        missing.len()
+                    )
+                };
+                next.push(Line::styled(what, theme.warning));
+            }
+            if let Some(p) = &l.problem {
+                next.push(Line::styled(
+                    " The LLM endpoint cannot be used as set: edit it (u, m), or press l for a local model.",
+                    theme.warning,
+                ));
+                next.extend(
+                    p.lines()
+                        .skip(1)
+                        .map(|x| Line::styled(format!("  {}", x.trim()), theme.dim)),
+                );
+            }
+        }
+    }
+    if let Some(m) = missing.first() {
+        let key = m.role.setting();
+        next.extend([
+            Line::raw(""),
+            Line::styled(
+                " Model files already on this machine? Point dnd at each folder (Hugging Face layout):",
+                theme.text,
+            ),
+            Line::styled(format!("   dnd --{key} /path/to/folder"), theme.accent),
+            Line::styled(
+                format!("   or in {}:  {key} = \"/path/to/folder\"", s.settings_file),
+                theme.accent,
+            ),
+            Line::styled(
+                " or fetch them where the Hub is reachable (`dnd models fetch`) and copy the Hugging",
+                theme.text,
+            ),
+            Line::styled(" Face cache ($HF_HOME/hub) over. Enter checks again.", theme.text),
+        ]);
+    }
+    f.render_widget(
+        Paragraph::new(next)
+            .block(block("what next", theme))
+            .wrap(Wrap { trim: false }),
+        next_area,
+    );
+}
+
+fn kv<'a>(k: &str, v: &str, theme: &Theme) -> Line<'a> {
+    Line::from(vec![
+        Span::styled(format!(" {k:<9}"), theme.accent),
+        Span::styled(v.to_string(), theme.text),
+    ])
+}
+
+fn rerun_form(f: &mut Frame, form: &Form, theme: &Theme, area: Rect) {
+    let values = [
+        format!("◀ {} ▶", form.preset),
+        form.numbers[0].clone(),
+        form.numbers[1].clone(),
+        form.numbers[2].clone(),
+    ];
+    let mut lines: Vec<Line> = FORM_FIELDS
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (name, value))| {
+            let style = if i == form.field {
+                theme.selected
+            } else {
+                theme.text
+            };
+            let cursor = if i == form.field && i > 0 { "█" } else { "" };
+            Line::styled(format!(" {name:<11} {value}{cursor}"), style)
+        })
+        .collect();
+    lines.push(Line::raw(""));
+    lines.push(Line::styled(
+        " A preset that names other models loads them first.",
+        theme.dim,
+    ));
+    let w = 56.min(area.width);
+    let h = (lines.len() as u16 + 2).min(area.height);
+    let popup = Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    };
+    f.render_widget(Clear, popup);
+    f.render_widget(
+        Paragraph::new(lines).block(block(&format!("re-run neuron {}", form.neuron), theme)),
+        popup,
+    );
 }
 
 fn run_view(
@@ -355,7 +628,10 @@ fn help(f: &mut Frame, theme: &Theme, area: Rect) {
         ("a / r", "accept / reject the open neuron's label"),
         ("e", "edit the label (Enter saves, Esc cancels)"),
         ("1-9", "take that row of the score table as the label"),
-        ("R", "describe the open neuron again"),
+        ("R", "re-run with other preset, candidates, steps, seed"),
+        ("mouse", "click selects a row, a second click opens it"),
+        ("d", "set-up: download the missing models"),
+        ("u / m / l", "set-up: LLM URL / model / API or local"),
         ("?", "this help"),
         ("q", "quit (asks first while a run is in flight)"),
     ];
@@ -368,7 +644,7 @@ fn help(f: &mut Frame, theme: &Theme, area: Rect) {
             ])
         })
         .collect();
-    let w = 60.min(area.width);
+    let w = 66.min(area.width);
     let h = (lines.len() as u16 + 2).min(area.height);
     let popup = Rect {
         x: area.x + (area.width - w) / 2,
