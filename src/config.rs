@@ -643,7 +643,10 @@ mod tests {
         save(&file, &[("llm_model", "qwen")]).unwrap();
         std::fs::write(
             &file,
-            format!("# my notes\n{}steps = 4\n", std::fs::read_to_string(&file).unwrap()),
+            format!(
+                "# my notes\n{}steps = 4\n",
+                std::fs::read_to_string(&file).unwrap()
+            ),
         )
         .unwrap();
         save(&file, &[("llm_model", "llama"), ("llm", "api")]).unwrap();

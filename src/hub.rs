@@ -153,6 +153,11 @@ impl Role {
         }
     }
 
+    /// The command-line flag naming this model: `--llm-local`.
+    pub fn flag(self) -> String {
+        format!("--{}", self.setting().replace('_', "-"))
+    }
+
     pub fn files(self) -> &'static [FileSpec] {
         match self {
             Role::Target => TARGET_FILES,
@@ -283,7 +288,8 @@ fn label(role: Role, source: &ModelSource) -> String {
 
 fn fix_for(role: Role) -> String {
     format!(
-        "pass --{key} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file)",
+        "pass {flag} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file)",
+        flag = role.flag(),
         key = role.setting()
     )
 }
@@ -382,7 +388,7 @@ async fn download_missing(
     let fail = |file: &str, reason: String| Error::Download {
         model: label(role, source),
         file: file.into(),
-        flag: format!("--{}", role.setting()),
+        flag: role.flag(),
         reason,
     };
     let api = api(opts).map_err(|r| fail("(all files)", r))?;

@@ -233,3 +233,52 @@ fn hub_ids_resolve_from_the_standard_hf_cache_offline() {
         "{err}"
     );
 }
+
+#[test]
+fn models_lists_sizes_and_fetch_downloads_from_the_hub() {
+    let home = tempfile::tempdir().unwrap();
+    let blip = fixtures().join("models/blip_tiny");
+    let hub = common::mock_hub::MockHub::start(&[("org/blip-tiny", &blip)]);
+    let run = |args: &[&str]| {
+        let mut c = common::dnd_command(home.path(), args);
+        c.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", hub.url());
+        c.output().unwrap()
+    };
+    let flags = [
+        "--target",
+        &model("resnet_basic"),
+        "--captioner",
+        "org/blip-tiny",
+        "--synthesiser",
+        &model("sd_tiny"),
+        "--clip",
+        &model("clip_tiny"),
+        "--llm",
+        "api",
+    ];
+    let o = run(&[&["models"][..], &flags].concat());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let line = out.lines().find(|l| l.starts_with("captioner")).unwrap();
+    assert!(
+        line.contains("missing") && line.contains("KiB to download"),
+        "{out}"
+    );
+
+    let o = run(&[&["models", "fetch"][..], &flags].concat());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("captioner (org/blip-tiny): ready"), "{err}");
+    let line = out.lines().find(|l| l.starts_with("captioner")).unwrap();
+    assert!(line.contains("on disk"), "{out}");
+    // What came down is the folder, byte for byte.
+    let cached = std::fs::read(
+        home.path()
+            .join("hf/hub/models--org--blip-tiny/snapshots/0123456789abcdef0123456789abcdef01234567/model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        cached,
+        std::fs::read(blip.join("model.safetensors")).unwrap()
+    );
+}

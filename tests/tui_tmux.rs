@@ -10,7 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::llm::MockLlm;
+use common::mock_hub::MockHub;
 use common::{dnd, fixture_model, fixtures, text};
+
+static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 struct Tmux {
     socket: String,
@@ -54,10 +57,20 @@ impl Drop for Tmux {
 
 /// Starts the real `dnd` UI in a fresh tmux server at 120x40, with a clean environment
 /// under `home`, the fixture models (the captioner as given) and the mock LLM.
-fn start(home: &std::path::Path, captioner: &str, llm: &MockLlm, extra: &str) -> Tmux {
+/// `hub` is the Hub's address (`HF_ENDPOINT`); without one, dnd is offline.
+fn start(
+    home: &std::path::Path,
+    captioner: &str,
+    llm: &MockLlm,
+    hub: Option<&MockHub>,
+    extra: &str,
+) -> Tmux {
     let h = home.display().to_string();
+    let hub = hub.map_or("HF_HUB_OFFLINE=1".to_string(), |m| {
+        format!("HF_ENDPOINT={}", m.url())
+    });
     let dnd_cmd = format!(
-        "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HUB_OFFLINE=1 TERM=xterm-256color \
+        "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HOME={h}/hf {hub} TERM=xterm-256color \
          {bin} --device cpu --target {t} --captioner {captioner} --synthesiser {s} --clip {clip} --probe {probe} --db {h}/dnd.sqlite \
          --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks {extra}",
         bin = env!("CARGO_BIN_EXE_dnd"),
@@ -68,10 +81,11 @@ fn start(home: &std::path::Path, captioner: &str, llm: &MockLlm, extra: &str) ->
         url = llm.url(),
     );
     let tmux = Tmux {
+        // One tmux server per test: tests run in parallel.
         socket: format!(
             "dnd-test-{}-{}",
             std::process::id(),
-            home.display().to_string().len() + extra.len()
+            SERVERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         ),
     };
     tmux.run(&[
@@ -117,6 +131,7 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         home.path(),
         &fixture_model("blip_tiny"),
         &llm,
+        None,
         "--layer layer4 --neuron 3",
     );
     tmux.wait_for("stages", Duration::from_secs(60));
@@ -225,7 +240,7 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     let blip = home.path().join("blip");
-    let tmux = start(home.path(), &blip.display().to_string(), &llm, "");
+    let tmux = start(home.path(), &blip.display().to_string(), &llm, None, "");
     let screen = tmux.wait_for("what next", Duration::from_secs(30));
     assert!(screen.contains("set-up"), "{screen}");
     assert!(screen.contains("missing"), "{screen}");
@@ -253,6 +268,31 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
     assert!(screen.contains(" layers "), "{screen}");
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
+}
+
+#[test]
+fn d_downloads_a_missing_model_from_the_hub_then_loads() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let hub = MockHub::start(&[(
+        "org/blip-tiny",
+        &std::path::PathBuf::from(fixture_model("blip_tiny")),
+    )]);
+    let tmux = start(home.path(), "org/blip-tiny", &llm, Some(&hub), "");
+    let screen = tmux.wait_for("KiB to download", Duration::from_secs(30));
+    assert!(
+        screen.contains("d downloads the 1 missing model(s)"),
+        "{screen}"
+    );
+    tmux.keys(&["d"]);
+    let screen = tmux.wait_for(" layers ", Duration::from_secs(60));
+    assert!(screen.contains("layer4"), "{screen}");
+    tmux.keys(&["q"]);
+    tmux.wait_until_quit();
+    assert!(home
+        .path()
+        .join("hf/hub/models--org--blip-tiny/refs/main")
+        .is_file());
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -295,7 +295,7 @@ fn setup(f: &mut Frame, s: &Setup, theme: &Theme, area: Rect) {
         let key = if l.key_set {
             "set (never shown)"
         } else {
-            "not set: export OPENAI_API_KEY=… before starting dnd, or set llm_api_key in the settings file"
+            "not set (OpenAI needs one, most local servers not): export OPENAI_API_KEY=… before dnd starts"
         };
         vec![
             kv(
@@ -388,7 +388,10 @@ fn setup(f: &mut Frame, s: &Setup, theme: &Theme, area: Rect) {
                 " Model files already on this machine? Point dnd at each folder (Hugging Face layout):",
                 theme.text,
             ),
-            Line::styled(format!("   dnd --{key} /path/to/folder"), theme.accent),
+            Line::styled(
+                format!("   dnd {} /path/to/folder", m.role.flag()),
+                theme.accent,
+            ),
             Line::styled(
                 format!("   or in {}:  {key} = \"/path/to/folder\"", s.settings_file),
                 theme.accent,

@@ -10,6 +10,7 @@ use dnd::hub::{self, HubOptions, ModelSource, Role};
 use dnd::target::Target;
 
 pub mod llm;
+pub mod mock_hub;
 
 /// The dnd binary with its config, cache, data and HF folders inside `home`, offline.
 pub fn dnd_command(home: &Path, args: &[&str]) -> Command {
