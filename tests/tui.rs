@@ -518,9 +518,23 @@ mod setup {
         insta::assert_snapshot!("setup_offline", render(&a, 110, 32));
         assert!(a.update(Action::Download).is_empty());
         assert!(a.notice.as_deref().unwrap().contains("offline"));
-        let a = first_run(false, None);
+        let mut a = first_run(false, None);
         let screen = render(&a, 110, 32);
         assert!(screen.contains("cannot be reached"), "{screen}");
+        a.setup.as_mut().unwrap().phase = Phase::Failed(
+            "captioner (org/blip): model.safetensors does not match what dnd expects: no key text_decoder.bert.embeddings.word_embeddings.weight.\n  fix: use a BLIP captioning checkpoint".into(),
+        );
+        let screen = render(&a, 110, 32);
+        assert!(screen.contains("does not match"), "{screen}");
+        assert!(
+            screen.contains("fix: use a BLIP captioning checkpoint"),
+            "{screen}"
+        );
+        assert_eq!(
+            a.update(Action::Download),
+            vec![Effect::Download],
+            "d tries again"
+        );
         assert!(
             screen.contains("dnd --captioner /path/to/folder"),
             "{screen}"

@@ -82,8 +82,8 @@ pub enum Phase {
     },
     /// Every file is there; the weights are loading.
     Loading,
-    /// A download or the loading failed; the reason is in the notice.
-    Failed,
+    /// A download or the loading failed, for this reason.
+    Failed(String),
 }
 
 /// The LLM settings shown (and partly edited) on the set-up screen. The API key itself is

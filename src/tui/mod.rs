@@ -68,10 +68,12 @@ pub enum AfterLoad {
 
 /// Results of the set-up work done off the UI thread.
 enum SetupDone {
-    /// Local state of every model (no network).
-    Checked(Vec<ModelStatus>),
-    /// The same with the Hub's sizes of missing files.
-    Sized(Vec<ModelStatus>),
+    /// The state of every model; `sized` when the Hub was asked for the sizes of missing
+    /// files (else nothing touched the network).
+    Status {
+        models: Vec<ModelStatus>,
+        sized: bool,
+    },
     Downloaded(std::result::Result<(), String>),
     Loaded(Box<std::result::Result<Workspace, String>>),
 }
@@ -205,15 +207,21 @@ impl Session {
             s.llm = llm_view(&self.settings, self.local_llm);
             s.offline = self.settings.offline.0;
         }
+        self.status(false);
+    }
+
+    /// The state of every model, off the UI thread; `sized` asks the Hub for the sizes of
+    /// missing files too.
+    fn status(&self, sized: bool) {
         let (settings, local, opts) = (
             self.settings.clone(),
             self.local_llm,
-            self.hub(hub::Progress::Hidden, true),
+            self.hub(hub::Progress::Hidden, !sized),
         );
         let tx = self.setup_tx.clone();
         self.runtime.spawn(async move {
-            let st = workspace::status(&settings, local, &opts).await;
-            let _ = tx.send(SetupDone::Checked(st));
+            let models = workspace::status(&settings, local, &opts).await;
+            let _ = tx.send(SetupDone::Status { models, sized });
         });
     }
 
@@ -264,40 +272,32 @@ impl Session {
         });
     }
 
-    /// Asks the Hub for the sizes of the missing files (off the UI thread).
-    fn ask_sizes(&mut self) {
-        let (settings, local, opts) = (
-            self.settings.clone(),
-            self.local_llm,
-            self.hub(hub::Progress::Hidden, false),
-        );
-        let tx = self.setup_tx.clone();
-        self.runtime.spawn(async move {
-            let st = workspace::status(&settings, local, &opts).await;
-            let _ = tx.send(SetupDone::Sized(st));
-        });
-    }
-
     fn on_setup(&mut self, done: SetupDone) -> Result<()> {
         let Some(s) = &mut self.app.setup else {
             return Ok(());
         };
         match done {
-            SetupDone::Checked(models) => {
+            SetupDone::Status {
+                models,
+                sized: false,
+            } => {
                 s.models = models;
                 if s.ready() {
                     self.app.notice = None;
                     self.load();
                 } else {
-                    if s.phase != Phase::Failed {
+                    if !matches!(s.phase, Phase::Failed(_)) {
                         s.phase = Phase::Waiting;
                     }
                     if !s.offline && !s.sizes_known {
-                        self.ask_sizes();
+                        self.status(true);
                     }
                 }
             }
-            SetupDone::Sized(models) => {
+            SetupDone::Status {
+                models,
+                sized: true,
+            } => {
                 // Only sizes are new; a check since then may know better what is missing.
                 for m in &mut s.models {
                     if let Some(sized) = models.iter().find(|x| x.role == m.role) {
@@ -308,17 +308,13 @@ impl Session {
             }
             SetupDone::Downloaded(r) => {
                 if let Err(e) = r {
-                    s.phase = Phase::Failed;
-                    self.app.notice = Some(e);
+                    s.phase = Phase::Failed(e);
                 }
                 self.recheck();
             }
             SetupDone::Loaded(ws) => match *ws {
                 Ok(ws) => self.start_engine(ws)?,
-                Err(e) => {
-                    s.phase = Phase::Failed;
-                    self.app.notice = Some(e);
-                }
+                Err(e) => s.phase = Phase::Failed(e),
             },
         }
         Ok(())

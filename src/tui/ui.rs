@@ -344,7 +344,13 @@ fn setup(f: &mut Frame, s: &Setup, theme: &Theme, area: Rect) {
                 theme.accent,
             ));
         }
-        Phase::Waiting | Phase::Failed => {
+        Phase::Waiting | Phase::Failed(_) => {
+            if let Phase::Failed(why) = &s.phase {
+                next.extend(
+                    why.lines()
+                        .map(|l| Line::styled(format!(" {}", l.trim()), theme.warning)),
+                );
+            }
             if !missing.is_empty() {
                 let unreachable = s.sizes_known && missing.iter().all(|m| m.remote_bytes.is_none());
                 let what = if s.offline {
