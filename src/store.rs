@@ -284,6 +284,23 @@ impl Store {
     }
 
     /// Stored rows, ordered by target, layer and neuron; `None` filters nothing.
+    /// Every target with stored results, and how many of its neurons are described.
+    pub fn targets(&self) -> Result<Vec<(String, usize)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT target, SUM(status = 'described') FROM descriptions
+                 GROUP BY target ORDER BY target",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
+            .map_err(|e| self.error(e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))?;
+        Ok(rows)
+    }
+
     pub fn rows(&self, target: Option<&str>, layer: Option<&str>) -> Result<Vec<Row>> {
         let conn = self.conn();
         let mut stmt = conn

@@ -416,6 +416,33 @@ fn clicks_select_then_open_rows() {
     );
 }
 
+#[test]
+fn targets_screen_lists_stored_targets_and_switches() {
+    let mut a = app();
+    a.loaded(
+        "timm/resnet50.tv_in1k".into(),
+        a.layers.clone(),
+        &[
+            ("timm/resnet50.tv_in1k".into(), 2),
+            ("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k".into(), 12),
+        ],
+    );
+    assert_eq!(a.screen, dnd::tui::app::Screen::Layers);
+    a.update(Action::Back);
+    assert_eq!(a.screen, dnd::tui::app::Screen::Targets);
+    insta::assert_snapshot!("targets", render(&a, 90, 24));
+    assert!(a.update(Action::Open).is_empty(), "the loaded one opens");
+    assert_eq!(a.screen, dnd::tui::app::Screen::Layers);
+    a.update(Action::Back);
+    a.update(Action::Down);
+    assert_eq!(
+        a.update(Action::Open),
+        vec![Effect::SwitchTarget(
+            "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k".into()
+        )]
+    );
+}
+
 mod setup {
     use super::*;
     use dnd::hub::{ModelSource, ModelStatus, Role};

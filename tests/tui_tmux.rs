@@ -295,6 +295,63 @@ fn d_downloads_a_missing_model_from_the_hub_then_loads() {
         .is_file());
 }
 
+#[test]
+fn esc_up_to_the_targets_and_open_another_with_stored_results() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    // A result for another target in the same store.
+    let db = home.path().join("dnd.sqlite").display().to_string();
+    let o = common::dnd(
+        home.path(),
+        &[
+            "describe",
+            "--device",
+            "cpu",
+            "--target",
+            &fixture_model("vit_tiny"),
+            "--captioner",
+            &fixture_model("blip_tiny"),
+            "--synthesiser",
+            &fixture_model("sd_tiny"),
+            "--clip",
+            &fixture_model("clip_tiny"),
+            "--probe",
+            &fixtures().join("images").display().to_string(),
+            "--db",
+            &db,
+            "--llm-url",
+            &llm.url(),
+            "--llm-model",
+            "mock",
+            "--top-k",
+            "3",
+            "--images-per-concept",
+            "2",
+            "--caption-tokens",
+            "8",
+            "--layer",
+            "blocks.1",
+            "--neurons",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let tmux = start(home.path(), &fixture_model("blip_tiny"), &llm, None, "");
+    tmux.wait_for(" layers ", Duration::from_secs(60));
+    tmux.keys(&["Escape"]);
+    let screen = tmux.wait_for("target network", Duration::from_secs(10));
+    assert!(
+        screen.contains("resnet_basic") && screen.contains("loaded"),
+        "{screen}"
+    );
+    assert!(screen.contains("vit_tiny"), "{screen}");
+    tmux.keys(&["Down", "Enter"]);
+    let screen = tmux.wait_for("blocks.1", Duration::from_secs(60));
+    assert!(screen.contains("vit_tiny"), "{screen}");
+    tmux.keys(&["q"]);
+    tmux.wait_until_quit();
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

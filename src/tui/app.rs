@@ -47,10 +47,20 @@ pub struct NeuronRow {
     pub label: Option<String>,
 }
 
+/// A target network: the loaded one, or one with results in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetRow {
+    /// Its source (Hub id or folder), as stored.
+    pub name: String,
+    pub described: usize,
+    pub loaded: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Screen {
     /// Models and LLM settings, shown while they load and whenever something is missing.
     Setup,
+    Targets,
     Layers,
     Neurons,
     Run,
@@ -255,6 +265,8 @@ pub enum Effect {
         neuron: usize,
         force: bool,
     },
+    /// Load this target network (its Hub id or folder) instead of the loaded one.
+    SwitchTarget(String),
     /// Show this stored neuron (hand its row to [`App::show_stored`]).
     ShowStored(usize),
     /// Store a curation decision on this neuron and hand the row to [`App::curated`].
@@ -286,6 +298,8 @@ pub enum Effect {
 pub struct App {
     pub target: String,
     pub screen: Screen,
+    pub targets: Vec<TargetRow>,
+    pub target_sel: usize,
     pub layers: Vec<LayerRow>,
     pub layer_sel: usize,
     pub layer: Option<String>,
@@ -312,6 +326,8 @@ impl App {
         Self {
             target,
             screen: Screen::Layers,
+            targets: Vec::new(),
+            target_sel: 0,
             current,
             layers,
             layer_sel: 0,
@@ -351,8 +367,30 @@ impl App {
         self.screen = Screen::Setup;
     }
 
-    /// The models are loaded: the layers of `target` are shown.
-    pub fn loaded(&mut self, target: String, layers: Vec<LayerRow>) {
+    /// The models are loaded: the layers of `target` are shown. `stored` are the targets
+    /// with results in the store, with their described counts.
+    pub fn loaded(&mut self, target: String, layers: Vec<LayerRow>, stored: &[(String, usize)]) {
+        if target != self.target {
+            (self.layer, self.run, self.layer_sel) = (None, None, 0);
+            self.neurons.clear();
+        }
+        self.targets = vec![TargetRow {
+            name: target.clone(),
+            described: layers.iter().map(|l| l.described).sum(),
+            loaded: true,
+        }];
+        self.targets
+            .extend(
+                stored
+                    .iter()
+                    .filter(|(n, _)| *n != target)
+                    .map(|(name, described)| TargetRow {
+                        name: name.clone(),
+                        described: *described,
+                        loaded: false,
+                    }),
+            );
+        self.target_sel = 0;
         self.target = target;
         self.layers = layers;
         self.layer_sel = self.layer_sel.min(self.layers.len().saturating_sub(1));
@@ -637,6 +675,12 @@ impl App {
             _ if self.help => {}
             _ if self.screen == Screen::Setup => return self.update_setup(action),
             Action::Click(row) => match self.screen {
+                Screen::Targets if row < self.targets.len() => {
+                    if row == self.target_sel {
+                        return self.update(Action::Open);
+                    }
+                    self.target_sel = row;
+                }
                 Screen::Layers if row < self.layers.len() => {
                     if row == self.layer_sel {
                         return self.update(Action::Open);
@@ -652,11 +696,16 @@ impl App {
                 _ => {}
             },
             Action::Up => match self.screen {
+                Screen::Targets => self.target_sel = self.target_sel.saturating_sub(1),
                 Screen::Layers => self.layer_sel = self.layer_sel.saturating_sub(1),
                 Screen::Neurons => self.neuron_sel = self.neuron_sel.saturating_sub(1),
                 Screen::Run | Screen::Setup => {}
             },
             Action::Down => match self.screen {
+                Screen::Targets => {
+                    self.target_sel =
+                        (self.target_sel + 1).min(self.targets.len().saturating_sub(1))
+                }
                 Screen::Layers => {
                     self.layer_sel = (self.layer_sel + 1).min(self.layers.len().saturating_sub(1))
                 }
@@ -667,6 +716,17 @@ impl App {
                 Screen::Run | Screen::Setup => {}
             },
             Action::Open => match self.screen {
+                Screen::Targets => match self.targets.get(self.target_sel) {
+                    Some(t) if t.loaded => self.screen = Screen::Layers,
+                    Some(t) => {
+                        if self.busy {
+                            self.notice = Some("a run is in flight: Esc cancels it first".into());
+                        } else {
+                            return vec![Effect::SwitchTarget(t.name.clone())];
+                        }
+                    }
+                    None => {}
+                },
                 Screen::Layers => {
                     if let Some(l) = self.layers.get(self.layer_sel) {
                         return vec![Effect::LoadLayer(l.name.clone())];
@@ -701,7 +761,8 @@ impl App {
                 Screen::Run if self.busy => return vec![Effect::Cancel],
                 Screen::Run => self.screen = Screen::Neurons,
                 Screen::Neurons => self.screen = Screen::Layers,
-                Screen::Layers | Screen::Setup => {}
+                Screen::Layers => self.screen = Screen::Targets,
+                Screen::Targets | Screen::Setup => {}
             },
             Action::NextUndescribed if self.screen == Screen::Neurons => {
                 let start = self.selected_neuron().map_or(0, |n| n + 1);

@@ -24,7 +24,7 @@ use crate::activations::{ActivationCache, Pool};
 use crate::config::{self, LlmChoice, Settings, SettingsArgs};
 use crate::engine::{Engine, Resources};
 use crate::error::{Error, Result};
-use crate::hub::{self, HubOptions, ModelStatus, Role};
+use crate::hub::{self, HubOptions, ModelSource, ModelStatus, Role};
 use crate::pipeline::{Description, Event, Job, Params};
 use crate::store::Store;
 use crate::summarise::ApiOptions;
@@ -340,6 +340,7 @@ impl Session {
         }
         let target = ws.models.target.name.clone();
         let rows = ws.store.rows(Some(&target), None)?;
+        let stored = ws.store.targets()?;
         let layers: Vec<LayerRow> = ws
             .models
             .target
@@ -362,7 +363,7 @@ impl Session {
             self.events_tx.clone(),
         ));
         let notice = self.app.notice.take();
-        self.app.loaded(target, layers);
+        self.app.loaded(target, layers, &stored);
         self.app.setup = None;
         self.app.notice = notice;
         tracing::info!("models loaded");
@@ -416,6 +417,24 @@ impl Session {
         // The old models go before the new ones load, so both never share the device.
         self.engine = None;
         self.after_load = Some(AfterLoad::Run(neuron));
+        self.app.set_up(self.new_setup());
+        self.recheck();
+        Ok(())
+    }
+
+    /// Loads another target network (one with results in the store) in place of this one.
+    fn switch_target(&mut self, name: &str) -> Result<()> {
+        let source: ModelSource = name.parse().map_err(|reason| Error::Setting {
+            key: "target".into(),
+            reason,
+        })?;
+        let mut next = self.source.clone();
+        next.args.target = Some(source);
+        let loaded = next.load(self.rerun.as_ref())?;
+        self.source = next;
+        self.settings = loaded.settings;
+        self.engine = None;
+        self.after_load = None;
         self.app.set_up(self.new_setup());
         self.recheck();
         Ok(())
@@ -508,6 +527,7 @@ impl Session {
                 None => self.app.busy = false,
             },
             Effect::Rerun { neuron, settings } => self.rerun(neuron, settings)?,
+            Effect::SwitchTarget(name) => self.switch_target(&name)?,
             Effect::PresetSteps(p) => {
                 let mut args = self.source.clone();
                 args.args.preset = Some(p);

@@ -72,6 +72,7 @@ pub fn draw(
             }
             None
         }
+        Screen::Targets => Some(targets(f, app, theme, main)),
         Screen::Layers => Some(layers(f, app, theme, main)),
         Screen::Neurons => Some(neurons(f, app, theme, main)),
         Screen::Run => {
@@ -132,7 +133,8 @@ fn status_line<'a>(app: &'a App, theme: &Theme) -> Paragraph<'a> {
             Some(Phase::Downloading { .. } | Phase::Loading | Phase::Checking) => "q quit",
             _ => "d download missing · Enter check again · u URL · m model · l API/local · ? help · q quit",
         },
-        Screen::Layers => "↑↓ move · Enter open · ? help · q quit",
+        Screen::Targets => "↑↓ move · Enter open (another target loads its models) · ? help · q quit",
+        Screen::Layers => "↑↓ move · Enter open · Esc targets · ? help · q quit",
         Screen::Neurons => {
             "↑↓ move · Enter run/show · g go to · n next undescribed · / filter · Esc back · ? help"
         }
@@ -148,6 +150,48 @@ fn block<'a>(title: &'a str, theme: &Theme) -> Block<'a> {
         .borders(Borders::ALL)
         .border_style(theme.border)
         .title(Span::styled(format!(" {title} "), theme.title))
+}
+
+fn targets(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
+    let rows = app.targets.iter().map(|t| {
+        Row::new([
+            t.name.clone(),
+            t.described.to_string(),
+            if t.loaded { "loaded" } else { "" }.to_string(),
+        ])
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Min(30),
+            Constraint::Length(10),
+            Constraint::Length(8),
+        ],
+    )
+    .header(Row::new(["target network", "described", ""]).style(theme.header))
+    .block(block(
+        "targets (the loaded one, and those with stored results)",
+        theme,
+    ))
+    .row_highlight_style(theme.selected)
+    .style(theme.text);
+    table_list(f, table, app.target_sel, area)
+}
+
+/// Draws a table with a header row and its selection; where its rows went.
+fn table_list(f: &mut Frame, table: Table, selected: usize, area: Rect) -> ListArea {
+    let mut state = ratatui::widgets::TableState::default().with_selected(Some(selected));
+    f.render_stateful_widget(table, area, &mut state);
+    let inner = Block::default().borders(Borders::ALL).inner(area);
+    ListArea {
+        // The header takes the first row.
+        rows: Rect {
+            y: inner.y + 1,
+            height: inner.height.saturating_sub(1),
+            ..inner
+        },
+        first: state.offset(),
+    }
 }
 
 fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
@@ -188,18 +232,7 @@ fn layers(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
     .block(block("layers", theme))
     .row_highlight_style(theme.selected)
     .style(theme.text);
-    let mut state = ratatui::widgets::TableState::default().with_selected(Some(app.layer_sel));
-    f.render_stateful_widget(table, area, &mut state);
-    let inner = Block::default().borders(Borders::ALL).inner(area);
-    ListArea {
-        // The header takes the first row.
-        rows: Rect {
-            y: inner.y + 1,
-            height: inner.height.saturating_sub(1),
-            ..inner
-        },
-        first: state.offset(),
-    }
+    table_list(f, table, app.layer_sel, area)
 }
 
 fn neurons(f: &mut Frame, app: &App, theme: &Theme, area: Rect) -> ListArea {
@@ -629,8 +662,11 @@ fn labels<'a>(run: &'a RunView, theme: &Theme) -> Table<'a> {
 fn help(f: &mut Frame, theme: &Theme, area: Rect) {
     let keys = [
         ("↑/k ↓/j", "move"),
-        ("Enter", "open a layer; run or show a neuron"),
-        ("Esc", "cancel a run / back / close this help"),
+        ("Enter", "open a target or layer; run or show a neuron"),
+        (
+            "Esc",
+            "cancel a run / back (up to the targets) / close help",
+        ),
         ("g", "go to a neuron by number"),
         ("n", "next neuron without a description"),
         ("/", "filter neurons by label or status"),
