@@ -568,3 +568,20 @@ mod setup {
         );
     }
 }
+
+#[test]
+fn running_stages_show_their_progress() {
+    let mut a = in_layer4();
+    a.neuron_sel = 1;
+    a.update(Action::Open);
+    a.on_event(Event::StageStarted {
+        neuron: 1,
+        stage: Stage::Activations,
+    });
+    a.on_event(Event::Activations {
+        done: 640,
+        total: 3100,
+    });
+    let screen = render(&a, 100, 30);
+    assert!(screen.contains("▶ activations 0s 640/3100"), "{screen}");
+}

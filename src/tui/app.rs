@@ -157,7 +157,9 @@ pub struct Rerun {
 pub enum StageState {
     #[default]
     Waiting,
-    Running,
+    Running {
+        since: std::time::Instant,
+    },
     Done(f64),
 }
 
@@ -172,6 +174,8 @@ pub struct RunView {
     pub summaries: BTreeMap<usize, String>,
     /// Text of the LLM answer being written, as it streams.
     pub streaming: String,
+    /// Images through the layer-wide activation pass, of all (when it runs).
+    pub activations: Option<(usize, usize)>,
     pub candidates: Vec<String>,
     pub synthetic: Vec<(String, Vec<String>)>,
     pub scores: Vec<CandidateScore>,
@@ -818,7 +822,7 @@ impl App {
                 });
                 if let Some(run) = &mut self.run {
                     for s in run.stages.values_mut() {
-                        if *s == StageState::Running {
+                        if matches!(s, StageState::Running { .. }) {
                             *s = StageState::Waiting;
                         }
                     }
@@ -848,8 +852,14 @@ impl App {
         }
         let Some(run) = &mut self.run else { return };
         match event {
+            Event::Activations { done, total } => run.activations = Some((done, total)),
             Event::StageStarted { neuron, stage } if neuron == run.neuron => {
-                run.stages.insert(stage, StageState::Running);
+                run.stages.insert(
+                    stage,
+                    StageState::Running {
+                        since: std::time::Instant::now(),
+                    },
+                );
             }
             Event::StageFinished {
                 neuron,

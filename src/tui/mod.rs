@@ -674,6 +674,8 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
+                    // A running stage's clock moves.
+                    dirty |= self.app.busy;
                     dirty |= self.thumbs.poll();
                     dirty |= self.download_progress();
                 }

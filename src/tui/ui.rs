@@ -518,7 +518,11 @@ fn run_view(
         .map(|s| {
             let (mark, note, style) = match run.stages.get(s).cloned().unwrap_or_default() {
                 StageState::Waiting => ("·", String::new(), theme.dim),
-                StageState::Running => ("▶", "running".to_string(), theme.accent),
+                StageState::Running { since } => (
+                    "▶",
+                    format!("{}s {}", since.elapsed().as_secs(), progress(run, *s)),
+                    theme.accent,
+                ),
                 StageState::Done(t) => ("✓", format!("{t:.2}s"), theme.text),
             };
             Line::from(vec![
@@ -603,6 +607,23 @@ fn run_view(
             })
             .collect();
         strip(f, thumbs, &t, imgs);
+    }
+}
+
+/// How far a running stage has come, from the events so far.
+fn progress(run: &RunView, stage: Stage) -> String {
+    let of = |done: usize, total: usize| {
+        if total > 0 {
+            format!("{done}/{total}")
+        } else {
+            String::new()
+        }
+    };
+    match stage {
+        Stage::Activations => run.activations.map_or(String::new(), |(d, t)| of(d, t)),
+        Stage::Captions => of(run.captions.len(), run.top.len()),
+        Stage::Synthesis => of(run.synthetic.len(), run.candidates.len()),
+        _ => String::new(),
     }
 }
 
