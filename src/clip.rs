@@ -151,8 +151,7 @@ impl ClipVision {
             }))
             .expect("an integer size is a valid processor config"),
         };
-        let weights = model.required("model.safetensors");
-        let vb = nn::var_builder(&[weights], dtype, device, &label)?;
+        let (vb, weights) = nn::weights(model, "model.safetensors", dtype, device)?;
         let load = || -> candle_core::Result<Self> {
             let d = v.encoder.hidden_size;
             let n = (v.image_size / v.patch_size).pow(2) + 1;

@@ -250,9 +250,43 @@ pub struct ResolvedModel {
     pub role: Role,
     pub source: ModelSource,
     files: BTreeMap<&'static str, PathBuf>,
+    /// Weights drawn at random instead of read (for `dnd bench`).
+    random_weights: bool,
 }
 
 impl ResolvedModel {
+    /// A model whose configs and tokenizers are in `dir` (Hugging Face layout) and whose
+    /// weights are drawn at random when it loads, for `dnd bench`: the real architecture at
+    /// its real size with no weights file to download.
+    pub fn random(role: Role, dir: &Path) -> Result<Self> {
+        let source = ModelSource::Local(dir.to_path_buf());
+        let mut files = BTreeMap::new();
+        for spec in role.files() {
+            let p = dir.join(spec.name);
+            if p.is_file() || spec.name.ends_with(".safetensors") {
+                files.insert(spec.name, p);
+            } else if spec.required {
+                return Err(Error::MissingModelFile {
+                    model: label(role, &source),
+                    file: spec.name.into(),
+                    looked: dir.display().to_string(),
+                    fix: "dnd bench writes this file itself; report it as a bug".into(),
+                });
+            }
+        }
+        Ok(Self {
+            role,
+            source,
+            files,
+            random_weights: true,
+        })
+    }
+
+    /// The weights are drawn at random rather than read from the files.
+    pub fn random_weights(&self) -> bool {
+        self.random_weights
+    }
+
     /// A human name for messages: `target (timm/resnet50.tv_in1k)`.
     pub fn label(&self) -> String {
         label(self.role, &self.source)
@@ -364,6 +398,7 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
         role,
         source: source.clone(),
         files,
+        random_weights: false,
     })
 }
 

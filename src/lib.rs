@@ -4,6 +4,7 @@
 //! touches the terminal.
 
 pub mod activations;
+pub mod bench;
 pub mod caption;
 pub mod clip;
 pub mod config;

@@ -68,6 +68,12 @@ enum Command {
     Activations(ActivationsArgs),
     /// List the layers of the target network with neuron counts and output shapes.
     Layers,
+    /// Time every default architecture at its published size with random weights (nothing is
+    /// downloaded) on --device: ResNet-50 activations (tensors and JPEG files), BLIP captions,
+    /// SD-Turbo and SD v1.4 (UNet step, VAE, whole generations at 1, 4, 50 steps), CLIP, and
+    /// seconds per neuron end to end (fast and paper presets, an LLM that answers at once),
+    /// each the median of several runs after a warm-up, with peak memory.
+    Bench(BenchArgs),
     /// List the configured models: where they are, whether they are on disk, their sizes.
     Models {
         #[command(subcommand)]
@@ -116,6 +122,31 @@ enum ProbeAction {
         #[arg(long, default_value_t = dnd::probe::fetch::DEFAULT_SHARDS)]
         shards: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Reduced models and batches of the same families: minutes on a laptop CPU, for CI
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Only the measurements whose names start with these (e.g. resnet50,sd-turbo.unet,e2e.fast)
+    #[arg(long, value_delimiter = ',', value_name = "PREFIXES")]
+    only: Vec<String>,
+    /// Timed runs per measurement after one warm-up (the median is reported)
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Seconds after which a measurement stops repeating (it always runs once)
+    #[arg(long, default_value_t = 20.0, value_name = "SECONDS")]
+    budget: f64,
+    /// Neurons of the amortised end-to-end runs (default 64; 2 with --quick)
+    #[arg(long)]
+    neurons: Option<usize>,
+    /// Scratch folder for configs, tokenizers, JPEGs and stores (default: <cache_dir>/bench)
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -285,6 +316,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{failed} model(s) could not be fetched (see above)");
             }
         }
+        Command::Bench(args) => bench_cmd(settings, args)?,
         Command::Layers => {
             let target = load_target(&rt, settings)?;
             println!("# {} — {}", target.name, target.net.info().architecture);
@@ -505,6 +537,48 @@ fn activations_cmd(
         for (rel, reason) in &report.skipped {
             eprintln!("  skipped {rel}: {reason}");
         }
+    }
+    Ok(())
+}
+
+fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
+    let device = dnd::device::open(s.device)?;
+    let dtype = dnd::device::dtype_for(s.dtype, &device)?;
+    let opts = dnd::bench::Options {
+        quick: args.quick,
+        runs: args.runs,
+        budget: std::time::Duration::from_secs_f64(args.budget.max(0.0)),
+        only: args.only,
+        neurons: args.neurons.unwrap_or(if args.quick { 2 } else { 64 }),
+        work: args.work.unwrap_or_else(|| s.cache_dir.join("bench")),
+    };
+    eprintln!(
+        "dnd bench on {} ({dtype:?}){}: random weights, median of up to {} runs after a warm-up",
+        dnd::device::describe(&device),
+        if opts.quick { ", quick sizes" } else { "" },
+        opts.runs
+    );
+    let line = |r: &dnd::bench::Row| {
+        let mem = r
+            .peak_memory_bytes
+            .map_or("-".into(), dnd::hub::human_bytes);
+        format!(
+            "{:<34} {:>10.2} {:<10} {:>9.4} s  {:>2} runs  peak {:>10}  {}",
+            r.name, r.value, r.unit, r.seconds, r.runs, mem, r.note
+        )
+    };
+    let report = dnd::bench::run(&device, dtype, &opts, &mut |r| eprintln!("{}", line(r)))?;
+    println!(
+        "{:<34} {:>10} {:<10} {:>11}  {:>7}  {:>15}  note",
+        "measurement", "value", "unit", "median", "", "memory"
+    );
+    for r in &report.rows {
+        println!("{}", line(r));
+    }
+    if let Some(path) = args.json {
+        let text = serde_json::to_string_pretty(&report).context("bench report to JSON")?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -4,8 +4,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+
+use crate::hub::ResolvedModel;
 
 use crate::{Error, Result};
 
@@ -105,16 +108,62 @@ pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Ten
     Ok(Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)?)
 }
 
-/// Memory-maps safetensors files as a VarBuilder in `dtype` on `device`.
-pub(crate) fn var_builder<'a>(
-    files: &[&Path],
+/// The weights file `file` of `model` as a VarBuilder in `dtype` on `device` (memory-mapped),
+/// with its path; random weights when the model asks for them (`dnd bench`).
+pub(crate) fn weights<'a>(
+    model: &'a ResolvedModel,
+    file: &str,
     dtype: DType,
     device: &Device,
-    label: &str,
-) -> Result<VarBuilder<'a>> {
+) -> Result<(VarBuilder<'static>, &'a Path)> {
+    let path = model.required(file);
+    if model.random_weights() {
+        let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights);
+        return Ok((
+            VarBuilder::from_backend(backend, dtype, device.clone()),
+            path,
+        ));
+    }
     // SAFETY: the files are not modified while mapped; dnd only ever reads model folders.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .map_err(|e| mismatch(label, files.first().copied(), &e))
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        .map_err(|e| mismatch(&model.label(), Some(path), &e))?;
+    Ok((vb, path))
+}
+
+/// Weights of any name and shape: N(0, 0.02) matrices, unit norm scales, zero biases. Timing
+/// does not depend on the values, and these keep activations in range (no overflow to inf,
+/// no underflow to slow denormals).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if !dtype.is_float() {
+            return Tensor::zeros(s, dtype, dev);
+        }
+        let t = match s.rank() {
+            1 if name.ends_with("weight") => Tensor::ones(s, DType::F32, dev)?,
+            1 => Tensor::zeros(s, DType::F32, dev)?,
+            _ => Tensor::randn(0f32, 0.02, s, dev)?,
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape: {name} was asked for without one"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
 }
 
 /// A weights file that does not fit the architecture its config describes.

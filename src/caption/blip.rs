@@ -377,8 +377,7 @@ impl Blip {
             }))
             .expect("an integer size is a valid processor config"),
         };
-        let weights = model.required("model.safetensors");
-        let vb = nn::var_builder(&[weights], dtype, device, &label)?;
+        let (vb, weights) = nn::weights(model, "model.safetensors", dtype, device)?;
         let load = || -> candle_core::Result<(Vision, TextDecoder)> {
             Ok((
                 Vision::load(&cfg.vision_config, vb.pp("vision_model"))?,

@@ -271,8 +271,7 @@ impl LocalLlm {
                 &"no end-of-turn token (eos_token) is named",
             ));
         }
-        let weights = model.required("model.safetensors");
-        let vb = nn::var_builder(&[weights], dtype, device, &label)?;
+        let (vb, weights) = nn::weights(model, "model.safetensors", dtype, device)?;
         let net = qwen2::ModelForCausalLM::new(&cfg, vb)
             .map_err(|e| nn::mismatch(&label, Some(weights), &e))?;
         Ok(Self {

@@ -365,10 +365,7 @@ impl StableDiffusion {
         let candle_unet = unet_cfg
             .to_candle()
             .map_err(|e| nn::mismatch(&label, Some(unet_path), &e))?;
-        let weights = |file: &str| -> Result<(candle_nn::VarBuilder<'static>, &std::path::Path)> {
-            let p = model.required(file);
-            Ok((nn::var_builder(&[p], dtype, device, &label)?, p))
-        };
+        let weights = |file: &str| nn::weights(model, file, dtype, device);
         let (vb, p) = weights("text_encoder/model.safetensors")?;
         let text =
             TextEncoder::load(&text_cfg, vb).map_err(|e| nn::mismatch(&label, Some(p), &e))?;

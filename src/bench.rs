@@ -1,0 +1,780 @@
+//! `dnd bench`: every default architecture at its published size with random weights on the
+//! chosen device, so nothing is downloaded: the target's activation pass (from tensors, and
+//! from JPEG files through decoding), BLIP captions, Stable Diffusion (UNet steps, VAE decode,
+//! whole generations), CLIP, and the whole pipeline per neuron with an LLM that answers at
+//! once. Each figure is the median of several runs after a warm-up, the device synchronised
+//! before the clock is read, with the peak memory seen while it ran. `--quick` runs the same
+//! code on reduced configs of the same families (assets/bench/quick), for CI on a CPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::activations::{extract, ActivationCache, ExtractOptions, Pool};
+use crate::caption::{Blip, Generation};
+use crate::clip::ClipVision;
+use crate::config::{self, Preset, Settings, SettingsArgs};
+use crate::error::{Error, Result};
+use crate::hub::{ResolvedModel, Role};
+use crate::pipeline::{self, Job, ModelId, ModelIds, Models, Params};
+use crate::probe::ProbeSet;
+use crate::store::Store;
+use crate::summarise::{BoxFuture, Llm, LlmError, Message};
+use crate::synthesise::{Sampling, StableDiffusion};
+use crate::target::{random_resnet_weights, ResNet, Target, Weights};
+
+/// What to measure and how hard.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Reduced configs and batches (CI on a CPU).
+    pub quick: bool,
+    /// Timed runs after the warm-up, at most.
+    pub runs: usize,
+    /// A measurement stops repeating once its runs took this long (at least one run).
+    pub budget: Duration,
+    /// Only measurements whose name starts with one of these (all when empty).
+    pub only: Vec<String>,
+    /// Neurons of the amortised end-to-end runs.
+    pub neurons: usize,
+    /// Scratch folder: configs, tokenizers, JPEGs, store, caches.
+    pub work: PathBuf,
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Stable key, e.g. `sd-turbo.generate.steps4.b10`.
+    pub name: String,
+    /// Items per second (images, captions), or seconds per neuron for `e2e.*`.
+    pub value: f64,
+    pub unit: &'static str,
+    /// Median seconds of one run.
+    pub seconds: f64,
+    pub runs: usize,
+    /// Peak memory seen during the runs: device memory in use on CUDA, the process's peak
+    /// resident set on the CPU; `None` where it cannot be read.
+    pub peak_memory_bytes: Option<u64>,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub dnd_version: &'static str,
+    pub device: String,
+    pub dtype: String,
+    pub quick: bool,
+    pub rows: Vec<Row>,
+}
+
+/// Runs every selected measurement on `device`, reporting each row as it is done.
+pub fn run(
+    device: &Device,
+    dtype: DType,
+    opts: &Options,
+    on_row: &mut dyn FnMut(&Row),
+) -> Result<Report> {
+    let mut b = Bench {
+        device: device.clone(),
+        dtype,
+        opts: opts.clone(),
+        rows: Vec::new(),
+        on_row,
+    };
+    b.prepare()?;
+    b.target()?;
+    b.captioner()?;
+    b.synthesiser("sd-turbo")?;
+    b.synthesiser("sd-v1-4")?;
+    b.clip()?;
+    b.end_to_end(Preset::Fast)?;
+    b.end_to_end(Preset::Paper)?;
+    Ok(Report {
+        dnd_version: env!("CARGO_PKG_VERSION"),
+        device: crate::device::describe(device),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        quick: opts.quick,
+        rows: b.rows,
+    })
+}
+
+struct Bench<'a> {
+    device: Device,
+    dtype: DType,
+    opts: Options,
+    rows: Vec<Row>,
+    on_row: &'a mut dyn FnMut(&Row),
+}
+
+/// Sizes of one mode.
+struct Sizes {
+    target_batch: usize,
+    images: usize,
+    caption_batches: [usize; 2],
+    caption_tokens: usize,
+    sd_batches: [usize; 2],
+    clip_batch: usize,
+}
+
+const FULL: Sizes = Sizes {
+    target_batch: 256,
+    images: 2048,
+    caption_batches: [10, 50],
+    caption_tokens: 32,
+    sd_batches: [10, 50],
+    clip_batch: 64,
+};
+const QUICK: Sizes = Sizes {
+    target_batch: 8,
+    images: 24,
+    caption_batches: [2, 4],
+    caption_tokens: 8,
+    sd_batches: [2, 4],
+    clip_batch: 4,
+};
+
+macro_rules! assets {
+    ($($mode:literal / $path:literal),* $(,)?) => {
+        &[$(($mode, $path, include_str!(concat!("../assets/bench/", $mode, "/", $path)))),*]
+    };
+}
+
+/// The configs of assets/bench (written by tools/gen_bench_configs.py): (mode, path, text).
+const CONFIGS: &[(&str, &str, &str)] = assets![
+    "full" / "resnet50/config.json",
+    "full" / "blip-large/config.json",
+    "full" / "blip-large/preprocessor_config.json",
+    "full" / "blip-base/config.json",
+    "full" / "blip-base/preprocessor_config.json",
+    "full" / "clip-vit-b16/config.json",
+    "full" / "clip-vit-b16/preprocessor_config.json",
+    "full" / "sd-turbo/model_index.json",
+    "full" / "sd-turbo/scheduler/scheduler_config.json",
+    "full" / "sd-turbo/text_encoder/config.json",
+    "full" / "sd-turbo/unet/config.json",
+    "full" / "sd-turbo/vae/config.json",
+    "full" / "sd-v1-4/model_index.json",
+    "full" / "sd-v1-4/scheduler/scheduler_config.json",
+    "full" / "sd-v1-4/text_encoder/config.json",
+    "full" / "sd-v1-4/unet/config.json",
+    "full" / "sd-v1-4/vae/config.json",
+    "quick" / "resnet50/config.json",
+    "quick" / "blip-large/config.json",
+    "quick" / "blip-large/preprocessor_config.json",
+    "quick" / "blip-base/config.json",
+    "quick" / "blip-base/preprocessor_config.json",
+    "quick" / "clip-vit-b16/config.json",
+    "quick" / "clip-vit-b16/preprocessor_config.json",
+    "quick" / "sd-turbo/model_index.json",
+    "quick" / "sd-turbo/scheduler/scheduler_config.json",
+    "quick" / "sd-turbo/text_encoder/config.json",
+    "quick" / "sd-turbo/unet/config.json",
+    "quick" / "sd-turbo/vae/config.json",
+    "quick" / "sd-v1-4/model_index.json",
+    "quick" / "sd-v1-4/scheduler/scheduler_config.json",
+    "quick" / "sd-v1-4/text_encoder/config.json",
+    "quick" / "sd-v1-4/unet/config.json",
+    "quick" / "sd-v1-4/vae/config.json",
+];
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+impl Bench<'_> {
+    fn sizes(&self) -> &'static Sizes {
+        if self.opts.quick {
+            &QUICK
+        } else {
+            &FULL
+        }
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.opts.work.join("models")
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        self.opts.only.is_empty() || self.opts.only.iter().any(|o| name.starts_with(o.as_str()))
+    }
+
+    /// Writes the configs, synthetic tokenizers of the real vocabulary sizes (the weights are
+    /// random, so the words are too), and a folder of JPEG probing images.
+    fn prepare(&mut self) -> Result<()> {
+        let mode = if self.opts.quick { "quick" } else { "full" };
+        let dir = self.models_dir();
+        for (m, path, text) in CONFIGS {
+            if *m == mode {
+                let p = dir.join(path);
+                std::fs::create_dir_all(p.parent().expect("a parent")).map_err(io(&p))?;
+                std::fs::write(&p, text).map_err(io(&p))?;
+            }
+        }
+        for blip in ["blip-large", "blip-base"] {
+            bert_tokenizer(&dir.join(blip).join("tokenizer.json"))?;
+        }
+        for sd in ["sd-turbo", "sd-v1-4"] {
+            clip_vocab(&dir.join(sd).join("tokenizer"))?;
+        }
+        probe_images(&self.opts.work.join("probe"), self.sizes().images)
+    }
+
+    fn model(&self, role: Role, name: &str) -> Result<ResolvedModel> {
+        ResolvedModel::random(role, &self.models_dir().join(name))
+    }
+
+    fn random_target(&self) -> Result<Target> {
+        let dir = self.models_dir().join("resnet50");
+        let config: serde_json::Value = crate::nn::read_json("resnet50", &dir.join("config.json"))?;
+        let preprocess = crate::probe::Preprocess::from_timm_config(&config)
+            .expect("the bench config has a pretrained_cfg");
+        let weights = Weights::from_tensors(
+            "resnet50 (random)",
+            "memory",
+            random_resnet_weights(50, 1000)?,
+        )?;
+        Ok(Target {
+            net: Box::new(ResNet::load(
+                &weights,
+                preprocess.crop as usize,
+                &self.device,
+                self.dtype,
+            )?),
+            preprocess,
+            name: "resnet50 (random weights)".into(),
+            weights_hash: "random".into(),
+        })
+    }
+
+    /// Times `f`: one warm-up, then up to `runs` runs within the budget; records the row.
+    fn measure(
+        &mut self,
+        name: &str,
+        items: f64,
+        unit: &'static str,
+        note: &str,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let watch = Peak::start(&self.device);
+        f()?;
+        self.device.synchronize()?;
+        let mut times = Vec::new();
+        let started = Instant::now();
+        while times.len() < self.opts.runs.max(1)
+            && (times.is_empty() || started.elapsed() < self.opts.budget)
+        {
+            let t = Instant::now();
+            f()?;
+            self.device.synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let seconds = times[times.len() / 2];
+        let value = if unit == "s/neuron" {
+            seconds / items
+        } else {
+            items / seconds
+        };
+        let row = Row {
+            name: name.to_string(),
+            value,
+            unit,
+            seconds,
+            runs: times.len(),
+            peak_memory_bytes: watch.stop(),
+            note: note.to_string(),
+        };
+        (self.on_row)(&row);
+        self.rows.push(row);
+        Ok(())
+    }
+
+    fn target(&mut self) -> Result<()> {
+        if !self.wanted("resnet50") {
+            return Ok(());
+        }
+        let s = self.sizes();
+        let target = self.random_target()?;
+        let size = target.preprocess.crop as usize;
+        let last = target.layers().len() - 1;
+        let x = Tensor::randn(0f32, 1.0, (s.target_batch, 3, size, size), &self.device)?
+            .to_dtype(self.dtype)?;
+        if self.wanted("resnet50.forward") {
+            self.measure(
+                &format!("resnet50.forward.b{}", s.target_batch),
+                s.target_batch as f64,
+                "images/s",
+                &format!("{size} px, preprocessed tensors on the device"),
+                || {
+                    target.net.forward(&x, &[last])?;
+                    Ok(())
+                },
+            )?;
+        }
+        if self.wanted("resnet50.jpeg") {
+            let probe = ProbeSet::open(&self.opts.work.join("probe"))?;
+            let n = probe.len();
+            let layer = target.layer_index("layer4")?;
+            let cancel = AtomicBool::new(false);
+            self.measure(
+                &format!("resnet50.jpeg.b{}", s.target_batch),
+                n as f64,
+                "images/s",
+                &format!("{n} JPEG files: decode, preprocess, forward to layer4, pool"),
+                || {
+                    let opts = ExtractOptions {
+                        pool: Pool::Mean,
+                        batch_size: s.target_batch,
+                        cache: None,
+                    };
+                    extract(&target, &probe, &[layer], opts, &mut |_| {}, &cancel)?;
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn captioner(&mut self) -> Result<()> {
+        for name in ["blip-large", "blip-base"] {
+            if !self.wanted(name) {
+                continue;
+            }
+            let blip = Blip::load(
+                &self.model(Role::Captioner, name)?,
+                &self.device,
+                self.dtype,
+            )?;
+            let s = self.sizes();
+            let side = blip.preprocess().crop as usize;
+            // The end token is banned throughout, so every caption has all its tokens.
+            let gen = Generation {
+                max_new_tokens: s.caption_tokens,
+                min_length: s.caption_tokens + 2,
+            };
+            for b in s.caption_batches {
+                let pixels = Tensor::randn(0f32, 1.0, (b, 3, side, side), &Device::Cpu)?;
+                self.measure(
+                    &format!("{name}.captions.b{b}"),
+                    b as f64,
+                    "captions/s",
+                    &format!("{} new tokens each, greedy, batched", s.caption_tokens),
+                    || {
+                        blip.generate(&pixels, &gen)?;
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn synthesiser(&mut self, name: &str) -> Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
+        let sd = StableDiffusion::load(
+            &self.model(Role::Synthesiser, name)?,
+            &self.device,
+            self.dtype,
+        )?;
+        let settings = self.settings(if name == "sd-turbo" {
+            Preset::Fast
+        } else {
+            Preset::Paper
+        })?;
+        let chunk = settings.synthesis_batch.max(1);
+        // The preset's guidance: classifier-free guidance doubles the UNet's batch.
+        let guidance = settings.guidance;
+        let rows = if guidance > 1.0 { 2 * chunk } else { chunk };
+        let noise = sd.noise(chunk, &sampling(&settings, 1))?;
+        let text = sd.encode_prompts(&vec!["one realistic image of a dog"; rows])?;
+        let latents = Tensor::cat(&vec![&noise; rows / chunk], 0)?;
+        self.measure(
+            &format!("{name}.unet.b{rows}"),
+            rows as f64,
+            "rows/s",
+            "one UNet step (rows = images x2 with guidance)",
+            || {
+                sd.predict_noise(&latents, 500.0, &text)?;
+                Ok(())
+            },
+        )?;
+        self.measure(
+            &format!("{name}.vae.b{chunk}"),
+            chunk as f64,
+            "images/s",
+            "VAE decode",
+            || {
+                sd.decode(&noise)?;
+                Ok(())
+            },
+        )?;
+        for steps in [1, 4, 50] {
+            for b in self.sizes().sd_batches {
+                let key = format!("{name}.generate.steps{steps}.b{b}");
+                if !self.wanted(&key) {
+                    continue;
+                }
+                let sampling = sampling(&settings, steps);
+                let noise = sd.noise(b, &sampling)?;
+                let prompts = vec!["one realistic image of a dog"; b];
+                self.measure(
+                    &key,
+                    b as f64,
+                    "images/s",
+                    &format!(
+                        "prompts encoded, {steps} steps, guidance {guidance}, decoded; in batches of {chunk}"
+                    ),
+                    || {
+                        for start in (0..b).step_by(chunk) {
+                            let len = chunk.min(b - start);
+                            let mut sched = sd.scheduler(&sampling)?;
+                            let out = sd.denoise(
+                                &noise.narrow(0, start, len)?,
+                                &prompts[start..start + len],
+                                &mut sched,
+                                guidance,
+                            )?;
+                            sd.decode(&out)?;
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn clip(&mut self) -> Result<()> {
+        if !self.wanted("clip") {
+            return Ok(());
+        }
+        let clip = ClipVision::load(
+            &self.model(Role::Clip, "clip-vit-b16")?,
+            &self.device,
+            self.dtype,
+        )?;
+        let b = self.sizes().clip_batch;
+        let side = clip.preprocess().crop as usize;
+        let pixels = Tensor::randn(0f32, 1.0, (b, 3, side, side), &Device::Cpu)?;
+        self.measure(
+            &format!("clip-vit-b16.embed.b{b}"),
+            b as f64,
+            "images/s",
+            "image embeddings from preprocessed pixels",
+            || {
+                clip.embed(&pixels)?;
+                Ok(())
+            },
+        )
+    }
+
+    fn settings(&self, preset: Preset) -> Result<Settings> {
+        let empty = self.opts.work.join("settings.toml");
+        std::fs::write(&empty, "").map_err(io(&empty))?;
+        let mut args = SettingsArgs {
+            preset: Some(preset),
+            ..Default::default()
+        };
+        if self.opts.quick {
+            // Fewer candidates and images; the preset's models, steps and guidance stay.
+            args.candidates = Some(2);
+            args.images_per_concept = Some(2);
+            args.top_k = Some(4);
+            args.top_images = Some(4);
+            args.caption_tokens = Some(8);
+        }
+        Ok(config::load_with_env(Some(&empty), &args, &|_| None)?.settings)
+    }
+
+    /// Seconds per neuron of the whole pipeline with the preset's models and parameters, the
+    /// layer's activations already cached: one neuron alone, then a batch.
+    fn end_to_end(&mut self, preset: Preset) -> Result<()> {
+        let key = format!("e2e.{preset}");
+        if !self.wanted(&key) {
+            return Ok(());
+        }
+        let (captioner, synthesiser) = match preset {
+            Preset::Fast => ("blip-large", "sd-turbo"),
+            Preset::Paper => ("blip-base", "sd-v1-4"),
+        };
+        let resolved = [
+            self.model(Role::Captioner, captioner)?,
+            self.model(Role::Synthesiser, synthesiser)?,
+            self.model(Role::Clip, "clip-vit-b16")?,
+        ];
+        let llm: Arc<dyn Llm> = Arc::new(InstantLlm);
+        let models = Models {
+            target: self.random_target()?,
+            captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
+            synthesiser: StableDiffusion::load(&resolved[1], &self.device, self.dtype)?,
+            clip: ClipVision::load(&resolved[2], &self.device, self.dtype)?,
+            ids: ModelIds {
+                target: ModelId {
+                    source: "resnet50 (random)".into(),
+                    revision: None,
+                },
+                captioner: ModelId::of(&resolved[0]),
+                synthesiser: ModelId::of(&resolved[1]),
+                clip: ModelId::of(&resolved[2]),
+                llm: llm.model().to_string(),
+            },
+        };
+        let settings = self.settings(preset)?;
+        let params = Params::from_settings(&settings, Pool::Mean)?;
+        let probe = ProbeSet::open(&self.opts.work.join("probe"))?;
+        let store = Arc::new(Store::open(
+            &self.opts.work.join(format!("{preset}.sqlite")),
+        )?);
+        let cache = ActivationCache::new(&self.opts.work.join("cache"));
+        let runtime = tokio::runtime::Runtime::new().map_err(io(&self.opts.work))?;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = AtomicBool::new(false);
+        let ctx = pipeline::Context {
+            models: &models,
+            probe: &probe,
+            store: &store,
+            llm: &llm,
+            cache: Some(&cache),
+            runtime: runtime.handle(),
+            events: &tx,
+            cancel: &cancel,
+        };
+        let neurons = self.opts.neurons.max(1);
+        let mut next = 0;
+        let mut job = |n: usize| {
+            let j = Job {
+                layer: "layer4".into(),
+                neurons: (next..next + n).collect(),
+                params: params.clone(),
+                force: true,
+            };
+            next += n;
+            j
+        };
+        // The layer's activation pass happens once per layer: done (and cached) before timing.
+        pipeline::run(&ctx, &job(1))?;
+        let note = format!(
+            "{preset} preset ({captioner}, {synthesiser}, {} steps); instant in-process LLM",
+            settings.steps
+        );
+        self.measure(&format!("{key}.one"), 1.0, "s/neuron", &note, || {
+            pipeline::run(&ctx, &job(1)).map(drop)
+        })?;
+        self.measure(
+            &format!("{key}.batch{neurons}"),
+            neurons as f64,
+            "s/neuron",
+            &format!("{note}; {neurons} neurons in one job, amortised"),
+            || pipeline::run(&ctx, &job(neurons)).map(drop),
+        )
+    }
+}
+
+fn sampling(s: &Settings, steps: usize) -> Sampling {
+    Sampling {
+        steps,
+        guidance: s.guidance,
+        scheduler: crate::synthesise::Kind::parse(&s.scheduler),
+        seed: 0,
+        size: None,
+    }
+}
+
+/// A WordPiece tokenizer.json of BLIP's 30,524 ids ([PAD] 0, [SEP] 102, [DEC] 30522), words
+/// made up.
+fn bert_tokenizer(path: &Path) -> Result<()> {
+    const SPECIAL: [(u32, &str); 5] = [
+        (0, "[PAD]"),
+        (100, "[UNK]"),
+        (101, "[CLS]"),
+        (102, "[SEP]"),
+        (30522, "[DEC]"),
+    ];
+    let mut vocab = serde_json::Map::new();
+    for id in 0..30524u32 {
+        let word = SPECIAL
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| format!("w{id}"), |(_, w)| w.to_string());
+        vocab.insert(word, id.into());
+    }
+    let added: Vec<_> = SPECIAL
+        .iter()
+        .map(|(id, w)| {
+            serde_json::json!({"id": id, "content": w, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab}
+    });
+    std::fs::write(path, json.to_string()).map_err(io(path))
+}
+
+/// A CLIP BPE vocabulary of 49,408 ids (byte symbols, then made-up words, then the start and
+/// end tokens) with no merges.
+fn clip_vocab(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut vocab = serde_json::Map::new();
+    let bytes: Vec<char> = (b'!'..=b'~')
+        .chain(0xa1..=0xac)
+        .chain(0xae..=0xff)
+        .map(char::from)
+        .chain((0..256u32).filter_map(|b| {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            (!printable).then(|| char::from_u32(256 + b)).flatten()
+        }))
+        .collect();
+    for c in &bytes {
+        vocab.insert(c.to_string(), (vocab.len() as u32).into());
+    }
+    for c in &bytes {
+        vocab.insert(format!("{c}</w>"), (vocab.len() as u32).into());
+    }
+    while vocab.len() < 49406 {
+        vocab.insert(format!("w{}</w>", vocab.len()), (vocab.len() as u32).into());
+    }
+    vocab.insert("<|startoftext|>".into(), 49406u32.into());
+    vocab.insert("<|endoftext|>".into(), 49407u32.into());
+    let v = dir.join("vocab.json");
+    std::fs::write(&v, serde_json::Value::Object(vocab).to_string()).map_err(io(&v))?;
+    let m = dir.join("merges.txt");
+    std::fs::write(&m, "#version: 0.2\n").map_err(io(&m))
+}
+
+/// `n` photo-sized JPEGs (500x375, smooth colour fields with noise), written once.
+fn probe_images(dir: &Path, n: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let present = std::fs::read_dir(dir).map_err(io(dir))?.count();
+    if present == n {
+        return Ok(());
+    }
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(500, 375, |x, y| {
+            let h = (x * 7 + y * 13 + i as u32 * 101) % 251;
+            image::Rgb([
+                ((x + i as u32 * 17) % 256) as u8,
+                ((y * 2 + h) % 256) as u8,
+                ((x + y + h) % 256) as u8,
+            ])
+        });
+        let p = dir.join(format!("{i:05}.jpg"));
+        img.save(&p).map_err(|e| Error::Probe {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The LLM of the end-to-end runs: answers every prompt at once, so the figures are the
+/// models' time. Short concepts that pass the pipeline's clean-up.
+struct InstantLlm;
+
+impl Llm for InstantLlm {
+    fn model(&self) -> &str {
+        "instant (bench)"
+    }
+
+    fn chat<'a>(
+        &'a self,
+        messages: &'a [Message],
+        _: f32,
+        on_text: &'a (dyn Fn(&str) + Send + Sync),
+    ) -> BoxFuture<'a, std::result::Result<String, LlmError>> {
+        const CONCEPTS: [&str; 5] = [
+            "red stripes",
+            "blue sky",
+            "dogs",
+            "floral designs",
+            "wheels",
+        ];
+        let h = messages.last().map_or(0, |m| {
+            m.content
+                .bytes()
+                .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        });
+        let text = CONCEPTS[h % CONCEPTS.len()].to_string();
+        on_text(&text);
+        Box::pin(async move { Ok(text) })
+    }
+}
+
+/// Peak memory while a measurement runs.
+struct Peak {
+    #[cfg(feature = "cuda")]
+    sampler: Option<(Arc<AtomicBool>, std::thread::JoinHandle<u64>)>,
+    cpu: bool,
+}
+
+impl Peak {
+    fn start(device: &Device) -> Self {
+        if device.is_cpu() {
+            // Linux: "5" resets the peak resident set to the current one.
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        Self {
+            #[cfg(feature = "cuda")]
+            sampler: cuda_sampler(device),
+            cpu: device.is_cpu(),
+        }
+    }
+
+    fn stop(self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some((stop, thread)) = self.sampler {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            return thread.join().ok();
+        }
+        if self.cpu {
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let kb: u64 = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            return Some(kb * 1024);
+        }
+        None
+    }
+}
+
+/// Samples the device memory in use every 2 ms until told to stop; returns the most seen.
+#[cfg(feature = "cuda")]
+fn cuda_sampler(device: &Device) -> Option<(Arc<AtomicBool>, std::thread::JoinHandle<u64>)> {
+    use std::sync::atomic::Ordering;
+    let Device::Cuda(d) = device else {
+        return None;
+    };
+    let ctx = d.cuda_stream().context().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        loop {
+            if let Ok((free, total)) = ctx.mem_get_info() {
+                peak = peak.max((total - free) as u64);
+            }
+            if flag.load(Ordering::SeqCst) {
+                return peak;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    Some((stop, thread))
+}

@@ -1,0 +1,91 @@
+//! `dnd bench --quick`: every measurement of the GPU bench runs on the CPU at reduced sizes,
+//! through the same code, and reports sane numbers as a table and as JSON.
+
+mod common;
+
+use common::{dnd, text};
+
+#[test]
+fn quick_bench_measures_every_stage_and_writes_json() {
+    let home = tempfile::tempdir().unwrap();
+    let json = home.path().join("bench.json");
+    let o = dnd(
+        home.path(),
+        &[
+            "bench",
+            "--quick",
+            "--device",
+            "cpu",
+            "--runs",
+            "1",
+            "--budget",
+            "0",
+            "--json",
+            &json.display().to_string(),
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["quick"], true);
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for want in [
+        "resnet50.forward.b8",
+        "resnet50.jpeg.b8",
+        "blip-large.captions.b2",
+        "blip-large.captions.b4",
+        "blip-base.captions.b2",
+        "sd-turbo.unet.b8",
+        "sd-turbo.vae.b8",
+        "sd-turbo.generate.steps1.b2",
+        "sd-turbo.generate.steps4.b4",
+        "sd-turbo.generate.steps50.b4",
+        "sd-v1-4.unet.b16",
+        "sd-v1-4.generate.steps50.b2",
+        "clip-vit-b16.embed.b4",
+        "e2e.fast.one",
+        "e2e.fast.batch2",
+        "e2e.paper.one",
+        "e2e.paper.batch2",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+        assert!(out.contains(want), "{want} missing from the table:\n{out}");
+    }
+    for r in rows {
+        let v = r["value"].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{r}");
+        assert_eq!(r["runs"], 1, "{r}");
+        assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    }
+    // More denoising steps take longer; seconds per neuron are per neuron.
+    let secs = |n: &str| {
+        rows.iter().find(|r| r["name"] == n).unwrap()["seconds"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(secs("sd-turbo.generate.steps50.b4") > secs("sd-turbo.generate.steps1.b4"));
+    let batch = rows
+        .iter()
+        .find(|r| r["name"] == "e2e.fast.batch2")
+        .unwrap();
+    assert!(
+        (batch["value"].as_f64().unwrap() * 2.0 - batch["seconds"].as_f64().unwrap()).abs() < 1e-6
+    );
+
+    // --only picks measurements by prefix.
+    let o = dnd(
+        home.path(),
+        &[
+            "bench", "--quick", "--runs", "1", "--only", "clip", "--device", "cpu",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("clip-vit-b16.embed.b4") && !out.contains("resnet50"),
+        "{out}"
+    );
+}
