@@ -567,7 +567,23 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
             r.name, r.value, r.unit, r.seconds, r.runs, mem, r.note
         )
     };
-    let report = dnd::bench::run(&device, dtype, &opts, &mut |r| eprintln!("{}", line(r)))?;
+    // The JSON is rewritten after every row, so a run cut short keeps what it measured.
+    let write = |report: &dnd::bench::Report| -> Result<()> {
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(report).context("bench report to JSON")?;
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    };
+    let mut so_far = dnd::bench::Report::new(&device, dtype, opts.quick);
+    let report = dnd::bench::run(&device, dtype, &opts, &mut |r| {
+        eprintln!("{}", line(r));
+        so_far.rows.push(r.clone());
+        if let Err(e) = write(&so_far) {
+            eprintln!("warning: {e:#}");
+        }
+    })?;
     println!(
         "{:<34} {:>10} {:<10} {:>11}  {:>7}  {:>15}  note",
         "measurement", "value", "unit", "median", "", "memory"
@@ -575,9 +591,8 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
     for r in &report.rows {
         println!("{}", line(r));
     }
-    if let Some(path) = args.json {
-        let text = serde_json::to_string_pretty(&report).context("bench report to JSON")?;
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    write(&report)?;
+    if let Some(path) = &args.json {
         eprintln!("wrote {}", path.display());
     }
     Ok(())

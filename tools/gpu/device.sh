@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one prepared device run (copied into .gpu/ by tools/gpu/build.sh): the PyTorch side and
+# dnd bench on the same card in the same run, every result as a file under $OUT, each part
+# time-boxed so the whole stays inside one device call (about 9 minutes of work).
+#
+#     run: bash .gpu/device.sh        (carry: .gpu, .whl)
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-/tmp/dnd-out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/device.log") 2>&1
+date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+T0=$(date +%s)
+left() { echo $(( ${BUDGET:-540} - ($(date +%s) - T0) )); }
+part() {  # part NAME SECONDS command...: runs it with a time limit, logs how it ended
+  local name=$1 secs=$2; shift 2
+  (( secs > $(left) )) && secs=$(left)
+  (( secs < 20 )) && { echo "== $name: skipped, $(left) s left"; return; }
+  echo "== $name (limit ${secs}s)"; local t=$(date +%s)
+  timeout "$secs" "$@"; echo "== $name: exit $? after $(( $(date +%s) - t )) s"
+}
+bench() {  # bench VARIANT NAME SECONDS dnd-bench-args...
+  local variant=$1 name=$2 secs=$3; shift 3
+  [ -f "$HERE/dnd-$variant.gz" ] || { echo "== $name: no dnd-$variant.gz"; return; }
+  part "$name" "$secs" bash "$HERE/run-on-device.sh" "$HERE/dnd-$variant.gz" bench --device cuda \
+    --work /tmp/dnd-bench --json "$OUT/$name.json" "$@"
+}
+
+# PyTorch side: diffusers from the shipped wheels (the device has no network).
+if ls "$HERE"/../.whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$HERE"/../.whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
+
+# dnd, cuDNN build: the rows of the PyTorch table first, then whole generations, then per neuron.
+V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
+bench $V bench-models 200 --runs 5 --budget 10 \
+  --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
+bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
+# The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
+[ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
+part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
+# Whatever time is left: the slow rows.
+bench $V bench-slow "$(left)" --runs 1 --budget 1 --neurons 2 \
+  --only sd-v1-4.generate.steps50.b10,sd-turbo.generate.steps50.b10,blip-base,e2e.paper.one
+echo "done after $(( $(date +%s) - T0 )) s"; ls -la "$OUT"
