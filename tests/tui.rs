@@ -585,3 +585,58 @@ fn running_stages_show_their_progress() {
     let screen = render(&a, 100, 30);
     assert!(screen.contains("▶ activations 0s 640/3100"), "{screen}");
 }
+
+/// The run view with half-block thumbnails of real files (a crop's box drawn on its original):
+/// decoded, shrunk and encoded on worker threads, then drawn.
+#[test]
+fn run_view_with_half_block_thumbnails() {
+    use std::time::{Duration, Instant};
+    let mut a = in_layer4();
+    let mut d = description(1);
+    d.top_images = vec![
+        TopImage {
+            image: "d_photo.jpg".into(),
+            crop: Some(CropRef {
+                bbox: [100, 80, 300, 260],
+                file: "crops/1_0.png".into(),
+            }),
+            activation: 3.0,
+        },
+        TopImage {
+            image: "a_landscape.png".into(),
+            crop: None,
+            activation: 2.0,
+        },
+    ];
+    a.show_stored(&d);
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let roots = Roots {
+        probe: &images,
+        store: Path::new("/store"),
+    };
+    let mut thumbs = Thumbs::new(Some(ratatui_image::picker::Picker::halfblocks()));
+    let mut t = Terminal::new(TestBackend::new(100, 30)).unwrap();
+    let t0 = Instant::now();
+    let mut last = String::new();
+    let screen = loop {
+        t.draw(|f| {
+            draw(f, &a, &Theme::plain(), &mut thumbs, &roots);
+        })
+        .unwrap();
+        thumbs.dispatch();
+        let screen = t.backend().to_string();
+        // Both thumbnails in, and nothing left to arrive.
+        let blocks = screen.matches('▄').count() + screen.matches('▀').count();
+        if blocks > 60 && screen == last {
+            break screen;
+        }
+        last = screen.clone();
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "thumbnails never drawn:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        thumbs.poll();
+    };
+    insta::assert_snapshot!("run_view_half_blocks", screen);
+}

@@ -34,9 +34,11 @@ fi
 mkdir -p .gpu
 for f in /.gpu/ /.whl/; do grep -qxF "$f" .git/info/exclude 2>/dev/null || echo "$f" >> .git/info/exclude; done
 for feat in $FEATURES; do
-  echo "== cargo build --release --features $feat (CARGO_TARGET_DIR=$TARGET/$feat)"
-  CARGO_TARGET_DIR="$TARGET/$feat" cargo build --release --features "$feat"
-  strip -o ".gpu/dnd-$feat" "$TARGET/$feat/release/dnd"
+  # One target folder: the variants share everything but candle's cuDNN code (the kernels,
+  # about 4 minutes here, are built once).
+  echo "== cargo build --release --features $feat (CARGO_TARGET_DIR=$TARGET)"
+  CARGO_TARGET_DIR="$TARGET" cargo build --release --features "$feat"
+  strip -o ".gpu/dnd-$feat" "$TARGET/release/dnd"
   gzip -9f ".gpu/dnd-$feat"
 done
 cp "$SHARED/gpu/run-on-device.sh" "$SHARED"/perf/*.py tools/gpu/device.sh .gpu/
