@@ -1,7 +1,7 @@
 //! `dnd bench`: every default architecture at its published size with random weights on the
 //! chosen device, so nothing is downloaded: the target's activation pass (from tensors, and
 //! from JPEG files through decoding), BLIP captions, Stable Diffusion (UNet steps, VAE decode,
-//! whole generations), CLIP, and the whole pipeline per neuron with an LLM that answers at
+//! whole generations; the tiny autoencoder's decode), CLIP, and the whole pipeline per neuron with an LLM that answers at
 //! once. Each figure is the median of several runs after a warm-up, the device synchronised
 //! before the clock is read, with the peak memory seen while it ran. `--quick` runs the same
 //! code on reduced configs of the same families (assets/bench/quick), for CI on a CPU.
@@ -24,7 +24,7 @@ use crate::pipeline::{self, Job, ModelId, ModelIds, Models, Params};
 use crate::probe::ProbeSet;
 use crate::store::Store;
 use crate::summarise::{BoxFuture, Llm, LlmError, Message};
-use crate::synthesise::{Sampling, StableDiffusion};
+use crate::synthesise::{Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{random_resnet_weights, ResNet, Target, Weights};
 
 /// What to measure and how hard.
@@ -171,6 +171,7 @@ const CONFIGS: &[(&str, &str, &str)] = assets![
     "full" / "sd-v1-4/text_encoder/config.json",
     "full" / "sd-v1-4/unet/config.json",
     "full" / "sd-v1-4/vae/config.json",
+    "full" / "taesd/config.json",
     "quick" / "resnet50/config.json",
     "quick" / "blip-large/config.json",
     "quick" / "blip-large/preprocessor_config.json",
@@ -188,6 +189,7 @@ const CONFIGS: &[(&str, &str, &str)] = assets![
     "quick" / "sd-v1-4/text_encoder/config.json",
     "quick" / "sd-v1-4/unet/config.json",
     "quick" / "sd-v1-4/vae/config.json",
+    "quick" / "taesd/config.json",
 ];
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -401,7 +403,9 @@ impl Bench<'_> {
     }
 
     fn synthesiser(&mut self, name: &str) -> Result<()> {
-        if !self.group(name) {
+        // The tiny decoder's row shares SD-Turbo's latents.
+        let taesd = name == "sd-turbo" && self.group("taesd");
+        if !(self.group(name) || taesd) {
             return Ok(());
         }
         let sd = StableDiffusion::load(
@@ -441,6 +445,23 @@ impl Bench<'_> {
                 Ok(())
             },
         )?;
+        if name == "sd-turbo" && self.group("taesd") {
+            let tiny = TinyDecoder::load(
+                &self.model(Role::TinyVae, "taesd")?,
+                &self.device,
+                self.dtype,
+            )?;
+            self.measure(
+                &format!("taesd.decode.b{chunk}"),
+                chunk as f64,
+                "images/s",
+                "tiny autoencoder decode (--decoder tiny), same latents as the VAE row",
+                || {
+                    tiny.decode(&noise)?;
+                    Ok(())
+                },
+            )?;
+        }
         for steps in [1, 4, 50] {
             for b in self.sizes().sd_batches {
                 let key = format!("{name}.generate.steps{steps}.b{b}");
@@ -541,6 +562,7 @@ impl Bench<'_> {
             captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
             synthesiser: StableDiffusion::load(&resolved[1], &self.device, self.dtype)?,
             clip: ClipVision::load(&resolved[2], &self.device, self.dtype)?,
+            tiny_vae: None,
             ids: ModelIds {
                 target: ModelId {
                     source: "resnet50 (random)".into(),
@@ -550,6 +572,7 @@ impl Bench<'_> {
                 synthesiser: ModelId::of(&resolved[1]),
                 clip: ModelId::of(&resolved[2]),
                 llm: llm.model().to_string(),
+                tiny_vae: None,
             },
         };
         let settings = self.settings(preset)?;

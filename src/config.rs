@@ -109,16 +109,78 @@ impl fmt::Display for Switch {
     }
 }
 
-/// A set of defaults for the describe pipeline; any single setting still overrides it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
-pub enum Preset {
-    /// SD-Turbo (Euler, trailing timesteps, 1 step, no guidance): seconds per neuron.
-    #[default]
-    Fast,
-    /// The reference's defaults (METHOD.md): SD v1.4 with DPM-Solver++ at 50 steps and
-    /// guidance 7.5, BLIP base.
-    Paper,
+/// A setting that is one of a few names: the enum, parsing (flags, environment, file) and
+/// display, from one list.
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident, $what:literal {
+        $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)?
+    }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+        #[serde(try_from = "String")]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s.trim() {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        "{other:?} is not {}: use {}",
+                        $what,
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $(Self::$variant => $text),+ })
+            }
+        }
+    };
+}
+
+choice! {
+    /// A set of defaults for the describe pipeline; any single setting still overrides it.
+    Preset, "a preset" {
+        /// SD-Turbo (Euler, trailing timesteps, 1 step, no guidance): seconds per neuron.
+        #[default]
+        Fast = "fast",
+        /// The reference's defaults (METHOD.md): SD v1.4 with DPM-Solver++ at 50 steps and
+        /// guidance 7.5, BLIP base.
+        Paper = "paper",
+    }
+}
+
+choice! {
+    /// Which LLM writes the candidate concepts.
+    LlmChoice, "an LLM choice" {
+        /// The endpoint when one (or an API key) is configured, else the local model.
+        #[default]
+        Auto = "auto",
+        Api = "api",
+        Local = "local",
+    }
+}
+
+choice! {
+    /// What turns Stable Diffusion's latents into images.
+    Decoder, "a decoder" {
+        /// The model's own VAE, as the reference.
+        #[default]
+        Vae = "vae",
+        /// A tiny autoencoder (`tiny_vae`, TAESD): far cheaper, close but not equal images.
+        Tiny = "tiny",
+    }
 }
 
 impl Preset {
@@ -152,75 +214,6 @@ impl Preset {
             Preset::Fast => "folder".into(),
             Preset::Paper => "dpm-solver++".into(),
         }
-    }
-}
-
-impl FromStr for Preset {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "fast" => Ok(Preset::Fast),
-            "paper" => Ok(Preset::Paper),
-            other => Err(format!("{other:?} is not a preset: use fast or paper")),
-        }
-    }
-}
-
-impl TryFrom<String> for Preset {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for Preset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Preset::Fast => "fast",
-            Preset::Paper => "paper",
-        })
-    }
-}
-
-/// Which LLM writes the candidate concepts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
-pub enum LlmChoice {
-    /// The endpoint when one (or an API key) is configured, else the local model.
-    #[default]
-    Auto,
-    Api,
-    Local,
-}
-
-impl FromStr for LlmChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "auto" => Ok(Self::Auto),
-            "api" => Ok(Self::Api),
-            "local" => Ok(Self::Local),
-            other => Err(format!(
-                "{other:?} is not an LLM choice: use auto, api or local"
-            )),
-        }
-    }
-}
-
-impl TryFrom<String> for LlmChoice {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for LlmChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Api => "api",
-            Self::Local => "local",
-        })
     }
 }
 
@@ -273,6 +266,7 @@ show_via_display!(
     ModelSource,
     Preset,
     LlmChoice,
+    Decoder,
     usize,
     u32,
     u64,
@@ -369,6 +363,12 @@ settings! {
     /// Stable Diffusion (diffusers layout): local folder or Hub id[@revision] [env: DND_SYNTHESISER]
     #[arg(alias = "synthesizer")]
     synthesiser: ModelSource = preset.synthesiser();
+    /// What decodes SD's latents into images: vae (the model's own, as the reference) or tiny
+    /// (the tiny autoencoder below: much cheaper, close but not equal images) [env: DND_DECODER]
+    #[arg(value_name = "vae|tiny")]
+    decoder: Decoder = Decoder::Vae;
+    /// Tiny autoencoder for --decoder tiny (diffusers AutoencoderTiny): folder or Hub id [env: DND_TINY_VAE]
+    tiny_vae: ModelSource = ModelSource::hub("madebyollin/taesd");
     /// CLIP model for image-similarity weights: local folder or Hub id[@revision] [env: DND_CLIP]
     clip: ModelSource = ModelSource::hub("openai/clip-vit-base-patch16");
     /// Probing set: a folder of images, searched recursively [env: DND_PROBE]
@@ -465,7 +465,21 @@ impl Settings {
             Role::Synthesiser => &self.synthesiser,
             Role::Clip => &self.clip,
             Role::Llm => &self.llm_local,
+            Role::TinyVae => &self.tiny_vae,
         }
+    }
+
+    /// The models a run with these settings needs: the pipeline's four, the tiny decoder when
+    /// it decodes, the local LLM when it writes the concepts.
+    pub fn roles(&self, local_llm: bool) -> Vec<Role> {
+        Role::ALL
+            .into_iter()
+            .filter(|&r| match r {
+                Role::Llm => local_llm,
+                Role::TinyVae => self.decoder == Decoder::Tiny,
+                _ => true,
+            })
+            .collect()
     }
 
     /// How these settings let the Hub be used.

@@ -101,6 +101,8 @@ pub enum Role {
     Clip,
     /// The local summariser LLM.
     Llm,
+    /// The tiny autoencoder that may decode in place of the VAE.
+    TinyVae,
 }
 
 /// A file of a model folder; optional files are used when present.
@@ -124,23 +126,16 @@ const fn opt(name: &'static str) -> FileSpec {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Target,
         Role::Captioner,
         Role::Synthesiser,
         Role::Clip,
         Role::Llm,
+        Role::TinyVae,
     ];
     /// The models every `describe` loads (the LLM may be an endpoint instead).
     pub const PIPELINE: [Role; 4] = [Role::Target, Role::Captioner, Role::Synthesiser, Role::Clip];
-
-    /// The models a run needs: the pipeline's, and the local LLM when it writes the concepts.
-    pub fn needed(local_llm: bool) -> Vec<Role> {
-        Role::ALL
-            .into_iter()
-            .filter(|&r| r != Role::Llm || local_llm)
-            .collect()
-    }
 
     /// The settings key (and so the flag `--KEY` and variable `DND_KEY`) naming this model.
     pub fn setting(self) -> &'static str {
@@ -150,6 +145,7 @@ impl Role {
             Role::Synthesiser => "synthesiser",
             Role::Clip => "clip",
             Role::Llm => "llm_local",
+            Role::TinyVae => "tiny_vae",
         }
     }
 
@@ -165,6 +161,7 @@ impl Role {
             Role::Synthesiser => SYNTHESISER_FILES,
             Role::Clip => CLIP_FILES,
             Role::Llm => LLM_FILES,
+            Role::TinyVae => TINY_VAE_FILES,
         }
     }
 }
@@ -201,6 +198,11 @@ const LLM_FILES: &[FileSpec] = &[
     req("tokenizer_config.json"),
     opt("generation_config.json"),
     opt("chat_template.jinja"),
+];
+// diffusers' AutoencoderTiny.
+const TINY_VAE_FILES: &[FileSpec] = &[
+    req("config.json"),
+    req("diffusion_pytorch_model.safetensors"),
 ];
 const CLIP_FILES: &[FileSpec] = &[
     req("config.json"),

@@ -297,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Models { action } => {
             let opts = settings.hub_options(hub::Progress::Stderr);
             // The local LLM only when it is the one describe would use.
-            let roles = Role::needed(loaded.llm_is_local());
+            let roles = settings.roles(loaded.llm_is_local());
             let mut failed = 0;
             if matches!(action, Some(ModelsAction::Fetch)) {
                 // Every model is tried, so one unreachable repo does not hide the others' state.

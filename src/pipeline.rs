@@ -29,7 +29,7 @@ use crate::probe::{self, ProbeSet};
 use crate::score::{self, RankScore};
 use crate::store::{Row, Status, Store};
 use crate::summarise::{self, Call, ConceptEvent, ConceptOptions, Concepts, Llm, Summariser};
-use crate::synthesise::{Kind, Sampling, StableDiffusion};
+use crate::synthesise::{Kind, Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{LayerKind, Target};
 
 /// A model as it was loaded: where from and which commit.
@@ -55,6 +55,10 @@ pub struct ModelIds {
     pub synthesiser: ModelId,
     pub clip: ModelId,
     pub llm: String,
+    /// The tiny decoder, when it decodes in place of the VAE (absent from older records and
+    /// from settings keys without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiny_vae: Option<ModelId>,
 }
 
 /// Every model of the pipeline, loaded once and used for every neuron.
@@ -63,6 +67,8 @@ pub struct Models {
     pub captioner: Blip,
     pub synthesiser: StableDiffusion,
     pub clip: ClipVision,
+    /// Decodes in place of the synthesiser's VAE when present.
+    pub tiny_vae: Option<TinyDecoder>,
     pub ids: ModelIds,
 }
 
@@ -187,6 +193,7 @@ impl Models {
     /// Loads every model of the pipeline on `device`.
     pub fn load(
         resolved: &[ResolvedModel; 4],
+        tiny_vae: Option<&ResolvedModel>,
         llm: &str,
         device: &Device,
         dtype: DType,
@@ -197,14 +204,27 @@ impl Models {
             captioner: Blip::load(captioner, device, dtype)?,
             synthesiser: StableDiffusion::load(synthesiser, device, dtype)?,
             clip: ClipVision::load(clip, device, dtype)?,
+            tiny_vae: tiny_vae
+                .map(|m| TinyDecoder::load(m, device, dtype))
+                .transpose()?,
             ids: ModelIds {
                 target: ModelId::of(target),
                 captioner: ModelId::of(captioner),
                 synthesiser: ModelId::of(synthesiser),
                 clip: ModelId::of(clip),
                 llm: llm.to_string(),
+                tiny_vae: tiny_vae.map(ModelId::of),
             },
         })
+    }
+
+    /// Latents to images in [0, 1] (B, 3, H, W) on the CPU: the tiny decoder when loaded,
+    /// else the synthesiser's VAE.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.tiny_vae {
+            Some(tiny) => tiny.decode(latents),
+            None => self.synthesiser.decode(latents),
+        }
     }
 }
 
@@ -1047,7 +1067,7 @@ impl Runner<'_> {
                 let latents = Tensor::cat(&rows, 0)?;
                 let mut sched = sd.scheduler(&p.sampling)?;
                 let out = sd.denoise(&latents, &prompt_refs, &mut sched, p.sampling.guidance)?;
-                let images = crate::synthesise::to_rgb(&sd.decode(&out)?)?;
+                let images = crate::synthesise::to_rgb(&self.ctx.models.decode(&out)?)?;
                 for (&(w, ci, j), img) in chunk.iter().zip(images) {
                     let file = self
                         .neuron_dir(ready[w].0.n)

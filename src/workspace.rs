@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
-use crate::config::Settings;
+use crate::config::{Decoder, Settings};
 use crate::device;
 use crate::error::Result;
 use crate::hub::{self, HubOptions, ModelStatus, ResolvedModel, Role};
@@ -34,6 +34,8 @@ enum Summariser {
 pub struct Resolved {
     summariser: Summariser,
     models: [ResolvedModel; 4],
+    /// The tiny decoder, when it decodes.
+    tiny_vae: Option<ResolvedModel>,
     probe: ProbeSet,
     store: Arc<Store>,
 }
@@ -41,7 +43,7 @@ pub struct Resolved {
 /// The state of every model a run with these settings needs, without downloading anything.
 pub async fn status(s: &Settings, local_llm: bool, opts: &HubOptions) -> Vec<ModelStatus> {
     let mut out = Vec::new();
-    for role in Role::needed(local_llm) {
+    for role in s.roles(local_llm) {
         out.push(hub::status(role, s.model(role), opts).await);
     }
     out
@@ -67,9 +69,14 @@ impl Workspace {
         for role in Role::PIPELINE {
             models.push(rt.block_on(hub::resolve(role, s.model(role), opts))?);
         }
+        let tiny_vae = match s.decoder {
+            Decoder::Tiny => Some(rt.block_on(hub::resolve(Role::TinyVae, &s.tiny_vae, opts))?),
+            Decoder::Vae => None,
+        };
         Ok(Resolved {
             summariser,
             models: models.try_into().expect("four roles"),
+            tiny_vae,
             probe,
             store,
         })
@@ -92,7 +99,13 @@ impl Resolved {
                 },
             )?),
         };
-        let models = Models::load(&self.models, llm.model(), &device, dtype)?;
+        let models = Models::load(
+            &self.models,
+            self.tiny_vae.as_ref(),
+            llm.model(),
+            &device,
+            dtype,
+        )?;
         Ok(Workspace {
             models,
             llm,

@@ -40,6 +40,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "blip-base.captions.b2",
         "sd-turbo.unet.b8",
         "sd-turbo.vae.b8",
+        "taesd.decode.b8",
         "sd-turbo.generate.steps1.b2",
         "sd-turbo.generate.steps4.b4",
         "sd-turbo.generate.steps50.b4",

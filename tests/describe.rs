@@ -471,3 +471,40 @@ fn kill_mid_batch_then_rerun_loses_and_duplicates_nothing() {
         .iter()
         .all(|r| r.status == Status::Described && r.label.is_some()));
 }
+
+#[test]
+fn tiny_decoder_decodes_in_place_of_the_vae_and_is_part_of_the_key() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let taesd = fixture_model("taesd_tiny");
+    let args = [
+        "--layer",
+        "layer4",
+        "--neurons",
+        "0",
+        "--format",
+        "json",
+        "--decoder",
+        "tiny",
+        "--tiny-vae",
+        &taesd,
+    ];
+    let o = describe(home.path(), &llm.url(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let line = &json_lines(&out)[0];
+    assert_eq!(line["models"]["tiny_vae"]["source"], taesd.as_str());
+    // The tiny decoder upsamples 8x where the fixture's VAE does 2x: its images are its own.
+    let file = line["synthetic"][0]["files"][0].as_str().unwrap();
+    let img = image::open(home.path().join("out/dnd.sqlite.images").join(file)).unwrap();
+    assert_eq!(img.width(), 128, "{file}");
+    // The same neuron with the VAE is another setting: described again, not skipped.
+    let o = describe(home.path(), &llm.url(), &args[..6]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let line = &json_lines(&out)[0];
+    assert!(line["models"].get("tiny_vae").is_none(), "{line}");
+    let file = line["synthetic"][0]["files"][0].as_str().unwrap();
+    let img = image::open(home.path().join("out/dnd.sqlite.images").join(file)).unwrap();
+    assert_eq!(img.width(), 32);
+}

@@ -24,7 +24,7 @@ fn models() -> Models {
         resolve_fixture(Role::Synthesiser, "sd_tiny"),
         resolve_fixture(Role::Clip, "clip_tiny"),
     ];
-    Models::load(&resolved, "mock", &Device::Cpu, DType::F32).unwrap()
+    Models::load(&resolved, None, "mock", &Device::Cpu, DType::F32).unwrap()
 }
 
 fn params() -> Params {

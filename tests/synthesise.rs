@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, reference, rel_err, resolve_dir, resolve_fixture};
 use dnd::hub::Role;
-use dnd::synthesise::{Kind, Sampling, Scheduler, SchedulerConfig, StableDiffusion};
+use dnd::synthesise::{Kind, Sampling, Scheduler, SchedulerConfig, StableDiffusion, TinyDecoder};
 
 const PROMPTS: [&str; 3] = [
     "One realistic image of red striped dog",
@@ -79,6 +79,32 @@ fn vae_decode_equals_diffusers() {
         .unwrap();
     let err = rel_err(&img, &want);
     assert!(err < 1e-3, "VAE relative error {err}");
+}
+
+#[test]
+fn tiny_decoder_equals_diffusers_autoencoder_tiny() {
+    let refs = reference("models/taesd_tiny.reference.safetensors");
+    let tiny = TinyDecoder::load(
+        &resolve_fixture(Role::TinyVae, "taesd_tiny"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let latents = &refs["latents"];
+    let img = tiny.decode(latents).unwrap();
+    let err = rel_err(&img, &refs["images"]);
+    assert!(err < 1e-4, "tiny decoder relative error {err}");
+    // Batch 1 equals batch 2.
+    let one = tiny.decode(&latents.narrow(0, 1, 1).unwrap()).unwrap();
+    assert!(rel_err(&one, &img.narrow(0, 1, 1).unwrap()) < 1e-5);
+    // Not a degenerate fixture: the images have detail, and not all of it clamped.
+    let v: Vec<f32> = img.flatten_all().unwrap().to_vec1().unwrap();
+    let inside = v.iter().filter(|&&x| x > 0.01 && x < 0.99).count();
+    assert!(
+        inside > v.len() / 4,
+        "{inside} of {} inside (0, 1)",
+        v.len()
+    );
 }
 
 #[test]

@@ -130,6 +130,7 @@ fn description(neuron: usize) -> Description {
             synthesiser: id("s"),
             clip: id("clip"),
             llm: "gpt".into(),
+            tiny_vae: None,
         },
         seed: 0,
         error: None,

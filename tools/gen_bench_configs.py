@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the model configs `dnd bench` builds its random-weight models from, under
 assets/bench/: the published architectures at full size (BLIP-large and -base, SD-Turbo's
-SD 2.1 UNet / VAE / OpenCLIP-H text encoder, SD v1.4, CLIP ViT-B/16, ResNet-50's timm config)
+SD 2.1 UNet / VAE / OpenCLIP-H text encoder, SD v1.4, TAESD,
+CLIP ViT-B/16, ResNet-50's timm config)
 and reduced ones of the same families for `dnd bench --quick`. Only configs, written by the
 reference libraries' own config classes; no weights (the bench fills them at random), no
 tokenizers (the bench writes synthetic ones of the right vocabulary size).
@@ -59,6 +60,13 @@ def sd(folder, unet, vae, text, scheduler):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
 
 
+def taesd(folder, width):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(width,) * 4,
+                    decoder_block_out_channels=(width,) * 4).save_config(folder)
+
+
 def resnet(folder, size):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
@@ -91,6 +99,8 @@ def main():
                                     num_attention_heads=2), 64, 2, 64)
     blip(quick / "blip-base", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=2), 64, 1, 64)
+    taesd(full / "taesd", 64)
+    taesd(quick / "taesd", 8)
     clip(full / "clip-vit-b16", 768, 12, 224)
     clip(quick / "clip-vit-b16", 64, 2, 64)
     turbo_sched = dict(_class_name="EulerDiscreteScheduler", timestep_spacing="trailing", **SCALED)

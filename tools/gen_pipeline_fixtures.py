@@ -270,6 +270,25 @@ def write_sd(gen):
     (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
 
 
+def write_taesd():
+    """A tiny AutoencoderTiny (TAESD's architecture, 8 channels instead of 64) and its decode
+    of stored latents. Its own seed, so it is written alone without touching the others."""
+    from diffusers import AutoencoderTiny
+
+    gen = torch.Generator().manual_seed(5)
+    folder = MODELS / "taesd_tiny"
+    shutil.rmtree(folder, ignore_errors=True)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)).eval()
+    scramble(vae, gen, 0.1)
+    vae.save_pretrained(folder, safe_serialization=True)
+    latents = torch.randn((2, 4, 8, 8), generator=gen) * 2.0
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample
+    # what a diffusers pipeline makes of it: [-1, 1] to [0, 1]
+    images = (decoded / 2 + 0.5).clamp(0, 1)
+    save(MODELS / "taesd_tiny.reference.safetensors", {"latents": latents, "decoded": decoded, "images": images})
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -278,6 +297,7 @@ def main():
     write_blip(gen)
     write_clip(gen)
     write_sd(gen)
+    write_taesd()
     import diffusers
     import transformers
     versions = json.loads((ROOT / "versions.json").read_text())

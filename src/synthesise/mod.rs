@@ -4,6 +4,7 @@
 //! encoder, the tokenizer assembly and the schedulers are ours.
 
 pub mod scheduler;
+mod tiny;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
@@ -17,6 +18,7 @@ use crate::hub::ResolvedModel;
 use crate::nn;
 use crate::Result;
 pub use scheduler::{Kind, Scheduler, SchedulerConfig};
+pub use tiny::TinyDecoder;
 
 #[derive(Clone, Debug, Deserialize)]
 struct TextConfig {

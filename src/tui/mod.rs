@@ -24,7 +24,7 @@ use crate::activations::{ActivationCache, Pool};
 use crate::config::{self, LlmChoice, Settings, SettingsArgs};
 use crate::engine::{Engine, Resources};
 use crate::error::{Error, Result};
-use crate::hub::{self, HubOptions, ModelSource, ModelStatus, Role};
+use crate::hub::{self, HubOptions, ModelSource, ModelStatus};
 use crate::pipeline::{Description, Event, Job, Params};
 use crate::store::Store;
 use crate::summarise::ApiOptions;
@@ -258,7 +258,7 @@ impl Session {
         self.runtime.spawn(async move {
             // Every model is tried, so one unreachable repo does not hold back the others.
             let mut errors = Vec::new();
-            for role in Role::needed(local) {
+            for role in settings.roles(local) {
                 if let Err(e) = hub::resolve(role, settings.model(role), &opts).await {
                     errors.push(e.to_string());
                 }
@@ -401,9 +401,14 @@ impl Session {
     fn rerun(&mut self, neuron: usize, r: Rerun) -> Result<()> {
         let loaded = self.source.load(Some(&r))?;
         let params = Params::from_settings(&loaded.settings, Pool::Mean)?;
-        let same_models = Role::PIPELINE
-            .iter()
-            .all(|&role| loaded.settings.model(role) == self.settings.model(role));
+        // The LLM is left out: the re-run form does not change it.
+        let models = |s: &Settings| -> Vec<ModelSource> {
+            s.roles(false)
+                .into_iter()
+                .map(|r| s.model(r).clone())
+                .collect()
+        };
+        let same_models = models(&loaded.settings) == models(&self.settings);
         self.settings = loaded.settings;
         self.params = params;
         self.rerun = Some(r.clone());
