@@ -103,8 +103,9 @@ pub fn run(
     b.synthesiser("sd-turbo")?;
     b.synthesiser("sd-v1-4")?;
     b.clip()?;
-    b.end_to_end(Preset::Fast)?;
-    b.end_to_end(Preset::Paper)?;
+    b.end_to_end(Preset::Fast, false)?;
+    b.end_to_end(Preset::Fast, true)?;
+    b.end_to_end(Preset::Paper, false)?;
     Ok(Report {
         rows: b.rows,
         ..Report::new(device, dtype, opts.quick)
@@ -540,10 +541,11 @@ impl Bench<'_> {
         Ok(config::load_with_env(Some(&empty), &args, &|_| None)?.settings)
     }
 
-    /// Seconds per neuron of the whole pipeline with the preset's models and parameters, the
-    /// layer's activations already cached: one neuron alone, then a batch.
-    fn end_to_end(&mut self, preset: Preset) -> Result<()> {
-        let key = format!("e2e.{preset}");
+    /// Seconds per neuron of the whole pipeline with the preset's models and parameters (and
+    /// the tiny decoder when `tiny`), the layer's activations already cached: one neuron
+    /// alone, then a batch.
+    fn end_to_end(&mut self, preset: Preset, tiny: bool) -> Result<()> {
+        let key = format!("e2e.{preset}{}", if tiny { "-taesd" } else { "" });
         if !self.group(&key) {
             return Ok(());
         }
@@ -555,14 +557,18 @@ impl Bench<'_> {
             self.model(Role::Captioner, captioner)?,
             self.model(Role::Synthesiser, synthesiser)?,
             self.model(Role::Clip, "clip-vit-b16")?,
+            self.model(Role::TinyVae, "taesd")?,
         ];
+        let tiny_vae = tiny.then_some(&resolved[3]);
         let llm: Arc<dyn Llm> = Arc::new(InstantLlm);
         let models = Models {
             target: self.random_target()?,
             captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
             synthesiser: StableDiffusion::load(&resolved[1], &self.device, self.dtype)?,
             clip: ClipVision::load(&resolved[2], &self.device, self.dtype)?,
-            tiny_vae: None,
+            tiny_vae: tiny_vae
+                .map(|m| TinyDecoder::load(m, &self.device, self.dtype))
+                .transpose()?,
             ids: ModelIds {
                 target: ModelId {
                     source: "resnet50 (random)".into(),
@@ -572,15 +578,13 @@ impl Bench<'_> {
                 synthesiser: ModelId::of(&resolved[1]),
                 clip: ModelId::of(&resolved[2]),
                 llm: llm.model().to_string(),
-                tiny_vae: None,
+                tiny_vae: tiny_vae.map(ModelId::of),
             },
         };
         let settings = self.settings(preset)?;
         let params = Params::from_settings(&settings, Pool::Mean)?;
         let probe = ProbeSet::open(&self.opts.work.join("probe"))?;
-        let store = Arc::new(Store::open(
-            &self.opts.work.join(format!("{preset}.sqlite")),
-        )?);
+        let store = Arc::new(Store::open(&self.opts.work.join(format!("{key}.sqlite")))?);
         let cache = ActivationCache::new(&self.opts.work.join("cache"));
         let runtime = tokio::runtime::Runtime::new().map_err(io(&self.opts.work))?;
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
@@ -607,21 +611,34 @@ impl Bench<'_> {
             next += n;
             j
         };
+        // Every neuron must come out described: a failed one would make the time a lie.
+        let described = |job: Job| -> Result<()> {
+            let summary = pipeline::run(&ctx, &job)?;
+            if summary.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Model {
+                    model: "bench".into(),
+                    detail: format!("neurons {:?} failed in the end-to-end run", summary.failed),
+                })
+            }
+        };
         // The layer's activation pass happens once per layer: done (and cached) before timing.
-        pipeline::run(&ctx, &job(1))?;
+        described(job(1))?;
+        let decoder = if tiny { "TAESD" } else { "VAE" };
         let note = format!(
-            "{preset} preset ({captioner}, {synthesiser}, {} steps); instant in-process LLM",
+            "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); instant in-process LLM",
             settings.steps
         );
         self.measure(&format!("{key}.one"), 1.0, "s/neuron", &note, || {
-            pipeline::run(&ctx, &job(1)).map(drop)
+            described(job(1))
         })?;
         self.measure(
             &format!("{key}.batch{neurons}"),
             neurons as f64,
             "s/neuron",
             &format!("{note}; {neurons} neurons in one job, amortised"),
-            || pipeline::run(&ctx, &job(neurons)).map(drop),
+            || described(job(neurons)),
         )
     }
 }

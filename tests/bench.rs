@@ -49,6 +49,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "clip-vit-b16.embed.b4",
         "e2e.fast.one",
         "e2e.fast.batch2",
+        "e2e.fast-taesd.one",
         "e2e.paper.one",
         "e2e.paper.batch2",
     ] {
