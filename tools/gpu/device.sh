@@ -35,7 +35,7 @@ part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 # dnd, cuDNN build: the rows of the PyTorch table first, then whole generations, then per neuron.
 V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
 bench $V bench-models 200 --runs 5 --budget 10 \
-  --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
+  --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
