@@ -57,10 +57,11 @@ impl Drop for Tmux {
 
 /// Starts the real `dnd` UI in a fresh tmux server at 120x40, with a clean environment
 /// under `home`, the fixture models (the captioner as given) and the mock LLM.
+/// `models` are the captioner and synthesiser flags ([`models`]; none: the preset's);
 /// `hub` is the Hub's address (`HF_ENDPOINT`); without one, dnd is offline.
 fn start(
     home: &std::path::Path,
-    captioner: &str,
+    models: &str,
     llm: &MockLlm,
     hub: Option<&MockHub>,
     extra: &str,
@@ -71,11 +72,10 @@ fn start(
     });
     let dnd_cmd = format!(
         "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HOME={h}/hf {hub} TERM=xterm-256color \
-         {bin} --device cpu --target {t} --captioner {captioner} --synthesiser {s} --clip {clip} --probe {probe} --db {h}/dnd.sqlite \
+         {bin} --device cpu --target {t} {models} --clip {clip} --probe {probe} --db {h}/dnd.sqlite \
          --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks {extra}",
         bin = env!("CARGO_BIN_EXE_dnd"),
         t = fixture_model("resnet_basic"),
-        s = fixture_model("sd_tiny"),
         clip = fixture_model("clip_tiny"),
         probe = fixtures().join("images").display(),
         url = llm.url(),
@@ -100,6 +100,14 @@ fn start(
         &dnd_cmd,
     ]);
     tmux
+}
+
+/// The captioner flag as given, the fixture synthesiser.
+fn models(captioner: &str) -> String {
+    format!(
+        "--captioner {captioner} --synthesiser {}",
+        fixture_model("sd_tiny")
+    )
 }
 
 impl Tmux {
@@ -129,7 +137,7 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
     let db = home.path().join("dnd.sqlite").display().to_string();
     let tmux = start(
         home.path(),
-        &fixture_model("blip_tiny"),
+        &models(&fixture_model("blip_tiny")),
         &llm,
         None,
         "--layer layer4 --neuron 3",
@@ -240,7 +248,13 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     let blip = home.path().join("blip");
-    let tmux = start(home.path(), &blip.display().to_string(), &llm, None, "");
+    let tmux = start(
+        home.path(),
+        &models(&blip.display().to_string()),
+        &llm,
+        None,
+        "",
+    );
     let screen = tmux.wait_for("what next", Duration::from_secs(30));
     assert!(screen.contains("set-up"), "{screen}");
     assert!(screen.contains("missing"), "{screen}");
@@ -278,7 +292,7 @@ fn d_downloads_a_missing_model_from_the_hub_then_loads() {
         "org/blip-tiny",
         &std::path::PathBuf::from(fixture_model("blip_tiny")),
     )]);
-    let tmux = start(home.path(), "org/blip-tiny", &llm, Some(&hub), "");
+    let tmux = start(home.path(), &models("org/blip-tiny"), &llm, Some(&hub), "");
     let screen = tmux.wait_for("KiB to download", Duration::from_secs(30));
     assert!(
         screen.contains("d downloads the 1 missing model(s)"),
@@ -336,7 +350,13 @@ fn esc_up_to_the_targets_and_open_another_with_stored_results() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o).1);
-    let tmux = start(home.path(), &fixture_model("blip_tiny"), &llm, None, "");
+    let tmux = start(
+        home.path(),
+        &models(&fixture_model("blip_tiny")),
+        &llm,
+        None,
+        "",
+    );
     tmux.wait_for(" layers ", Duration::from_secs(60));
     tmux.keys(&["Escape"]);
     let screen = tmux.wait_for("target network", Duration::from_secs(10));
@@ -350,6 +370,73 @@ fn esc_up_to_the_targets_and_open_another_with_stored_results() {
     assert!(screen.contains("vit_tiny"), "{screen}");
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
+}
+
+#[test]
+fn rerun_with_the_paper_preset_loads_its_models_then_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    // Each preset's Hub repos, served from the fixtures.
+    let (blip, sd) = (
+        std::path::PathBuf::from(fixture_model("blip_tiny")),
+        std::path::PathBuf::from(fixture_model("sd_tiny")),
+    );
+    let hub = MockHub::start(&[
+        ("Salesforce/blip-image-captioning-large", &blip),
+        ("stabilityai/sd-turbo", &sd),
+        ("Salesforce/blip-image-captioning-base", &blip),
+        ("CompVis/stable-diffusion-v1-4", &sd),
+    ]);
+    let tmux = start(
+        home.path(),
+        "",
+        &llm,
+        Some(&hub),
+        "--layer layer4 --neuron 3",
+    );
+    tmux.wait_for("KiB to download", Duration::from_secs(30));
+    tmux.keys(&["d"]);
+    let finished = |tmux: &Tmux| loop {
+        let s = tmux.wait_for("label: ", Duration::from_secs(120));
+        if !s.contains("[running]") {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    finished(&tmux);
+
+    // R, the paper preset: its models are not on disk, so the set-up screen comes back.
+    tmux.keys(&["R", "Right"]);
+    tmux.wait_for("steps       50", Duration::from_secs(10));
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("what next", Duration::from_secs(30));
+    assert!(screen.contains("CompVis/stable-diffusion-v1-4"), "{screen}");
+    tmux.wait_for("KiB to download", Duration::from_secs(30));
+    tmux.keys(&["d"]);
+    let screen = finished(&tmux);
+    assert!(screen.contains("layer4 › neuron 3"), "{screen}");
+    tmux.keys(&["q"]);
+    tmux.wait_until_quit();
+
+    let db = home.path().join("dnd.sqlite").display().to_string();
+    let o = common::dnd(home.path(), &["export", "--db", &db, "--format", "json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let line: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .find(|l| l.contains("\"neuron\":3"))
+            .expect("neuron 3 exported"),
+    )
+    .unwrap();
+    let models = &line["models"];
+    assert_eq!(
+        models["synthesiser"]["source"], "CompVis/stable-diffusion-v1-4",
+        "{line}"
+    );
+    assert_eq!(
+        models["captioner"]["source"],
+        "Salesforce/blip-image-captioning-base@refs/pr/7"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
