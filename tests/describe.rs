@@ -11,58 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::llm::{Fault, MockLlm};
-use common::{dnd, dnd_command, fixture_model, fixtures, text};
+use common::{describe_flags, dnd, dnd_command, fixture_model, text};
 use dnd::store::{Curation, Status, Store};
-
-/// Flags for a small, quick run on the fixtures; `llm` is the mock's URL, or "local" for no
-/// endpoint at all and the tiny local Qwen2.
-fn flags(home: &Path, llm: &str, target: &str) -> Vec<String> {
-    let endpoint = if llm == "local" {
-        ["--llm-local".to_string(), fixture_model("qwen2_tiny")]
-    } else {
-        ["--llm-url".to_string(), llm.to_string()]
-    };
-    let probe = fixtures().join("images");
-    [
-        "--device",
-        "cpu",
-        "--target",
-        &fixture_model(target),
-        "--captioner",
-        &fixture_model("blip_tiny"),
-        "--synthesiser",
-        &fixture_model("sd_tiny"),
-        "--clip",
-        &fixture_model("clip_tiny"),
-        "--probe",
-        &probe.display().to_string(),
-        "--db",
-        &home.join("out/dnd.sqlite").display().to_string(),
-        &endpoint[0],
-        &endpoint[1],
-        "--llm-model",
-        "mock",
-        "--llm-timeout",
-        "1",
-        "--llm-backoff",
-        "0.05",
-        "--top-k",
-        "3",
-        "--top-images",
-        "4",
-        "--candidates",
-        "3",
-        "--images-per-concept",
-        "2",
-        "--caption-tokens",
-        "8",
-        "--wave",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 fn describe(home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
     describe_on("resnet_basic", home, llm, extra)
@@ -70,7 +20,7 @@ fn describe(home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
 
 fn describe_on(target: &str, home: &Path, llm: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["describe".to_string()];
-    args.extend(flags(home, llm, target));
+    args.extend(describe_flags(home, llm, target));
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     dnd(home, &refs)
@@ -427,7 +377,7 @@ fn kill_mid_batch_then_rerun_loses_and_duplicates_nothing() {
     // Slow answers, so the batch is still running when it is killed.
     let llm = MockLlm::start(&[], None, Duration::from_millis(150));
     let mut args = vec!["describe".to_string()];
-    args.extend(flags(home.path(), &llm.url(), "resnet_basic"));
+    args.extend(describe_flags(home.path(), &llm.url(), "resnet_basic"));
     args.extend(["--layer", "layer4", "--neurons", "0-5"].map(String::from));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = dnd_command(home.path(), &refs)

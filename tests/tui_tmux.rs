@@ -72,7 +72,7 @@ fn start(
     });
     let dnd_cmd = format!(
         "env -i PATH=/usr/bin:/bin HOME={h} XDG_CACHE_HOME={h}/cache XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config HF_HOME={h}/hf {hub} TERM=xterm-256color \
-         {bin} --device cpu --target {t} {models} --clip {clip} --probe {probe} --db {h}/dnd.sqlite \
+         {bin} --device cpu --target {t} {models} --clip {clip} --probe {probe} --db {h}/out/dnd.sqlite \
          --llm-url {url} --llm-model mock --top-k 3 --images-per-concept 2 --caption-tokens 8 --images halfblocks {extra}",
         bin = env!("CARGO_BIN_EXE_dnd"),
         t = fixture_model("resnet_basic"),
@@ -134,7 +134,7 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
     let home = tempfile::tempdir().unwrap();
     // Slow answers keep the run in flight while keys are timed.
     let llm = MockLlm::start(&[], None, Duration::from_millis(150));
-    let db = home.path().join("dnd.sqlite").display().to_string();
+    let db = home.path().join("out/dnd.sqlite").display().to_string();
     let tmux = start(
         home.path(),
         &models(&fixture_model("blip_tiny")),
@@ -314,41 +314,11 @@ fn esc_up_to_the_targets_and_open_another_with_stored_results() {
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     // A result for another target in the same store.
-    let db = home.path().join("dnd.sqlite").display().to_string();
-    let o = common::dnd(
-        home.path(),
-        &[
-            "describe",
-            "--device",
-            "cpu",
-            "--target",
-            &fixture_model("vit_tiny"),
-            "--captioner",
-            &fixture_model("blip_tiny"),
-            "--synthesiser",
-            &fixture_model("sd_tiny"),
-            "--clip",
-            &fixture_model("clip_tiny"),
-            "--probe",
-            &fixtures().join("images").display().to_string(),
-            "--db",
-            &db,
-            "--llm-url",
-            &llm.url(),
-            "--llm-model",
-            "mock",
-            "--top-k",
-            "3",
-            "--images-per-concept",
-            "2",
-            "--caption-tokens",
-            "8",
-            "--layer",
-            "blocks.1",
-            "--neurons",
-            "0",
-        ],
-    );
+    let mut args = vec!["describe".to_string()];
+    args.extend(common::describe_flags(home.path(), &llm.url(), "vit_tiny"));
+    args.extend(["--layer", "blocks.1", "--neurons", "0"].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = common::dnd(home.path(), &refs);
     assert!(o.status.success(), "{}", text(&o).1);
     let tmux = start(
         home.path(),
@@ -418,7 +388,7 @@ fn rerun_with_the_paper_preset_loads_its_models_then_runs() {
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
 
-    let db = home.path().join("dnd.sqlite").display().to_string();
+    let db = home.path().join("out/dnd.sqlite").display().to_string();
     let o = common::dnd(home.path(), &["export", "--db", &db, "--format", "json"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");

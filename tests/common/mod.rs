@@ -27,6 +27,56 @@ pub fn dnd_command(home: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// Flags for a small, quick describe on the fixtures, the store at `home/out/dnd.sqlite`; `llm` is the mock's URL, or "local" for no
+/// endpoint at all and the tiny local Qwen2.
+pub fn describe_flags(home: &Path, llm: &str, target: &str) -> Vec<String> {
+    let endpoint = if llm == "local" {
+        ["--llm-local".to_string(), fixture_model("qwen2_tiny")]
+    } else {
+        ["--llm-url".to_string(), llm.to_string()]
+    };
+    let probe = fixtures().join("images");
+    [
+        "--device",
+        "cpu",
+        "--target",
+        &fixture_model(target),
+        "--captioner",
+        &fixture_model("blip_tiny"),
+        "--synthesiser",
+        &fixture_model("sd_tiny"),
+        "--clip",
+        &fixture_model("clip_tiny"),
+        "--probe",
+        &probe.display().to_string(),
+        "--db",
+        &home.join("out/dnd.sqlite").display().to_string(),
+        &endpoint[0],
+        &endpoint[1],
+        "--llm-model",
+        "mock",
+        "--llm-timeout",
+        "1",
+        "--llm-backoff",
+        "0.05",
+        "--top-k",
+        "3",
+        "--top-images",
+        "4",
+        "--candidates",
+        "3",
+        "--images-per-concept",
+        "2",
+        "--caption-tokens",
+        "8",
+        "--wave",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Runs dnd as [`dnd_command`] sets it up and waits for it.
 pub fn dnd(home: &Path, args: &[&str]) -> Output {
     dnd_command(home, args).output().unwrap()
