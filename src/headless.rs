@@ -73,7 +73,7 @@ pub(crate) fn load(
         progress,
         &format!("loading models on {}", dnd::device::describe(&device)),
     );
-    let ws = resolved.load(settings)?;
+    let ws = resolved.load(settings, &device)?;
     loading.finish_and_clear();
     Ok(ws)
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use candle_core::Device;
 use tokio::runtime::Handle;
 
 use crate::config::{Decoder, Settings};
@@ -84,15 +85,15 @@ impl Workspace {
 }
 
 impl Resolved {
-    /// Loads every model's weights on the device the settings name.
-    pub fn load(self, s: &Settings) -> Result<Workspace> {
-        let device = device::open(s.device)?;
-        let dtype = device::dtype_for(s.dtype, &device)?;
+    /// Loads every model's weights on `device` (opened once by the caller, from the
+    /// settings' `device`), in the settings' dtype.
+    pub fn load(self, s: &Settings, device: &Device) -> Result<Workspace> {
+        let dtype = device::dtype_for(s.dtype, device)?;
         let llm: Arc<dyn Llm> = match self.summariser {
             Summariser::Api(api) => api,
             Summariser::Local(m) => Arc::new(LocalLlm::load(
                 &m,
-                &device,
+                device,
                 dtype,
                 LocalOptions {
                     max_new_tokens: s.llm_max_tokens,
@@ -103,7 +104,7 @@ impl Resolved {
             &self.models,
             self.tiny_vae.as_ref(),
             llm.model(),
-            &device,
+            device,
             dtype,
         )?;
         Ok(Workspace {

@@ -238,7 +238,7 @@ impl Session {
         let (tx, rt) = (self.setup_tx.clone(), self.runtime.clone());
         std::thread::spawn(move || {
             let ws = Workspace::resolve(&rt, &settings, local, &opts)
-                .and_then(|r| r.load(&settings))
+                .and_then(|r| r.load(&settings, &crate::device::open(settings.device)?))
                 .map_err(|e| e.to_string());
             let _ = tx.send(SetupDone::Loaded(Box::new(ws)));
         });
