@@ -8,6 +8,7 @@ pub mod bench;
 pub mod caption;
 pub mod clip;
 pub mod config;
+mod cpu_ops;
 pub mod crops;
 pub mod device;
 pub mod engine;

@@ -1,6 +1,8 @@
-//! Building blocks shared by the transformer models (BLIP, CLIP, the SD text encoder):
-//! linear layers that only use plain 2-D products, head splitting, attention, and the
-//! mapping of load failures to an error that names the model and the file.
+//! Building blocks shared by the models: linear layers that only use plain 2-D products, head
+//! splitting and attention (BLIP, CLIP, the SD text encoder, the VAE); convolution and GroupNorm
+//! that take our fused kernels for f32 on the CPU and candle's ops elsewhere (ResNet, the VAE,
+//! the tiny decoder); and the mapping of load failures to an error that names the model and
+//! the file.
 
 use std::path::Path;
 
@@ -8,6 +10,7 @@ use candle_core::{DType, Device, Shape, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::cpu_ops::{CpuConv, CpuGroupNorm};
 use crate::hub::ResolvedModel;
 
 use crate::{Error, Result};
@@ -57,6 +60,167 @@ impl Linear {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+/// A 2-D convolution with bias, optionally followed by ReLU: our fused kernel for f32 on the
+/// CPU, candle's conv2d (cuDNN where built with it) elsewhere.
+pub(crate) struct Conv {
+    imp: ConvImpl,
+    c_out: usize,
+}
+
+enum ConvImpl {
+    Cpu(CpuConv),
+    Candle { conv: candle_nn::Conv2d, relu: bool },
+}
+
+impl Conv {
+    /// `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]` on any device, in any dtype; they
+    /// are moved to `dev` / `dt`.
+    pub(crate) fn new(
+        weight: Tensor,
+        bias: Tensor,
+        (stride, padding): (usize, usize),
+        relu: bool,
+        dev: &Device,
+        dt: DType,
+    ) -> candle_core::Result<Self> {
+        let (c_out, c_in, k, _) = weight.dims4()?;
+        let imp = if dev.is_cpu() && dt == DType::F32 {
+            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
+            ConvImpl::Cpu(CpuConv::new(
+                flat(&weight)?,
+                flat(&bias)?,
+                c_in,
+                k,
+                stride,
+                padding,
+                relu,
+            ))
+        } else {
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let conv = candle_nn::Conv2d::new(
+                weight.to_device(dev)?.to_dtype(dt)?,
+                Some(bias.to_device(dev)?.to_dtype(dt)?),
+                cfg,
+            );
+            ConvImpl::Candle { conv, relu }
+        };
+        Ok(Self { imp, c_out })
+    }
+
+    /// A square `k`x`k` convolution from `{prefix}.weight` and `{prefix}.bias`, no ReLU.
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        (c_in, c_out, k): (usize, usize, usize),
+        (stride, padding): (usize, usize),
+        bias: bool,
+    ) -> candle_core::Result<Self> {
+        let weight = vb.get((c_out, c_in, k, k), "weight")?;
+        let bias = if bias {
+            vb.get(c_out, "bias")?
+        } else {
+            Tensor::zeros(c_out, vb.dtype(), vb.device())?
+        };
+        Self::new(
+            weight,
+            bias,
+            (stride, padding),
+            false,
+            vb.device(),
+            vb.dtype(),
+        )
+    }
+
+    /// The same convolution with ReLU applied to its output (in the same pass on the CPU).
+    pub(crate) fn with_relu(mut self) -> Self {
+        match &mut self.imp {
+            ConvImpl::Cpu(op) => op.relu = true,
+            ConvImpl::Candle { relu, .. } => *relu = true,
+        }
+        self
+    }
+
+    pub(crate) fn out_channels(&self) -> usize {
+        self.c_out
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.imp {
+            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
+            ConvImpl::Candle { conv, relu } => {
+                let y = candle_core::Module::forward(conv, x)?;
+                Ok(if *relu { y.relu()? } else { y })
+            }
+        }
+    }
+
+    /// `conv(x) + residual`, then the ReLU if this convolution has one: the end of a residual
+    /// block in one pass on the CPU.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.imp {
+            ConvImpl::Cpu(op) => Ok(x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, op)?),
+            ConvImpl::Candle { conv, relu } => {
+                let y = (candle_core::Module::forward(conv, x)? + residual)?;
+                Ok(if *relu { y.relu()? } else { y })
+            }
+        }
+    }
+}
+
+/// GroupNorm with its affine map (`{prefix}.weight`, `{prefix}.bias`), optionally followed by
+/// SiLU: one fused pass for f32 on the CPU, candle_nn's GroupNorm and candle's SiLU elsewhere.
+pub(crate) struct GroupNorm {
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
+    inner: candle_nn::GroupNorm,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        let (gamma, beta) = (vb.get(channels, "weight")?, vb.get(channels, "bias")?);
+        let cpu = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            Some((gamma.to_vec1()?, beta.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(Self {
+            cpu,
+            inner: candle_nn::GroupNorm::new(gamma, beta, channels, groups, eps)?,
+            groups,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        match &self.cpu {
+            Some((gamma, beta)) if x.dtype() == DType::F32 => {
+                Ok(x.contiguous()?.apply_op1_no_bwd(&CpuGroupNorm {
+                    gamma,
+                    beta,
+                    groups: self.groups,
+                    eps: self.eps,
+                    silu,
+                })?)
+            }
+            _ => {
+                let y = candle_core::Module::forward(&self.inner, x)?;
+                Ok(if silu { y.silu()? } else { y })
+            }
+        }
     }
 }
 

@@ -81,6 +81,36 @@ fn vae_decode_equals_diffusers() {
     assert!(err < 1e-3, "VAE relative error {err}");
 }
 
+/// SD's folder with the VAE swapped for one whose widths change between blocks.
+fn sd_with_vae_widths() -> (tempfile::TempDir, StableDiffusion) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("models/sd_tiny"), dir.path());
+    let vae = dir.path().join("vae");
+    std::fs::remove_dir_all(&vae).unwrap();
+    copy_dir(&fixtures().join("models/vae_widths"), &vae);
+    let model = StableDiffusion::load(
+        &resolve_dir(Role::Synthesiser, dir.path()),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    (dir, model)
+}
+
+#[test]
+fn vae_with_changing_widths_equals_diffusers_at_batch_two_and_one() {
+    let refs = reference("models/vae_widths.reference.safetensors");
+    let (_dir, model) = sd_with_vae_widths();
+    let img = model.decode(&refs["latents"]).unwrap();
+    let err = rel_err(&img, &refs["images"]);
+    assert!(err < 1e-4, "VAE relative error {err}");
+    let one = model
+        .decode(&refs["latents"].narrow(0, 1, 1).unwrap())
+        .unwrap();
+    let err = rel_err(&one, &refs["images"].narrow(0, 1, 1).unwrap());
+    assert!(err < 1e-4, "VAE batch-1 relative error {err}");
+}
+
 #[test]
 fn tiny_decoder_equals_diffusers_autoencoder_tiny() {
     let refs = reference("models/taesd_tiny.reference.safetensors");

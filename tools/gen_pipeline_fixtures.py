@@ -289,6 +289,27 @@ def write_taesd():
     save(MODELS / "taesd_tiny.reference.safetensors", {"latents": latents, "decoded": decoded, "images": images})
 
 
+def write_vae_widths():
+    """An AutoencoderKL whose widths change between blocks (8, 16, 32) as SD's do (128 ... 512),
+    so the decoder's 1x1 shortcut convolutions and its up-block sizes are exercised; the
+    sd_tiny VAE has one width throughout. Its own seed, written alone."""
+    from diffusers import AutoencoderKL
+
+    gen = torch.Generator().manual_seed(6)
+    folder = MODELS / "vae_widths"
+    shutil.rmtree(folder, ignore_errors=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 32),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    scramble(vae, gen, 0.1)
+    vae.save_pretrained(folder, safe_serialization=True)
+    latents = torch.randn((2, 4, 8, 8), generator=gen)
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    images = (decoded / 2 + 0.5).clamp(0, 1)
+    save(MODELS / "vae_widths.reference.safetensors", {"latents": latents, "images": images})
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -298,6 +319,7 @@ def main():
     write_clip(gen)
     write_sd(gen)
     write_taesd()
+    write_vae_widths()
     import diffusers
     import transformers
     versions = json.loads((ROOT / "versions.json").read_text())

@@ -1,14 +1,15 @@
 //! Text-to-image synthesis (METHOD step 3.1): Stable Diffusion 1.x/2.x from a diffusers folder
 //! (`model_index.json`, `scheduler/`, `text_encoder/`, `tokenizer/`, `unet/`, `vae/`), every
-//! part built from its own config. UNet and VAE are candle-transformers'; the CLIP text
-//! encoder, the tokenizer assembly and the schedulers are ours.
+//! part built from its own config. The UNet is candle-transformers'; the CLIP text encoder, the
+//! tokenizer assembly, the VAE's decoder and the schedulers are ours.
 
 pub mod scheduler;
 mod tiny;
+mod vae;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::unet_2d;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Deserialize;
@@ -312,7 +313,6 @@ impl UnetConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 struct VaeConfig {
-    in_channels: usize,
     out_channels: usize,
     block_out_channels: Vec<usize>,
     layers_per_block: usize,
@@ -322,9 +322,9 @@ struct VaeConfig {
     #[serde(default = "d_scaling")]
     scaling_factor: f64,
     #[serde(default = "d_true")]
-    use_quant_conv: bool,
-    #[serde(default = "d_true")]
     use_post_quant_conv: bool,
+    #[serde(default = "d_true")]
+    mid_block_add_attention: bool,
 }
 
 /// How one batch of images is made.
@@ -344,7 +344,7 @@ pub struct StableDiffusion {
     tokenizer: PromptTokenizer,
     text: TextEncoder,
     unet: unet_2d::UNet2DConditionModel,
-    vae: vae::AutoEncoderKL,
+    vae: vae::Decoder,
     scheduler: SchedulerConfig,
     scaling_factor: f64,
     latent_channels: usize,
@@ -381,17 +381,16 @@ impl StableDiffusion {
         )
         .map_err(|e| nn::mismatch(&label, Some(p), &e))?;
         let (vb, p) = weights("vae/diffusion_pytorch_model.safetensors")?;
-        let vae = vae::AutoEncoderKL::new(
-            vb,
-            vae_cfg.in_channels,
-            vae_cfg.out_channels,
-            vae::AutoEncoderKLConfig {
-                block_out_channels: vae_cfg.block_out_channels.clone(),
-                layers_per_block: vae_cfg.layers_per_block,
+        let vae = vae::Decoder::load(
+            &vb,
+            &vae::Shape {
                 latent_channels: vae_cfg.latent_channels,
+                out_channels: vae_cfg.out_channels,
+                block_out_channels: &vae_cfg.block_out_channels,
+                layers_per_block: vae_cfg.layers_per_block,
                 norm_num_groups: vae_cfg.norm_num_groups,
-                use_quant_conv: vae_cfg.use_quant_conv,
                 use_post_quant_conv: vae_cfg.use_post_quant_conv,
+                mid_block_add_attention: vae_cfg.mid_block_add_attention,
             },
         )
         .map_err(|e| nn::mismatch(&label, Some(p), &e))?;
@@ -485,9 +484,10 @@ impl StableDiffusion {
         Ok(latents)
     }
 
-    /// How many latents one VAE decode may take. candle 0.11.1's VAE attention applies a
-    /// Linear to a transposed input, which its CPU matmul gets wrong after the first batch
-    /// element; on CUDA its im2col overflows 32-bit counts from batch 8 (measured on an H200).
+    /// How many latents one VAE decode takes. On the CPU one: a 512 px image's top-level
+    /// tensors are 134 MB each, and every kernel is parallel within an image. On CUDA four:
+    /// candle 0.11.1's conv2d without cuDNN overflows 32-bit im2col counts from batch 8
+    /// (measured on an H200).
     fn vae_chunk(&self) -> usize {
         match self.device {
             Device::Cpu => 1,
@@ -504,7 +504,7 @@ impl StableDiffusion {
             let len = self.vae_chunk().min(n - start);
             let img = self
                 .vae
-                .decode(&x.narrow(0, start, len)?)?
+                .forward(&x.narrow(0, start, len)?)?
                 .to_dtype(DType::F32)?;
             parts.push(
                 ((img / 2.0)? + 0.5)?

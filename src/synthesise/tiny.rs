@@ -3,12 +3,12 @@
 //! cheaper than the VAE's decoder (no GroupNorm, no attention, 64 channels). Its images are
 //! close to the VAE's but not the same, so it is a setting (`decoder = tiny`), off by default.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn;
+use crate::nn::{self, Conv};
 use crate::Result;
 
 #[derive(Debug, Deserialize)]
@@ -36,10 +36,10 @@ fn d_nearest() -> String {
 }
 
 enum Layer {
-    /// A convolution, with ReLU after it when `relu`.
-    Conv(Conv2d, bool),
-    /// `relu(conv(relu(conv(relu(conv(x))))) + x)`.
-    Block([Conv2d; 3]),
+    /// A convolution (its ReLU, where it has one, fused into it).
+    Conv(Conv),
+    /// `relu(conv(relu(conv(relu(conv(x))))) + x)`, every ReLU and the sum fused.
+    Block([Conv; 3]),
     Upsample,
 }
 
@@ -51,16 +51,12 @@ pub struct TinyDecoder {
     dtype: DType,
 }
 
-fn conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
-    }
+fn conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Result<Conv> {
+    Conv::load(&vb, (cin, cout, 3), (1, 1), bias)
+}
+
+fn conv_relu(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Conv> {
+    Ok(conv(vb, cin, cout, true)?.with_relu())
 }
 
 impl TinyDecoder {
@@ -88,19 +84,16 @@ impl TinyDecoder {
         let w = widths[0];
         let build = || -> candle_core::Result<Vec<Layer>> {
             // The indices of diffusers' nn.Sequential: activations and upsampling hold none.
-            let mut layers = vec![Layer::Conv(
-                conv(vb.pp(0), cfg.latent_channels, w, true)?,
-                true,
-            )];
+            let mut layers = vec![Layer::Conv(conv_relu(vb.pp(0), cfg.latent_channels, w)?)];
             let mut i = 2;
             let last = cfg.num_decoder_blocks.len() - 1;
             for (b, &n) in cfg.num_decoder_blocks.iter().enumerate() {
                 for _ in 0..n {
                     let p = vb.pp(i).pp("conv");
                     layers.push(Layer::Block([
-                        conv(p.pp(0), w, w, true)?,
-                        conv(p.pp(2), w, w, true)?,
-                        conv(p.pp(4), w, w, true)?,
+                        conv_relu(p.pp(0), w, w)?,
+                        conv_relu(p.pp(2), w, w)?,
+                        conv_relu(p.pp(4), w, w)?,
                     ]));
                     i += 1;
                 }
@@ -109,7 +102,7 @@ impl TinyDecoder {
                     i += 1;
                 }
                 let out = if b == last { cfg.out_channels } else { w };
-                layers.push(Layer::Conv(conv(vb.pp(i), w, out, b == last)?, false));
+                layers.push(Layer::Conv(conv(vb.pp(i), w, out, b == last)?));
                 i += 1;
             }
             Ok(layers)
@@ -131,18 +124,8 @@ impl TinyDecoder {
         x = ((x / 3.0)?.tanh()? * 3.0)?;
         for layer in &self.layers {
             x = match layer {
-                Layer::Conv(c, relu) => {
-                    let y = c.forward(&x)?;
-                    if *relu {
-                        y.relu()?
-                    } else {
-                        y
-                    }
-                }
-                Layer::Block([a, b, c]) => {
-                    let y = c.forward(&b.forward(&a.forward(&x)?.relu()?)?.relu()?)?;
-                    (y + &x)?.relu()?
-                }
+                Layer::Conv(c) => c.forward(&x)?,
+                Layer::Block([a, b, c]) => c.forward_residual(&b.forward(&a.forward(&x)?)?, &x)?,
                 Layer::Upsample => {
                     let (_, _, h, w) = x.dims4()?;
                     x.upsample_nearest2d(h * self.scale, w * self.scale)?

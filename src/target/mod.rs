@@ -1,7 +1,6 @@
 //! Target networks: the vision models being explained, with their layers addressed by the
 //! PyTorch module names the weights use, and several layers tapped in one forward pass.
 
-mod cpu_ops;
 mod resnet;
 mod vit;
 

@@ -4,30 +4,20 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_core::{DType, Device, Tensor};
 
-use super::cpu_ops::{CpuConv, MaxPool3x3s2};
 use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
+use crate::cpu_ops::MaxPool3x3s2;
 use crate::error::Result;
+use crate::nn;
 use crate::nn::linear;
 
 const BN_EPS: f64 = 1e-5;
 
-/// A convolution with bias and optional ReLU: our fused kernel for f32 on the CPU, candle's
-/// conv2d elsewhere.
-struct Conv {
-    imp: ConvImpl,
-    c_out: usize,
-}
-
-enum ConvImpl {
-    Cpu(CpuConv),
-    Candle { conv: Conv2d, relu: bool },
-}
+/// A convolution of the network, padded by k / 2 as every torchvision ResNet convolution is.
+struct Conv(nn::Conv);
 
 impl Conv {
-    /// `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]`, f32 on the CPU; padding k / 2.
     fn new(
         weight: Tensor,
         bias: Tensor,
@@ -36,31 +26,15 @@ impl Conv {
         dev: &Device,
         dt: DType,
     ) -> Result<Self> {
-        let (c_out, c_in, k, _) = weight.dims4()?;
-        let imp = if dev.is_cpu() && dt == DType::F32 {
-            ConvImpl::Cpu(CpuConv::new(
-                weight.flatten_all()?.to_vec1()?,
-                bias.to_vec1()?,
-                c_in,
-                k,
-                stride,
-                k / 2,
-                relu,
-            ))
-        } else {
-            let cfg = Conv2dConfig {
-                padding: k / 2,
-                stride,
-                ..Default::default()
-            };
-            let conv = Conv2d::new(
-                weight.to_device(dev)?.to_dtype(dt)?,
-                Some(bias.to_device(dev)?.to_dtype(dt)?),
-                cfg,
-            );
-            ConvImpl::Candle { conv, relu }
-        };
-        Ok(Self { imp, c_out })
+        let k = weight.dim(2)?;
+        Ok(Self(nn::Conv::new(
+            weight,
+            bias,
+            (stride, k / 2),
+            relu,
+            dev,
+            dt,
+        )?))
     }
 
     /// Convolution `conv` with BatchNorm `bn` folded into its weights and bias.
@@ -80,23 +54,12 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.imp {
-            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
-            ConvImpl::Candle { conv, relu } => {
-                let y = conv.forward(x)?;
-                Ok(if *relu { y.relu()? } else { y })
-            }
-        }
+        self.0.forward(x)
     }
 
     /// `relu(conv(x) + residual)`: the end of a block, fused on the CPU.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match &self.imp {
-            ConvImpl::Cpu(op) => Ok(x
-                .contiguous()?
-                .apply_op2_no_bwd(&residual.contiguous()?, op)?),
-            ConvImpl::Candle { conv, .. } => Ok((conv.forward(x)? + residual)?.relu()?),
-        }
+        self.0.forward_residual(x, residual)
     }
 }
 
@@ -236,7 +199,12 @@ impl ResNet {
             if s > 0 {
                 hw = conv_out(hw, 3, 2, 1);
             }
-            channels = blocks[0].convs.last().expect("blocks have convs").c_out;
+            channels = blocks[0]
+                .convs
+                .last()
+                .expect("blocks have convs")
+                .0
+                .out_channels();
             layers.push(spatial(&format!("layer{}", s + 1), channels, hw));
             for b in 0..blocks.len() {
                 layers.push(spatial(&format!("layer{}.{b}", s + 1), channels, hw));

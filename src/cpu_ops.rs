@@ -1,10 +1,16 @@
-//! f32 CPU kernels for the target networks' hot spots.
+//! f32 CPU kernels for the convolutional models' hot spots (the target network, SD's VAE, the
+//! tiny decoder).
 //!
-//! Convolution + bias (+ residual, + ReLU) as one fused operation: per image, im2col
-//! into a `[C_in * k * k, H_out * W_out]` buffer (1x1 stride-1 convolutions need none) and one
-//! GEMM that writes NCHW output directly on top of the bias, with the ReLU applied while the
-//! output is still in cache. Images of a batch run in parallel. candle's own CPU conv2d runs
-//! 3x3 convolutions at a third of GEMM speed; this runs them at GEMM speed (docs/PERFORMANCE.md).
+//! Convolution + bias (+ residual, + ReLU) as one fused operation: per image and band of output
+//! rows, im2col into a bounded `[C_in * k * k, rows * W_out]` buffer (1x1 stride-1
+//! convolutions need none) and one GEMM that writes NCHW output directly on top of the bias,
+//! with the ReLU applied while the output is still in cache. Images of a batch run in parallel.
+//! candle's own CPU conv2d runs 3x3 convolutions at a third of GEMM speed and builds the whole
+//! im2col matrix of a batch at once (gigabytes at 512 px); this runs them at GEMM speed in a
+//! few megabytes per thread (docs/PERFORMANCE.md).
+//!
+//! GroupNorm (+ SiLU) in two passes over each group: statistics, then the affine map and the
+//! activation, where candle needs a dozen broadcast operations and temporaries.
 
 use std::cell::RefCell;
 
@@ -15,6 +21,10 @@ thread_local! {
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The im2col buffer of one band holds at most this many floats (16 MiB): every ResNet layer at
+/// 224 px fits in one band; SD's VAE at 512 px takes a few output rows at a time.
+const BAND_FLOATS: usize = 4 << 20;
+
 pub(crate) struct CpuConv {
     /// `[c_out, c_in * k * k]`, row-major.
     weight: Vec<f32>,
@@ -24,7 +34,7 @@ pub(crate) struct CpuConv {
     k: usize,
     stride: usize,
     pad: usize,
-    relu: bool,
+    pub(crate) relu: bool,
 }
 
 impl CpuConv {
@@ -56,26 +66,30 @@ impl CpuConv {
         (size + 2 * self.pad - self.k) / self.stride + 1
     }
 
-    /// Rows `(ci, ky, kx)`, columns output positions; zero where the window leaves the image.
-    fn im2col(&self, x: &[f32], h: usize, w: usize, col: &mut [f32]) {
+    /// Rows `(ci, ky, kx)`, columns the output positions of rows `oy0..oy1`; zero where the
+    /// window leaves the image.
+    fn im2col(&self, x: &[f32], h: usize, w: usize, (oy0, oy1): (usize, usize), col: &mut [f32]) {
         let (k, s, p) = (self.k, self.stride, self.pad);
-        let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let n = oh * ow;
+        let ow = self.out_size(w);
+        let n = (oy1 - oy0) * ow;
+        // Output columns whose input column ix = ox*s + kx - p lies inside [0, w).
+        let cols = |kx: usize| {
+            let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
+            let hi = if w + p > kx {
+                (w + p - kx - 1) / s + 1
+            } else {
+                0
+            }
+            .min(ow);
+            (lo, hi)
+        };
         for ci in 0..self.c_in {
             let plane = &x[ci * h * w..(ci + 1) * h * w];
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &mut col[((ci * k + ky) * k + kx) * n..][..n];
-                    // Output columns whose input column ix = ox*s + kx - p lies inside [0, w).
-                    let ox_lo = p.saturating_sub(kx).div_ceil(s).min(ow);
-                    let ox_hi = if w + p > kx {
-                        (w + p - kx - 1) / s + 1
-                    } else {
-                        0
-                    }
-                    .min(ow);
-                    for oy in 0..oh {
-                        let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    let (ox_lo, ox_hi) = cols(kx);
+                    for (oy, dst) in (oy0..oy1).zip(row.chunks_mut(ow)) {
                         let iy = (oy * s + ky) as isize - p as isize;
                         if iy < 0 || iy >= h as isize || ox_lo >= ox_hi {
                             dst.fill(0.0);
@@ -109,7 +123,8 @@ impl CpuConv {
         out: &mut [f32],
         parallelism: gemm::Parallelism,
     ) {
-        let n = self.out_size(h) * self.out_size(w);
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let n = oh * ow;
         let kk = self.c_in * self.k * self.k;
         match residual {
             Some(r) => {
@@ -123,24 +138,28 @@ impl CpuConv {
                 }
             }
         }
-        let gemm_into = |out: &mut [f32], col: &[f32]| {
-            // SAFETY: row-major [c_out, n] += [c_out, kk] @ [kk, n]; every slice has exactly the
-            // length these strides address, and `out` does not alias the inputs.
+        // out[:, first..first + cols] += weight @ rhs, where rhs is [kk, cols] with row stride
+        // `rhs_stride`: a band of output rows is a column range of the [c_out, n] output.
+        let gemm_into = |out: &mut [f32], first: usize, cols: usize, rhs: &[f32], rhs_stride| {
+            assert!(first + cols <= n && rhs.len() >= (kk - 1) * rhs_stride + cols);
+            // SAFETY: row-major [c_out, n] output (column offset `first`, `cols` columns) +=
+            // [c_out, kk] @ [kk, cols]; the assert above and the weight's length (checked in
+            // `new`) bound every address, and `out` does not alias the inputs.
             unsafe {
                 gemm::gemm(
                     self.c_out,
-                    n,
+                    cols,
                     kk,
-                    out.as_mut_ptr(),
+                    out.as_mut_ptr().add(first),
                     1,
                     n as isize,
                     true,
                     self.weight.as_ptr(),
                     1,
                     kk as isize,
-                    col.as_ptr(),
+                    rhs.as_ptr(),
                     1,
-                    n as isize,
+                    rhs_stride as isize,
                     1.0,
                     1.0,
                     false,
@@ -151,13 +170,18 @@ impl CpuConv {
             }
         };
         if self.k == 1 && self.stride == 1 && self.pad == 0 {
-            gemm_into(out, x);
+            gemm_into(out, 0, n, x, n);
         } else {
+            let rows = (BAND_FLOATS / (kk * ow)).clamp(1, oh);
             // One im2col buffer per thread, reused across calls: no allocation or page faults.
             COL.with_borrow_mut(|buf| {
-                buf.resize(kk * n, 0.0);
-                self.im2col(x, h, w, buf);
-                gemm_into(out, buf);
+                buf.resize(kk * rows * ow, 0.0);
+                for oy0 in (0..oh).step_by(rows) {
+                    let oy1 = (oy0 + rows).min(oh);
+                    let cols = (oy1 - oy0) * ow;
+                    self.im2col(x, h, w, (oy0, oy1), &mut buf[..kk * cols]);
+                    gemm_into(out, oy0 * ow, cols, &buf[..kk * cols], cols);
+                }
             });
         }
         if self.relu {
@@ -226,10 +250,10 @@ impl CpuConv {
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("dnd-cpu-conv2d takes f32 tensors")
+        candle_core::bail!("dnd's CPU kernels take f32 tensors")
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("dnd-cpu-conv2d takes contiguous tensors")
+        candle_core::bail!("dnd's CPU kernels take contiguous tensors")
     };
     Ok(&data[start..end])
 }
@@ -302,10 +326,71 @@ impl CustomOp1 for MaxPool3x3s2 {
     }
 }
 
+/// GroupNorm over (B, C, ...) f32 with a per-channel affine map, then SiLU when `silu`.
+pub(crate) struct CpuGroupNorm<'a> {
+    pub(crate) gamma: &'a [f32],
+    pub(crate) beta: &'a [f32],
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
+}
+
+impl CustomOp1 for CpuGroupNorm<'_> {
+    fn name(&self) -> &'static str {
+        "dnd-cpu-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let dims = layout.shape().dims();
+        let c = dims.get(1).copied().unwrap_or(0);
+        if c != self.gamma.len() || self.groups == 0 || c % self.groups != 0 {
+            candle_core::bail!(
+                "dnd-cpu-group-norm: {c} channels for {} weights in {} groups",
+                self.gamma.len(),
+                self.groups
+            )
+        }
+        let plane: usize = dims[2..].iter().product();
+        let per_group = c / self.groups;
+        let len = per_group * plane;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .enumerate()
+            .for_each(|(i, (o, x))| {
+                // Two passes in f64, as PyTorch's (Welford) statistics are exact to f32 rounding.
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                let first = (i % self.groups) * per_group;
+                for (j, (o, x)) in o.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+                    let scale = (rstd * self.gamma[first + j] as f64) as f32;
+                    let shift = self.beta[first + j] - (mean as f32) * scale;
+                    if self.silu {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            let y = x * scale + shift;
+                            *o = y / (1.0 + (-y).exp());
+                        }
+                    } else {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = x * scale + shift;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     fn max_diff(a: Tensor, b: Tensor) -> f32 {
         (a - b)
@@ -370,6 +455,73 @@ mod tests {
                         "residual {ci}->{co} {k}x{k} s{s} b{batch}: {diff}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn banded_im2col_matches_candle_conv2d() {
+        // 512 channels x 3x3 x 1000 columns needs more than one band per output row.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 512, 3, 1000), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (4, 512, 3, 3), &dev).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        assert!(512 * 9 * 1000 > BAND_FLOATS);
+        for s in [1, 2] {
+            let op = CpuConv::new(
+                w.flatten_all().unwrap().to_vec1().unwrap(),
+                b.to_vec1().unwrap(),
+                512,
+                3,
+                s,
+                1,
+                false,
+            );
+            let want = x.conv2d(&w, 1, s, 1, 1).unwrap();
+            let diff = max_diff(x.apply_op1_no_bwd(&op).unwrap(), want);
+            assert!(diff < 1e-3, "stride {s}: {diff}");
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        for (dims, groups) in [
+            (vec![2, 8, 5, 7], 4),
+            (vec![3, 6, 10], 3),
+            (vec![1, 4, 2, 2], 4),
+        ] {
+            let c = dims[1];
+            // An offset mean, as activations have: the statistics must not lose it.
+            let x = (Tensor::randn(0f32, 3.0, dims.as_slice(), &dev).unwrap() + 5.0).unwrap();
+            let gamma = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let reference =
+                candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-6).unwrap();
+            let want = candle_core::Module::forward(&reference, &x).unwrap();
+            let (g, bt) = (
+                gamma.to_vec1::<f32>().unwrap(),
+                beta.to_vec1::<f32>().unwrap(),
+            );
+            for silu in [false, true] {
+                let op = CpuGroupNorm {
+                    gamma: &g,
+                    beta: &bt,
+                    groups,
+                    eps: 1e-6,
+                    silu,
+                };
+                let got = x.apply_op1_no_bwd(&op).unwrap();
+                let want = if silu {
+                    want.silu().unwrap()
+                } else {
+                    want.clone()
+                };
+                let diff = max_diff(got, want);
+                assert!(
+                    diff < 1e-4,
+                    "{dims:?} in {groups} groups, silu {silu}: {diff}"
+                );
             }
         }
     }

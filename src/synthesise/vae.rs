@@ -1,0 +1,216 @@
+//! The decoder of Stable Diffusion's VAE (diffusers' `AutoencoderKL`: `post_quant_conv`, then
+//! `decoder.*`), ours rather than candle-transformers': its convolutions and GroupNorms take our
+//! fused CPU kernels (banded im2col, GroupNorm+SiLU in one pass), its attention uses only plain
+//! 2-D products (candle's applies a Linear to a transposed input, which candle's CPU matmul gets
+//! wrong after the first image of a batch), and it is where GPU kernels of our own plug in.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::nn::{self, Conv, GroupNorm, Linear};
+use crate::Result;
+
+/// diffusers builds every decoder norm with this epsilon.
+const EPS: f64 = 1e-6;
+
+/// What the decoder's shape depends on, from `vae/config.json`.
+pub(super) struct Shape<'a> {
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: &'a [usize],
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+}
+
+/// diffusers' `ResnetBlock2D` without a time embedding: two GroupNorm+SiLU+conv steps and a
+/// shortcut (a 1x1 convolution when the width changes).
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl ResnetBlock {
+    fn load(
+        vb: &VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::load(&vb.pp("norm1"), groups, c_in, EPS)?,
+            conv1: Conv::load(&vb.pp("conv1"), (c_in, c_out, 3), (1, 1), true)?,
+            norm2: GroupNorm::load(&vb.pp("norm2"), groups, c_out, EPS)?,
+            conv2: Conv::load(&vb.pp("conv2"), (c_out, c_out, 3), (1, 1), true)?,
+            shortcut: (c_in != c_out)
+                .then(|| Conv::load(&vb.pp("conv_shortcut"), (c_in, c_out, 1), (1, 0), true))
+                .transpose()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.norm2.forward(&h, true)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        // The shortcut is added inside the last convolution's output pass.
+        self.conv2.forward_residual(&h, &skip)
+    }
+}
+
+/// diffusers' single-head spatial self-attention of the mid block, residual included.
+struct Attention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+/// A projection under its current diffusers name or the one older checkpoints use
+/// (`to_q`/`query`, ...), stored as a Linear (C, C) or as a 1x1 convolution (C, C, 1, 1).
+fn projection(vb: &VarBuilder, names: [&str; 2], c: usize) -> candle_core::Result<Linear> {
+    let name = if vb.contains_tensor(&format!("{}.weight", names[0])) {
+        names[0]
+    } else {
+        names[1]
+    };
+    let p = vb.pp(name);
+    let w = match p.get((c, c), "weight") {
+        Ok(w) => w,
+        Err(_) => p.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
+    };
+    Ok(Linear::new(w, Some(p.get(c, "bias")?)))
+}
+
+impl Attention {
+    fn load(vb: &VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::load(&vb.pp("group_norm"), groups, c, EPS)?,
+            q: projection(vb, ["to_q", "query"], c)?,
+            k: projection(vb, ["to_k", "key"], c)?,
+            v: projection(vb, ["to_v", "value"], c)?,
+            out: projection(vb, ["to_out.0", "proj_attn"], c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self
+            .norm
+            .forward(x, false)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let heads = |l: &Linear| -> Result<Tensor> { Ok(l.forward(&t)?.unsqueeze(1)?) };
+        let (q, k, v) = (heads(&self.q)?, heads(&self.k)?, heads(&self.v)?);
+        // diffusers upcasts the softmax (upcast_softmax=True): scores in f32 on every device.
+        let y = nn::attention(
+            &q.to_dtype(DType::F32)?,
+            &k.to_dtype(DType::F32)?,
+            &v.to_dtype(DType::F32)?,
+            1.0 / (c as f64).sqrt(),
+            None,
+        )?
+        .to_dtype(x.dtype())?
+        .squeeze(1)?;
+        let y = self
+            .out
+            .forward(&y)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        Ok((y + x)?)
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv>,
+}
+
+/// `post_quant_conv` and the decoder: latents (already divided by the scaling factor) to
+/// images in about [-1, 1].
+pub(super) struct Decoder {
+    post_quant: Option<Conv>,
+    conv_in: Conv,
+    mid: (ResnetBlock, Option<Attention>, ResnetBlock),
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl Decoder {
+    pub(super) fn load(vb: &VarBuilder, s: &Shape) -> candle_core::Result<Self> {
+        let (groups, lat) = (s.norm_num_groups, s.latent_channels);
+        let widths: Vec<usize> = s.block_out_channels.iter().rev().copied().collect();
+        let Some(&top) = widths.first() else {
+            candle_core::bail!("vae config: block_out_channels is empty")
+        };
+        let d = vb.pp("decoder");
+        let m = d.pp("mid_block");
+        let mid = (
+            ResnetBlock::load(&m.pp("resnets.0"), top, top, groups)?,
+            s.mid_block_add_attention
+                .then(|| Attention::load(&m.pp("attentions.0"), top, groups))
+                .transpose()?,
+            ResnetBlock::load(&m.pp("resnets.1"), top, top, groups)?,
+        );
+        let mut up = Vec::new();
+        let mut prev = top;
+        for (i, &width) in widths.iter().enumerate() {
+            let u = d.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=s.layers_per_block)
+                .map(|j| {
+                    let c_in = if j == 0 { prev } else { width };
+                    ResnetBlock::load(&u.pp(format!("resnets.{j}")), c_in, width, groups)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let upsample = (i + 1 < widths.len())
+                .then(|| Conv::load(&u.pp("upsamplers.0.conv"), (width, width, 3), (1, 1), true))
+                .transpose()?;
+            up.push(UpBlock { resnets, upsample });
+            prev = width;
+        }
+        let bottom = *widths.last().expect("not empty");
+        Ok(Self {
+            post_quant: s
+                .use_post_quant_conv
+                .then(|| Conv::load(&vb.pp("post_quant_conv"), (lat, lat, 1), (1, 0), true))
+                .transpose()?,
+            conv_in: Conv::load(&d.pp("conv_in"), (lat, top, 3), (1, 1), true)?,
+            mid,
+            up,
+            norm_out: GroupNorm::load(&d.pp("conv_norm_out"), groups, bottom, EPS)?,
+            conv_out: Conv::load(&d.pp("conv_out"), (bottom, s.out_channels, 3), (1, 1), true)?,
+        })
+    }
+
+    pub(super) fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        let mut x = self.conv_in.forward(&z)?;
+        x = self.mid.0.forward(&x)?;
+        if let Some(a) = &self.mid.1 {
+            x = a.forward(&x)?;
+        }
+        x = self.mid.2.forward(&x)?;
+        for block in &self.up {
+            for r in &block.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = &block.upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&x, true)?)
+    }
+}
