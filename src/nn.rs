@@ -246,6 +246,11 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?)
 }
 
+/// Attention score elements (B x H x T x T) computed at once; above it the batch-heads are
+/// split. candle 0.11.1's CUDA softmax overflows 32-bit indexing above 2^31 elements (SD 1.x at
+/// 512 px from 17 rows), and smaller pieces also bound the memory the scores take.
+const SCORES_AT_ONCE: usize = 1 << 28;
+
 /// softmax(q k^T * scale + mask) v over (B, H, T, D) tensors; the mask, when given, is added
 /// to the scores in their own dtype (candle's BLIP decoder breaks in f16 by adding an f32 one).
 pub(crate) fn attention(
@@ -255,6 +260,45 @@ pub(crate) fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    match mask {
+        Some(_) => attend(q, k, v, scale, mask),
+        None => attention_in_pieces(q, k, v, scale, SCORES_AT_ONCE),
+    }
+}
+
+/// Unmasked attention with at most `at_once` score elements per piece.
+fn attention_in_pieces(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    at_once: usize,
+) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (tk, dv) = (k.dim(2)?, v.dim(3)?);
+    let rows = (at_once / (tq * tk).max(1)).max(1);
+    if b * h <= rows {
+        return attend(q, k, v, scale, None);
+    }
+    let flat = |x: &Tensor, t, d| x.contiguous()?.reshape((b * h, 1, t, d));
+    let (q, k, v) = (flat(q, tq, d)?, flat(k, tk, d)?, flat(v, tk, dv)?);
+    let parts = (0..b * h)
+        .step_by(rows)
+        .map(|i| {
+            let n = rows.min(b * h - i);
+            attend(
+                &q.narrow(0, i, n)?,
+                &k.narrow(0, i, n)?,
+                &v.narrow(0, i, n)?,
+                scale,
+                None,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?.reshape((b, h, tq, dv))?)
+}
+
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
@@ -350,4 +394,32 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(label: &str, path: &Path
 /// The last dimension's argmax per row, as u32.
 pub(crate) fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
     Ok(x.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_in_pieces_equals_attention_at_once() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 6), &dev).unwrap();
+        let whole = attend(&q, &k, &v, 0.5, None).unwrap();
+        // 35 scores per batch-head: pieces of 1, 2 and 6 batch-heads, and all at once.
+        for at_once in [1, 70, 210, 10_000] {
+            let pieces = attention_in_pieces(&q, &k, &v, 0.5, at_once).unwrap();
+            assert_eq!(pieces.dims(), whole.dims());
+            let diff = (&pieces - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "{at_once}: {diff}");
+        }
+    }
 }

@@ -310,6 +310,34 @@ def write_vae_widths():
     save(MODELS / "vae_widths.reference.safetensors", {"latents": latents, "images": images})
 
 
+def write_unet_conv():
+    """A UNet shaped like SD 1.x where sd_tiny's is like SD 2.x: 1x1 convolution projections
+    around the transformers, head counts in the legacy `attention_head_dim` number, widths that
+    change between levels, 4 groups, two layers per block, upcast attention; and its noise
+    prediction at an even (8x8) and an odd (10x10) latent size, the latter taking diffusers'
+    upsample-to-skip-size path. Its own seed, written alone."""
+    from diffusers import UNet2DConditionModel
+
+    gen = torch.Generator().manual_seed(8)
+    folder = MODELS / "unet_conv"
+    shutil.rmtree(folder, ignore_errors=True)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16),
+                                layers_per_block=2,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=24, attention_head_dim=2, norm_num_groups=4,
+                                use_linear_projection=False, upcast_attention=True).eval()
+    scramble(unet, gen, 0.05)
+    unet.save_pretrained(folder, safe_serialization=True)
+    ref = {"context": torch.randn((2, 7, 24), generator=gen)}
+    with torch.no_grad():
+        for side in (8, 10):
+            x = torch.randn((2, 4, side, side), generator=gen)
+            ref[f"latents_{side}"] = x
+            ref[f"noise_{side}"] = unet(x, torch.tensor(321), encoder_hidden_states=ref["context"]).sample
+    save(MODELS / "unet_conv.reference.safetensors", ref)
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -320,6 +348,7 @@ def main():
     write_sd(gen)
     write_taesd()
     write_vae_widths()
+    write_unet_conv()
     import diffusers
     import transformers
     versions = json.loads((ROOT / "versions.json").read_text())

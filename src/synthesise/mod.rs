@@ -3,13 +3,14 @@
 //! part built from its own config. The UNet is candle-transformers'; the CLIP text encoder, the
 //! tokenizer assembly, the VAE's decoder and the schedulers are ours.
 
+mod blocks;
 pub mod scheduler;
 mod tiny;
+mod unet;
 mod vae;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
-use candle_transformers::models::stable_diffusion::unet_2d;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Deserialize;
@@ -193,124 +194,6 @@ fn d_scaling() -> f64 {
 fn d_groups() -> usize {
     32
 }
-fn d_cross_attn_layers() -> serde_json::Value {
-    serde_json::json!(1)
-}
-
-#[derive(Clone, Debug, Deserialize)]
-struct UnetConfig {
-    in_channels: usize,
-    out_channels: usize,
-    sample_size: usize,
-    block_out_channels: Vec<usize>,
-    down_block_types: Vec<String>,
-    up_block_types: Vec<String>,
-    layers_per_block: usize,
-    #[serde(default)]
-    attention_head_dim: Option<serde_json::Value>,
-    #[serde(default)]
-    num_attention_heads: Option<serde_json::Value>,
-    cross_attention_dim: usize,
-    #[serde(default)]
-    use_linear_projection: bool,
-    #[serde(default = "d_groups")]
-    norm_num_groups: usize,
-    #[serde(default)]
-    norm_eps: Option<f64>,
-    #[serde(default)]
-    center_input_sample: bool,
-    #[serde(default = "d_true")]
-    flip_sin_to_cos: bool,
-    #[serde(default)]
-    freq_shift: f64,
-    #[serde(default)]
-    downsample_padding: Option<usize>,
-    #[serde(default)]
-    mid_block_scale_factor: Option<f64>,
-    #[serde(default = "d_cross_attn_layers")]
-    transformer_layers_per_block: serde_json::Value,
-    #[serde(default)]
-    addition_embed_type: Option<String>,
-    #[serde(default)]
-    class_embed_type: Option<String>,
-}
-
-impl UnetConfig {
-    /// candle's config; SDXL-style extras are refused with the reason.
-    fn to_candle(&self) -> std::result::Result<unet_2d::UNet2DConditionModelConfig, String> {
-        if self.addition_embed_type.is_some() || self.class_embed_type.is_some() {
-            return Err("UNets with added/class embeddings (SDXL and kin) are not supported; use an SD 1.x or 2.x checkpoint".into());
-        }
-        if self.norm_num_groups != 32 {
-            // candle-transformers 0.11.1's plain down/up blocks always use 32 groups.
-            return Err(format!(
-                "norm_num_groups {} is not supported (32, as every published SD 1.x/2.x UNet)",
-                self.norm_num_groups
-            ));
-        }
-        let n = self.block_out_channels.len();
-        let per_block = |v: &Option<serde_json::Value>| -> Option<Vec<usize>> {
-            match v.as_ref()? {
-                serde_json::Value::Number(x) => Some(vec![x.as_u64()? as usize; n]),
-                serde_json::Value::Array(a) => {
-                    a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect()
-                }
-                _ => None,
-            }
-        };
-        // diffusers' legacy naming: attention_head_dim holds head counts unless
-        // num_attention_heads is given.
-        let heads = per_block(&self.num_attention_heads)
-            .or_else(|| per_block(&self.attention_head_dim))
-            .unwrap_or(vec![8; n]);
-        let layers =
-            per_block(&Some(self.transformer_layers_per_block.clone())).unwrap_or(vec![1; n]);
-        if heads.len() != n || layers.len() != n || self.down_block_types.len() != n {
-            return Err("block lists of different lengths".into());
-        }
-        let mirrored: Vec<String> = self
-            .down_block_types
-            .iter()
-            .rev()
-            .map(|t| t.replace("Down", "Up"))
-            .collect();
-        if mirrored != self.up_block_types {
-            return Err(format!(
-                "up blocks {:?} do not mirror down blocks {:?}",
-                self.up_block_types, self.down_block_types
-            ));
-        }
-        let blocks = (0..n)
-            .map(|i| {
-                let t = &self.down_block_types[i];
-                Ok(unet_2d::BlockConfig {
-                    out_channels: self.block_out_channels[i],
-                    use_cross_attn: match t.as_str() {
-                        "CrossAttnDownBlock2D" => Some(layers[i]),
-                        "DownBlock2D" => None,
-                        other => return Err(format!("block type {other} is not supported")),
-                    },
-                    attention_head_dim: heads[i],
-                })
-            })
-            .collect::<std::result::Result<_, String>>()?;
-        Ok(unet_2d::UNet2DConditionModelConfig {
-            center_input_sample: self.center_input_sample,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-            blocks,
-            layers_per_block: self.layers_per_block,
-            downsample_padding: self.downsample_padding.unwrap_or(1),
-            mid_block_scale_factor: self.mid_block_scale_factor.unwrap_or(1.0),
-            norm_num_groups: self.norm_num_groups,
-            norm_eps: self.norm_eps.unwrap_or(1e-5),
-            cross_attention_dim: self.cross_attention_dim,
-            sliced_attention_size: None,
-            use_linear_projection: self.use_linear_projection,
-        })
-    }
-}
-
 #[derive(Clone, Debug, Deserialize)]
 struct VaeConfig {
     out_channels: usize,
@@ -343,7 +226,7 @@ pub struct Sampling {
 pub struct StableDiffusion {
     tokenizer: PromptTokenizer,
     text: TextEncoder,
-    unet: unet_2d::UNet2DConditionModel,
+    unet: unet::Unet,
     vae: vae::Decoder,
     scheduler: SchedulerConfig,
     scaling_factor: f64,
@@ -360,26 +243,20 @@ impl StableDiffusion {
         let text_cfg: TextConfig =
             nn::read_json(&label, model.required("text_encoder/config.json"))?;
         let unet_path = model.required("unet/config.json");
-        let unet_cfg: UnetConfig = nn::read_json(&label, unet_path)?;
+        let unet_cfg: unet::Config = nn::read_json(&label, unet_path)?;
         let vae_cfg: VaeConfig = nn::read_json(&label, model.required("vae/config.json"))?;
         let scheduler: SchedulerConfig =
             nn::read_json(&label, model.required("scheduler/scheduler_config.json"))?;
-        let candle_unet = unet_cfg
-            .to_candle()
+        let plan = unet_cfg
+            .plan()
             .map_err(|e| nn::mismatch(&label, Some(unet_path), &e))?;
         let weights = |file: &str| nn::weights(model, file, dtype, device);
         let (vb, p) = weights("text_encoder/model.safetensors")?;
         let text =
             TextEncoder::load(&text_cfg, vb).map_err(|e| nn::mismatch(&label, Some(p), &e))?;
         let (vb, p) = weights("unet/diffusion_pytorch_model.safetensors")?;
-        let unet = unet_2d::UNet2DConditionModel::new(
-            vb,
-            unet_cfg.in_channels,
-            unet_cfg.out_channels,
-            false,
-            candle_unet,
-        )
-        .map_err(|e| nn::mismatch(&label, Some(p), &e))?;
+        let unet = unet::Unet::load(&vb, &unet_cfg, &plan)
+            .map_err(|e| nn::mismatch(&label, Some(p), &e))?;
         let (vb, p) = weights("vae/diffusion_pytorch_model.safetensors")?;
         let vae = vae::Decoder::load(
             &vb,

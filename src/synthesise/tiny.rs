@@ -39,7 +39,7 @@ enum Layer {
     /// A convolution (its ReLU, where it has one, fused into it).
     Conv(Conv),
     /// `relu(conv(relu(conv(relu(conv(x))))) + x)`, every ReLU and the sum fused.
-    Block([Conv; 3]),
+    Block(Box<[Conv; 3]>),
     Upsample,
 }
 
@@ -90,11 +90,11 @@ impl TinyDecoder {
             for (b, &n) in cfg.num_decoder_blocks.iter().enumerate() {
                 for _ in 0..n {
                     let p = vb.pp(i).pp("conv");
-                    layers.push(Layer::Block([
+                    layers.push(Layer::Block(Box::new([
                         conv_relu(p.pp(0), w, w)?,
                         conv_relu(p.pp(2), w, w)?,
                         conv_relu(p.pp(4), w, w)?,
-                    ]));
+                    ])));
                     i += 1;
                 }
                 if b != last {
@@ -125,7 +125,10 @@ impl TinyDecoder {
         for layer in &self.layers {
             x = match layer {
                 Layer::Conv(c) => c.forward(&x)?,
-                Layer::Block([a, b, c]) => c.forward_residual(&b.forward(&a.forward(&x)?)?, &x)?,
+                Layer::Block(convs) => {
+                    let [a, b, c] = &**convs;
+                    c.forward_residual(&b.forward(&a.forward(&x)?)?, &x)?
+                }
                 Layer::Upsample => {
                     let (_, _, h, w) = x.dims4()?;
                     x.upsample_nearest2d(h * self.scale, w * self.scale)?

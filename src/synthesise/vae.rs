@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::blocks::{Norms, ResnetBlock};
 use crate::nn::{self, Conv, GroupNorm, Linear};
 use crate::Result;
 
@@ -22,46 +23,6 @@ pub(super) struct Shape<'a> {
     pub norm_num_groups: usize,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
-}
-
-/// diffusers' `ResnetBlock2D` without a time embedding: two GroupNorm+SiLU+conv steps and a
-/// shortcut (a 1x1 convolution when the width changes).
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv,
-    norm2: GroupNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
-}
-
-impl ResnetBlock {
-    fn load(
-        vb: &VarBuilder,
-        c_in: usize,
-        c_out: usize,
-        groups: usize,
-    ) -> candle_core::Result<Self> {
-        Ok(Self {
-            norm1: GroupNorm::load(&vb.pp("norm1"), groups, c_in, EPS)?,
-            conv1: Conv::load(&vb.pp("conv1"), (c_in, c_out, 3), (1, 1), true)?,
-            norm2: GroupNorm::load(&vb.pp("norm2"), groups, c_out, EPS)?,
-            conv2: Conv::load(&vb.pp("conv2"), (c_out, c_out, 3), (1, 1), true)?,
-            shortcut: (c_in != c_out)
-                .then(|| Conv::load(&vb.pp("conv_shortcut"), (c_in, c_out, 1), (1, 0), true))
-                .transpose()?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
-        let h = self.norm2.forward(&h, true)?;
-        let skip = match &self.shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        // The shortcut is added inside the last convolution's output pass.
-        self.conv2.forward_residual(&h, &skip)
-    }
 }
 
 /// diffusers' single-head spatial self-attention of the mid block, residual included.
@@ -148,6 +109,9 @@ pub(super) struct Decoder {
 impl Decoder {
     pub(super) fn load(vb: &VarBuilder, s: &Shape) -> candle_core::Result<Self> {
         let (groups, lat) = (s.norm_num_groups, s.latent_channels);
+        let norms = Norms { groups, eps: EPS };
+        let resnet =
+            |vb: &VarBuilder, c_in, c_out| ResnetBlock::load(vb, (c_in, c_out), norms, None, 1.0);
         let widths: Vec<usize> = s.block_out_channels.iter().rev().copied().collect();
         let Some(&top) = widths.first() else {
             candle_core::bail!("vae config: block_out_channels is empty")
@@ -155,11 +119,11 @@ impl Decoder {
         let d = vb.pp("decoder");
         let m = d.pp("mid_block");
         let mid = (
-            ResnetBlock::load(&m.pp("resnets.0"), top, top, groups)?,
+            resnet(&m.pp("resnets.0"), top, top)?,
             s.mid_block_add_attention
                 .then(|| Attention::load(&m.pp("attentions.0"), top, groups))
                 .transpose()?,
-            ResnetBlock::load(&m.pp("resnets.1"), top, top, groups)?,
+            resnet(&m.pp("resnets.1"), top, top)?,
         );
         let mut up = Vec::new();
         let mut prev = top;
@@ -168,7 +132,7 @@ impl Decoder {
             let resnets = (0..=s.layers_per_block)
                 .map(|j| {
                     let c_in = if j == 0 { prev } else { width };
-                    ResnetBlock::load(&u.pp(format!("resnets.{j}")), c_in, width, groups)
+                    resnet(&u.pp(format!("resnets.{j}")), c_in, width)
                 })
                 .collect::<candle_core::Result<_>>()?;
             let upsample = (i + 1 < widths.len())
@@ -197,14 +161,14 @@ impl Decoder {
             None => z.clone(),
         };
         let mut x = self.conv_in.forward(&z)?;
-        x = self.mid.0.forward(&x)?;
+        x = self.mid.0.forward(&x, None)?;
         if let Some(a) = &self.mid.1 {
             x = a.forward(&x)?;
         }
-        x = self.mid.2.forward(&x)?;
+        x = self.mid.2.forward(&x, None)?;
         for block in &self.up {
             for r in &block.resnets {
-                x = r.forward(&x)?;
+                x = r.forward(&x, None)?;
             }
             if let Some(conv) = &block.upsample {
                 let (_, _, h, w) = x.dims4()?;
