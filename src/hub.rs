@@ -253,14 +253,24 @@ pub struct ResolvedModel {
     pub source: ModelSource,
     files: BTreeMap<&'static str, PathBuf>,
     /// Weights drawn at random instead of read (for `dnd bench`).
-    random_weights: bool,
+    random_weights: Option<Draw>,
+}
+
+/// How random weights are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Draw {
+    /// On the model's device, unseeded: fastest, for timing.
+    Fast,
+    /// On the CPU from a seed per tensor name, then moved: the same values on every device,
+    /// for comparing devices.
+    Seeded,
 }
 
 impl ResolvedModel {
     /// A model whose configs and tokenizers are in `dir` (Hugging Face layout) and whose
     /// weights are drawn at random when it loads, for `dnd bench`: the real architecture at
     /// its real size with no weights file to download.
-    pub fn random(role: Role, dir: &Path) -> Result<Self> {
+    pub fn random(role: Role, dir: &Path, draw: Draw) -> Result<Self> {
         let source = ModelSource::Local(dir.to_path_buf());
         let mut files = BTreeMap::new();
         for spec in role.files() {
@@ -280,12 +290,12 @@ impl ResolvedModel {
             role,
             source,
             files,
-            random_weights: true,
+            random_weights: Some(draw),
         })
     }
 
-    /// The weights are drawn at random rather than read from the files.
-    pub fn random_weights(&self) -> bool {
+    /// How the weights are drawn, when they are random rather than read from the files.
+    pub fn random_weights(&self) -> Option<Draw> {
         self.random_weights
     }
 
@@ -400,7 +410,7 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
         role,
         source: source.clone(),
         files,
-        random_weights: false,
+        random_weights: None,
     })
 }
 

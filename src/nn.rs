@@ -9,9 +9,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Shape, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_distr::Distribution;
 
 use crate::cpu_ops::{CpuConv, CpuGroupNorm};
-use crate::hub::ResolvedModel;
+use crate::hub::{Draw, ResolvedModel};
 
 use crate::{Error, Result};
 
@@ -299,7 +301,8 @@ fn attention_in_pieces(
 }
 
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // Scaled before the product: a pass over (B, H, T, D) rather than over the T x T scores.
+    let scores = (q * scale)?.matmul(&k.t()?.contiguous()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
@@ -325,8 +328,8 @@ pub(crate) fn weights<'a>(
     device: &Device,
 ) -> Result<(VarBuilder<'static>, &'a Path)> {
     let path = model.required(file);
-    if model.random_weights() {
-        let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights);
+    if let Some(draw) = model.random_weights() {
+        let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights(draw));
         return Ok((
             VarBuilder::from_backend(backend, dtype, device.clone()),
             path,
@@ -341,7 +344,7 @@ pub(crate) fn weights<'a>(
 /// Weights of any name and shape: N(0, 0.02) matrices, unit norm scales, zero biases. Timing
 /// does not depend on the values, and these keep activations in range (no overflow to inf,
 /// no underflow to slow denormals).
-struct RandomWeights;
+struct RandomWeights(Draw);
 
 impl SimpleBackend for RandomWeights {
     fn get(
@@ -358,7 +361,20 @@ impl SimpleBackend for RandomWeights {
         let t = match s.rank() {
             1 if name.ends_with("weight") => Tensor::ones(s, DType::F32, dev)?,
             1 => Tensor::zeros(s, DType::F32, dev)?,
-            _ => Tensor::randn(0f32, 0.02, s, dev)?,
+            _ if self.0 == Draw::Fast => Tensor::randn(0f32, 0.02, s, dev)?,
+            _ => {
+                // FNV-1a of the name: the same tensor for the same name on every device.
+                let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+                });
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let v: Vec<f32> = rand_distr::StandardNormal
+                    .sample_iter(&mut rng)
+                    .take(s.elem_count())
+                    .map(|x: f32| 0.02 * x)
+                    .collect();
+                Tensor::from_vec(v, s, &Device::Cpu)?.to_device(dev)?
+            }
         };
         t.to_dtype(dtype)
     }

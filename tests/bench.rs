@@ -91,3 +91,56 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "{out}"
     );
 }
+
+#[test]
+fn check_compares_every_model_family_from_seeded_weights() {
+    // The CPU in f16 stands in for a device: every output differs from f32 a little (a real
+    // comparison) and within the f16 tolerance (the seeded random weights are the same on every
+    // load; different weights would differ by about 100%).
+    let home = tempfile::tempdir().unwrap();
+    let json = home.path().join("check.json");
+    let o = dnd(
+        home.path(),
+        &[
+            "bench",
+            "--check",
+            "--quick",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f16",
+            "--json",
+            &json.display().to_string(),
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let checks: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in [
+        "resnet50.layer4.b3",
+        "resnet50.fc.b3",
+        "clip-vit-b16.embed.b3",
+        "blip-large.logits.b3",
+        "blip-base.logits.b3",
+        "sd-turbo.text.b3",
+        "sd-turbo.unet.b3",
+        "sd-turbo.vae.b5",
+        "sd-v1-4.unet.b3",
+        "sd-v1-4.vae.b5",
+        "taesd.decode.b3",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+        assert!(err.contains(want), "{want} missing from the lines:\n{err}");
+    }
+    for c in &checks {
+        let e = c["error"].as_f64().unwrap();
+        assert!(e > 0.0 && e <= 2e-2, "{c}");
+        assert_eq!(c["tolerance"].as_f64(), Some(2e-2), "{c}");
+    }
+    assert!(
+        out.contains(&format!("all {} checks passed", checks.len())),
+        "{out}"
+    );
+}

@@ -407,10 +407,7 @@ impl Blip {
     /// preprocessed images (B, 3, S, S), as transformers' `generate` returns them.
     pub fn generate(&self, pixels: &Tensor, gen: &Generation) -> Result<Vec<Vec<u32>>> {
         let b = pixels.dim(0)?;
-        let image = self
-            .vision
-            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        let mut cache = self.text.cache(&image)?;
+        let mut cache = self.start(pixels)?;
         let (bos, eos, pad) = (
             self.cfg.bos_token_id,
             self.cfg.sep_token_id,
@@ -443,6 +440,37 @@ impl Blip {
             next = Tensor::from_vec(last, (b, 1), &self.device)?;
         }
         Ok(seqs)
+    }
+
+    /// The text decoder's cache for a batch of preprocessed images.
+    fn start(&self, pixels: &Tensor) -> Result<Cache> {
+        let image = self
+            .vision
+            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        self.text.cache(&image)
+    }
+
+    /// The decoder's logits (B, steps, vocab), f32, at each step when fed `ids` (start token
+    /// first, one row per image): what `generate` chooses from, for comparing devices.
+    pub fn logits(&self, pixels: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let mut cache = self.start(pixels)?;
+        let steps = ids
+            .iter()
+            .map(Vec::len)
+            .min()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        let mut out = Vec::with_capacity(steps);
+        for step in 0..steps {
+            let column: Vec<u32> = ids.iter().map(|row| row[step]).collect();
+            let next = Tensor::from_vec(column, (ids.len(), 1), &self.device)?;
+            out.push(
+                self.text
+                    .step(&next, step, &mut cache)?
+                    .to_dtype(DType::F32)?,
+            );
+        }
+        Ok(Tensor::stack(&out, 1)?)
     }
 
     /// The text of greedy ids, special tokens dropped.

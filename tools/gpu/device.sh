@@ -32,8 +32,12 @@ if ls "$HERE"/../.whl/*.whl >/dev/null 2>&1; then
 fi
 part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 
-# dnd, cuDNN build: the rows of the PyTorch table first, then whole generations, then per neuron.
+# dnd, cuDNN build: first that the device computes what the CPU does (f32 and f16, reduced
+# sizes), and that full-size batches equal their rows alone (candle's large-batch bugs); then
+# the rows of the PyTorch table, whole generations, per neuron.
 V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
+bench $V check-f32 60 --check --quick --dtype f32
+bench $V check-f16 90 --check
 bench $V bench-models 200 --runs 5 --budget 10 \
   --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast

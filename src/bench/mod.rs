@@ -19,13 +19,15 @@ use crate::caption::{Blip, Generation};
 use crate::clip::ClipVision;
 use crate::config::{self, Preset, Settings, SettingsArgs};
 use crate::error::{Error, Result};
-use crate::hub::{ResolvedModel, Role};
+use crate::hub::{Draw, ResolvedModel, Role};
 use crate::pipeline::{self, Job, ModelId, ModelIds, Models, Params};
 use crate::probe::ProbeSet;
 use crate::store::Store;
 use crate::summarise::{BoxFuture, Llm, LlmError, Message};
 use crate::synthesise::{Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{random_resnet_weights, ResNet, Target, Weights};
+
+pub mod check;
 
 /// What to measure and how hard.
 #[derive(Clone, Debug)]
@@ -93,9 +95,10 @@ pub fn run(
     let mut b = Bench {
         device: device.clone(),
         dtype,
+        draw: Draw::Fast,
         opts: opts.clone(),
         rows: Vec::new(),
-        on_row,
+        on_row: Box::new(|r: &Row| on_row(r)),
     };
     b.prepare()?;
     b.target()?;
@@ -115,9 +118,10 @@ pub fn run(
 struct Bench<'a> {
     device: Device,
     dtype: DType,
+    draw: Draw,
     opts: Options,
     rows: Vec<Row>,
-    on_row: &'a mut dyn FnMut(&Row),
+    on_row: Box<dyn FnMut(&Row) + 'a>,
 }
 
 /// Sizes of one mode.
@@ -149,7 +153,7 @@ const QUICK: Sizes = Sizes {
 
 macro_rules! assets {
     ($($mode:literal / $path:literal),* $(,)?) => {
-        &[$(($mode, $path, include_str!(concat!("../assets/bench/", $mode, "/", $path)))),*]
+        &[$(($mode, $path, include_str!(concat!("../../assets/bench/", $mode, "/", $path)))),*]
     };
 }
 
@@ -223,6 +227,12 @@ impl Bench<'_> {
     /// Writes the configs, synthetic tokenizers of the real vocabulary sizes (the weights are
     /// random, so the words are too), and a folder of JPEG probing images.
     fn prepare(&mut self) -> Result<()> {
+        self.prepare_models()?;
+        probe_images(&self.opts.work.join("probe"), self.sizes().images)
+    }
+
+    /// The configs and tokenizers alone.
+    fn prepare_models(&mut self) -> Result<()> {
         let mode = if self.opts.quick { "quick" } else { "full" };
         let dir = self.models_dir();
         for (m, path, text) in CONFIGS {
@@ -238,29 +248,34 @@ impl Bench<'_> {
         for sd in ["sd-turbo", "sd-v1-4"] {
             clip_vocab(&dir.join(sd).join("tokenizer"))?;
         }
-        probe_images(&self.opts.work.join("probe"), self.sizes().images)
+        Ok(())
     }
 
     fn model(&self, role: Role, name: &str) -> Result<ResolvedModel> {
-        ResolvedModel::random(role, &self.models_dir().join(name))
+        ResolvedModel::random(role, &self.models_dir().join(name), self.draw)
     }
 
     fn random_target(&self) -> Result<Target> {
-        let dir = self.models_dir().join("resnet50");
-        let config: serde_json::Value = crate::nn::read_json("resnet50", &dir.join("config.json"))?;
-        let preprocess = crate::probe::Preprocess::from_timm_config(&config)
-            .expect("the bench config has a pretrained_cfg");
         let weights = Weights::from_tensors(
             "resnet50 (random)",
             "memory",
             random_resnet_weights(50, 1000)?,
         )?;
+        self.target_on(&weights, &self.device, self.dtype)
+    }
+
+    /// ResNet-50 with `weights`, preprocessing from the bench config.
+    fn target_on(&self, weights: &Weights, device: &Device, dtype: DType) -> Result<Target> {
+        let dir = self.models_dir().join("resnet50");
+        let config: serde_json::Value = crate::nn::read_json("resnet50", &dir.join("config.json"))?;
+        let preprocess = crate::probe::Preprocess::from_timm_config(&config)
+            .expect("the bench config has a pretrained_cfg");
         Ok(Target {
             net: Box::new(ResNet::load(
-                &weights,
+                weights,
                 preprocess.crop as usize,
-                &self.device,
-                self.dtype,
+                device,
+                dtype,
             )?),
             preprocess,
             name: "resnet50 (random weights)".into(),
