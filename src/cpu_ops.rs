@@ -388,11 +388,12 @@ impl CustomOp1 for CpuGroupNorm<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
 
-    fn max_diff(a: Tensor, b: Tensor) -> f32 {
+    /// The largest absolute difference of two f32 tensors.
+    pub(crate) fn max_diff(a: Tensor, b: Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

@@ -427,14 +427,7 @@ mod tests {
         for at_once in [1, 70, 210, 10_000] {
             let pieces = attention_in_pieces(&q, &k, &v, 0.5, at_once).unwrap();
             assert_eq!(pieces.dims(), whole.dims());
-            let diff = (&pieces - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::cpu_ops::tests::max_diff(pieces, whole.clone());
             assert!(diff < 1e-6, "{at_once}: {diff}");
         }
     }

@@ -112,8 +112,12 @@ impl Config {
         }
         let unsupported = [
             (
-                !matches!(self.only_cross_attention, serde_json::Value::Null)
-                    && self.only_cross_attention != serde_json::json!(false),
+                // false, or one false per block
+                match &self.only_cross_attention {
+                    serde_json::Value::Null | serde_json::Value::Bool(false) => false,
+                    serde_json::Value::Array(a) => a.iter().any(|v| v != &serde_json::json!(false)),
+                    _ => true,
+                },
                 "only_cross_attention",
             ),
             (self.dual_cross_attention, "dual_cross_attention"),
@@ -599,5 +603,56 @@ impl Unet {
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&h, true)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(changes: serde_json::Value) -> Config {
+        let mut v: serde_json::Value = serde_json::from_str(include_str!(
+            "../../assets/bench/full/sd-v1-4/unet/config.json"
+        ))
+        .unwrap();
+        for (k, x) in changes.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn plans_sd1_and_refuses_other_unets_with_the_reason() {
+        let plan = config(serde_json::json!({})).plan().unwrap();
+        assert_eq!(plan.heads, vec![8; 4]);
+        assert_eq!(plan.cross, vec![true, true, true, false]);
+        let ok = config(serde_json::json!({"only_cross_attention": [false, false, false, false]}));
+        assert!(ok.plan().is_ok());
+        for (change, says) in [
+            (
+                serde_json::json!({"addition_embed_type": "text_time"}),
+                "SDXL",
+            ),
+            (
+                serde_json::json!({"only_cross_attention": true}),
+                "only_cross_attention",
+            ),
+            (
+                serde_json::json!({"resnet_time_scale_shift": "scale_shift"}),
+                "resnet_time_scale_shift",
+            ),
+            (
+                serde_json::json!({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}),
+                "mid block",
+            ),
+            (
+                serde_json::json!({"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}),
+                "SimpleCrossAttnDownBlock2D",
+            ),
+            (serde_json::json!({"norm_num_groups": 48}), "groups"),
+        ] {
+            let e = config(change.clone()).plan().err().unwrap_or_default();
+            assert!(e.contains(says), "{change}: {e}");
+        }
     }
 }
