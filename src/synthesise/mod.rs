@@ -1,7 +1,8 @@
 //! Text-to-image synthesis (METHOD step 3.1): Stable Diffusion 1.x/2.x from a diffusers folder
 //! (`model_index.json`, `scheduler/`, `text_encoder/`, `tokenizer/`, `unet/`, `vae/`), every
-//! part built from its own config. The UNet is candle-transformers'; the CLIP text encoder, the
-//! tokenizer assembly, the VAE's decoder and the schedulers are ours.
+//! part built from its own config. Every part is ours, on candle-core/nn: the CLIP text encoder,
+//! the tokenizer assembly, the UNet (`unet.rs`), the VAE's decoder (`vae.rs`), the blocks they
+//! share (`blocks.rs`) and the schedulers.
 
 mod blocks;
 pub mod scheduler;
