@@ -62,6 +62,15 @@ impl CpuConv {
         }
     }
 
+    /// `[c_out, c_in * k * k]`, row-major.
+    pub(crate) fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    pub(crate) fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
     fn out_size(&self, size: usize) -> usize {
         (size + 2 * self.pad - self.k) / self.stride + 1
     }
@@ -245,6 +254,151 @@ impl CpuConv {
             }
         }
         Ok((CpuStorage::F32(out), out_shape))
+    }
+}
+
+/// Nearest 2x upsampling followed by a 3x3 convolution (stride 1, padding 1), as SD's VAE and
+/// TAESD upsample, computed on the small input: each of the four output phases (even/odd row,
+/// even/odd column) is a 2x2 convolution whose taps are sums of the 3x3 taps, so the work is
+/// 16/36 of convolving the upsampled image, which is never built.
+pub(crate) struct CpuUpConv {
+    /// Phase `2 * py + px`: a 2x2 convolution with padding 1 whose output row t, column u
+    /// is output pixel (2 (t - py) + py, 2 (u - px) + px).
+    phases: Vec<CpuConv>,
+    bias: Vec<f32>,
+}
+
+impl CpuUpConv {
+    /// `weight` is the 3x3 convolution's `[c_out, c_in, 3, 3]`, row-major.
+    pub(crate) fn new(weight: &[f32], bias: Vec<f32>, c_in: usize) -> Self {
+        let c_out = bias.len();
+        assert_eq!(weight.len(), c_out * c_in * 9, "conv weight shape");
+        // Which 3x3 taps land on small-image offset 0 or 1 of the 2x2 window, per phase: even
+        // rows see rows (i-1, i) through taps (0 | 1+2), odd rows (i, i+1) through (0+1 | 2).
+        let taps = |phase: usize, d: usize| -> &'static [usize] {
+            match (phase, d) {
+                (0, 0) => &[0],
+                (0, _) => &[1, 2],
+                (_, 0) => &[0, 1],
+                _ => &[2],
+            }
+        };
+        let phases = (0..4)
+            .map(|ph| {
+                let (py, px) = (ph / 2, ph % 2);
+                let mut w2 = vec![0f32; c_out * c_in * 4];
+                for (o, chunk) in w2.chunks_mut(4).enumerate() {
+                    let w3 = &weight[o * 9..o * 9 + 9];
+                    for (d, v) in chunk.iter_mut().enumerate() {
+                        let (dy, dx) = (d / 2, d % 2);
+                        *v = taps(py, dy)
+                            .iter()
+                            .flat_map(|&ky| taps(px, dx).iter().map(move |&kx| w3[ky * 3 + kx]))
+                            .sum();
+                    }
+                }
+                CpuConv::new(w2, vec![0.0; c_out], c_in, 2, 1, 1, false)
+            })
+            .collect();
+        Self { phases, bias }
+    }
+
+    /// One image: `x` is `[c_in, h, w]`, `out` is `[c_out, 2h, 2w]`.
+    fn image(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], par: gemm::Parallelism) {
+        let (oh, ow) = (2 * h, 2 * w);
+        let n = oh * ow;
+        for (o, &b) in out.chunks_mut(n).zip(&self.bias) {
+            o.fill(b);
+        }
+        let first = &self.phases[0];
+        let kk = first.c_in * 4;
+        // The 2x2 convolutions' outputs are (h + 1) x (w + 1); each phase uses h x w of them.
+        let cw = w + 1;
+        let rows = (BAND_FLOATS / (kk * cw)).clamp(1, h);
+        COL.with_borrow_mut(|buf| {
+            for (ph, conv) in self.phases.iter().enumerate() {
+                let (py, px) = (ph / 2, ph % 2);
+                for t0 in (py..py + h).step_by(rows) {
+                    let t1 = (t0 + rows).min(py + h);
+                    let cols = (t1 - t0) * cw;
+                    buf.resize(buf.len().max(kk * cols), 0.0);
+                    conv.im2col(x, h, w, (t0, t1), &mut buf[..kk * cols]);
+                    for t in t0..t1 {
+                        let oy = 2 * (t - py) + py;
+                        let rhs = (t - t0) * cw + px;
+                        assert!(rhs + (kk - 1) * cols + w <= kk * cols);
+                        assert!(oy * ow + px + 2 * (w - 1) + (conv.c_out - 1) * n < out.len());
+                        // SAFETY: out[:, oy, px::2] (c_out rows of stride n, w columns of
+                        // stride 2) += weight [c_out, kk] @ col[:, rhs..rhs + w] (row stride
+                        // cols); the asserts bound both, and nothing aliases.
+                        unsafe {
+                            gemm::gemm(
+                                conv.c_out,
+                                w,
+                                kk,
+                                out.as_mut_ptr().add(oy * ow + px),
+                                2,
+                                n as isize,
+                                true,
+                                conv.weight.as_ptr(),
+                                1,
+                                kk as isize,
+                                buf.as_ptr().add(rhs),
+                                1,
+                                cols as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                par,
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl CustomOp1 for CpuUpConv {
+    fn name(&self) -> &'static str {
+        "dnd-cpu-upsample2x-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let first = &self.phases[0];
+        if c != first.c_in {
+            candle_core::bail!(
+                "{}: input has {c} channels, weights expect {}",
+                self.name(),
+                first.c_in
+            )
+        }
+        let per_out = first.c_out * 4 * h * w;
+        let per_in = c * h * w;
+        let mut out = vec![0f32; b * per_out];
+        let threads = rayon::current_num_threads();
+        if b >= threads {
+            out.par_chunks_mut(per_out).enumerate().for_each(|(i, o)| {
+                self.image(&x[i * per_in..][..per_in], h, w, o, gemm::Parallelism::None)
+            });
+        } else {
+            for (i, o) in out.chunks_mut(per_out).enumerate() {
+                let par = gemm::Parallelism::Rayon(threads);
+                self.image(&x[i * per_in..][..per_in], h, w, o, par);
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, first.c_out, 2 * h, 2 * w)),
+        ))
     }
 }
 
@@ -524,6 +678,32 @@ pub(crate) mod tests {
                     "{dims:?} in {groups} groups, silu {silu}: {diff}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn upsampled_conv_matches_upsample_then_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (b, ci, co, h, w) in [(1, 3, 5, 4, 6), (3, 4, 2, 5, 5), (2, 6, 3, 1, 7)] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let want = x
+                .upsample_nearest2d(2 * h, 2 * w)
+                .unwrap()
+                .conv2d(&wt, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let op = CpuUpConv::new(
+                &wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                bias.to_vec1().unwrap(),
+                ci,
+            );
+            let got = x.apply_op1_no_bwd(&op).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_diff(got, want);
+            assert!(diff < 1e-4, "b{b} {ci}->{co} {h}x{w}: {diff}");
         }
     }
 

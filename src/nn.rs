@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-use crate::cpu_ops::{CpuConv, CpuGroupNorm};
+use crate::cpu_ops::{CpuConv, CpuGroupNorm, CpuUpConv};
 use crate::hub::{Draw, ResolvedModel};
 
 use crate::{Error, Result};
@@ -74,7 +74,16 @@ pub(crate) struct Conv {
 
 enum ConvImpl {
     Cpu(CpuConv),
-    Candle { conv: candle_nn::Conv2d, relu: bool },
+    /// Nearest 2x upsampling, then this 3x3 convolution, fused on the CPU.
+    CpuUp {
+        op: CpuUpConv,
+        relu: bool,
+    },
+    Candle {
+        conv: candle_nn::Conv2d,
+        relu: bool,
+        upsample: bool,
+    },
 }
 
 impl Conv {
@@ -111,9 +120,37 @@ impl Conv {
                 Some(bias.to_device(dev)?.to_dtype(dt)?),
                 cfg,
             );
-            ConvImpl::Candle { conv, relu }
+            ConvImpl::Candle {
+                conv,
+                relu,
+                upsample: false,
+            }
         };
         Ok(Self { imp, c_out })
+    }
+
+    /// Nearest 2x upsampling followed by the 3x3 convolution (padding 1) at `{prefix}`, as SD's
+    /// VAE and TAESD upsample: on the CPU in f32 computed on the small input, elsewhere
+    /// upsampled, then convolved.
+    pub(crate) fn load_upsampling(
+        vb: &VarBuilder,
+        (c_in, c_out): (usize, usize),
+        bias: bool,
+    ) -> candle_core::Result<Self> {
+        let mut conv = Self::load(vb, (c_in, c_out, 3), (1, 1), bias)?;
+        conv.imp = match conv.imp {
+            ConvImpl::Cpu(op) => ConvImpl::CpuUp {
+                op: CpuUpConv::new(op.weight(), op.bias().to_vec(), c_in),
+                relu: false,
+            },
+            ConvImpl::Candle { conv, relu, .. } => ConvImpl::Candle {
+                conv,
+                relu,
+                upsample: true,
+            },
+            up @ ConvImpl::CpuUp { .. } => up,
+        };
+        Ok(conv)
     }
 
     /// A square `k`x`k` convolution from `{prefix}.weight` and `{prefix}.bias`, no ReLU.
@@ -143,7 +180,7 @@ impl Conv {
     pub(crate) fn with_relu(mut self) -> Self {
         match &mut self.imp {
             ConvImpl::Cpu(op) => op.relu = true,
-            ConvImpl::Candle { relu, .. } => *relu = true,
+            ConvImpl::CpuUp { relu, .. } | ConvImpl::Candle { relu, .. } => *relu = true,
         }
         self
     }
@@ -155,10 +192,7 @@ impl Conv {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.imp {
             ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
-            ConvImpl::Candle { conv, relu } => {
-                let y = candle_core::Module::forward(conv, x)?;
-                Ok(if *relu { y.relu()? } else { y })
-            }
+            _ => self.relu_if_set(self.unfused(x)?),
         }
     }
 
@@ -169,11 +203,33 @@ impl Conv {
             ConvImpl::Cpu(op) => Ok(x
                 .contiguous()?
                 .apply_op2_no_bwd(&residual.contiguous()?, op)?),
-            ConvImpl::Candle { conv, relu } => {
-                let y = (candle_core::Module::forward(conv, x)? + residual)?;
-                Ok(if *relu { y.relu()? } else { y })
+            _ => self.relu_if_set((self.unfused(x)? + residual)?),
+        }
+    }
+
+    /// The convolution alone, where its ReLU and residual are separate ops.
+    fn unfused(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.imp {
+            ConvImpl::Cpu(_) => unreachable!("the CPU convolution fuses everything"),
+            ConvImpl::CpuUp { op, .. } => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
+            ConvImpl::Candle { conv, upsample, .. } => {
+                let x = if *upsample {
+                    let (_, _, h, w) = x.dims4()?;
+                    x.upsample_nearest2d(2 * h, 2 * w)?
+                } else {
+                    x.clone()
+                };
+                Ok(candle_core::Module::forward(conv, &x)?)
             }
         }
+    }
+
+    fn relu_if_set(&self, y: Tensor) -> Result<Tensor> {
+        let on = match &self.imp {
+            ConvImpl::Cpu(op) => op.relu,
+            ConvImpl::CpuUp { relu, .. } | ConvImpl::Candle { relu, .. } => *relu,
+        };
+        Ok(if on { y.relu()? } else { y })
     }
 }
 

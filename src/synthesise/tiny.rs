@@ -97,12 +97,21 @@ impl TinyDecoder {
                     ])));
                     i += 1;
                 }
-                if b != last {
+                if b == last {
+                    layers.push(Layer::Conv(conv(vb.pp(i), w, cfg.out_channels, true)?));
+                } else if cfg.upsampling_scaling_factor == 2 {
+                    // Upsampling and the convolution after it, as one.
+                    i += 1;
+                    layers.push(Layer::Conv(Conv::load_upsampling(
+                        &vb.pp(i),
+                        (w, w),
+                        false,
+                    )?));
+                } else {
                     layers.push(Layer::Upsample);
                     i += 1;
+                    layers.push(Layer::Conv(conv(vb.pp(i), w, w, false)?));
                 }
-                let out = if b == last { cfg.out_channels } else { w };
-                layers.push(Layer::Conv(conv(vb.pp(i), w, out, b == last)?));
                 i += 1;
             }
             Ok(layers)

@@ -92,6 +92,7 @@ impl Attention {
 
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
+    /// Nearest 2x upsampling and a convolution, as one operation.
     upsample: Option<Conv>,
 }
 
@@ -136,7 +137,7 @@ impl Decoder {
                 })
                 .collect::<candle_core::Result<_>>()?;
             let upsample = (i + 1 < widths.len())
-                .then(|| Conv::load(&u.pp("upsamplers.0.conv"), (width, width, 3), (1, 1), true))
+                .then(|| Conv::load_upsampling(&u.pp("upsamplers.0.conv"), (width, width), true))
                 .transpose()?;
             up.push(UpBlock { resnets, upsample });
             prev = width;
@@ -171,8 +172,7 @@ impl Decoder {
                 x = r.forward(&x, None)?;
             }
             if let Some(conv) = &block.upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = conv.forward(&x)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&x, true)?)
