@@ -251,7 +251,7 @@ fn generate_is_seeded_and_batch_independent() {
 }
 
 #[test]
-fn older_vae_attention_names_load() {
+fn older_vae_attention_names_and_conv_shaped_projections_load() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("models/sd_tiny");
     copy_dir(&src, dir.path());
@@ -265,10 +265,20 @@ fn older_vae_attention_names_load() {
                 .replace(".to_k.", ".key.")
                 .replace(".to_v.", ".value.")
                 .replace(".to_out.0.", ".proj_attn.");
+            // Checkpoints converted from the original LDM files keep them as 1x1 convolutions.
+            let v = match v.dims() {
+                [a, b] if k.contains(".attentions.") && k.ends_with(".weight") => {
+                    v.reshape((*a, *b, 1, 1)).unwrap()
+                }
+                _ => v,
+            };
             (k, v)
         })
         .collect();
     assert!(renamed.keys().any(|k| k.contains(".proj_attn.")));
+    assert!(renamed
+        .iter()
+        .any(|(k, v)| k.contains(".query.") && v.rank() == 4));
     candle_core::safetensors::save(&renamed, &vae).unwrap();
     let model = StableDiffusion::load(
         &resolve_dir(Role::Synthesiser, dir.path()),
