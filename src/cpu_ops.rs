@@ -62,15 +62,6 @@ impl CpuConv {
         }
     }
 
-    /// `[c_out, c_in * k * k]`, row-major.
-    pub(crate) fn weight(&self) -> &[f32] {
-        &self.weight
-    }
-
-    pub(crate) fn bias(&self) -> &[f32] {
-        &self.bias
-    }
-
     fn out_size(&self, size: usize) -> usize {
         (size + 2 * self.pad - self.k) / self.stride + 1
     }
@@ -227,32 +218,10 @@ impl CpuConv {
         let per_out = self.c_out * oh * ow;
         let per_in = c * h * w;
         let mut out = vec![0f32; b * per_out];
-        let threads = rayon::current_num_threads();
         let res_of = |i: usize| residual.map(|r| &r[i * per_out..(i + 1) * per_out]);
-        if b >= threads {
-            // One image per thread: no synchronisation inside the GEMM.
-            out.par_chunks_mut(per_out).enumerate().for_each(|(i, o)| {
-                self.image(
-                    &x[i * per_in..(i + 1) * per_in],
-                    h,
-                    w,
-                    res_of(i),
-                    o,
-                    gemm::Parallelism::None,
-                )
-            });
-        } else {
-            for (i, o) in out.chunks_mut(per_out).enumerate() {
-                self.image(
-                    &x[i * per_in..(i + 1) * per_in],
-                    h,
-                    w,
-                    res_of(i),
-                    o,
-                    gemm::Parallelism::Rayon(threads),
-                );
-            }
-        }
+        per_image(&mut out, per_out, |i, o, par| {
+            self.image(&x[i * per_in..][..per_in], h, w, res_of(i), o, par)
+        });
         Ok((CpuStorage::F32(out), out_shape))
     }
 }
@@ -384,21 +353,36 @@ impl CustomOp1 for CpuUpConv {
         let per_out = first.c_out * 4 * h * w;
         let per_in = c * h * w;
         let mut out = vec![0f32; b * per_out];
-        let threads = rayon::current_num_threads();
-        if b >= threads {
-            out.par_chunks_mut(per_out).enumerate().for_each(|(i, o)| {
-                self.image(&x[i * per_in..][..per_in], h, w, o, gemm::Parallelism::None)
-            });
-        } else {
-            for (i, o) in out.chunks_mut(per_out).enumerate() {
-                let par = gemm::Parallelism::Rayon(threads);
-                self.image(&x[i * per_in..][..per_in], h, w, o, par);
-            }
-        }
+        per_image(&mut out, per_out, |i, o, par| {
+            self.image(&x[i * per_in..][..per_in], h, w, o, par)
+        });
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, first.c_out, 2 * h, 2 * w)),
         ))
+    }
+}
+
+/// Runs `image(i, out_i, parallelism)` over the images of `out` (`per_out` floats each): one
+/// image per thread when there are enough of them (no synchronisation inside the GEMM), else
+/// one image at a time with a parallel GEMM.
+fn per_image(
+    out: &mut [f32],
+    per_out: usize,
+    image: impl Fn(usize, &mut [f32], gemm::Parallelism) + Sync,
+) {
+    if per_out == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    if out.len() / per_out >= threads {
+        out.par_chunks_mut(per_out)
+            .enumerate()
+            .for_each(|(i, o)| image(i, o, gemm::Parallelism::None));
+    } else {
+        for (i, o) in out.chunks_mut(per_out).enumerate() {
+            image(i, o, gemm::Parallelism::Rayon(threads));
+        }
     }
 }
 
