@@ -162,6 +162,22 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Whose kernels run the fused ops (convolution epilogues, GroupNorm, GEGLU) on `device` in
+/// `dtype`: "dnd" (ours: f32 on the CPU; CUDA unless `DND_GPU_KERNELS=0`) or "candle".
+pub fn fused_ops(device: &Device, dtype: DType) -> &'static str {
+    let ours = match device {
+        Device::Cpu => dtype == DType::F32,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::gpu_ops::enabled(),
+        _ => false,
+    };
+    if ours {
+        "dnd"
+    } else {
+        "candle"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

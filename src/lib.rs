@@ -13,6 +13,7 @@ pub mod crops;
 pub mod device;
 pub mod engine;
 pub mod error;
+mod gpu_ops;
 pub mod hub;
 pub(crate) mod nn;
 pub mod pipeline;

@@ -25,6 +25,10 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let n: usize = lead.iter().product();
     let y = x.contiguous()?.reshape((n, *last))?.matmul(&w.t()?)?;
     let y = match b {
+        #[cfg(feature = "cuda")]
+        Some(b) if y.device().is_cuda() && crate::gpu_ops::enabled() => {
+            crate::gpu_ops::bias_act(&y, b, None, false)?
+        }
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
@@ -66,7 +70,8 @@ impl Linear {
 }
 
 /// A 2-D convolution with bias, optionally followed by ReLU: our fused kernel for f32 on the
-/// CPU, candle's conv2d (cuDNN where built with it) elsewhere.
+/// CPU; elsewhere candle's conv2d (cuDNN where built with it) followed by the bias, residual and
+/// ReLU in one kernel of ours on CUDA (`gpu_ops`), as candle's ops otherwise.
 pub(crate) struct Conv {
     imp: ConvImpl,
     c_out: usize,
@@ -79,8 +84,10 @@ enum ConvImpl {
         op: CpuUpConv,
         relu: bool,
     },
-    Candle {
+    /// candle's conv2d without its bias, which the epilogue adds.
+    Device {
         conv: candle_nn::Conv2d,
+        bias: Tensor,
         relu: bool,
         upsample: bool,
     },
@@ -97,36 +104,8 @@ impl Conv {
         dev: &Device,
         dt: DType,
     ) -> candle_core::Result<Self> {
-        let (c_out, c_in, k, _) = weight.dims4()?;
-        let imp = if dev.is_cpu() && dt == DType::F32 {
-            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
-            ConvImpl::Cpu(CpuConv::new(
-                flat(&weight)?,
-                flat(&bias)?,
-                c_in,
-                k,
-                stride,
-                padding,
-                relu,
-            ))
-        } else {
-            let cfg = candle_nn::Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let conv = candle_nn::Conv2d::new(
-                weight.to_device(dev)?.to_dtype(dt)?,
-                Some(bias.to_device(dev)?.to_dtype(dt)?),
-                cfg,
-            );
-            ConvImpl::Candle {
-                conv,
-                relu,
-                upsample: false,
-            }
-        };
-        Ok(Self { imp, c_out })
+        let conv = Self::build(weight, bias, (stride, padding), false, dev, dt)?;
+        Ok(if relu { conv.with_relu() } else { conv })
     }
 
     /// Nearest 2x upsampling followed by the 3x3 convolution (padding 1) at `{prefix}`, as SD's
@@ -137,50 +116,77 @@ impl Conv {
         (c_in, c_out): (usize, usize),
         bias: bool,
     ) -> candle_core::Result<Self> {
-        let mut conv = Self::load(vb, (c_in, c_out, 3), (1, 1), bias)?;
-        conv.imp = match conv.imp {
-            ConvImpl::Cpu(op) => ConvImpl::CpuUp {
-                op: CpuUpConv::new(op.weight(), op.bias().to_vec(), c_in),
-                relu: false,
-            },
-            ConvImpl::Candle { conv, relu, .. } => ConvImpl::Candle {
-                conv,
-                relu,
-                upsample: true,
-            },
-            up @ ConvImpl::CpuUp { .. } => up,
-        };
-        Ok(conv)
+        let (weight, bias) = Self::weights(vb, (c_in, c_out, 3), bias)?;
+        Self::build(weight, bias, (1, 1), true, vb.device(), vb.dtype())
     }
 
     /// A square `k`x`k` convolution from `{prefix}.weight` and `{prefix}.bias`, no ReLU.
     pub(crate) fn load(
         vb: &VarBuilder,
-        (c_in, c_out, k): (usize, usize, usize),
-        (stride, padding): (usize, usize),
+        shape: (usize, usize, usize),
+        stride_padding: (usize, usize),
         bias: bool,
     ) -> candle_core::Result<Self> {
+        let (weight, bias) = Self::weights(vb, shape, bias)?;
+        Self::build(weight, bias, stride_padding, false, vb.device(), vb.dtype())
+    }
+
+    fn weights(
+        vb: &VarBuilder,
+        (c_in, c_out, k): (usize, usize, usize),
+        bias: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let weight = vb.get((c_out, c_in, k, k), "weight")?;
         let bias = if bias {
             vb.get(c_out, "bias")?
         } else {
             Tensor::zeros(c_out, vb.dtype(), vb.device())?
         };
-        Self::new(
-            weight,
-            bias,
-            (stride, padding),
-            false,
-            vb.device(),
-            vb.dtype(),
-        )
+        Ok((weight, bias))
+    }
+
+    /// `upsample` only with a 3x3 kernel, stride 1, padding 1.
+    fn build(
+        weight: Tensor,
+        bias: Tensor,
+        (stride, padding): (usize, usize),
+        upsample: bool,
+        dev: &Device,
+        dt: DType,
+    ) -> candle_core::Result<Self> {
+        let (c_out, c_in, k, _) = weight.dims4()?;
+        let imp = if dev.is_cpu() && dt == DType::F32 {
+            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
+            let (w, b) = (flat(&weight)?, flat(&bias)?);
+            if upsample {
+                ConvImpl::CpuUp {
+                    op: CpuUpConv::new(&w, b, c_in),
+                    relu: false,
+                }
+            } else {
+                ConvImpl::Cpu(CpuConv::new(w, b, c_in, k, stride, padding, false))
+            }
+        } else {
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            ConvImpl::Device {
+                conv: candle_nn::Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, None, cfg),
+                bias: bias.to_device(dev)?.to_dtype(dt)?,
+                relu: false,
+                upsample,
+            }
+        };
+        Ok(Self { imp, c_out })
     }
 
     /// The same convolution with ReLU applied to its output (in the same pass on the CPU).
     pub(crate) fn with_relu(mut self) -> Self {
         match &mut self.imp {
             ConvImpl::Cpu(op) => op.relu = true,
-            ConvImpl::CpuUp { relu, .. } | ConvImpl::Candle { relu, .. } => *relu = true,
+            ConvImpl::CpuUp { relu, .. } | ConvImpl::Device { relu, .. } => *relu = true,
         }
         self
     }
@@ -190,54 +196,105 @@ impl Conv {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.imp {
-            ConvImpl::Cpu(op) => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
-            _ => self.relu_if_set(self.unfused(x)?),
-        }
+        self.run(x, None)
     }
 
     /// `conv(x) + residual`, then the ReLU if this convolution has one: the end of a residual
-    /// block in one pass on the CPU.
+    /// block in one pass on the CPU and one epilogue kernel on CUDA.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match &self.imp {
-            ConvImpl::Cpu(op) => Ok(x
-                .contiguous()?
-                .apply_op2_no_bwd(&residual.contiguous()?, op)?),
-            _ => self.relu_if_set((self.unfused(x)? + residual)?),
-        }
+        self.run(x, Some(residual))
     }
 
-    /// The convolution alone, where its ReLU and residual are separate ops.
-    fn unfused(&self, x: &Tensor) -> Result<Tensor> {
+    /// `conv(x) + shift[n, c]` for a convolution without ReLU and a per-image shift `(N, C)`
+    /// (SD's time embedding): added with the bias in the epilogue kernel on CUDA.
+    pub(crate) fn forward_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        if let ConvImpl::Device {
+            conv,
+            bias,
+            relu: false,
+            upsample,
+        } = &self.imp
+        {
+            let bias = bias.unsqueeze(0)?.broadcast_add(shift)?;
+            return epilogue(candle_conv(conv, *upsample, x)?, Some(&bias), None, false);
+        }
+        Ok(self
+            .forward(x)?
+            .broadcast_add(&shift.unsqueeze(2)?.unsqueeze(3)?)?)
+    }
+
+    fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         match &self.imp {
-            ConvImpl::Cpu(_) => unreachable!("the CPU convolution fuses everything"),
-            ConvImpl::CpuUp { op, .. } => Ok(x.contiguous()?.apply_op1_no_bwd(op)?),
-            ConvImpl::Candle { conv, upsample, .. } => {
-                let x = if *upsample {
-                    let (_, _, h, w) = x.dims4()?;
-                    x.upsample_nearest2d(2 * h, 2 * w)?
-                } else {
-                    x.clone()
-                };
-                Ok(candle_core::Module::forward(conv, &x)?)
+            ConvImpl::Cpu(op) => {
+                let x = x.contiguous()?;
+                Ok(match residual {
+                    Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op)?,
+                    None => x.apply_op1_no_bwd(op)?,
+                })
             }
+            ConvImpl::CpuUp { op, relu } => {
+                let y = x.contiguous()?.apply_op1_no_bwd(op)?;
+                epilogue(y, None, residual, *relu)
+            }
+            ConvImpl::Device {
+                conv,
+                bias,
+                relu,
+                upsample,
+            } => epilogue(
+                candle_conv(conv, *upsample, x)?,
+                Some(bias),
+                residual,
+                *relu,
+            ),
         }
-    }
-
-    fn relu_if_set(&self, y: Tensor) -> Result<Tensor> {
-        let on = match &self.imp {
-            ConvImpl::Cpu(op) => op.relu,
-            ConvImpl::CpuUp { relu, .. } | ConvImpl::Candle { relu, .. } => *relu,
-        };
-        Ok(if on { y.relu()? } else { y })
     }
 }
 
+/// candle's convolution (without bias), after nearest 2x upsampling when `upsample`.
+fn candle_conv(conv: &candle_nn::Conv2d, upsample: bool, x: &Tensor) -> Result<Tensor> {
+    let x = if upsample {
+        let (_, _, h, w) = x.dims4()?;
+        x.upsample_nearest2d(2 * h, 2 * w)?
+    } else {
+        x.clone()
+    };
+    Ok(candle_core::Module::forward(conv, &x)?)
+}
+
+/// `relu?(y + bias (+ residual))` for `y` `(N, C, H, W)` and `bias` `(C)` or `(N, C)`: one
+/// kernel of ours on CUDA, candle's ops (as its Conv2d adds a bias) elsewhere.
+fn epilogue(
+    y: Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(b) = bias.filter(|_| y.device().is_cuda() && crate::gpu_ops::enabled()) {
+        return Ok(crate::gpu_ops::bias_act(&y, b, residual, relu)?);
+    }
+    let mut y = match bias {
+        Some(b) => {
+            let rows = b.elem_count() / y.dim(1)?;
+            y.broadcast_add(&b.reshape((rows, (), 1, 1))?)?
+        }
+        None => y,
+    };
+    if let Some(r) = residual {
+        y = (y + r)?;
+    }
+    Ok(if relu { y.relu()? } else { y })
+}
+
 /// GroupNorm with its affine map (`{prefix}.weight`, `{prefix}.bias`), optionally followed by
-/// SiLU: one fused pass for f32 on the CPU, candle_nn's GroupNorm and candle's SiLU elsewhere.
+/// SiLU: one fused pass for f32 on the CPU and one kernel of ours on CUDA (`gpu_ops`);
+/// candle_nn's GroupNorm and candle's SiLU elsewhere.
 pub(crate) struct GroupNorm {
     cpu: Option<(Vec<f32>, Vec<f32>)>,
     inner: candle_nn::GroupNorm,
+    #[cfg(feature = "cuda")]
+    affine: (Tensor, Tensor),
     groups: usize,
     eps: f64,
 }
@@ -257,6 +314,8 @@ impl GroupNorm {
         };
         Ok(Self {
             cpu,
+            #[cfg(feature = "cuda")]
+            affine: (gamma.clone(), beta.clone()),
             inner: candle_nn::GroupNorm::new(gamma, beta, channels, groups, eps)?,
             groups,
             eps,
@@ -264,22 +323,39 @@ impl GroupNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        match &self.cpu {
-            Some((gamma, beta)) if x.dtype() == DType::F32 => {
-                Ok(x.contiguous()?.apply_op1_no_bwd(&CpuGroupNorm {
-                    gamma,
-                    beta,
-                    groups: self.groups,
-                    eps: self.eps,
-                    silu,
-                })?)
-            }
-            _ => {
-                let y = candle_core::Module::forward(&self.inner, x)?;
-                Ok(if silu { y.silu()? } else { y })
-            }
+        if let Some((gamma, beta)) = self.cpu.as_ref().filter(|_| x.dtype() == DType::F32) {
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&CpuGroupNorm {
+                gamma,
+                beta,
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+            })?);
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && crate::gpu_ops::enabled() {
+            let op = crate::gpu_ops::GroupNormOp {
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+            };
+            let (gamma, beta) = &self.affine;
+            return Ok(x.contiguous()?.apply_op3_no_bwd(gamma, beta, &op)?);
+        }
+        let y = candle_core::Module::forward(&self.inner, x)?;
+        Ok(if silu { y.silu()? } else { y })
     }
+}
+
+/// diffusers' GEGLU over the last dimension: the first half times the exact GELU of the second;
+/// one kernel of ours on CUDA, where candle would read both halves strided.
+pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if h.device().is_cuda() && crate::gpu_ops::enabled() {
+        return Ok(crate::gpu_ops::geglu(h)?);
+    }
+    let half = h.dim(D::Minus1)? / 2;
+    Ok((h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
 }
 
 pub(crate) fn layer_norm(

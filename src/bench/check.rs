@@ -93,6 +93,7 @@ pub fn run(
     let mut same = bench(true, Draw::Seeded, "check-quick");
     same.prepare_models()?;
     same.against_cpu(&mut report)?;
+    same.fused_ops(!opts.quick, &mut report)?;
     if !opts.quick && !device.is_cpu() {
         let mut full = bench(false, Draw::Fast, "check-full");
         full.prepare_models()?;
@@ -117,6 +118,93 @@ fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 impl Bench<'_> {
+    /// dnd's fused ops on the device (our CUDA kernels, unless `DND_GPU_KERNELS=0`) against
+    /// candle's plain ops on the CPU in f32, at the shapes SD uses at 512 px when `full`: each
+    /// kernel checked on its own, so a failure of a model check above can be traced to one.
+    fn fused_ops(&self, full: bool, report: &mut Report) -> Result<()> {
+        use candle_core::Module;
+        if !self.group("ops") {
+            return Ok(());
+        }
+        let (dev, dt) = (&self.device, self.dtype);
+        let tol = tolerance(dt);
+        let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(dev)?.to_dtype(dt)?) };
+        let vars = |pairs: &[(&str, &Tensor)]| -> Result<candle_nn::VarBuilder<'static>> {
+            let map = pairs
+                .iter()
+                .map(|(k, t)| Ok((k.to_string(), on(t)?)))
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            Ok(candle_nn::VarBuilder::from_tensors(map, dt, dev))
+        };
+        let note = "dnd's fused op on the device against candle's ops on the CPU in f32";
+
+        // GroupNorm + SiLU as in SD's VAE decoder: 4 planes per group, activations far from 0.
+        let (c, side) = if full { (128, 256) } else { (32, 16) };
+        let x = ((randn(&[2, c, side, side], 11)? * 3.0)? + 20.0)?;
+        let (gamma, beta) = (randn(&[c], 12)?, randn(&[c], 13)?);
+        let want = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 32, 1e-6)?
+            .forward(&x)?
+            .silu()?;
+        let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
+        let got = crate::nn::GroupNorm::load(&vb, 32, c, 1e-6)?.forward(&on(&x)?, true)?;
+        report(
+            "ops.group_norm_silu".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+
+        // A 3x3 convolution with its epilogue: bias + residual + ReLU, and bias + a time
+        // embedding per image, as in SD's resnet blocks.
+        let (c, side) = if full { (320, 64) } else { (16, 12) };
+        let x = randn(&[2, c, side, side], 14)?;
+        let w = (randn(&[c, c, 3, 3], 15)? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let (bias, residual, shift) = (
+            randn(&[c], 16)?,
+            randn(&[2, c, side, side], 17)?,
+            randn(&[2, c], 18)?,
+        );
+        let conv = x.conv2d(&w, 1, 1, 1, 1)?;
+        let plus_bias = conv.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        let want = (&plus_bias + &residual)?.relu()?;
+        let op = crate::nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, dev, dt)?;
+        let got = op.forward_residual(&on(&x)?, &on(&residual)?)?;
+        report(
+            "ops.conv_residual_relu".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+        let want = plus_bias.broadcast_add(&shift.reshape((2, c, 1, 1))?)?;
+        let op = crate::nn::Conv::new(w, bias, (1, 1), false, dev, dt)?;
+        let got = op.forward_shifted(&on(&x)?, &on(&shift)?)?;
+        report(
+            "ops.conv_time_shift".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+
+        // The UNet's feed-forward at 64x64 latents: a biased linear layer, then GEGLU.
+        let (tokens, dim) = if full { (4096, 320) } else { (64, 32) };
+        let x = randn(&[2, tokens, dim], 19)?;
+        let w = (randn(&[8 * dim, dim], 20)? * (1.0 / (dim as f64).sqrt()))?;
+        let b = randn(&[8 * dim], 21)?;
+        // A plain 2-D product (candle's CPU matmul mishandles batched transposed operands).
+        let h = x
+            .reshape((2 * tokens, dim))?
+            .matmul(&w.t()?.contiguous()?)?
+            .broadcast_add(&b)?
+            .reshape((2, tokens, 8 * dim))?;
+        let got = crate::nn::Linear::new(on(&w)?, Some(on(&b)?)).forward(&on(&x)?)?;
+        report("ops.linear_bias".into(), rel_err(&got, &h)?, tol, note);
+        let inner = 4 * dim;
+        let want = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
+        let got = crate::nn::geglu(&on(&h)?)?;
+        report("ops.geglu".into(), rel_err(&got, &want)?, tol, note);
+        Ok(())
+    }
+
     /// The quick models on the CPU in f32 and on the device, same weights, same inputs.
     fn against_cpu(&mut self, report: &mut Report) -> Result<()> {
         let cpu = Device::Cpu;

@@ -53,10 +53,11 @@ impl ResnetBlock {
 
     /// `temb` is the time embedding after its SiLU, (B, temb width).
     pub(super) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
-        if let (Some(proj), Some(t)) = (&self.time, temb) {
-            h = h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
+        let h = self.norm1.forward(x, true)?;
+        let h = match (&self.time, temb) {
+            (Some(proj), Some(t)) => self.conv1.forward_shifted(&h, &proj.forward(t)?)?,
+            _ => self.conv1.forward(&h)?,
+        };
         let h = self.norm2.forward(&h, true)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,

@@ -6,7 +6,7 @@
 //! scores: SD 1.x at 512 px from 17 rows), any group count works, and GPU kernels of our own
 //! have a place to go.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
@@ -215,14 +215,24 @@ struct Attention {
     upcast: bool,
 }
 
+/// The shape of an attention layer: its width, its context's width (its own for
+/// self-attention), heads, and whether scores are taken in f32.
+#[derive(Clone, Copy)]
+struct AttnShape {
+    dim: usize,
+    context: usize,
+    heads: usize,
+    upcast: bool,
+}
+
 impl Attention {
-    fn load(
-        vb: &VarBuilder,
-        dim: usize,
-        context: usize,
-        heads: usize,
-        upcast: bool,
-    ) -> candle_core::Result<Self> {
+    fn load(vb: &VarBuilder, s: AttnShape) -> candle_core::Result<Self> {
+        let AttnShape {
+            dim,
+            context,
+            heads,
+            upcast,
+        } = s;
         Ok(Self {
             q: Linear::load(&vb.pp("to_q"), dim, dim, false)?,
             k: Linear::load(&vb.pp("to_k"), context, dim, false)?,
@@ -267,19 +277,15 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(
-        vb: &VarBuilder,
-        dim: usize,
-        context: usize,
-        heads: usize,
-        upcast: bool,
-    ) -> candle_core::Result<Self> {
+    /// `s.context`: the cross-attention's context width.
+    fn load(vb: &VarBuilder, s: AttnShape) -> candle_core::Result<Self> {
+        let dim = s.dim;
         let inner = 4 * dim;
         Ok(Self {
             norm1: nn::layer_norm(&vb.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&vb.pp("attn1"), dim, dim, heads, upcast)?,
+            attn1: Attention::load(&vb.pp("attn1"), AttnShape { context: dim, ..s })?,
             norm2: nn::layer_norm(&vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(&vb.pp("attn2"), dim, context, heads, upcast)?,
+            attn2: Attention::load(&vb.pp("attn2"), s)?,
             norm3: nn::layer_norm(&vb.pp("norm3"), dim, 1e-5)?,
             geglu: Linear::load(&vb.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
             ff_out: Linear::load(&vb.pp("ff.net.2"), inner, dim, true)?,
@@ -293,9 +299,7 @@ impl TransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?
             + &x)?;
-        let h = self.geglu.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let h = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let h = nn::geglu(&self.geglu.forward(&self.norm3.forward(&x)?)?)?;
         Ok((self.ff_out.forward(&h)? + x)?)
     }
 }
@@ -339,10 +343,12 @@ impl SpatialTransformer {
             .map(|i| {
                 TransformerBlock::load(
                     &vb.pp(format!("transformer_blocks.{i}")),
-                    channels,
-                    cfg.cross_attention_dim,
-                    heads,
-                    cfg.upcast_attention,
+                    AttnShape {
+                        dim: channels,
+                        context: cfg.cross_attention_dim,
+                        heads,
+                        upcast: cfg.upcast_attention,
+                    },
                 )
             })
             .collect::<candle_core::Result<_>>()?;

@@ -31,6 +31,10 @@ if [[ " $FEATURES " == *" cudnn "* ]]; then
   ln -sfn "$CUDNN/libcudnn.so.9" "$CUDA_LINK_ROOT/lib/libcudnn.so"
 fi
 
+# Our CUDA kernels, as the binary will compile them at run time (NVRTC) and assembled for
+# sm_90: their compile errors show here rather than on the device.
+python3 tools/gpu/nvrtc_check.py --arch sm_90
+
 mkdir -p .gpu
 for f in /.gpu/ /.whl/; do grep -qxF "$f" .git/info/exclude 2>/dev/null || echo "$f" >> .git/info/exclude; done
 for feat in $FEATURES; do

@@ -11,16 +11,16 @@ exec > >(tee "$OUT/device.log") 2>&1
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-540} - ($(date +%s) - T0) )); }
-part() {  # part NAME SECONDS command...: runs it with a time limit, logs how it ended
+part() {  # part NAME SECONDS command...: runs it with a time limit, logs how it ended, returns its status
   local name=$1 secs=$2; shift 2
   (( secs > $(left) )) && secs=$(left)
-  (( secs < 20 )) && { echo "== $name: skipped, $(left) s left"; return; }
-  echo "== $name (limit ${secs}s)"; local t=$(date +%s)
-  timeout "$secs" "$@"; echo "== $name: exit $? after $(( $(date +%s) - t )) s"
+  (( secs < 20 )) && { echo "== $name: skipped, $(left) s left"; return 124; }
+  echo "== $name (limit ${secs}s)"; local t=$(date +%s) rc
+  timeout "$secs" "$@"; rc=$?; echo "== $name: exit $rc after $(( $(date +%s) - t )) s"; return $rc
 }
 bench() {  # bench VARIANT NAME SECONDS dnd-bench-args...
   local variant=$1 name=$2 secs=$3; shift 3
-  [ -f "$HERE/dnd-$variant.gz" ] || { echo "== $name: no dnd-$variant.gz"; return; }
+  [ -f "$HERE/dnd-$variant.gz" ] || { echo "== $name: no dnd-$variant.gz"; return 127; }
   part "$name" "$secs" bash "$HERE/run-on-device.sh" "$HERE/dnd-$variant.gz" bench --device cuda \
     --work /tmp/dnd-bench --json "$OUT/$name.json" "$@"
 }
@@ -36,11 +36,22 @@ part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 # sizes), and that full-size batches equal their rows alone (candle's large-batch bugs); then
 # the rows of the PyTorch table, whole generations, per neuron.
 V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
-bench $V check-f32 60 --check --quick --dtype f32
-bench $V check-f16 90 --check
+# With our CUDA kernels (gpu_ops) first. Should a check fail, the same checks with candle's
+# ops tell whether the kernels are to blame, and the timings run without them, so that every
+# figure is of a run that computes the right thing.
+OURS=1
+bench $V check-f32 60 --check --quick --dtype f32 || OURS=0
+bench $V check-f16 90 --check || OURS=0
+if [ $OURS = 0 ]; then
+  ( export DND_GPU_KERNELS=0; bench $V check-f16-candle-ops 90 --check )
+  export DND_GPU_KERNELS=0
+fi
 bench $V bench-models 200 --runs 5 --budget 10 \
   --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
+# Before/after of our kernels: the rows they touch, with candle's ops.
+[ $OURS = 1 ] && ( export DND_GPU_KERNELS=0
+  bench $V bench-candle-ops 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.unet,sd-turbo.vae )
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120

@@ -1,0 +1,365 @@
+//! The kernels of `kernels.cu` as candle custom ops on CUDA tensors: compiled by NVRTC once per
+//! process, loaded into each device's context on first use.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType,
+};
+
+const SOURCE: &str = include_str!("kernels.cu");
+const MODULE: &str = "dnd_gpu_ops";
+const THREADS: u32 = 256;
+
+/// Whether our kernels replace candle's ops on CUDA: yes unless `DND_GPU_KERNELS=0` (to compare
+/// against candle's path, or to step around a kernel that misbehaves on some GPU).
+pub(crate) fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DND_GPU_KERNELS").map_or(true, |v| v != "0"))
+}
+
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(SOURCE)
+            .map(|p| p.to_src())
+            .map_err(|e| e.to_string())
+    })
+    .as_deref()
+    .map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "NVRTC could not compile dnd's CUDA kernels ({e}); set DND_GPU_KERNELS=0 to use candle's ops instead"
+        ))
+    })
+}
+
+/// Storage `s` under layout `l` as a contiguous view of `T`s.
+fn view<'a, T: CudaDType + WithDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Ok(slice) = s.as_cuda_slice::<T>() else {
+        candle_core::bail!(
+            "dnd-gpu-ops: the {what} is {:?}, the input {:?}",
+            s.dtype(),
+            T::DTYPE
+        )
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("dnd-gpu-ops: the {what} must be contiguous"),
+    }
+}
+
+/// An uninitialised output of `len` elements.
+fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every kernel of kernels.cu writes each element of its output.
+    unsafe { dev.alloc::<T>(len) }
+}
+
+/// Runs `$run::<T>(args)` for the dtype of storage `$x`, wrapping the slice it returns.
+macro_rules! by_dtype {
+    ($x:expr, $run:ident($($arg:expr),*)) => {{
+        let dev = $x.device().clone();
+        let storage = match $x.dtype() {
+            DType::F32 => CudaStorage::wrap_cuda_slice($run::<f32>($($arg),*)?, dev),
+            DType::F16 => CudaStorage::wrap_cuda_slice($run::<half::f16>($($arg),*)?, dev),
+            DType::BF16 => CudaStorage::wrap_cuda_slice($run::<half::bf16>($($arg),*)?, dev),
+            dt => candle_core::bail!("dnd-gpu-ops: f32, f16 or bf16 only, not {dt:?}"),
+        };
+        storage
+    }};
+}
+
+/// Blocks for a grid-stride loop over `n` elements: enough to fill the card, no more than the
+/// elements need.
+fn blocks_for(n: u64) -> u32 {
+    n.div_ceil(THREADS as u64).clamp(1, 65_535) as u32
+}
+
+fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("dnd-gpu-ops run on CUDA only")
+}
+
+/// `(channels, plane)` of an NCHW-like layout: dim 1, and the product of the dims after it.
+fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.shape().dims();
+    if dims.len() < 2 {
+        candle_core::bail!("dnd-gpu-ops: expected (N, C, ...), got {:?}", dims)
+    }
+    Ok((dims[1], dims[2..].iter().product()))
+}
+
+/// GroupNorm(+SiLU): `x.apply_op3_no_bwd(&gamma, &beta, &op)` with `x` `(N, C, ...)`.
+pub(crate) struct GroupNormOp {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
+}
+
+fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
+    op: &GroupNormOp,
+    (x, xl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (channels, plane) = channels_plane(xl)?;
+    let group_len = channels / op.groups * plane;
+    let x = view::<T>(x, xl, "input")?;
+    let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
+    let name = format!("group_norm_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let y = output::<T>(dev, x.len())?;
+    let (channels, groups) = (channels as i32, op.groups as i32);
+    let (plane, eps, silu) = (plane as u64, op.eps as f32, i32::from(op.silu));
+    let mut args = func.builder();
+    args.arg(&x).arg(&g).arg(&b).arg(&y);
+    args.arg(&channels)
+        .arg(&groups)
+        .arg(&plane)
+        .arg(&eps)
+        .arg(&silu);
+    // One block per (image, group).
+    let cfg = LaunchConfig {
+        grid_dim: ((x.len() / group_len.max(1)) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match group_norm's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (channels, _) = channels_plane(xl)?;
+        if gl.shape().elem_count() != channels || bl.shape().elem_count() != channels {
+            candle_core::bail!("dnd-gpu-group-norm: {channels} channels, weights of another size")
+        }
+        if self.groups == 0 || channels % self.groups != 0 {
+            candle_core::bail!(
+                "dnd-gpu-group-norm: {channels} channels in {} groups",
+                self.groups
+            )
+        }
+        let out = by_dtype!(x, group_norm(self, (x, xl), (g, gl), (b, bl), x.device()));
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// A convolution's or linear layer's epilogue `relu?(x + bias (+ residual))` over `(N, C, ...)`,
+/// the bias `(C)` or `(N, C)`:
+/// `x.apply_op2_no_bwd(&bias, ..)` or `x.apply_op3_no_bwd(&bias, &residual, ..)`.
+pub(crate) struct BiasAct {
+    pub(crate) relu: bool,
+}
+
+fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &BiasAct,
+    (x, xl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (channels, plane) = channels_plane(xl)?;
+    let bias_len = bl.shape().elem_count();
+    if bias_len != channels && bias_len != xl.dims()[0] * channels {
+        candle_core::bail!(
+            "dnd-gpu-bias-act: a bias of {bias_len} for {:?}: one per channel or per image and channel",
+            xl.dims()
+        )
+    }
+    let x = view::<T>(x, xl, "input")?;
+    let b = view::<T>(b, bl, "bias")?;
+    let r = match residual {
+        Some((_, rl)) if rl.shape() != xl.shape() => {
+            candle_core::bail!("dnd-gpu-bias-act: the residual's shape differs from the input's")
+        }
+        Some((r, rl)) => Some(view::<T>(r, rl, "residual")?),
+        None => None,
+    };
+    let name = format!("bias_act_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let y = output::<T>(dev, x.len())?;
+    let (n, bias_len, plane) = (x.len() as u64, bias_len as u64, plane as u64);
+    let (relu, null) = (i32::from(op.relu), 0u64);
+    let mut args = func.builder();
+    args.arg(&x).arg(&b);
+    match &r {
+        Some(r) => args.arg(r),
+        None => args.arg(&null),
+    };
+    args.arg(&y).arg(&n).arg(&bias_len).arg(&plane).arg(&relu);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(n), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match bias_act's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = by_dtype!(x, bias_act_launch(self, (x, xl), (b, bl), None, x.device()));
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BiasAct {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = by_dtype!(
+            x,
+            bias_act_launch(self, (x, xl), (b, bl), Some((r, rl)), x.device())
+        );
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// `relu?(y + bias (+ residual))` for a CUDA `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`, in
+/// one kernel.
+pub(crate) fn bias_act(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let op = BiasAct { relu };
+    let y = y.contiguous()?;
+    match residual {
+        Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &op),
+        None => y.apply_op2_no_bwd(bias, &op),
+    }
+}
+
+/// diffusers' GEGLU over the last dimension of a CUDA `x` `(..., 2 * inner)`: the first half
+/// times the exact GELU of the second, in one kernel.
+pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Geglu)
+}
+
+struct Geglu;
+
+fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
+    (x, xl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let last = xl.dims().last().copied().unwrap_or(0);
+    let x = view::<T>(x, xl, "input")?;
+    let (rows, inner) = ((x.len() / last.max(1)) as u64, (last / 2) as u64);
+    let name = format!("geglu_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let y = output::<T>(dev, x.len() / 2)?;
+    let mut args = func.builder();
+    args.arg(&x).arg(&y).arg(&rows).arg(&inner);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            ((rows * inner) as u32).div_ceil(THREADS).clamp(1, 65_535),
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match geglu's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let mut dims = xl.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last % 2 == 0 => *last /= 2,
+            _ => candle_core::bail!("dnd-gpu-geglu: the last dimension of {dims:?} must be even"),
+        }
+        let out = by_dtype!(x, geglu_launch((x, xl), x.device()));
+        Ok((out, Shape::from(dims)))
+    }
+}

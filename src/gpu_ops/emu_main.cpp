@@ -1,0 +1,95 @@
+// Runs one kernel of kernels.cu under the CPU emulation (emu.hpp) on raw little-endian files:
+// the unit tests in gpu_ops/mod.rs write the inputs, run this, and compare the output with the
+// CPU path.
+//
+//   emu group_norm DTYPE GRID BLOCK CHANNELS GROUPS PLANE EPS SILU x gamma beta out
+//   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE RELU x bias residual|- out
+//   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
+#include "emu.hpp"
+#include "kernels.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+static std::vector<char> read(const char* path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        std::fprintf(stderr, "cannot read %s\n", path);
+        std::exit(2);
+    }
+    return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+}
+
+static void write(const char* path, const std::vector<char>& data) {
+    std::ofstream(path, std::ios::binary).write(data.data(), (std::streamsize)data.size());
+}
+
+// The kernels' extern "C" entry points for one storage type.
+template <class T>
+struct Entry {
+    void (*group_norm)(const T*, const T*, const T*, T*, int, int, u64, float, int);
+    void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int);
+    void (*geglu)(const T*, T*, u64, u64);
+};
+
+template <class T>
+static int run(char** a, Entry<T> k) {
+    const std::string kernel = a[1];
+    const unsigned grid = std::atoi(a[3]), block = std::atoi(a[4]);
+    if (kernel == "group_norm") {
+        const int channels = std::atoi(a[5]), groups = std::atoi(a[6]);
+        const u64 plane = std::strtoull(a[7], nullptr, 10);
+        const float eps = std::strtof(a[8], nullptr);
+        const int silu = std::atoi(a[9]);
+        auto x = read(a[10]), gamma = read(a[11]), beta = read(a[12]);
+        std::vector<char> y(x.size());
+        emu_launch(grid, block, [&] {
+            k.group_norm((const T*)x.data(), (const T*)gamma.data(), (const T*)beta.data(),
+                          (T*)y.data(), channels, groups, plane, eps, silu);
+        });
+        write(a[13], y);
+        return 0;
+    }
+    if (kernel == "bias_act") {
+        const u64 n = std::strtoull(a[5], nullptr, 10);
+        const u64 bias_len = std::strtoull(a[6], nullptr, 10);
+        const u64 plane = std::strtoull(a[7], nullptr, 10);
+        const int relu = std::atoi(a[8]);
+        auto x = read(a[9]), bias = read(a[10]);
+        std::vector<char> residual = std::string(a[11]) == "-" ? std::vector<char>() : read(a[11]);
+        std::vector<char> y(x.size());
+        emu_launch(grid, block, [&] {
+            k.bias_act((const T*)x.data(), (const T*)bias.data(),
+                        residual.empty() ? nullptr : (const T*)residual.data(), (T*)y.data(), n,
+                        bias_len, plane, relu);
+        });
+        write(a[12], y);
+        return 0;
+    }
+    if (kernel == "geglu") {
+        const u64 rows = std::strtoull(a[5], nullptr, 10), inner = std::strtoull(a[6], nullptr, 10);
+        auto x = read(a[7]);
+        std::vector<char> y(x.size() / 2);
+        emu_launch(grid, block, [&] { k.geglu((const T*)x.data(), (T*)y.data(), rows, inner); });
+        write(a[8], y);
+        return 0;
+    }
+    std::fprintf(stderr, "unknown kernel %s\n", a[1]);
+    return 2;
+}
+
+int main(int argc, char** argv) {
+    if (argc < 5) {
+        std::fprintf(stderr, "usage: see the top of emu_main.cpp\n");
+        return 2;
+    }
+    const std::string dtype = argv[2];
+    if (dtype == "f32") return run<float>(argv, {group_norm_f32, bias_act_f32, geglu_f32});
+    if (dtype == "f16") return run<u16>(argv, {group_norm_f16, bias_act_f16, geglu_f16});
+    if (dtype == "bf16") return run<u16>(argv, {group_norm_bf16, bias_act_bf16, geglu_bf16});
+    std::fprintf(stderr, "unknown dtype %s\n", argv[2]);
+    return 2;
+}

@@ -1,0 +1,258 @@
+//! dnd's own CUDA kernels (`kernels.cu`), for the ops where candle's CUDA path goes through
+//! memory several times: GroupNorm with its affine map and SiLU in one kernel (SD's UNet and
+//! VAE); a convolution's or linear layer's bias (+ SD's time embedding) + residual + ReLU in
+//! one pass (every convolution of ResNet, the UNet, the VAE and TAESD, every biased linear
+//! layer); and the GEGLU of SD's feed-forward layers, whose halves candle reads strided. On CUDA builds they are compiled at run time by NVRTC
+//! (`cuda.rs`), so the build needs no nvcc beyond candle's own. Without a GPU they are tested
+//! by compiling the same source as host C++ under an emulation of CUDA's launch model
+//! (`emu.hpp`, `emu_main.cpp`) and comparing with the CPU path.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::{bias_act, enabled, geglu, GroupNormOp};
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::cpu_ops::CpuGroupNorm;
+
+    /// The emulator binary, built once per test run from this folder's sources.
+    fn emulator() -> &'static Path {
+        static BIN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+        &BIN.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let bin = dir.path().join("emu");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/gpu_ops");
+            let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+                .args(["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-o"])
+                .arg(&bin)
+                .arg(src.join("emu_main.cpp"))
+                .output()
+                .expect("the kernel tests need a C++20 compiler (c++, or $CXX)");
+            assert!(
+                out.status.success(),
+                "emu_main.cpp does not compile:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (dir, bin)
+        })
+        .1
+    }
+
+    /// `t` as the raw little-endian storage of `dt`.
+    fn bytes(t: &Tensor, dt: DType) -> Vec<u8> {
+        let t = t.to_dtype(dt).unwrap().flatten_all().unwrap();
+        match dt {
+            DType::F32 => t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::F16 => t
+                .to_vec1::<half::f16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            DType::BF16 => t
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => unreachable!(),
+        }
+    }
+
+    fn from_bytes(b: &[u8], dt: DType, dims: &[usize]) -> Tensor {
+        let v: Vec<f32> = match dt {
+            DType::F32 => b
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            DType::F16 => b
+                .chunks(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => b
+                .chunks(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => unreachable!(),
+        };
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Runs `kernel` under the emulator: `args` are its numeric arguments, `inputs` its tensors
+    /// (written in `dt`; `None` passes a null pointer); returns the output, of shape `out`,
+    /// back in f32.
+    fn emulate(
+        kernel: &str,
+        dt: DType,
+        args: &[String],
+        inputs: &[Option<&Tensor>],
+        out: &[usize],
+    ) -> Tensor {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(emulator());
+        cmd.arg(kernel).arg(dt.as_str()).args(args);
+        for (i, t) in inputs.iter().enumerate() {
+            match t {
+                Some(t) => {
+                    let p = dir.path().join(format!("in{i}"));
+                    std::fs::write(&p, bytes(t, dt)).unwrap();
+                    cmd.arg(p);
+                }
+                None => {
+                    cmd.arg("-");
+                }
+            }
+        }
+        let path = dir.path().join("out");
+        let run = cmd.arg(&path).output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        from_bytes(&std::fs::read(path).unwrap(), dt, out)
+    }
+
+    /// The input as the kernel sees it: rounded to `dt`, back in f32.
+    fn rounded(t: &Tensor, dt: DType) -> Tensor {
+        t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap()
+    }
+
+    /// Largest `|got - want| / max(1, |want|)`.
+    fn err(got: &Tensor, want: &Tensor) -> f32 {
+        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g.len(), w.len());
+        g.iter()
+            .zip(&w)
+            .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+            .fold(0.0, f32::max)
+    }
+
+    /// Half an ulp of the output type, plus room for f32 sums taken in another order.
+    fn tolerance(dt: DType) -> f32 {
+        match dt {
+            DType::F32 => 2e-5,
+            DType::F16 => 1e-3,
+            _ => 8e-3,
+        }
+    }
+
+    #[test]
+    fn group_norm_kernel_matches_the_cpu_group_norm() {
+        let dev = Device::Cpu;
+        // (dims, groups, threads): groups shorter and longer than a block, planes that do not
+        // divide the block, an offset mean the statistics must not lose.
+        for (dims, groups, threads) in [
+            (vec![2, 6, 5, 7], 3, 64),
+            (vec![1, 4, 33, 31], 2, 256),
+            (vec![3, 8, 1, 3], 8, 32),
+        ] {
+            let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap() + 30.0).unwrap();
+            let c = dims[1];
+            let gamma = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                for silu in [false, true] {
+                    let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
+                    let want = xr
+                        .apply_op1_no_bwd(&CpuGroupNorm {
+                            gamma: &gr.to_vec1().unwrap(),
+                            beta: &br.to_vec1().unwrap(),
+                            groups,
+                            eps: 1e-5,
+                            silu,
+                        })
+                        .unwrap();
+                    let blocks = dims[0] * groups;
+                    let plane: usize = dims[2..].iter().product();
+                    let args = [blocks, threads, c, groups, plane]
+                        .map(|v| v.to_string())
+                        .into_iter()
+                        .chain(["1e-5".into(), u8::from(silu).to_string()])
+                        .collect::<Vec<_>>();
+                    let inputs = [Some(&x), Some(&gamma), Some(&beta)];
+                    let got = emulate("group_norm", dt, &args, &inputs, &dims);
+                    let e = err(&got, &want);
+                    assert!(
+                        e <= tolerance(dt),
+                        "{dims:?} in {groups} groups, {dt:?}, silu {silu}: error {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_act_kernel_matches_candle_ops() {
+        let dev = Device::Cpu;
+        let dims = [2usize, 5, 3, 7];
+        let x = Tensor::randn(0f32, 1.0, &dims, &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, &dims, &dev).unwrap();
+        // Per channel, and per image and channel (a bias plus SD's time embedding).
+        let per_channel = Tensor::randn(0f32, 1.0, dims[1], &dev).unwrap();
+        let per_image = Tensor::randn(0f32, 1.0, (dims[0], dims[1]), &dev).unwrap();
+        let n = x.elem_count();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            for bias in [&per_channel, &per_image] {
+                for (res, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let (xr, br) = (rounded(&x, dt), rounded(bias, dt));
+                    let rows = bias.elem_count() / dims[1];
+                    let b4 = br.reshape((rows, dims[1], 1, 1)).unwrap();
+                    let mut want = xr.broadcast_add(&b4).unwrap();
+                    if res {
+                        want = (want + rounded(&residual, dt)).unwrap();
+                    }
+                    if relu {
+                        want = want.relu().unwrap();
+                    }
+                    // 3 blocks of 32 threads for 210 elements: the grid-stride loop goes round.
+                    let args = [
+                        3,
+                        32,
+                        n,
+                        bias.elem_count(),
+                        dims[2] * dims[3],
+                        usize::from(relu),
+                    ]
+                    .map(|v| v.to_string());
+                    let inputs = [Some(&x), Some(bias), res.then_some(&residual)];
+                    let got = emulate("bias_act", dt, &args, &inputs, &dims);
+                    let e = err(&got, &want);
+                    assert!(
+                        e <= tolerance(dt),
+                        "{dt:?}, bias {:?}, residual {res}, relu {relu}: error {e}",
+                        bias.dims()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn geglu_kernel_matches_candle_ops() {
+        let (rows, inner) = (13usize, 10usize);
+        let x = Tensor::randn(0f32, 2.0, (rows, 2 * inner), &Device::Cpu).unwrap();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let xr = rounded(&x, dt);
+            let gate = xr.narrow(1, inner, inner).unwrap().gelu_erf().unwrap();
+            let want = (xr.narrow(1, 0, inner).unwrap() * gate).unwrap();
+            let args = [2, 32, rows, inner].map(|v| v.to_string());
+            let got = emulate("geglu", dt, &args, &[Some(&x)], &[rows, inner]);
+            let e = err(&got, &want);
+            assert!(e <= tolerance(dt), "{dt:?}: error {e}");
+        }
+    }
+}

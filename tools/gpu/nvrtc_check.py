@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Compiles dnd's CUDA kernels (src/gpu_ops/kernels.cu) the way the binary does at run time,
+through NVRTC, then assembles the PTX for a GPU with ptxas: a compile check that needs no GPU.
+
+    CUDA_PIP_ROOT=/tmp/cuda-venv/lib/python3.11/site-packages/nvidia/cu13 \
+        python3 tools/gpu/nvrtc_check.py [--arch sm_90]
+
+(tools/gpu/build.sh runs it with CUDA_PIP_ROOT set by ../shared/gpu/env.sh.)
+"""
+import argparse, ctypes, os, subprocess, sys, tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="sm_90", help="GPU to assemble for (ptxas -arch)")
+    ap.add_argument("--source", default=str(ROOT / "src/gpu_ops/kernels.cu"))
+    a = ap.parse_args()
+    cu = Path(os.environ.get("CUDA_PIP_ROOT", ""))
+    lib = cu / "lib/libnvrtc.so.13"
+    if not lib.exists():
+        sys.exit(f"no {lib}: set CUDA_PIP_ROOT (source ../shared/gpu/env.sh after setup-cuda13.sh)")
+    # NVRTC opens its built-in headers library by name: load it first, as LD_LIBRARY_PATH
+    # makes it found on the device.
+    ctypes.CDLL(str(cu / "lib/libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+    nvrtc = ctypes.CDLL(str(lib))
+    src = Path(a.source).read_bytes()
+    prog = ctypes.c_void_p()
+    # The binary compiles with cudarc's default options: none.
+    check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None))
+    rc = nvrtc.nvrtcCompileProgram(prog, 0, None)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if log.value.strip():
+        print(log.value.decode())
+    check(nvrtc, rc)
+    nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    check(nvrtc, nvrtc.nvrtcGetPTX(prog, ptx))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "kernels.ptx"
+        p.write_bytes(ptx.value)
+        out = subprocess.run([str(cu / "bin/ptxas"), f"-arch={a.arch}", "-v", str(p), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True)
+        print(out.stdout + out.stderr, end="")
+        if out.returncode:
+            sys.exit(f"ptxas refused the PTX NVRTC made from {a.source}")
+    kernels = [l.split()[-1] for l in ptx.value.decode().splitlines() if l.startswith(".visible .entry")]
+    print(f"ok: {len(kernels)} kernels compile with NVRTC and assemble for {a.arch}")
+
+
+def check(nvrtc, rc):
+    if rc:
+        nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+        sys.exit(f"NVRTC: {nvrtc.nvrtcGetErrorString(rc).decode()}")
+
+
+if __name__ == "__main__":
+    main()
