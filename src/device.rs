@@ -162,20 +162,32 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
-/// Whose kernels run the fused ops (convolution epilogues, GroupNorm, GEGLU) on `device` in
-/// `dtype`: "dnd" (ours: f32 on the CPU; CUDA unless `DND_GPU_KERNELS=0`) or "candle".
-pub fn fused_ops(device: &Device, dtype: DType) -> &'static str {
+/// Which kernels run on `device` in `dtype`, for reports: whose fused ops (convolution
+/// epilogues, GroupNorm, GEGLU): dnd's (f32 on the CPU; on CUDA unless `DND_GPU_KERNELS=0`) or
+/// candle's; and on CUDA with cuDNN, how convolution algorithms are chosen (measured per shape
+/// unless `DND_CONV_SEARCH=0`).
+pub fn kernels(device: &Device, dtype: DType) -> String {
     let ours = match device {
         Device::Cpu => dtype == DType::F32,
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => crate::gpu_ops::enabled(),
         _ => false,
     };
-    if ours {
-        "dnd"
+    let fused = if ours {
+        "dnd's fused ops"
     } else {
-        "candle"
+        "candle's ops"
+    };
+    #[cfg(feature = "cudnn")]
+    if device.is_cuda() {
+        let algos = if crate::gpu_ops::conv_search::enabled() {
+            "cuDNN algorithms measured per shape"
+        } else {
+            "cuDNN's heuristic algorithms"
+        };
+        return format!("{fused}, {algos}");
     }
+    fused.into()
 }
 
 #[cfg(test)]

@@ -569,9 +569,9 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
         return check_cmd(&device, dtype, &opts, args.json.as_deref());
     }
     eprintln!(
-        "dnd bench on {} ({dtype:?}, {}'s fused ops){}: random weights, median of up to {} runs after a warm-up",
+        "dnd bench on {} ({dtype:?}; {}){}: random weights, median of up to {} runs after a warm-up",
         dnd::device::describe(&device),
-        dnd::device::fused_ops(&device, dtype),
+        dnd::device::kernels(&device, dtype),
         if opts.quick { ", quick sizes" } else { "" },
         opts.runs
     );
@@ -622,9 +622,9 @@ fn check_cmd(
     json: Option<&std::path::Path>,
 ) -> Result<()> {
     eprintln!(
-        "dnd bench --check on {} ({dtype:?}, {}'s fused ops): relative error ||device - reference|| / ||reference||",
+        "dnd bench --check on {} ({dtype:?}; {}): relative error ||device - reference|| / ||reference||",
         dnd::device::describe(device),
-        dnd::device::fused_ops(device, dtype),
+        dnd::device::kernels(device, dtype),
     );
     let checks = dnd::bench::check::run(device, dtype, opts, &mut |c| {
         eprintln!(

@@ -86,7 +86,8 @@ enum ConvImpl {
     },
     /// candle's conv2d without its bias, which the epilogue adds.
     Device {
-        conv: candle_nn::Conv2d,
+        weight: Tensor,
+        stride_padding: (usize, usize),
         bias: Tensor,
         relu: bool,
         upsample: bool,
@@ -167,13 +168,9 @@ impl Conv {
                 ConvImpl::Cpu(CpuConv::new(w, b, c_in, k, stride, padding, false))
             }
         } else {
-            let cfg = candle_nn::Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
             ConvImpl::Device {
-                conv: candle_nn::Conv2d::new(weight.to_device(dev)?.to_dtype(dt)?, None, cfg),
+                weight: weight.to_device(dev)?.to_dtype(dt)?,
+                stride_padding: (stride, padding),
                 bias: bias.to_device(dev)?.to_dtype(dt)?,
                 relu: false,
                 upsample,
@@ -209,14 +206,16 @@ impl Conv {
     /// (SD's time embedding): added with the bias in the epilogue kernel on CUDA.
     pub(crate) fn forward_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
         if let ConvImpl::Device {
-            conv,
+            weight,
+            stride_padding,
             bias,
             relu: false,
             upsample,
         } = &self.imp
         {
+            let y = candle_conv(weight, *stride_padding, *upsample, x)?;
             let bias = bias.unsqueeze(0)?.broadcast_add(shift)?;
-            return epilogue(candle_conv(conv, *upsample, x)?, Some(&bias), None, false);
+            return epilogue(y, Some(&bias), None, false);
         }
         Ok(self
             .forward(x)?
@@ -237,29 +236,40 @@ impl Conv {
                 epilogue(y, None, residual, *relu)
             }
             ConvImpl::Device {
-                conv,
+                weight,
+                stride_padding,
                 bias,
                 relu,
                 upsample,
-            } => epilogue(
-                candle_conv(conv, *upsample, x)?,
-                Some(bias),
-                residual,
-                *relu,
-            ),
+            } => {
+                let y = candle_conv(weight, *stride_padding, *upsample, x)?;
+                epilogue(y, Some(bias), residual, *relu)
+            }
         }
     }
 }
 
-/// candle's convolution (without bias), after nearest 2x upsampling when `upsample`.
-fn candle_conv(conv: &candle_nn::Conv2d, upsample: bool, x: &Tensor) -> Result<Tensor> {
+/// candle's convolution (without bias), after nearest 2x upsampling when `upsample`; with
+/// cuDNN, by the algorithm measured fastest for the shape.
+fn candle_conv(
+    weight: &Tensor,
+    (stride, padding): (usize, usize),
+    upsample: bool,
+    x: &Tensor,
+) -> Result<Tensor> {
     let x = if upsample {
         let (_, _, h, w) = x.dims4()?;
         x.upsample_nearest2d(2 * h, 2 * w)?
     } else {
         x.clone()
     };
-    Ok(candle_core::Module::forward(conv, &x)?)
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && crate::gpu_ops::conv_search::enabled() {
+        return Ok(crate::gpu_ops::conv_search::conv2d(
+            &x, weight, padding, stride,
+        )?);
+    }
+    Ok(x.conv2d(weight, padding, stride, 1, 1)?)
 }
 
 /// `relu?(y + bias (+ residual))` for `y` `(N, C, H, W)` and `bias` `(C)` or `(N, C)`: one

@@ -68,8 +68,8 @@ pub struct Report {
     pub dnd_version: &'static str,
     pub device: String,
     pub dtype: String,
-    /// Whose kernels ran the fused ops: "dnd" or "candle" (`device::fused_ops`).
-    pub fused_ops: &'static str,
+    /// Which kernels ran (`device::kernels`).
+    pub kernels: String,
     pub quick: bool,
     pub rows: Vec<Row>,
 }
@@ -81,7 +81,7 @@ impl Report {
             dnd_version: env!("CARGO_PKG_VERSION"),
             device: crate::device::describe(device),
             dtype: format!("{dtype:?}").to_lowercase(),
-            fused_ops: crate::device::fused_ops(device, dtype),
+            kernels: crate::device::kernels(device, dtype),
             quick,
             rows: Vec::new(),
         }

@@ -17,6 +17,8 @@ use candle_core::{
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "dnd_gpu_ops";
 const THREADS: u32 = 256;
+/// Elements of a group per block of the GroupNorm kernels: 32 per thread.
+const GROUP_CHUNK: usize = 8192;
 
 /// Whether our kernels replace candle's ops on CUDA: yes unless `DND_GPU_KERNELS=0` (to compare
 /// against candle's path, or to step around a kernel that misbehaves on some GPU).
@@ -113,28 +115,36 @@ fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let (channels, plane) = channels_plane(xl)?;
-    let group_len = channels / op.groups * plane;
+    let len = (channels / op.groups * plane).max(1);
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
-    let name = format!("group_norm_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-    let y = output::<T>(dev, x.len())?;
-    let (channels, groups) = (channels as i32, op.groups as i32);
-    let (plane, eps, silu) = (plane as u64, op.eps as f32, i32::from(op.silu));
-    let mut args = func.builder();
-    args.arg(&x).arg(&g).arg(&b).arg(&y);
-    args.arg(&channels)
-        .arg(&groups)
-        .arg(&plane)
-        .arg(&eps)
-        .arg(&silu);
-    // One block per (image, group).
+    let blocks = (x.len() / len) * len.div_ceil(GROUP_CHUNK);
     let cfg = LaunchConfig {
-        grid_dim: ((x.len() / group_len.max(1)) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match group_norm's signature in kernels.cu.
+    let (len, chunk) = (len as u64, GROUP_CHUNK as u64);
+    // (count, mean, sum of squared deviations) per chunk of each group.
+    let stats = output::<f32>(dev, 3 * blocks)?;
+    let name = format!("group_stats_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let mut args = func.builder();
+    args.arg(&x).arg(&stats).arg(&len).arg(&chunk);
+    // SAFETY: the arguments match group_stats' signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+
+    let y = output::<T>(dev, x.len())?;
+    let name = format!("group_apply_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let (channels, groups) = (channels as i32, op.groups as i32);
+    let (plane, eps, silu) = (plane as u64, op.eps as f32, i32::from(op.silu));
+    let mut args = func.builder();
+    args.arg(&x).arg(&stats).arg(&g).arg(&b).arg(&y);
+    args.arg(&channels).arg(&groups).arg(&plane).arg(&chunk);
+    args.arg(&eps).arg(&silu);
+    // SAFETY: the arguments match group_apply's signature in kernels.cu; both kernels run in
+    // order on the device's stream.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }

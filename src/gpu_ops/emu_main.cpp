@@ -2,7 +2,8 @@
 // the unit tests in gpu_ops/mod.rs write the inputs, run this, and compare the output with the
 // CPU path.
 //
-//   emu group_norm DTYPE GRID BLOCK CHANNELS GROUPS PLANE EPS SILU x gamma beta out
+//   emu group_norm DTYPE GRID BLOCK CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
+//       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE RELU x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
 #include "emu.hpp"
@@ -30,7 +31,9 @@ static void write(const char* path, const std::vector<char>& data) {
 // The kernels' extern "C" entry points for one storage type.
 template <class T>
 struct Entry {
-    void (*group_norm)(const T*, const T*, const T*, T*, int, int, u64, float, int);
+    void (*group_stats)(const T*, float*, u64, u64);
+    void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, float,
+                        int);
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int);
     void (*geglu)(const T*, T*, u64, u64);
 };
@@ -41,16 +44,21 @@ static int run(char** a, Entry<T> k) {
     const unsigned grid = std::atoi(a[3]), block = std::atoi(a[4]);
     if (kernel == "group_norm") {
         const int channels = std::atoi(a[5]), groups = std::atoi(a[6]);
-        const u64 plane = std::strtoull(a[7], nullptr, 10);
-        const float eps = std::strtof(a[8], nullptr);
-        const int silu = std::atoi(a[9]);
-        auto x = read(a[10]), gamma = read(a[11]), beta = read(a[12]);
+        const u64 plane = std::strtoull(a[7], nullptr, 10), chunk = std::strtoull(a[8], nullptr, 10);
+        const float eps = std::strtof(a[9], nullptr);
+        const int silu = std::atoi(a[10]);
+        auto x = read(a[11]), gamma = read(a[12]), beta = read(a[13]);
+        const u64 len = (u64)(channels / groups) * plane, chunks = (len + chunk - 1) / chunk;
+        std::vector<float> stats(3 * grid * chunks);
         std::vector<char> y(x.size());
-        emu_launch(grid, block, [&] {
-            k.group_norm((const T*)x.data(), (const T*)gamma.data(), (const T*)beta.data(),
-                          (T*)y.data(), channels, groups, plane, eps, silu);
+        emu_launch(grid * chunks, block,
+                   [&] { k.group_stats((const T*)x.data(), stats.data(), len, chunk); });
+        emu_launch(grid * chunks, block, [&] {
+            k.group_apply((const T*)x.data(), stats.data(), (const T*)gamma.data(),
+                          (const T*)beta.data(), (T*)y.data(), channels, groups, plane, chunk,
+                          eps, silu);
         });
-        write(a[13], y);
+        write(a[14], y);
         return 0;
     }
     if (kernel == "bias_act") {
@@ -87,9 +95,9 @@ int main(int argc, char** argv) {
         return 2;
     }
     const std::string dtype = argv[2];
-    if (dtype == "f32") return run<float>(argv, {group_norm_f32, bias_act_f32, geglu_f32});
-    if (dtype == "f16") return run<u16>(argv, {group_norm_f16, bias_act_f16, geglu_f16});
-    if (dtype == "bf16") return run<u16>(argv, {group_norm_bf16, bias_act_bf16, geglu_bf16});
+    if (dtype == "f32") return run<float>(argv, {group_stats_f32, group_apply_f32, bias_act_f32, geglu_f32});
+    if (dtype == "f16") return run<u16>(argv, {group_stats_f16, group_apply_f16, bias_act_f16, geglu_f16});
+    if (dtype == "bf16") return run<u16>(argv, {group_stats_bf16, group_apply_bf16, bias_act_bf16, geglu_bf16});
     std::fprintf(stderr, "unknown dtype %s\n", argv[2]);
     return 2;
 }

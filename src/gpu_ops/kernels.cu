@@ -9,6 +9,8 @@ typedef unsigned short u16;
 typedef unsigned long long u64;
 
 #ifdef __CUDACC_RTC__
+// Several loads in flight per thread in the memory-bound loops.
+#define DND_UNROLL _Pragma("unroll 4")
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -19,6 +21,8 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else
+#define DND_UNROLL
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
@@ -63,33 +67,68 @@ __device__ float block_sum(float v, float* buf) {
     return sum;
 }
 
-// GroupNorm over contiguous NCHW (`plane` = H*W), then the affine map, then SiLU when `silu`.
-// One block per (image, group): a group is one contiguous run of channels/groups planes.
-// Two passes for the statistics (mean, then squared deviations), as a one-pass variance
-// cancels badly for the large, offset activations of SD's decoder.
+// GroupNorm over contiguous NCHW (`plane` = H*W) in two kernels, each over every chunk of
+// `chunk` elements of every group (one block per chunk, so a few large groups, as in SD's VAE
+// at 512 px, still fill the card):
+// - group_stats: each chunk's count, mean and sum of squared deviations from that mean (two
+//   passes over the chunk, the second mostly from cache): exact for the large, offset
+//   activations of SD's decoder, where a one-pass variance cancels;
+// - group_apply: combines its group's chunks (Chan et al.'s pairwise update), then writes the
+//   normalised, affine-mapped chunk, with SiLU when `silu`.
+// A group is one contiguous run of channels/groups planes.
 template <class D>
-__device__ void group_norm(const typename D::T* x, const typename D::T* gamma,
-                           const typename D::T* beta, typename D::T* y, int channels, int groups,
-                           u64 plane, float eps, int silu) {
+__device__ void group_stats(const typename D::T* x, float* stats, u64 len, u64 chunk) {
     __shared__ float buf[1024];
-    const int per_group = channels / groups;
-    const u64 len = (u64)per_group * plane;
-    const u64 base = (u64)blockIdx.x * len;
-    const int first = (int)(blockIdx.x % (unsigned)groups) * per_group;
-    x += base;
-    y += base;
+    const u64 chunks = (len + chunk - 1) / chunk;
+    const u64 g = blockIdx.x / chunks, c = blockIdx.x % chunks;
+    const u64 n = len - c * chunk < chunk ? len - c * chunk : chunk;
+    x += g * len + c * chunk;
     float s = 0.f;
-    for (u64 i = threadIdx.x; i < len; i += blockDim.x) s += D::ld(x[i]);
-    const float mean = block_sum(s, buf) / (float)len;
+    DND_UNROLL
+    for (u64 i = threadIdx.x; i < n; i += blockDim.x) s += D::ld(x[i]);
+    const float mean = block_sum(s, buf) / (float)n;
     float q = 0.f;
-    for (u64 i = threadIdx.x; i < len; i += blockDim.x) {
+    DND_UNROLL
+    for (u64 i = threadIdx.x; i < n; i += blockDim.x) {
         const float d = D::ld(x[i]) - mean;
         q += d * d;
     }
-    const float rstd = rsqrtf(block_sum(q, buf) / (float)len + eps);
-    for (u64 i = threadIdx.x; i < len; i += blockDim.x) {
-        const int c = first + (int)(i / plane);
-        float v = (D::ld(x[i]) - mean) * rstd * D::ld(gamma[c]) + D::ld(beta[c]);
+    const float m2 = block_sum(q, buf);
+    if (threadIdx.x == 0) {
+        stats[3 * blockIdx.x] = (float)n;
+        stats[3 * blockIdx.x + 1] = mean;
+        stats[3 * blockIdx.x + 2] = m2;
+    }
+}
+
+template <class D>
+__device__ void group_apply(const typename D::T* x, const float* stats,
+                            const typename D::T* gamma, const typename D::T* beta,
+                            typename D::T* y, int channels, int groups, u64 plane, u64 chunk,
+                            float eps, int silu) {
+    const int per_group = channels / groups;
+    const u64 len = (u64)per_group * plane;
+    const u64 chunks = (len + chunk - 1) / chunk;
+    const u64 g = blockIdx.x / chunks, c = blockIdx.x % chunks;
+    float count = 0.f, mean = 0.f, m2 = 0.f;
+    for (u64 k = 0; k < chunks; ++k) {
+        const float* s = stats + 3 * (g * chunks + k);
+        const float total = count + s[0];
+        const float d = s[1] - mean;
+        mean += d * s[0] / total;
+        m2 += s[2] + d * d * count * s[0] / total;
+        count = total;
+    }
+    const float rstd = rsqrtf(m2 / count + eps);
+    const int first = (int)(g % (u64)groups) * per_group;
+    const u64 start = c * chunk;
+    const u64 n = len - start < chunk ? len - start : chunk;
+    x += g * len + start;
+    y += g * len + start;
+    DND_UNROLL
+    for (u64 i = threadIdx.x; i < n; i += blockDim.x) {
+        const int ch = first + (int)((start + i) / plane);
+        float v = (D::ld(x[i]) - mean) * rstd * D::ld(gamma[ch]) + D::ld(beta[ch]);
         if (silu) v = v / (1.f + expf(-v));
         y[i] = D::st(v);
     }
@@ -127,10 +166,14 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, u64 rows, u64 in
 }
 
 #define DND_KERNELS(D, SUFFIX)                                                                  \
-    extern "C" __global__ void group_norm_##SUFFIX(                                             \
-        const D::T* x, const D::T* gamma, const D::T* beta, D::T* y, int channels, int groups,  \
-        u64 plane, float eps, int silu) {                                                       \
-        group_norm<D>(x, gamma, beta, y, channels, groups, plane, eps, silu);                   \
+    extern "C" __global__ void group_stats_##SUFFIX(const D::T* x, float* stats, u64 len,        \
+                                                    u64 chunk) {                                \
+        group_stats<D>(x, stats, len, chunk);                                                   \
+    }                                                                                           \
+    extern "C" __global__ void group_apply_##SUFFIX(                                            \
+        const D::T* x, const float* stats, const D::T* gamma, const D::T* beta, D::T* y,        \
+        int channels, int groups, u64 plane, u64 chunk, float eps, int silu) {                  \
+        group_apply<D>(x, stats, gamma, beta, y, channels, groups, plane, chunk, eps, silu);    \
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \

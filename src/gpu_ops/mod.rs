@@ -2,11 +2,15 @@
 //! memory several times: GroupNorm with its affine map and SiLU in one kernel (SD's UNet and
 //! VAE); a convolution's or linear layer's bias (+ SD's time embedding) + residual + ReLU in
 //! one pass (every convolution of ResNet, the UNet, the VAE and TAESD, every biased linear
-//! layer); and the GEGLU of SD's feed-forward layers, whose halves candle reads strided. On CUDA builds they are compiled at run time by NVRTC
+//! layer); and the GEGLU of SD's feed-forward layers, whose halves candle reads strided. With
+//! cuDNN, convolutions also run the algorithm measured fastest for their shape
+//! (`conv_search`). On CUDA builds they are compiled at run time by NVRTC
 //! (`cuda.rs`), so the build needs no nvcc beyond candle's own. Without a GPU they are tested
 //! by compiling the same source as host C++ under an emulation of CUDA's launch model
 //! (`emu.hpp`, `emu_main.cpp`) and comparing with the CPU path.
 
+#[cfg(feature = "cudnn")]
+pub(crate) mod conv_search;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
@@ -153,14 +157,26 @@ mod tests {
     #[test]
     fn group_norm_kernel_matches_the_cpu_group_norm() {
         let dev = Device::Cpu;
-        // (dims, groups, threads): groups shorter and longer than a block, planes that do not
-        // divide the block, an offset mean the statistics must not lose.
-        for (dims, groups, threads) in [
-            (vec![2, 6, 5, 7], 3, 64),
-            (vec![1, 4, 33, 31], 2, 256),
-            (vec![3, 8, 1, 3], 8, 32),
+        // (dims, groups, threads, chunk): groups shorter and longer than a block and than a
+        // chunk, last chunks shorter than the others, planes that do not divide the block; an
+        // offset mean the statistics must not lose, and an outlier first in every group.
+        for (dims, groups, threads, chunk, outlier) in [
+            (vec![2, 6, 5, 7], 3, 64, 1000, false),
+            (vec![1, 4, 33, 31], 2, 256, 300, false),
+            (vec![3, 8, 1, 3], 8, 32, 2, false),
+            (vec![2, 4, 16, 16], 2, 128, 100, true),
         ] {
-            let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap() + 30.0).unwrap();
+            let mut v = (Tensor::randn(0f32, 2.0, dims.as_slice(), &dev).unwrap() + 30.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            if outlier {
+                let len = v.len() / (dims[0] * groups);
+                v.iter_mut().step_by(len).for_each(|x| *x = 1000.0);
+            }
+            let x = Tensor::from_vec(v, dims.as_slice(), &dev).unwrap();
             let c = dims[1];
             let gamma = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
             let beta = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
@@ -178,7 +194,7 @@ mod tests {
                         .unwrap();
                     let blocks = dims[0] * groups;
                     let plane: usize = dims[2..].iter().product();
-                    let args = [blocks, threads, c, groups, plane]
+                    let args = [blocks, threads, c, groups, plane, chunk]
                         .map(|v| v.to_string())
                         .into_iter()
                         .chain(["1e-5".into(), u8::from(silu).to_string()])
@@ -188,7 +204,7 @@ mod tests {
                     let e = err(&got, &want);
                     assert!(
                         e <= tolerance(dt),
-                        "{dims:?} in {groups} groups, {dt:?}, silu {silu}: error {e}"
+                        "{dims:?} in {groups} groups, chunks of {chunk}, {dt:?}, silu {silu}: error {e}"
                     );
                 }
             }
