@@ -397,6 +397,7 @@ const SCORES_AT_ONCE: usize = 1 << 28;
 
 /// softmax(q k^T * scale + mask) v over (B, H, T, D) tensors; the mask, when given, is added
 /// to the scores in their own dtype (candle's BLIP decoder breaks in f16 by adding an f32 one).
+/// Unmasked 16-bit attention on CUDA runs in our flash attention kernel (`gpu_ops`).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -406,7 +407,26 @@ pub(crate) fn attention(
 ) -> Result<Tensor> {
     match mask {
         Some(_) => attend(q, k, v, scale, mask),
+        #[cfg(feature = "cuda")]
+        None if crate::gpu_ops::flash_applies(q, k, v) => {
+            Ok(crate::gpu_ops::flash_attention(q, k, v, scale)?)
+        }
         None => attention_in_pieces(q, k, v, scale, SCORES_AT_ONCE),
+    }
+}
+
+/// Whether unmasked `attention` on these operands runs fused (our flash attention kernel on
+/// CUDA): its scores and softmax are f32 whatever the storage type, so half-precision
+/// operands need no upcast against overflow.
+pub(crate) fn attention_is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::gpu_ops::flash_applies(q, k, v)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v);
+        false
     }
 }
 

@@ -202,6 +202,28 @@ impl Bench<'_> {
         let want = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
         let got = crate::nn::geglu(&on(&h)?)?;
         report("ops.geglu".into(), rel_err(&got, &want)?, tol, note);
+
+        // Attention as in SD 1.x's UNet at 64x64 latents: 8 heads of 40 over 4096 tokens (the
+        // flash attention kernel in f16/bf16 on CUDA; pieces elsewhere).
+        let (heads, tokens, d) = if full { (8, 4096, 40) } else { (2, 70, 40) };
+        let qkv: Vec<Tensor> = (22..25)
+            .map(|seed| randn(&[2, heads, tokens, d], seed))
+            .collect::<Result<_>>()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
+        let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);
+        let got = crate::nn::attention(&q, &k, &v, scale, None)?;
+        let fused = if crate::nn::attention_is_fused(&q, &k, &v) {
+            "flash attention kernel"
+        } else {
+            "attention in pieces"
+        };
+        report(
+            "ops.attention".into(),
+            rel_err(&got, &want)?,
+            tol,
+            &format!("{fused} on the device against attention on the CPU in f32"),
+        );
         Ok(())
     }
 

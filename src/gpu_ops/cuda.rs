@@ -27,10 +27,29 @@ pub(crate) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("DND_GPU_KERNELS").map_or(true, |v| v != "0"))
 }
 
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
+/// Whether `dev` has the tensor-core mma of sm_80 on, which the flash attention kernels need.
+fn has_mma(dev: &CudaDevice) -> Result<bool> {
+    let (major, _) = dev.cuda_stream().context().compute_capability().w()?;
+    Ok(major >= 8)
+}
+
+/// The kernels as PTX for `dev`: for compute_80 where it has mma (the flash attention kernels
+/// included), for NVRTC's default target before that.
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
+    type Compiled = OnceLock<std::result::Result<String, String>>;
+    static WITH_MMA: Compiled = OnceLock::new();
+    static WITHOUT: Compiled = OnceLock::new();
+    let (cell, arch) = if has_mma(dev)? {
+        (&WITH_MMA, Some("compute_80"))
+    } else {
+        (&WITHOUT, None)
+    };
+    cell.get_or_init(|| {
+        let opts = nvrtc::CompileOptions {
+            arch,
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(SOURCE, opts)
             .map(|p| p.to_src())
             .map_err(|e| e.to_string())
     })
@@ -128,7 +147,7 @@ fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
     // (count, mean, sum of squared deviations) per chunk of each group.
     let stats = output::<f32>(dev, 3 * blocks)?;
     let name = format!("group_stats_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let mut args = func.builder();
     args.arg(&x).arg(&stats).arg(&len).arg(&chunk);
     // SAFETY: the arguments match group_stats' signature in kernels.cu.
@@ -136,7 +155,7 @@ fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
 
     let y = output::<T>(dev, x.len())?;
     let name = format!("group_apply_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let (channels, groups) = (channels as i32, op.groups as i32);
     let (plane, eps, silu) = (plane as u64, op.eps as f32, i32::from(op.silu));
     let mut args = func.builder();
@@ -222,7 +241,7 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
         None => None,
     };
     let name = format!("bias_act_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len())?;
     let (n, bias_len, plane) = (x.len() as u64, bias_len as u64, plane as u64);
     let (relu, null) = (i32::from(op.relu), 0u64);
@@ -336,7 +355,7 @@ fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
     let x = view::<T>(x, xl, "input")?;
     let (rows, inner) = ((x.len() / last.max(1)) as u64, (last / 2) as u64);
     let name = format!("geglu_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len() / 2)?;
     let mut args = func.builder();
     args.arg(&x).arg(&y).arg(&rows).arg(&inner);
@@ -371,5 +390,113 @@ impl candle_core::CustomOp1 for Geglu {
         }
         let out = by_dtype!(x, geglu_launch((x, xl), x.device()));
         Ok((out, Shape::from(dims)))
+    }
+}
+
+/// Whether `flash_attention` takes these operands: 16-bit (B, H, T, D) tensors on a CUDA device
+/// with mma (sm_80 on), the same D for q, k and v, a multiple of 8 up to 160; and our kernels
+/// not turned off.
+pub(crate) fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return false;
+    };
+    let (Ok((b, h, _, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
+        return false;
+    };
+    enabled()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && kd == vd
+        && (kd.0, kd.1, kd.3) == (b, h, d)
+        && d % 8 == 0
+        && d <= 160
+        && has_mma(dev).unwrap_or(false)
+}
+
+/// softmax(q k^T * scale) v for operands `flash_applies` takes, in one kernel that never holds
+/// the T x T scores.
+pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let c = |t: &Tensor| t.contiguous();
+    c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &FlashAttention { scale })
+}
+
+struct FlashAttention {
+    scale: f64,
+}
+
+/// Rows of queries per block of the flash attention kernels (FA_ROWS in kernels.cu).
+const FA_ROWS: usize = 64;
+
+fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
+    scale: f64,
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (b, h, tq, d) = ql.shape().dims4()?;
+    let tk = kl.shape().dims4()?.2;
+    // The head size padded to what the mma steps take (16), one kernel per size.
+    let Some(hd) = [32, 48, 64, 80, 96, 128, 160].into_iter().find(|&s| s >= d) else {
+        candle_core::bail!("dnd-gpu-flash-attention: head size {d} over 160")
+    };
+    let (q, k, v) = (
+        view::<T>(q, ql, "query")?,
+        view::<T>(k, kl, "key")?,
+        view::<T>(v, vl, "value")?,
+    );
+    let name = format!("flash_attention_{}_{hd}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let out = output::<T>(dev, q.len())?;
+    let (tq_, tk_, d_) = (tq as i32, tk as i32, d as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let mut args = func.builder();
+    args.arg(&q).arg(&k).arg(&v).arg(&out);
+    args.arg(&tq_).arg(&tk_).arg(&d_).arg(&scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * h * tq.div_ceil(FA_ROWS)) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match flash_attention's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = match q.dtype() {
+            DType::F16 | DType::BF16 => by_dtype!(
+                q,
+                flash_launch(self.scale, (q, ql), (k, kl), (v, vl), q.device())
+            ),
+            dt => candle_core::bail!("dnd-gpu-flash-attention: f16 or bf16 only, not {dt:?}"),
+        };
+        Ok((out, ql.shape().clone()))
     }
 }

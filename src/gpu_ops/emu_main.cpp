@@ -6,6 +6,7 @@
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE RELU x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
+//   emu flash      DTYPE HD BH TQ TK D SCALE_LOG2 q k v out   (f16 or bf16)
 #include "emu.hpp"
 #include "kernels.cu"
 
@@ -37,6 +38,33 @@ struct Entry {
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int);
     void (*geglu)(const T*, T*, u64, u64);
 };
+
+typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, float);
+
+#define FLASH_TABLE(S)                                                                          \
+    {32, flash_attention_##S##_32}, {48, flash_attention_##S##_48},                             \
+        {64, flash_attention_##S##_64}, {80, flash_attention_##S##_80},                         \
+        {96, flash_attention_##S##_96}, {128, flash_attention_##S##_128},                       \
+        {160, flash_attention_##S##_160}
+
+static int flash(char** a, const std::vector<std::pair<int, Flash>>& table) {
+    const int hd = std::atoi(a[3]), bh = std::atoi(a[4]), tq = std::atoi(a[5]), tk = std::atoi(a[6]),
+              d = std::atoi(a[7]);
+    const float scale_log2 = std::strtof(a[8], nullptr);
+    auto q = read(a[9]), k = read(a[10]), v = read(a[11]);
+    std::vector<char> out(q.size());
+    for (const auto& [size, kernel] : table)
+        if (size == hd) {
+            emu_launch(bh * ((tq + 63) / 64), 128, [&] {
+                kernel((const u16*)q.data(), (const u16*)k.data(), (const u16*)v.data(),
+                       (u16*)out.data(), tq, tk, d, scale_log2);
+            });
+            write(a[12], out);
+            return 0;
+        }
+    std::fprintf(stderr, "no flash attention kernel for head size %d\n", hd);
+    return 2;
+}
 
 template <class T>
 static int run(char** a, Entry<T> k) {
@@ -95,6 +123,8 @@ int main(int argc, char** argv) {
         return 2;
     }
     const std::string dtype = argv[2];
+    if (std::string(argv[1]) == "flash" && dtype == "f16") return flash(argv, {FLASH_TABLE(f16)});
+    if (std::string(argv[1]) == "flash" && dtype == "bf16") return flash(argv, {FLASH_TABLE(bf16)});
     if (dtype == "f32") return run<float>(argv, {group_stats_f32, group_apply_f32, bias_act_f32, geglu_f32});
     if (dtype == "f16") return run<u16>(argv, {group_stats_f16, group_apply_f16, bias_act_f16, geglu_f16});
     if (dtype == "bf16") return run<u16>(argv, {group_stats_bf16, group_apply_bf16, bias_act_bf16, geglu_bf16});

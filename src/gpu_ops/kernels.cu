@@ -2,8 +2,9 @@
 // (its broadcast kernels run at a few percent of the card's bandwidth). Compiled at run time
 // by NVRTC (gpu_ops/cuda.rs) and, for the unit tests, as host C++ under a CPU emulation of the
 // CUDA launch model (gpu_ops/emu.hpp), so they keep to what both take: one-dimensional grids,
-// shared-memory reductions (no warp intrinsics) and __syncthreads only where the whole block
-// arrives. Arithmetic is in f32 whatever the storage type, rounded once on the way out.
+// shared-memory reductions, warp shuffles and mma only where every thread of the block takes
+// part, and __syncthreads only where the whole block arrives. Arithmetic is in f32 whatever
+// the storage type, rounded once on the way out.
 
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -21,8 +22,34 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#if __CUDA_ARCH__ >= 800
+#define DND_HAS_MMA
+// D (16x8, f32) += A (16x16, row-major) * B (16x8, column-major), one warp, tensor cores.
+// Fragments as the PTX ISA lays them out for mma.m16n8k16 (g = lane / 4, t = lane % 4): a[0]
+// holds A[g][2t..2t+1], a[1] A[g+8][2t..], a[2] A[g][2t+8..], a[3] A[g+8][2t+8..]; b[0] holds
+// B[2t..2t+1][g], b[1] B[2t+8..2t+9][g]; d[0..1] D[g][2t..2t+1], d[2..3] D[g+8][2t..2t+1].
+// Two 16-bit values per register, the lower index in the lower half.
+__device__ __forceinline__ void mma_f16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ float shfl_xor(float v, int mask) {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+#endif
 #else
 #define DND_UNROLL
+#define DND_HAS_MMA  // the emulator's mma_f16, mma_bf16 and shfl_xor (emu.hpp)
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
@@ -36,6 +63,8 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
+
 struct F32 {
     typedef float T;
     __device__ static float ld(float v) { return v; }
@@ -45,11 +74,17 @@ struct F16 {
     typedef u16 T;
     __device__ static float ld(u16 v) { return f16_to_f32(v); }
     __device__ static u16 st(float v) { return f32_to_f16(v); }
+#ifdef DND_HAS_MMA
+    __device__ static void mma(float* d, const unsigned* a, const unsigned* b) { mma_f16(d, a, b); }
+#endif
 };
 struct BF16 {
     typedef u16 T;
     __device__ static float ld(u16 v) { return bf16_to_f32(v); }
     __device__ static u16 st(float v) { return f32_to_bf16(v); }
+#ifdef DND_HAS_MMA
+    __device__ static void mma(float* d, const unsigned* a, const unsigned* b) { mma_bf16(d, a, b); }
+#endif
 };
 
 // The sum of `v` over the block, on every thread. `buf` holds blockDim.x floats; blockDim.x is
@@ -165,6 +200,116 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, u64 rows, u64 in
     }
 }
 
+#ifdef DND_HAS_MMA
+// Attention softmax(q k^T * scale) v without the T x T scores in memory (FlashAttention-2's
+// scheme): q (BH, Tq, D), k and v (BH, Tk, D), out (BH, Tq, D), all contiguous, 16-bit.
+// A block of 4 warps takes 64 query rows, each warp 16 of them, its q fragments held in
+// registers; the keys go by in tiles of 32 through shared memory, zero-padded from D to HD (D
+// rounded up to 16). Scores and the running softmax are f32 on tensor cores (mma.m16n8k16),
+// so f16 storage cannot overflow in q k^T. HD >= D, D a multiple of 8.
+#define FA_ROWS 64
+#define FA_KEYS 32
+template <class D, int HD>
+__device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int tq,
+                                int tk, int d, float scale_log2) {
+    __shared__ u16 ks[FA_KEYS * HD];
+    __shared__ u16 vs[FA_KEYS * HD];
+    const int tiles = (tq + FA_ROWS - 1) / FA_ROWS;
+    const u64 bh = blockIdx.x / tiles;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row0 = (blockIdx.x % tiles) * FA_ROWS + warp * 16;
+    q += bh * tq * d;
+    k += bh * tk * d;
+    v += bh * tk * d;
+    out += bh * tq * d;
+
+    // This warp's q rows as A fragments, zero past tq and d.
+    unsigned qa[HD / 16][4];
+    for (int s = 0; s < HD / 16; ++s)
+        for (int r = 0; r < 4; ++r) {
+            const int row = row0 + g + 8 * (r % 2), col = 16 * s + 2 * t + 8 * (r / 2);
+            unsigned lo = 0, hi = 0;
+            if (row < tq && col < d) {
+                lo = q[(u64)row * d + col];
+                hi = q[(u64)row * d + col + 1];
+            }
+            qa[s][r] = lo | (hi << 16);
+        }
+    float o[HD / 8][4];
+    for (int j = 0; j < HD / 8; ++j)
+        for (int r = 0; r < 4; ++r) o[j][r] = 0.f;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+
+    for (int k0 = 0; k0 < tk; k0 += FA_KEYS) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
+            const int key = k0 + i / HD, col = i % HD;
+            const bool in = key < tk && col < d;
+            ks[i] = in ? k[(u64)key * d + col] : (u16)0;
+            vs[i] = in ? v[(u64)key * d + col] : (u16)0;
+        }
+        __syncthreads();
+        // Scores of 16 rows x 32 keys: four 16x8 tiles.
+        float s[4][4];
+        for (int n = 0; n < 4; ++n) {
+            for (int r = 0; r < 4; ++r) s[n][r] = 0.f;
+            for (int c = 0; c < HD / 16; ++c) {
+                const u16* kr = ks + (8 * n + g) * HD + 16 * c + 2 * t;
+                const unsigned b[2] = {kr[0] | ((unsigned)kr[1] << 16),
+                                       kr[8] | ((unsigned)kr[9] << 16)};
+                D::mma(s[n], qa[c], b);
+            }
+        }
+        // Online softmax, base 2: each row's max over its quad of lanes, then rescale.
+        float mx[2] = {m[0], m[1]};
+        for (int n = 0; n < 4; ++n)
+            for (int r = 0; r < 4; ++r) {
+                const int key = k0 + 8 * n + 2 * t + (r % 2);
+                s[n][r] = key < tk ? s[n][r] * scale_log2 : neg_inf();
+                mx[r / 2] = fmaxf(mx[r / 2], s[n][r]);
+            }
+        for (int h = 0; h < 2; ++h) {
+            mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 1));
+            mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 2));
+        }
+        const float alpha[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
+        for (int h = 0; h < 2; ++h) {
+            m[h] = mx[h];
+            l[h] *= alpha[h];
+        }
+        for (int j = 0; j < HD / 8; ++j)
+            for (int r = 0; r < 4; ++r) o[j][r] *= alpha[r / 2];
+        unsigned pa[2][4];
+        for (int n = 0; n < 4; ++n) {
+            float p[4];
+            for (int r = 0; r < 4; ++r) {
+                p[r] = exp2f(s[n][r] - m[r / 2]);
+                l[r / 2] += p[r];
+            }
+            // Two adjacent score tiles in the accumulator layout are one A fragment.
+            pa[n / 2][2 * (n % 2)] = D::st(p[0]) | ((unsigned)D::st(p[1]) << 16);
+            pa[n / 2][2 * (n % 2) + 1] = D::st(p[2]) | ((unsigned)D::st(p[3]) << 16);
+        }
+        for (int c = 0; c < 2; ++c)
+            for (int j = 0; j < HD / 8; ++j) {
+                const u16* vc = vs + (16 * c + 2 * t) * HD + 8 * j + g;
+                const unsigned b[2] = {vc[0] | ((unsigned)vc[HD] << 16),
+                                       vc[8 * HD] | ((unsigned)vc[9 * HD] << 16)};
+                D::mma(o[j], pa[c], b);
+            }
+    }
+    for (int h = 0; h < 2; ++h) {
+        l[h] += shfl_xor(l[h], 1);
+        l[h] += shfl_xor(l[h], 2);
+    }
+    for (int j = 0; j < HD / 8; ++j)
+        for (int r = 0; r < 4; ++r) {
+            const int row = row0 + g + 8 * (r / 2), col = 8 * j + 2 * t + (r % 2);
+            if (row < tq && col < d) out[(u64)row * d + col] = D::st(o[j][r] / l[r / 2]);
+        }
+}
+#endif
+
 #define DND_KERNELS(D, SUFFIX)                                                                  \
     extern "C" __global__ void group_stats_##SUFFIX(const D::T* x, float* stats, u64 len,        \
                                                     u64 chunk) {                                \
@@ -187,3 +332,23 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, u64 rows, u64 in
 DND_KERNELS(F32, f32)
 DND_KERNELS(F16, f16)
 DND_KERNELS(BF16, bf16)
+
+#ifdef DND_HAS_MMA
+// Flash attention for 16-bit types, per padded head size (tensor cores: sm_80 and later).
+#define DND_FLASH(D, SUFFIX, HD)                                                                \
+    extern "C" __global__ void flash_attention_##SUFFIX##_##HD(                                 \
+        const u16* q, const u16* k, const u16* v, u16* out, int tq, int tk, int d,              \
+        float scale_log2) {                                                                     \
+        flash_attention<D, HD>(q, k, v, out, tq, tk, d, scale_log2);                            \
+    }
+#define DND_FLASH_SIZES(D, SUFFIX)                                                              \
+    DND_FLASH(D, SUFFIX, 32)                                                                    \
+    DND_FLASH(D, SUFFIX, 48)                                                                    \
+    DND_FLASH(D, SUFFIX, 64)                                                                    \
+    DND_FLASH(D, SUFFIX, 80)                                                                    \
+    DND_FLASH(D, SUFFIX, 96)                                                                    \
+    DND_FLASH(D, SUFFIX, 128)                                                                   \
+    DND_FLASH(D, SUFFIX, 160)
+DND_FLASH_SIZES(F16, f16)
+DND_FLASH_SIZES(BF16, bf16)
+#endif

@@ -14,7 +14,7 @@ pub(crate) mod conv_search;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{bias_act, enabled, geglu, GroupNormOp};
+pub(crate) use cuda::{bias_act, enabled, flash_applies, flash_attention, geglu, GroupNormOp};
 
 #[cfg(test)]
 mod tests {
@@ -269,6 +269,40 @@ mod tests {
             let got = emulate("geglu", dt, &args, &[Some(&x)], &[rows, inner]);
             let e = err(&got, &want);
             assert!(e <= tolerance(dt), "{dt:?}: error {e}");
+        }
+    }
+
+    #[test]
+    fn flash_attention_kernel_matches_attention() {
+        let dev = Device::Cpu;
+        // Two tiles of query rows and of keys, the last of each partial; head sizes that need
+        // padding to 16 (40, 80: SD 1.x) and that do not (64: SD 2.x, CLIP, BLIP).
+        let (bh, tq, tk) = (3usize, 70usize, 45usize);
+        for (d, hd) in [(40usize, 48usize), (64, 64), (80, 80)] {
+            let q = Tensor::randn(0f32, 1.0, (1, bh, tq, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            for dt in [DType::F16, DType::BF16] {
+                let (qr, kr, vr) = (rounded(&q, dt), rounded(&k, dt), rounded(&v, dt));
+                let want = crate::nn::attention(&qr, &kr, &vr, scale, None).unwrap();
+                let scale_log2 = scale * std::f64::consts::LOG2_E;
+                let args = [hd, bh, tq, tk, d]
+                    .map(|v| v.to_string())
+                    .into_iter()
+                    .chain([scale_log2.to_string()])
+                    .collect::<Vec<_>>();
+                let got = emulate(
+                    "flash",
+                    dt,
+                    &args,
+                    &[Some(&q), Some(&k), Some(&v)],
+                    q.dims(),
+                );
+                let e = err(&got, &want);
+                // The probabilities are rounded to the storage type before they weight v.
+                assert!(e <= 2.0 * tolerance(dt), "head size {d}, {dt:?}: error {e}");
+            }
         }
     }
 }

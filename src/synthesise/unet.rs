@@ -245,19 +245,19 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let split = |l: &Linear, t: &Tensor| -> Result<Tensor> {
-            let y = nn::split_heads(&l.forward(t)?, self.heads)?;
-            Ok(if self.upcast {
-                y.to_dtype(DType::F32)?
-            } else {
-                y
-            })
-        };
-        let (q, k, v) = (
+        let split = |l: &Linear, t: &Tensor| nn::split_heads(&l.forward(t)?, self.heads);
+        let (mut q, mut k, mut v) = (
             split(&self.q, x)?,
             split(&self.k, ctx)?,
             split(&self.v, ctx)?,
         );
+        if self.upcast && !nn::attention_is_fused(&q, &k, &v) {
+            (q, k, v) = (
+                q.to_dtype(DType::F32)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?,
+            );
+        }
         let scale = 1.0 / (q.dim(3)? as f64).sqrt();
         let y = nn::attention(&q, &k, &v, scale, None)?.to_dtype(x.dtype())?;
         self.out.forward(&nn::merge_heads(&y)?)
