@@ -212,8 +212,10 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, u64 rows, u64 in
 template <class D, int HD>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int tq,
                                 int tk, int d, float scale_log2) {
-    __shared__ u16 ks[FA_KEYS * HD];
-    __shared__ u16 vs[FA_KEYS * HD];
+    // Rows padded by 8 halves: the lanes of a fragment load then fall in distinct banks.
+    const int S = HD + 8;
+    __shared__ u16 ks[FA_KEYS * (HD + 8)];
+    __shared__ u16 vs[FA_KEYS * (HD + 8)];
     const int tiles = (tq + FA_ROWS - 1) / FA_ROWS;
     const u64 bh = blockIdx.x / tiles;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -243,10 +245,10 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     for (int k0 = 0; k0 < tk; k0 += FA_KEYS) {
         __syncthreads();
         for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
-            const int key = k0 + i / HD, col = i % HD;
+            const int key = k0 + i / HD, col = i % HD, at = (i / HD) * S + col;
             const bool in = key < tk && col < d;
-            ks[i] = in ? k[(u64)key * d + col] : (u16)0;
-            vs[i] = in ? v[(u64)key * d + col] : (u16)0;
+            ks[at] = in ? k[(u64)key * d + col] : (u16)0;
+            vs[at] = in ? v[(u64)key * d + col] : (u16)0;
         }
         __syncthreads();
         // Scores of 16 rows x 32 keys: four 16x8 tiles.
@@ -254,7 +256,7 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         for (int n = 0; n < 4; ++n) {
             for (int r = 0; r < 4; ++r) s[n][r] = 0.f;
             for (int c = 0; c < HD / 16; ++c) {
-                const u16* kr = ks + (8 * n + g) * HD + 16 * c + 2 * t;
+                const u16* kr = ks + (8 * n + g) * S + 16 * c + 2 * t;
                 const unsigned b[2] = {kr[0] | ((unsigned)kr[1] << 16),
                                        kr[8] | ((unsigned)kr[9] << 16)};
                 D::mma(s[n], qa[c], b);
@@ -292,9 +294,9 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         }
         for (int c = 0; c < 2; ++c)
             for (int j = 0; j < HD / 8; ++j) {
-                const u16* vc = vs + (16 * c + 2 * t) * HD + 8 * j + g;
-                const unsigned b[2] = {vc[0] | ((unsigned)vc[HD] << 16),
-                                       vc[8 * HD] | ((unsigned)vc[9 * HD] << 16)};
+                const u16* vc = vs + (16 * c + 2 * t) * S + 8 * j + g;
+                const unsigned b[2] = {vc[0] | ((unsigned)vc[S] << 16),
+                                       vc[8 * S] | ((unsigned)vc[9 * S] << 16)};
                 D::mma(o[j], pa[c], b);
             }
     }
