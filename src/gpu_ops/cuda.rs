@@ -1,14 +1,15 @@
 //! The kernels of `kernels.cu` as candle custom ops on CUDA tensors: compiled by NVRTC once per
 //! process, loaded into each device's context on first use.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
     Tensor, WithDType,
@@ -27,9 +28,19 @@ pub(crate) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("DND_GPU_KERNELS").map_or(true, |v| v != "0"))
 }
 
-/// Whether `dev` has the tensor-core mma of sm_80 on, which the flash attention kernels need.
+/// Whether `dev` has the tensor-core mma of sm_80 on, which the flash attention kernels need
+/// (asked of the driver once per device).
 fn has_mma(dev: &CudaDevice) -> Result<bool> {
+    static KNOWN: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    if let Some(&mma) = known.lock().expect("no panics while held").get(&dev.id()) {
+        return Ok(mma);
+    }
     let (major, _) = dev.cuda_stream().context().compute_capability().w()?;
+    known
+        .lock()
+        .expect("no panics while held")
+        .insert(dev.id(), major >= 8);
     Ok(major >= 8)
 }
 
