@@ -344,13 +344,14 @@ impl GroupNorm {
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && crate::gpu_ops::enabled() {
-            let op = crate::gpu_ops::GroupNormOp {
-                groups: self.groups,
-                eps: self.eps,
-                silu,
-            };
             let (gamma, beta) = &self.affine;
-            return Ok(x.contiguous()?.apply_op3_no_bwd(gamma, beta, &op)?);
+            return Ok(crate::gpu_ops::group_norm(
+                x,
+                (gamma, beta),
+                self.groups,
+                self.eps,
+                silu,
+            )?);
         }
         let y = candle_core::Module::forward(&self.inner, x)?;
         Ok(if silu { y.silu()? } else { y })

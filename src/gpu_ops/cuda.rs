@@ -121,6 +121,49 @@ fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("dnd-gpu-ops run on CUDA only")
 }
 
+/// A three-input op of ours: only its CUDA side, which `Cuda3` makes a candle custom op.
+trait Op3 {
+    const NAME: &'static str;
+    fn cuda(
+        &self,
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        c: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>;
+}
+
+struct Cuda3<O>(O);
+
+impl<O: Op3> CustomOp3 for Cuda3<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        c: &CudaStorage,
+        cl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda((a, al), (b, bl), (c, cl))
+    }
+}
+
 /// `(channels, plane)` of an NCHW-like layout: dim 1, and the product of the dims after it.
 fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.shape().dims();
@@ -130,14 +173,26 @@ fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
     Ok((dims[1], dims[2..].iter().product()))
 }
 
-/// GroupNorm(+SiLU): `x.apply_op3_no_bwd(&gamma, &beta, &op)` with `x` `(N, C, ...)`.
-pub(crate) struct GroupNormOp {
-    pub(crate) groups: usize,
-    pub(crate) eps: f64,
-    pub(crate) silu: bool,
+/// GroupNorm over `groups` of a CUDA `x` `(N, C, ...)`, its affine map, then SiLU when `silu`:
+/// two kernels, whatever the size of the groups.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = GroupNormOp { groups, eps, silu };
+    x.contiguous()?.apply_op3_no_bwd(gamma, beta, &Cuda3(op))
 }
 
-fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     op: &GroupNormOp,
     (x, xl): (&CudaStorage, &Layout),
     (g, gl): (&CudaStorage, &Layout),
@@ -179,31 +234,14 @@ fn group_norm<T: CudaDType + DeviceRepr + WithDType>(
     Ok(y)
 }
 
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-group-norm"
-    }
+impl Op3 for GroupNormOp {
+    const NAME: &'static str = "dnd-gpu-group-norm";
 
-    fn cpu_fwd(
+    fn cuda(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let (channels, _) = channels_plane(xl)?;
         if gl.shape().elem_count() != channels || bl.shape().elem_count() != channels {
@@ -215,7 +253,10 @@ impl CustomOp3 for GroupNormOp {
                 self.groups
             )
         }
-        let out = by_dtype!(x, group_norm(self, (x, xl), (g, gl), (b, bl), x.device()));
+        let out = by_dtype!(
+            x,
+            group_norm_launch(self, (x, xl), (g, gl), (b, bl), x.device())
+        );
         Ok((out, xl.shape().clone()))
     }
 }
@@ -223,8 +264,8 @@ impl CustomOp3 for GroupNormOp {
 /// A convolution's or linear layer's epilogue `relu?(x + bias (+ residual))` over `(N, C, ...)`,
 /// the bias `(C)` or `(N, C)`:
 /// `x.apply_op2_no_bwd(&bias, ..)` or `x.apply_op3_no_bwd(&bias, &residual, ..)`.
-pub(crate) struct BiasAct {
-    pub(crate) relu: bool,
+struct BiasAct {
+    relu: bool,
 }
 
 fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
@@ -300,31 +341,14 @@ impl CustomOp2 for BiasAct {
     }
 }
 
-impl CustomOp3 for BiasAct {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-bias-act"
-    }
+impl Op3 for BiasAct {
+    const NAME: &'static str = "dnd-gpu-bias-act";
 
-    fn cpu_fwd(
+    fn cuda(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        r: &CudaStorage,
-        rl: &Layout,
+        (x, xl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+        (r, rl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let out = by_dtype!(
             x,
@@ -345,7 +369,7 @@ pub(crate) fn bias_act(
     let op = BiasAct { relu };
     let y = y.contiguous()?;
     match residual {
-        Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &op),
+        Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &Cuda3(op)),
         None => y.apply_op2_no_bwd(bias, &op),
     }
 }
@@ -429,7 +453,7 @@ pub(crate) fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// the T x T scores.
 pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let c = |t: &Tensor| t.contiguous();
-    c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &FlashAttention { scale })
+    c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &Cuda3(FlashAttention { scale }))
 }
 
 struct FlashAttention {
@@ -475,31 +499,14 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     Ok(out)
 }
 
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-flash-attention"
-    }
+impl Op3 for FlashAttention {
+    const NAME: &'static str = "dnd-gpu-flash-attention";
 
-    fn cpu_fwd(
+    fn cuda(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
+        (q, ql): (&CudaStorage, &Layout),
+        (k, kl): (&CudaStorage, &Layout),
+        (v, vl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let out = match q.dtype() {
             DType::F16 | DType::BF16 => by_dtype!(

@@ -14,7 +14,7 @@ pub(crate) mod conv_search;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{bias_act, enabled, flash_applies, flash_attention, geglu, GroupNormOp};
+pub(crate) use cuda::{bias_act, enabled, flash_applies, flash_attention, geglu, group_norm};
 
 #[cfg(test)]
 mod tests {
