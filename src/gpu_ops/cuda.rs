@@ -201,6 +201,9 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaSlice<T>> {
     let (channels, plane) = channels_plane(xl)?;
     let len = (channels / op.groups * plane).max(1);
+    if len >= u32::MAX as usize {
+        candle_core::bail!("dnd-gpu-group-norm: groups of {len} elements, over the kernel's 2^32")
+    }
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
     let blocks = (x.len() / len) * len.div_ceil(GROUP_CHUNK);

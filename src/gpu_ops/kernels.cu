@@ -162,7 +162,8 @@ __device__ void group_apply(const typename D::T* x, const float* stats,
     y += g * len + start;
     DND_UNROLL
     for (u64 i = threadIdx.x; i < n; i += blockDim.x) {
-        const int ch = first + (int)((start + i) / plane);
+        // Within a group (under 2^32 elements, checked by the caller): 32-bit division.
+        const int ch = first + (int)((unsigned)(start + i) / (unsigned)plane);
         float v = (D::ld(x[i]) - mean) * rstd * D::ld(gamma[ch]) + D::ld(beta[ch]);
         if (silu) v = v / (1.f + expf(-v));
         y[i] = D::st(v);
@@ -172,13 +173,14 @@ __device__ void group_apply(const typename D::T* x, const float* stats,
 // y = x + bias[(i / plane) % bias_len] (+ residual), then ReLU when `relu`: a convolution's or
 // linear layer's epilogue in one pass over contiguous (N, C, plane). A bias of C elements is
 // per channel; one of N*C elements per image and channel (a bias plus SD's time embedding).
-// `residual` may be null. Grid-stride, so any grid covers `n`.
-template <class D>
+// `residual` may be null. Grid-stride, so any grid covers `n`. Indices are of type I: 32-bit
+// wherever they fit, as 64-bit division costs the GPU dozens of instructions an element.
+template <class D, class I>
 __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
-                         const typename D::T* residual, typename D::T* y, u64 n, u64 bias_len,
-                         u64 plane, int relu) {
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+                         const typename D::T* residual, typename D::T* y, I n, I bias_len,
+                         I plane, int relu) {
+    const I stride = (I)gridDim.x * blockDim.x;
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         float v = D::ld(x[i]) + D::ld(bias[(i / plane) % bias_len]);
         if (residual) v += D::ld(residual[i]);
         if (relu) v = fmaxf(v, 0.f);
@@ -187,18 +189,22 @@ __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
 }
 
 // GEGLU over rows of 2 * inner: y[r, j] = x[r, j] * gelu(x[r, inner + j]), GELU the exact (erf)
-// one, as diffusers' feed-forward computes it. Grid-stride over the rows * inner outputs.
-template <class D>
-__device__ void geglu(const typename D::T* x, typename D::T* y, u64 rows, u64 inner) {
-    const u64 n = rows * inner;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const u64 r = i / inner, j = i % inner;
+// one, as diffusers' feed-forward computes it. Grid-stride over the rows * inner outputs, with
+// indices of type I as above.
+template <class D, class I>
+__device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner) {
+    const I n = rows * inner;
+    const I stride = (I)gridDim.x * blockDim.x;
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const I r = i / inner, j = i % inner;
         const float a = D::ld(x[2 * inner * r + j]);
         const float g = D::ld(x[2 * inner * r + inner + j]);
         y[i] = D::st(a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
     }
 }
+
+// Whether every index of an n-element (or 2n, for GEGLU's input) loop fits 32 bits.
+__device__ __forceinline__ bool fits_u32(u64 n) { return 2 * n < 0xffffffffull; }
 
 #ifdef DND_HAS_MMA
 // Attention softmax(q k^T * scale) v without the T x T scores in memory (FlashAttention-2's
@@ -325,10 +331,17 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \
                                                  u64 bias_len, u64 plane, int relu) {           \
-        bias_act<D>(x, bias, residual, y, n, bias_len, plane, relu);                            \
+        if (fits_u32(n))                                                                        \
+            bias_act<D, unsigned>(x, bias, residual, y, (unsigned)n, (unsigned)bias_len,        \
+                                  (unsigned)plane, relu);                                       \
+        else                                                                                    \
+            bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, relu);                   \
     }                                                                                           \
     extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner) {    \
-        geglu<D>(x, y, rows, inner);                                                            \
+        if (fits_u32(rows * inner))                                                             \
+            geglu<D, unsigned>(x, y, (unsigned)rows, (unsigned)inner);                          \
+        else                                                                                    \
+            geglu<D, u64>(x, y, rows, inner);                                                   \
     }
 
 DND_KERNELS(F32, f32)
