@@ -412,8 +412,14 @@ pub(crate) fn attention(
         None if crate::gpu_ops::flash_applies(q, k, v) => {
             Ok(crate::gpu_ops::flash_attention(q, k, v, scale)?)
         }
-        None => attention_in_pieces(q, k, v, scale, SCORES_AT_ONCE),
+        None => unfused_attention(q, k, v, scale),
     }
+}
+
+/// Unmasked attention through candle's ops: q k^T, softmax, then p v, in pieces of at most
+/// `SCORES_AT_ONCE` scores.
+pub(crate) fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_in_pieces(q, k, v, scale, SCORES_AT_ONCE)
 }
 
 /// Whether unmasked `attention` on these operands runs fused (our flash attention kernel on

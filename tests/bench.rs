@@ -30,6 +30,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["quick"], true);
+    assert_eq!(report["kernels"], "dnd's fused ops");
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     for want in [
@@ -52,6 +53,14 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "e2e.fast-taesd.one",
         "e2e.paper.one",
         "e2e.paper.batch2",
+        "ops.group_norm_silu.dnd",
+        "ops.group_norm_silu.candle",
+        "ops.conv3x3_residual_relu.dnd",
+        "ops.conv3x3_residual_relu.candle",
+        "ops.geglu.dnd",
+        "ops.geglu.candle",
+        "ops.attention.dnd",
+        "ops.attention.candle",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
         assert!(out.contains(want), "{want} missing from the table:\n{out}");

@@ -93,7 +93,7 @@ pub fn run(
     let mut same = bench(true, Draw::Seeded, "check-quick");
     same.prepare_models()?;
     same.against_cpu(&mut report)?;
-    same.fused_ops(!opts.quick, &mut report)?;
+    same.check_fused_ops(!opts.quick, &mut report)?;
     if !opts.quick && !device.is_cpu() {
         let mut full = bench(false, Draw::Fast, "check-full");
         full.prepare_models()?;
@@ -121,7 +121,7 @@ impl Bench<'_> {
     /// dnd's fused ops on the device (our CUDA kernels, unless `DND_GPU_KERNELS=0`) against
     /// candle's plain ops on the CPU in f32, at the shapes SD uses at 512 px when `full`: each
     /// kernel checked on its own, so a failure of a model check above can be traced to one.
-    fn fused_ops(&self, full: bool, report: &mut Report) -> Result<()> {
+    fn check_fused_ops(&self, full: bool, report: &mut Report) -> Result<()> {
         use candle_core::Module;
         if !self.group("ops") {
             return Ok(());

@@ -28,6 +28,7 @@ use crate::synthesise::{Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{random_resnet_weights, ResNet, Target, Weights};
 
 pub mod check;
+mod ops;
 
 /// What to measure and how hard.
 #[derive(Clone, Debug)]
@@ -109,6 +110,7 @@ pub fn run(
     b.synthesiser("sd-turbo")?;
     b.synthesiser("sd-v1-4")?;
     b.clip()?;
+    b.time_fused_ops()?;
     b.end_to_end(Preset::Fast, false)?;
     b.end_to_end(Preset::Fast, true)?;
     b.end_to_end(Preset::Paper, false)?;

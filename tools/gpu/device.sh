@@ -47,7 +47,7 @@ if [ $OURS = 0 ]; then
   export DND_GPU_KERNELS=0 DND_CONV_SEARCH=0
 fi
 bench $V bench-models 200 --runs 5 --budget 10 \
-  --only resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
+  --only ops,resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
 # Before/after of each lever on the rows they touch: candle's own path, then our kernels
 # without the algorithm search.

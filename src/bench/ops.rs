@@ -1,0 +1,124 @@
+//! `ops.*` rows: each op dnd fuses, timed through dnd's path (our CUDA kernels and cuDNN
+//! algorithm search on a GPU, our fused kernels in f32 on the CPU) and through candle's plain
+//! ops, in the same process on the same inputs: the before/after of each lever, at the largest
+//! shape SD meets it at 512 px.
+
+use candle_core::{Module, Tensor};
+
+use super::Bench;
+use crate::error::Result;
+use crate::nn;
+
+impl Bench<'_> {
+    pub(super) fn time_fused_ops(&mut self) -> Result<()> {
+        if !self.group("ops") {
+            return Ok(());
+        }
+        let (dev, dt) = (self.device.clone(), self.dtype);
+        let quick = self.opts.quick;
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)?)
+        };
+        let bytes = dt.size_in_bytes() as f64;
+
+        // GroupNorm + SiLU as in SD's VAE decoder at 512 px, four latents (one CUDA chunk).
+        let (n, c, side) = if quick { (2, 32, 32) } else { (4, 128, 512) };
+        let x = randn(&[n, c, side, side])?;
+        let (gamma, beta) = (randn(&[c])?, randn(&[c])?);
+        let vars = [("weight", &gamma), ("bias", &beta)].map(|(k, t)| (k.to_string(), t.clone()));
+        let vb = candle_nn::VarBuilder::from_tensors(vars.into_iter().collect(), dt, &dev);
+        let ours = nn::GroupNorm::load(&vb, 32, c, 1e-6)?;
+        let plain = candle_nn::GroupNorm::new(gamma, beta, c, 32, 1e-6)?;
+        // Read once, written once: the least any implementation moves.
+        let gb = 2.0 * x.elem_count() as f64 * bytes / 1e9;
+        let note = format!("({n}, {c}, {side}, {side}) in 32 groups, then SiLU; GB moved at least");
+        self.measure("ops.group_norm_silu.dnd", gb, "GB/s", &note, || {
+            ours.forward(&x, true)?;
+            Ok(())
+        })?;
+        self.measure("ops.group_norm_silu.candle", gb, "GB/s", &note, || {
+            plain.forward(&x)?.silu()?;
+            Ok(())
+        })?;
+
+        // A resnet block's last 3x3 convolution at 64x64 latents, 16 rows: bias, residual, ReLU.
+        let (n, c, side) = if quick { (2, 16, 16) } else { (16, 320, 64) };
+        let x = randn(&[n, c, side, side])?;
+        let residual = randn(&[n, c, side, side])?;
+        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let bias = randn(&[c])?;
+        let conv = nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?;
+        let tflop = 2.0 * (n * c * c * 9 * side * side) as f64 / 1e12;
+        let note = format!("3x3 on ({n}, {c}, {side}, {side}), + bias + residual, ReLU");
+        self.measure(
+            "ops.conv3x3_residual_relu.dnd",
+            tflop,
+            "TFLOP/s",
+            &note,
+            || {
+                conv.forward_residual(&x, &residual)?;
+                Ok(())
+            },
+        )?;
+        let b4 = bias.reshape((1, c, 1, 1))?;
+        self.measure(
+            "ops.conv3x3_residual_relu.candle",
+            tflop,
+            "TFLOP/s",
+            &note,
+            || {
+                (x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)? + &residual)?.relu()?;
+                Ok(())
+            },
+        )?;
+
+        // The UNet's feed-forward GEGLU at 64x64 latents, 16 rows.
+        let (rows, inner) = if quick {
+            (2 * 256, 128)
+        } else {
+            (16 * 4096, 1280)
+        };
+        let h = randn(&[rows, 2 * inner])?;
+        let gb = 3.0 * (rows * inner) as f64 * bytes / 1e9;
+        let note = format!("({rows}, {}) -> ({rows}, {inner}); GB moved", 2 * inner);
+        self.measure("ops.geglu.dnd", gb, "GB/s", &note, || {
+            nn::geglu(&h)?;
+            Ok(())
+        })?;
+        self.measure("ops.geglu.candle", gb, "GB/s", &note, || {
+            (h.narrow(1, 0, inner)? * h.narrow(1, inner, inner)?.gelu_erf()?)?;
+            Ok(())
+        })?;
+
+        // SD 1.x's self-attention at 64x64 latents, 16 rows: 8 heads of 40 over 4096 tokens.
+        let (b, heads, tokens, d) = if quick {
+            (2, 2, 256, 40)
+        } else {
+            (16, 8, 4096, 40)
+        };
+        let qkv: Vec<Tensor> = (0..3)
+            .map(|_| randn(&[b, heads, tokens, d]))
+            .collect::<Result<_>>()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let tflop = 4.0 * (b * heads * tokens * tokens * d) as f64 / 1e12;
+        let fused = nn::attention_is_fused(&qkv[0], &qkv[1], &qkv[2]);
+        let note = format!(
+            "({b}, {heads}, {tokens}, {d}), {}",
+            if fused {
+                "flash attention kernel"
+            } else {
+                "scores in pieces of at most 2^28"
+            }
+        );
+        self.measure("ops.attention.dnd", tflop, "TFLOP/s", &note, || {
+            nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
+            Ok(())
+        })?;
+        let note = format!("({b}, {heads}, {tokens}, {d}), scores in pieces of at most 2^28");
+        self.measure("ops.attention.candle", tflop, "TFLOP/s", &note, || {
+            nn::unfused_attention(&qkv[0], &qkv[1], &qkv[2], scale)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
