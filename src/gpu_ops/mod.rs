@@ -1,13 +1,13 @@
 //! dnd's own CUDA kernels (`kernels.cu`), for the ops where candle's CUDA path goes through
-//! memory several times: GroupNorm with its affine map and SiLU in one kernel (SD's UNet and
-//! VAE); a convolution's or linear layer's bias (+ SD's time embedding) + residual + ReLU in
-//! one pass (every convolution of ResNet, the UNet, the VAE and TAESD, every biased linear
-//! layer); and the GEGLU of SD's feed-forward layers, whose halves candle reads strided. With
-//! cuDNN, convolutions also run the algorithm measured fastest for their shape
-//! (`conv_search`). On CUDA builds they are compiled at run time by NVRTC
-//! (`cuda.rs`), so the build needs no nvcc beyond candle's own. Without a GPU they are tested
-//! by compiling the same source as host C++ under an emulation of CUDA's launch model
-//! (`emu.hpp`, `emu_main.cpp`) and comparing with the CPU path.
+//! memory several times: GroupNorm with its affine map and SiLU (SD's UNet and VAE); a
+//! convolution's or linear layer's bias (+ SD's time embedding) + residual + ReLU in one pass
+//! (every convolution of ResNet, the UNet, the VAE and TAESD, every biased linear layer); the
+//! GEGLU of SD's feed-forward layers, whose halves candle reads strided; and flash attention
+//! on tensor cores, which never holds the T x T scores. With cuDNN, convolutions also run the
+//! algorithm measured fastest for their shape (`conv_search`). On CUDA builds the kernels are
+//! compiled at run time by NVRTC (`cuda.rs`), so the build needs no nvcc beyond candle's own.
+//! Without a GPU they are tested by compiling the same source as host C++ under an emulation
+//! of CUDA's launch model (`emu.hpp`, `emu_main.cpp`) and comparing with the CPU path.
 
 #[cfg(feature = "cudnn")]
 pub(crate) mod conv_search;
@@ -275,10 +275,19 @@ mod tests {
     #[test]
     fn flash_attention_kernel_matches_attention() {
         let dev = Device::Cpu;
-        // Two tiles of query rows and of keys, the last of each partial; head sizes that need
-        // padding to 16 (40, 80: SD 1.x) and that do not (64: SD 2.x, CLIP, BLIP).
-        let (bh, tq, tk) = (3usize, 70usize, 45usize);
-        for (d, hd) in [(40usize, 48usize), (64, 64), (80, 80)] {
+        // (head size, its kernel's padded size, query rows, keys): two tiles of query rows and
+        // of keys, the last of each partial (SD's self-attention); fewer queries than a warp's
+        // 16 rows against many keys (BLIP's cross-attention to 577 image tokens, SD's to 77
+        // text tokens); head sizes that need padding to 16 (40, 80: SD 1.x) and that do not
+        // (32, 64: SD 2.x, CLIP, BLIP; 160: SD 1.x's deepest level).
+        let bh = 2usize;
+        for (d, hd, tq, tk) in [
+            (40usize, 48usize, 70usize, 45usize),
+            (64, 64, 3, 577),
+            (80, 80, 70, 45),
+            (160, 160, 5, 77),
+            (32, 32, 17, 33),
+        ] {
             let q = Tensor::randn(0f32, 1.0, (1, bh, tq, d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
@@ -301,7 +310,10 @@ mod tests {
                 );
                 let e = err(&got, &want);
                 // The probabilities are rounded to the storage type before they weight v.
-                assert!(e <= 2.0 * tolerance(dt), "head size {d}, {dt:?}: error {e}");
+                assert!(
+                    e <= 2.0 * tolerance(dt),
+                    "head size {d}, {tq} queries, {tk} keys, {dt:?}: error {e}"
+                );
             }
         }
     }
