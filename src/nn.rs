@@ -377,12 +377,11 @@ pub(crate) fn layer_norm(
     candle_nn::layer_norm(dim, eps, vb.clone())
 }
 
-/// (B, T, H*D) -> (B, H, T, D), contiguous.
+/// (B, T, H*D) -> (B, H, T, D), a view: the flash attention kernel reads the heads in place,
+/// the other paths make them contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, c / heads))?
-        .transpose(1, 2)?
-        .contiguous()?)
+    Ok(x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?)
 }
 
 /// (B, H, T, D) -> (B, T, H*D).
@@ -406,13 +405,14 @@ pub(crate) fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if mask.is_none() && crate::gpu_ops::flash_applies(q, k, v) {
+        return Ok(crate::gpu_ops::flash_attention(q, k, v, scale)?);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     match mask {
-        Some(_) => attend(q, k, v, scale, mask),
-        #[cfg(feature = "cuda")]
-        None if crate::gpu_ops::flash_applies(q, k, v) => {
-            Ok(crate::gpu_ops::flash_attention(q, k, v, scale)?)
-        }
-        None => unfused_attention(q, k, v, scale),
+        Some(_) => attend(&q, &k, &v, scale, mask),
+        None => unfused_attention(&q, &k, &v, scale),
     }
 }
 

@@ -274,15 +274,13 @@ impl TextDecoder {
     }
 
     fn cache(&self, image: &Tensor) -> Result<Cache> {
+        // Made contiguous once here rather than at every step by the unfused attention.
+        let heads =
+            |x: Tensor| -> Result<Tensor> { Ok(split_heads(&x, self.heads)?.contiguous()?) };
         let cross_kv = self
             .layers
             .iter()
-            .map(|l| {
-                Ok((
-                    split_heads(&l.xk.forward(image)?, self.heads)?,
-                    split_heads(&l.xv.forward(image)?, self.heads)?,
-                ))
-            })
+            .map(|l| Ok((heads(l.xk.forward(image)?)?, heads(l.xv.forward(image)?)?)))
             .collect::<Result<_>>()?;
         Ok(Cache {
             self_kv: vec![None; self.layers.len()],

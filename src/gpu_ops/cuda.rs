@@ -72,19 +72,28 @@ fn ptx(dev: &CudaDevice) -> Result<&'static str> {
     })
 }
 
+/// Storage `s` as a slice of `T`s, or an error naming `what`.
+fn slice_of<'a, T: CudaDType + WithDType>(
+    s: &'a CudaStorage,
+    what: &str,
+) -> Result<&'a CudaSlice<T>> {
+    match s.as_cuda_slice::<T>() {
+        Ok(slice) => Ok(slice),
+        Err(_) => candle_core::bail!(
+            "dnd-gpu-ops: the {what} is {:?}, the input {:?}",
+            s.dtype(),
+            T::DTYPE
+        ),
+    }
+}
+
 /// Storage `s` under layout `l` as a contiguous view of `T`s.
 fn view<'a, T: CudaDType + WithDType>(
     s: &'a CudaStorage,
     l: &Layout,
     what: &str,
 ) -> Result<CudaView<'a, T>> {
-    let Ok(slice) = s.as_cuda_slice::<T>() else {
-        candle_core::bail!(
-            "dnd-gpu-ops: the {what} is {:?}, the input {:?}",
-            s.dtype(),
-            T::DTYPE
-        )
-    };
+    let slice = slice_of::<T>(s, what)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(slice.slice(a..b)),
         None => candle_core::bail!("dnd-gpu-ops: the {what} must be contiguous"),
@@ -453,10 +462,26 @@ pub(crate) fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// softmax(q k^T * scale) v for operands `flash_applies` takes, in one kernel that never holds
-/// the T x T scores.
+/// the T x T scores. The operands may be strided views (heads split from (B, T, H*D)
+/// projections are read in place); the result is a (B, H, Tq, D) view of (B, Tq, H, D)
+/// memory, which merges back into (B, Tq, H*D) without a copy.
 pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let c = |t: &Tensor| t.contiguous();
-    c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &Cuda3(FlashAttention { scale }))
+    // The kernel takes any batch, head and row strides, but the head dimension contiguous.
+    let rows_contiguous = |t: &Tensor| -> Result<Tensor> {
+        let l = t.layout();
+        if l.stride()[3] == 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (
+        rows_contiguous(q)?,
+        rows_contiguous(k)?,
+        rows_contiguous(v)?,
+    );
+    q.apply_op3_no_bwd(&k, &v, &Cuda3(FlashAttention { scale }))?
+        .transpose(1, 2)
 }
 
 struct FlashAttention {
@@ -465,6 +490,38 @@ struct FlashAttention {
 
 /// Rows of queries per block of the flash attention kernels (FA_ROWS in kernels.cu).
 const FA_ROWS: usize = 64;
+
+/// Batch, head and row strides of a (B, H, T, D) operand, in elements (`Strides` in
+/// kernels.cu).
+#[repr(C)]
+struct Strides {
+    batch: u64,
+    head: u64,
+    row: u64,
+}
+
+// SAFETY: plain old data, laid out as the kernels' `Strides` (three 64-bit integers).
+unsafe impl DeviceRepr for Strides {}
+
+impl Strides {
+    fn of(l: &Layout) -> Self {
+        let s = l.stride();
+        Self {
+            batch: s[0] as u64,
+            head: s[1] as u64,
+            row: s[2] as u64,
+        }
+    }
+}
+
+/// A view of `s` from `l`'s start to the end of the storage: all a strided operand can reach.
+fn strided<'a, T: CudaDType + WithDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    Ok(slice_of::<T>(s, what)?.slice(l.start_offset()..))
+}
 
 fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     scale: f64,
@@ -479,19 +536,21 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     let Some(hd) = [32, 48, 64, 80, 96, 128, 160].into_iter().find(|&s| s >= d) else {
         candle_core::bail!("dnd-gpu-flash-attention: head size {d} over 160")
     };
+    let strides = [Strides::of(ql), Strides::of(kl), Strides::of(vl)];
     let (q, k, v) = (
-        view::<T>(q, ql, "query")?,
-        view::<T>(k, kl, "key")?,
-        view::<T>(v, vl, "value")?,
+        strided::<T>(q, ql, "query")?,
+        strided::<T>(k, kl, "key")?,
+        strided::<T>(v, vl, "value")?,
     );
     let name = format!("flash_attention_{}_{hd}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
-    let out = output::<T>(dev, q.len())?;
-    let (tq_, tk_, d_) = (tq as i32, tk as i32, d as i32);
+    let out = output::<T>(dev, b * h * tq * d)?;
+    let (h_, tq_, tk_, d_) = (h as i32, tq as i32, tk as i32, d as i32);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut args = func.builder();
     args.arg(&q).arg(&k).arg(&v).arg(&out);
-    args.arg(&tq_).arg(&tk_).arg(&d_).arg(&scale_log2);
+    args.arg(&h_).arg(&tq_).arg(&tk_).arg(&d_).arg(&scale_log2);
+    args.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
     let cfg = LaunchConfig {
         grid_dim: ((b * h * tq.div_ceil(FA_ROWS)) as u32, 1, 1),
         block_dim: (128, 1, 1),
@@ -518,6 +577,7 @@ impl Op3 for FlashAttention {
             ),
             dt => candle_core::bail!("dnd-gpu-flash-attention: f16 or bf16 only, not {dt:?}"),
         };
-        Ok((out, ql.shape().clone()))
+        let (b, h, tq, d) = ql.shape().dims4()?;
+        Ok((out, Shape::from((b, tq, h, d))))
     }
 }

@@ -6,7 +6,8 @@
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE RELU x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
-//   emu flash      DTYPE HD BH TQ TK D SCALE_LOG2 q k v out   (f16 or bf16)
+//   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) q k v out   (f16 or bf16;
+//                  QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
 #include "emu.hpp"
 #include "kernels.cu"
 
@@ -39,7 +40,8 @@ struct Entry {
     void (*geglu)(const T*, T*, u64, u64);
 };
 
-typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, float);
+typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
+                      Strides, Strides, Strides);
 
 #define FLASH_TABLE(S)                                                                          \
     {32, flash_attention_##S##_32}, {48, flash_attention_##S##_48},                             \
@@ -48,18 +50,23 @@ typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, f
         {160, flash_attention_##S##_160}
 
 static int flash(char** a, const std::vector<std::pair<int, Flash>>& table) {
-    const int hd = std::atoi(a[3]), bh = std::atoi(a[4]), tq = std::atoi(a[5]), tk = std::atoi(a[6]),
-              d = std::atoi(a[7]);
-    const float scale_log2 = std::strtof(a[8], nullptr);
-    auto q = read(a[9]), k = read(a[10]), v = read(a[11]);
-    std::vector<char> out(q.size());
+    const int hd = std::atoi(a[3]), b = std::atoi(a[4]), h = std::atoi(a[5]), tq = std::atoi(a[6]),
+              tk = std::atoi(a[7]), d = std::atoi(a[8]);
+    const float scale_log2 = std::strtof(a[9], nullptr);
+    Strides st[3];
+    for (int i = 0; i < 3; ++i)
+        st[i] = {std::strtoull(a[10 + 3 * i], nullptr, 10),
+                 std::strtoull(a[11 + 3 * i], nullptr, 10),
+                 std::strtoull(a[12 + 3 * i], nullptr, 10)};
+    auto q = read(a[19]), k = read(a[20]), v = read(a[21]);
+    std::vector<char> out((size_t)b * h * tq * d * 2);
     for (const auto& [size, kernel] : table)
         if (size == hd) {
-            emu_launch(bh * ((tq + 63) / 64), 128, [&] {
+            emu_launch(b * h * ((tq + 63) / 64), 128, [&] {
                 kernel((const u16*)q.data(), (const u16*)k.data(), (const u16*)v.data(),
-                       (u16*)out.data(), tq, tk, d, scale_log2);
+                       (u16*)out.data(), h, tq, tk, d, scale_log2, st[0], st[1], st[2]);
             });
-            write(a[12], out);
+            write(a[22], out);
             return 0;
         }
     std::fprintf(stderr, "no flash attention kernel for head size %d\n", hd);

@@ -208,28 +208,36 @@ __device__ __forceinline__ bool fits_u32(u64 n) { return 2 * n < 0xffffffffull; 
 
 #ifdef DND_HAS_MMA
 // Attention softmax(q k^T * scale) v without the T x T scores in memory (FlashAttention-2's
-// scheme): q (BH, Tq, D), k and v (BH, Tk, D), out (BH, Tq, D), all contiguous, 16-bit.
+// scheme) over B x H heads: q (B, H, Tq, D), k and v (B, H, Tk, D), 16-bit, each at its own
+// batch, head and row strides (elements; the last dimension contiguous), so heads split from
+// (B, T, H*D) projections are read in place; out is written (B, Tq, H, D), contiguous, so the
+// heads merge back for free.
 // A block of 4 warps takes 64 query rows, each warp 16 of them, its q fragments held in
 // registers; the keys go by in tiles of 32 through shared memory, zero-padded from D to HD (D
 // rounded up to 16). Scores and the running softmax are f32 on tensor cores (mma.m16n8k16),
 // so f16 storage cannot overflow in q k^T. HD >= D, D a multiple of 8.
 #define FA_ROWS 64
 #define FA_KEYS 32
+struct Strides {
+    u64 batch, head, row;
+};
 template <class D, int HD>
-__device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int tq,
-                                int tk, int d, float scale_log2) {
+__device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int heads,
+                                int tq, int tk, int d, float scale_log2, Strides qs, Strides ks_,
+                                Strides vs_) {
     // Rows padded by 8 halves: the lanes of a fragment load then fall in distinct banks.
     const int S = HD + 8;
     __shared__ u16 ks[FA_KEYS * (HD + 8)];
     __shared__ u16 vs[FA_KEYS * (HD + 8)];
     const int tiles = (tq + FA_ROWS - 1) / FA_ROWS;
-    const u64 bh = blockIdx.x / tiles;
+    const u64 bh = blockIdx.x / tiles, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int row0 = (blockIdx.x % tiles) * FA_ROWS + warp * 16;
-    q += bh * tq * d;
-    k += bh * tk * d;
-    v += bh * tk * d;
-    out += bh * tq * d;
+    q += b * qs.batch + h * qs.head;
+    k += b * ks_.batch + h * ks_.head;
+    v += b * vs_.batch + h * vs_.head;
+    const u64 out_row = (u64)heads * d;
+    out += b * tq * out_row + h * d;
 
     // This warp's q rows as A fragments, zero past tq and d.
     unsigned qa[HD / 16][4];
@@ -238,8 +246,8 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
             const int row = row0 + g + 8 * (r % 2), col = 16 * s + 2 * t + 8 * (r / 2);
             unsigned lo = 0, hi = 0;
             if (row < tq && col < d) {
-                lo = q[(u64)row * d + col];
-                hi = q[(u64)row * d + col + 1];
+                lo = q[row * qs.row + col];
+                hi = q[row * qs.row + col + 1];
             }
             qa[s][r] = lo | (hi << 16);
         }
@@ -253,8 +261,8 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
             const int key = k0 + i / HD, col = i % HD, at = (i / HD) * S + col;
             const bool in = key < tk && col < d;
-            ks[at] = in ? k[(u64)key * d + col] : (u16)0;
-            vs[at] = in ? v[(u64)key * d + col] : (u16)0;
+            ks[at] = in ? k[key * ks_.row + col] : (u16)0;
+            vs[at] = in ? v[key * vs_.row + col] : (u16)0;
         }
         __syncthreads();
         // Scores of 16 rows x 32 keys: four 16x8 tiles.
@@ -313,7 +321,7 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     for (int j = 0; j < HD / 8; ++j)
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + 8 * (r / 2), col = 8 * j + 2 * t + (r % 2);
-            if (row < tq && col < d) out[(u64)row * d + col] = D::st(o[j][r] / l[r / 2]);
+            if (row < tq && col < d) out[row * out_row + col] = D::st(o[j][r] / l[r / 2]);
         }
 }
 #endif
@@ -352,9 +360,9 @@ DND_KERNELS(BF16, bf16)
 // Flash attention for 16-bit types, per padded head size (tensor cores: sm_80 and later).
 #define DND_FLASH(D, SUFFIX, HD)                                                                \
     extern "C" __global__ void flash_attention_##SUFFIX##_##HD(                                 \
-        const u16* q, const u16* k, const u16* v, u16* out, int tq, int tk, int d,              \
-        float scale_log2) {                                                                     \
-        flash_attention<D, HD>(q, k, v, out, tq, tk, d, scale_log2);                            \
+        const u16* q, const u16* k, const u16* v, u16* out, int heads, int tq, int tk, int d,   \
+        float scale_log2, Strides qs, Strides ks, Strides vs) {                                 \
+        flash_attention<D, HD>(q, k, v, out, heads, tq, tk, d, scale_log2, qs, ks, vs);         \
     }
 #define DND_FLASH_SIZES(D, SUFFIX)                                                              \
     DND_FLASH(D, SUFFIX, 32)                                                                    \

@@ -275,44 +275,56 @@ mod tests {
     #[test]
     fn flash_attention_kernel_matches_attention() {
         let dev = Device::Cpu;
-        // (head size, its kernel's padded size, query rows, keys): two tiles of query rows and
-        // of keys, the last of each partial (SD's self-attention); fewer queries than a warp's
-        // 16 rows against many keys (BLIP's cross-attention to 577 image tokens, SD's to 77
-        // text tokens); head sizes that need padding to 16 (40, 80: SD 1.x) and that do not
-        // (32, 64: SD 2.x, CLIP, BLIP; 160: SD 1.x's deepest level).
-        let bh = 2usize;
-        for (d, hd, tq, tk) in [
-            (40usize, 48usize, 70usize, 45usize),
-            (64, 64, 3, 577),
-            (80, 80, 70, 45),
-            (160, 160, 5, 77),
-            (32, 32, 17, 33),
+        // (head size, its kernel's padded size, query rows, keys, heads split in place): two
+        // tiles of query rows and of keys, the last of each partial (SD's self-attention);
+        // fewer queries than a warp's 16 rows against many keys (BLIP's cross-attention to 577
+        // image tokens, SD's to 77 text tokens); head sizes that need padding to 16 (40, 80:
+        // SD 1.x) and that do not (32, 64: SD 2.x, CLIP, BLIP; 160: SD 1.x's deepest level);
+        // heads read contiguous (B, H, T, D) or in place from (B, T, H, D) projections.
+        let (b, h) = (2usize, 2usize);
+        for (d, hd, tq, tk, in_place) in [
+            (40usize, 48usize, 70usize, 45usize, true),
+            (64, 64, 3, 577, true),
+            (80, 80, 70, 45, false),
+            (160, 160, 5, 77, false),
+            (32, 32, 17, 33, true),
         ] {
-            let q = Tensor::randn(0f32, 1.0, (1, bh, tq, d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
+            // Memory in the layout the kernel reads, and the (B, H, T, D) view of it.
+            let make = |t: usize| -> (Tensor, Tensor, [usize; 3]) {
+                if in_place {
+                    let m = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev).unwrap();
+                    let view = m.transpose(1, 2).unwrap().contiguous().unwrap();
+                    (m, view, [t * h * d, d, h * d])
+                } else {
+                    let m = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+                    (m.clone(), m, [h * t * d, t * d, d])
+                }
+            };
+            let ((qm, q, qs), (km, k, ks), (vm, v, vs)) = (make(tq), make(tk), make(tk));
             let scale = 1.0 / (d as f64).sqrt();
             for dt in [DType::F16, DType::BF16] {
                 let (qr, kr, vr) = (rounded(&q, dt), rounded(&k, dt), rounded(&v, dt));
-                let want = crate::nn::attention(&qr, &kr, &vr, scale, None).unwrap();
+                // The kernel writes (B, Tq, H, D).
+                let want = crate::nn::attention(&qr, &kr, &vr, scale, None)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
                 let scale_log2 = scale * std::f64::consts::LOG2_E;
-                let args = [hd, bh, tq, tk, d]
+                let args = [hd, b, h, tq, tk, d]
                     .map(|v| v.to_string())
                     .into_iter()
                     .chain([scale_log2.to_string()])
+                    .chain([qs, ks, vs].concat().iter().map(|s| s.to_string()))
                     .collect::<Vec<_>>();
-                let got = emulate(
-                    "flash",
-                    dt,
-                    &args,
-                    &[Some(&q), Some(&k), Some(&v)],
-                    q.dims(),
-                );
+                let inputs = [Some(&qm), Some(&km), Some(&vm)];
+                let got = emulate("flash", dt, &args, &inputs, &[b, tq, h, d]);
                 let e = err(&got, &want);
                 // The probabilities are rounded to the storage type before they weight v.
                 assert!(
                     e <= 2.0 * tolerance(dt),
-                    "head size {d}, {tq} queries, {tk} keys, {dt:?}: error {e}"
+                    "head size {d}, {tq} queries, {tk} keys, in place {in_place}, {dt:?}: error {e}"
                 );
             }
         }
