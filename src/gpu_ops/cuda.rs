@@ -407,11 +407,7 @@ fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
     let mut args = func.builder();
     args.arg(&x).arg(&y).arg(&rows).arg(&inner);
     let cfg = LaunchConfig {
-        grid_dim: (
-            ((rows * inner) as u32).div_ceil(THREADS).clamp(1, 65_535),
-            1,
-            1,
-        ),
+        grid_dim: (blocks_for(rows * inner), 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
