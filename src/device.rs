@@ -164,8 +164,8 @@ pub fn describe(device: &Device) -> String {
 
 /// Which kernels run on `device` in `dtype`, for reports: whose fused ops (convolution
 /// epilogues, GroupNorm, GEGLU): dnd's (f32 on the CPU; on CUDA unless `DND_GPU_KERNELS=0`) or
-/// candle's; and on CUDA with cuDNN, how convolution algorithms are chosen (measured per shape
-/// unless `DND_CONV_SEARCH=0`).
+/// candle's; and on CUDA with cuDNN, whose cuDNN call convolves (dnd's: f32 accumulation,
+/// algorithms measured per shape, ResNet channels-last; unless `DND_CUDNN_CONV=0`).
 pub fn kernels(device: &Device, dtype: DType) -> String {
     let ours = match device {
         Device::Cpu => dtype == DType::F32,
@@ -180,10 +180,10 @@ pub fn kernels(device: &Device, dtype: DType) -> String {
     };
     #[cfg(feature = "cudnn")]
     if device.is_cuda() {
-        let algos = if crate::gpu_ops::conv_search::enabled() {
-            "cuDNN algorithms measured per shape"
+        let algos = if crate::gpu_ops::cudnn_conv::enabled() {
+            "dnd's cuDNN convolutions"
         } else {
-            "cuDNN's heuristic algorithms"
+            "candle's cuDNN convolutions"
         };
         return format!("{fused}, {algos}");
     }

@@ -84,13 +84,16 @@ enum ConvImpl {
         op: CpuUpConv,
         relu: bool,
     },
-    /// candle's conv2d without its bias, which the epilogue adds.
+    /// candle's conv2d (or cuDNN through `gpu_ops`) without its bias, which the epilogue adds.
     Device {
+        /// `(K, C, R, S)`, or `(K, R, S, C)` when `channels_last`.
         weight: Tensor,
         stride_padding: (usize, usize),
         bias: Tensor,
         relu: bool,
         upsample: bool,
+        /// Computed in NHWC by cuDNN (see `channels_last`).
+        channels_last: bool,
     },
 }
 
@@ -174,9 +177,33 @@ impl Conv {
                 bias: bias.to_device(dev)?.to_dtype(dt)?,
                 relu: false,
                 upsample,
+                channels_last: false,
             }
         };
         Ok(Self { imp, c_out })
+    }
+
+    /// The same convolution computed channels-last (NHWC) on CUDA with cuDNN, where cuDNN's
+    /// tensor-core kernels are fastest, as PyTorch runs ResNet; elsewhere unchanged. Inputs and
+    /// outputs keep their logical `(N, C, H, W)` shape: the output is a view of NHWC storage,
+    /// which the next channels-last convolution reads without a copy (any other input is
+    /// copied into NHWC first), and which every other op reads through its strides.
+    #[cfg_attr(not(feature = "cudnn"), allow(unused_mut))]
+    pub(crate) fn channels_last(mut self) -> candle_core::Result<Self> {
+        #[cfg(feature = "cudnn")]
+        if let ConvImpl::Device {
+            weight,
+            upsample: false,
+            channels_last,
+            ..
+        } = &mut self.imp
+        {
+            if weight.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
+                *weight = weight.permute((0, 2, 3, 1))?.contiguous()?;
+                *channels_last = true;
+            }
+        }
+        Ok(self)
     }
 
     /// The same convolution with ReLU applied to its output (in the same pass on the CPU).
@@ -211,6 +238,7 @@ impl Conv {
             bias,
             relu: false,
             upsample,
+            channels_last: false,
         } = &self.imp
         {
             let y = candle_conv(weight, *stride_padding, *upsample, x)?;
@@ -235,12 +263,22 @@ impl Conv {
                 let y = x.contiguous()?.apply_op1_no_bwd(op)?;
                 epilogue(y, None, residual, *relu)
             }
+            #[cfg(feature = "cudnn")]
+            ConvImpl::Device {
+                weight,
+                stride_padding,
+                bias,
+                relu,
+                channels_last: true,
+                ..
+            } => channels_last_conv(weight, *stride_padding, bias, *relu, x, residual),
             ConvImpl::Device {
                 weight,
                 stride_padding,
                 bias,
                 relu,
                 upsample,
+                ..
             } => {
                 let y = candle_conv(weight, *stride_padding, *upsample, x)?;
                 epilogue(y, Some(bias), residual, *relu)
@@ -249,8 +287,29 @@ impl Conv {
     }
 }
 
+/// `Conv::run` for a channels-last convolution: `x`, `residual` and the result are `(N, C, H,
+/// W)` views of NHWC storage; the epilogue runs on the `(N H W, C)` rows.
+#[cfg(feature = "cudnn")]
+fn channels_last_conv(
+    weight: &Tensor,
+    (stride, padding): (usize, usize),
+    bias: &Tensor,
+    relu: bool,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    use crate::gpu_ops::cudnn_conv::{conv2d, Format};
+    let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1));
+    let y = conv2d(&nhwc(x)?, weight, padding, stride, Format::Nhwc)?;
+    let (n, p, q, k) = y.dims4()?;
+    let rows = |t: Tensor| t.contiguous()?.reshape((n * p * q, k));
+    let residual = residual.map(|r| rows(nhwc(r)?)).transpose()?;
+    let y = epilogue(rows(y)?, Some(bias), residual.as_ref(), relu)?;
+    Ok(y.reshape((n, p, q, k))?.permute((0, 3, 1, 2))?)
+}
+
 /// candle's convolution (without bias), after nearest 2x upsampling when `upsample`; with
-/// cuDNN, by the algorithm measured fastest for the shape.
+/// cuDNN, our cuDNN op (`gpu_ops::cudnn_conv`).
 fn candle_conv(
     weight: &Tensor,
     (stride, padding): (usize, usize),
@@ -264,15 +323,14 @@ fn candle_conv(
         x.clone()
     };
     #[cfg(feature = "cudnn")]
-    if x.device().is_cuda() && crate::gpu_ops::conv_search::enabled() {
-        return Ok(crate::gpu_ops::conv_search::conv2d(
-            &x, weight, padding, stride,
-        )?);
+    if x.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
+        use crate::gpu_ops::cudnn_conv::{conv2d, Format};
+        return Ok(conv2d(&x, weight, padding, stride, Format::Nchw)?);
     }
     Ok(x.conv2d(weight, padding, stride, 1, 1)?)
 }
 
-/// `relu?(y + bias (+ residual))` for `y` `(N, C, H, W)` and `bias` `(C)` or `(N, C)`: one
+/// `relu?(y + bias (+ residual))` for `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`: one
 /// kernel of ours on CUDA, candle's ops (as its Conv2d adds a bias) elsewhere.
 fn epilogue(
     y: Tensor,
@@ -286,8 +344,9 @@ fn epilogue(
     }
     let mut y = match bias {
         Some(b) => {
-            let rows = b.elem_count() / y.dim(1)?;
-            y.broadcast_add(&b.reshape((rows, (), 1, 1))?)?
+            let mut shape = vec![b.elem_count() / y.dim(1)?, y.dim(1)?];
+            shape.resize(y.rank(), 1);
+            y.broadcast_add(&b.reshape(shape)?)?
         }
         None => y,
     };

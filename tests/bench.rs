@@ -57,6 +57,8 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "ops.group_norm_silu.candle",
         "ops.conv3x3_residual_relu.dnd",
         "ops.conv3x3_residual_relu.candle",
+        "ops.conv3x3_channels_last.dnd",
+        "ops.conv3x3_channels_last.candle",
         "ops.geglu.dnd",
         "ops.geglu.candle",
         "ops.attention.dnd",
@@ -139,6 +141,7 @@ fn check_compares_every_model_family_from_seeded_weights() {
         "sd-v1-4.unet.b3",
         "sd-v1-4.vae.b5",
         "taesd.decode.b3",
+        "ops.conv_channels_last",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
         assert!(err.contains(want), "{want} missing from the lines:\n{err}");

@@ -185,6 +185,32 @@ impl Bench<'_> {
             note,
         );
 
+        // ResNet's convolutions channels-last (NHWC through cuDNN where built with it): a 3x3
+        // one with residual and ReLU on an NCHW input, then a strided 1x1 one reading the first
+        // one's NHWC output in place, as a bottleneck's downsample does.
+        let (c, side) = if full { (256, 28) } else { (16, 10) };
+        let x = randn(&[2, c, side, side], 25)?;
+        let residual = randn(&[2, c, side, side], 26)?;
+        let w3 = (randn(&[c, c, 3, 3], 27)? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let w1 = (randn(&[2 * c, c, 1, 1], 28)? * (1.0 / (c as f64).sqrt()))?;
+        let (b3, b1) = (randn(&[c], 29)?, randn(&[2 * c], 30)?);
+        let h = x
+            .conv2d(&w3, 1, 1, 1, 1)?
+            .broadcast_add(&b3.reshape((1, c, 1, 1))?)?;
+        let h = (h + &residual)?.relu()?;
+        let want = h
+            .conv2d(&w1, 0, 2, 1, 1)?
+            .broadcast_add(&b1.reshape((1, 2 * c, 1, 1))?)?;
+        let conv3 = crate::nn::Conv::new(w3, b3, (1, 1), true, dev, dt)?.channels_last()?;
+        let conv1 = crate::nn::Conv::new(w1, b1, (2, 0), false, dev, dt)?.channels_last()?;
+        let got = conv1.forward(&conv3.forward_residual(&on(&x)?, &on(&residual)?)?)?;
+        report(
+            "ops.conv_channels_last".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+
         // The UNet's feed-forward at 64x64 latents: a biased linear layer, then GEGLU.
         let (tokens, dim) = if full { (4096, 320) } else { (64, 32) };
         let x = randn(&[2, tokens, dim], 19)?;

@@ -1,5 +1,5 @@
-//! `ops.*` rows: each op dnd fuses, timed through dnd's path (our CUDA kernels and cuDNN
-//! algorithm search on a GPU, our fused kernels in f32 on the CPU) and through candle's plain
+//! `ops.*` rows: each op dnd fuses, timed through dnd's path (our CUDA kernels and cuDNN op
+//! on a GPU, our fused kernels in f32 on the CPU) and through candle's plain
 //! ops, in the same process on the same inputs: the before/after of each lever, at the largest
 //! shape SD meets it at 512 px.
 
@@ -68,6 +68,39 @@ impl Bench<'_> {
             &note,
             || {
                 (x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)? + &residual)?.relu()?;
+                Ok(())
+            },
+        )?;
+
+        // ResNet-50's layer3 3x3 convolution at 224 px, batch 256, with bias and ReLU: dnd's
+        // path channels-last (on an NHWC input, as the previous layer leaves it), candle's NCHW.
+        let (n, c, side) = if quick { (2, 16, 14) } else { (256, 256, 14) };
+        let x_nhwc = randn(&[n, side, side, c])?.permute((0, 3, 1, 2))?;
+        let x = x_nhwc.contiguous()?;
+        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let bias = randn(&[c])?;
+        let conv =
+            nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?.channels_last()?;
+        let tflop = 2.0 * (n * c * c * 9 * side * side) as f64 / 1e12;
+        let note = format!("3x3 on ({n}, {c}, {side}, {side}), + bias, ReLU");
+        self.measure(
+            "ops.conv3x3_channels_last.dnd",
+            tflop,
+            "TFLOP/s",
+            &note,
+            || {
+                conv.forward(&x_nhwc)?;
+                Ok(())
+            },
+        )?;
+        let b4 = bias.reshape((1, c, 1, 1))?;
+        self.measure(
+            "ops.conv3x3_channels_last.candle",
+            tflop,
+            "TFLOP/s",
+            &note,
+            || {
+                x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)?.relu()?;
                 Ok(())
             },
         )?;

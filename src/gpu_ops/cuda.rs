@@ -88,7 +88,7 @@ fn slice_of<'a, T: CudaDType + WithDType>(
 }
 
 /// Storage `s` under layout `l` as a contiguous view of `T`s.
-fn view<'a, T: CudaDType + WithDType>(
+pub(super) fn view<'a, T: CudaDType + WithDType>(
     s: &'a CudaStorage,
     l: &Layout,
     what: &str,
@@ -101,8 +101,9 @@ fn view<'a, T: CudaDType + WithDType>(
 }
 
 /// An uninitialised output of `len` elements.
-fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: every kernel of kernels.cu writes each element of its output.
+pub(super) fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every op of ours writes each element of its output (cuDNN's convolution too: it
+    // adds nothing of the old output), and workspaces are scratch.
     unsafe { dev.alloc::<T>(len) }
 }
 
@@ -119,6 +120,8 @@ macro_rules! by_dtype {
         storage
     }};
 }
+#[cfg(feature = "cudnn")]
+pub(super) use by_dtype;
 
 /// Blocks for a grid-stride loop over `n` elements: enough to fill the card, no more than the
 /// elements need.
@@ -126,7 +129,7 @@ fn blocks_for(n: u64) -> u32 {
     n.div_ceil(THREADS as u64).clamp(1, 65_535) as u32
 }
 
-fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
+pub(super) fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("dnd-gpu-ops run on CUDA only")
 }
 

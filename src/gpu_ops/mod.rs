@@ -9,10 +9,10 @@
 //! Without a GPU they are tested by compiling the same source as host C++ under an emulation
 //! of CUDA's launch model (`emu.hpp`, `emu_main.cpp`) and comparing with the CPU path.
 
-#[cfg(feature = "cudnn")]
-pub(crate) mod conv_search;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cudnn")]
+pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{bias_act, enabled, flash_applies, flash_attention, geglu, group_norm};
 

@@ -53,6 +53,12 @@ impl Conv {
         Self::new(weight, shift, stride, relu, dev, dt)
     }
 
+    /// Channels-last on CUDA with cuDNN (`nn::Conv::channels_last`): every convolution after
+    /// the stem, so that only the max-pooled stem output is copied into NHWC.
+    fn channels_last(self) -> Result<Self> {
+        Ok(Self(self.0.channels_last()?))
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
     }
@@ -138,12 +144,12 @@ impl ResNet {
                     .map(|i| {
                         let st = if i == strided { stride } else { 1 };
                         let (c, b) = (format!("{p}.conv{i}"), format!("{p}.bn{i}"));
-                        Conv::folded(w, &c, &b, st, true, device, dtype)
+                        Conv::folded(w, &c, &b, st, true, device, dtype)?.channels_last()
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let downsample = if w.contains(&format!("{p}.downsample.0.weight")) {
                     let (c, b) = (format!("{p}.downsample.0"), format!("{p}.downsample.1"));
-                    Some(Conv::folded(w, &c, &b, stride, false, device, dtype)?)
+                    Some(Conv::folded(w, &c, &b, stride, false, device, dtype)?.channels_last()?)
                 } else {
                     None
                 };
