@@ -36,27 +36,32 @@ part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 # sizes), and that full-size batches equal their rows alone (candle's large-batch bugs); then
 # the rows of the PyTorch table, whole generations, per neuron.
 V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
-# With our CUDA kernels and cuDNN algorithm search (gpu_ops) first. Should a check fail, the
-# same checks with candle's own path tell whether ours is to blame, and the timings run
-# without it, so that every figure is of a run that computes the right thing.
-# A check cut short by its time limit (exit 124) proves nothing either way: ours stays on.
+# With our CUDA kernels and our cuDNN convolution op (gpu_ops) first. Should a check fail, the
+# same checks with candle's convolution, then with candle's path throughout, tell which of ours
+# is to blame, and the timings run without it, so that every figure is of a run that computes
+# the right thing. A check cut short by its time limit (exit 124) proves nothing either way.
 OURS=1
 failed() { local rc=$?; (( rc != 0 && rc != 124 )) && OURS=0; return 0; }
+passed() { local rc=$?; (( rc == 0 || rc == 124 )); }
 bench $V check-f32 60 --check --quick --dtype f32 || failed
 bench $V check-f16 120 --check || failed
 if [ $OURS = 0 ]; then
-  ( export DND_GPU_KERNELS=0 DND_CONV_SEARCH=0; bench $V check-f16-candle-ops 90 --check )
-  export DND_GPU_KERNELS=0 DND_CONV_SEARCH=0
+  if ( export DND_CUDNN_CONV=0; bench $V check-f16-candle-conv 90 --check ) || passed; then
+    export DND_CUDNN_CONV=0
+  else
+    ( export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0; bench $V check-f16-candle-ops 90 --check )
+    export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0
+  fi
 fi
 bench $V bench-models 200 --runs 5 --budget 10 \
   --only ops,resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
-# Before/after of each lever on the rows they touch: candle's own path, then our kernels
-# without the algorithm search.
+# Before/after of each lever on the rows they touch: candle's own path, then our kernels with
+# candle's convolution.
 ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
-[ $OURS = 1 ] && ( export DND_GPU_KERNELS=0 DND_CONV_SEARCH=0
+[ $OURS = 1 ] && ( export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0
   bench $V bench-candle-ops 60 --runs 3 --budget 5 --only $ROWS )
-[ $OURS = 1 ] && ( export DND_CONV_SEARCH=0; bench $V bench-no-search 60 --runs 3 --budget 5 --only $ROWS )
+[ $OURS = 1 ] && ( export DND_CUDNN_CONV=0; bench $V bench-candle-conv 60 --runs 3 --budget 5 --only $ROWS )
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
