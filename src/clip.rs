@@ -6,7 +6,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_heads, Linear};
+use crate::nn::{self, attention, merge_heads, split_heads, Act, Linear};
 use crate::probe::Preprocess;
 use crate::Result;
 
@@ -28,12 +28,6 @@ pub struct EncoderConfig {
     pub hidden_act: String,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Act {
-    QuickGelu,
-    Gelu,
 }
 
 struct Layer {
@@ -95,13 +89,9 @@ impl Encoder {
             let k = split_heads(&l.k.forward(&h)?, self.heads)?;
             let v = split_heads(&l.v.forward(&h)?, self.heads)?;
             let a = merge_heads(&attention(&q, &k, &v, scale, mask)?)?;
-            x = (x + l.out.forward(&a)?)?;
-            let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
-            let h = match self.act {
-                Act::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-                Act::Gelu => h.gelu_erf()?,
-            };
-            x = (x + l.fc2.forward(&h)?)?;
+            x = l.out.forward_residual(&a, &x)?;
+            let h = l.fc1.forward_act(&l.ln2.forward(&x)?, self.act)?;
+            x = l.fc2.forward_residual(&h, &x)?;
         }
         Ok(x)
     }

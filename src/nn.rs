@@ -17,24 +17,72 @@ use crate::hub::{Draw, ResolvedModel};
 
 use crate::{Error, Result};
 
+/// An activation applied in the epilogue of a linear layer or convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act {
+    None,
+    Relu,
+    /// The exact (erf) GELU.
+    Gelu,
+    /// OpenAI CLIP's `x * sigmoid(1.702 x)`.
+    QuickGelu,
+}
+
+impl Act {
+    pub(crate) fn relu_if(relu: bool) -> Self {
+        if relu {
+            Act::Relu
+        } else {
+            Act::None
+        }
+    }
+
+    /// Its code in `gpu_ops/kernels.cu`'s epilogue.
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Act::None => 0,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+            Act::QuickGelu => 3,
+        }
+    }
+
+    /// Applied with candle's ops.
+    pub(crate) fn apply(self, t: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Act::None => Ok(t),
+            Act::Relu => t.relu(),
+            Act::Gelu => t.gelu_erf(),
+            Act::QuickGelu => &t * candle_nn::ops::sigmoid(&(&t * 1.702)?)?,
+        }
+    }
+}
+
 /// `x @ w.T + b` over the last dimension, flattening leading dimensions first (candle's CPU
 /// matmul mishandles batched transposed operands, so only plain 2-D products are used).
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, b, None, Act::None)
+}
+
+/// `act(x @ w.T + b (+ residual))`: with a bias on CUDA, the bias, residual and activation in
+/// one epilogue kernel after the product.
+fn linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("linear input has a dimension");
-    let n: usize = lead.iter().product();
+    let (n, out): (usize, usize) = (lead.iter().product(), w.dim(0)?);
     let y = x.contiguous()?.reshape((n, *last))?.matmul(&w.t()?)?;
-    let y = match b {
-        #[cfg(feature = "cuda")]
-        Some(b) if y.device().is_cuda() && crate::gpu_ops::enabled() => {
-            crate::gpu_ops::bias_act(&y, b, None, false)?
-        }
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    Ok(y.reshape(out)?)
+    let residual = residual.map(|r| r.reshape((n, out))).transpose()?;
+    let y = epilogue(y, b, residual.as_ref(), act)?;
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    Ok(y.reshape(shape)?)
 }
 
 /// A linear layer loaded from `{prefix}.weight` / `{prefix}.bias`.
@@ -64,8 +112,22 @@ impl Linear {
         Self { w, b }
     }
 
+    pub(crate) fn out_features(&self) -> usize {
+        self.w.dims()[0]
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.w, self.b.as_ref())
+    }
+
+    /// `act(self(x))`, in the product's epilogue on CUDA.
+    pub(crate) fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        linear_with(x, &self.w, self.b.as_ref(), None, act)
+    }
+
+    /// `self(x) + residual`, in the product's epilogue on CUDA.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        linear_with(x, &self.w, self.b.as_ref(), Some(residual), Act::None)
     }
 }
 
@@ -243,7 +305,7 @@ impl Conv {
         {
             let y = candle_conv(weight, *stride_padding, *upsample, x)?;
             let bias = bias.unsqueeze(0)?.broadcast_add(shift)?;
-            return epilogue(y, Some(&bias), None, false);
+            return epilogue(y, Some(&bias), None, Act::None);
         }
         Ok(self
             .forward(x)?
@@ -261,7 +323,7 @@ impl Conv {
             }
             ConvImpl::CpuUp { op, relu } => {
                 let y = x.contiguous()?.apply_op1_no_bwd(op)?;
-                epilogue(y, None, residual, *relu)
+                epilogue(y, None, residual, Act::relu_if(*relu))
             }
             #[cfg(feature = "cudnn")]
             ConvImpl::Device {
@@ -281,7 +343,7 @@ impl Conv {
                 ..
             } => {
                 let y = candle_conv(weight, *stride_padding, *upsample, x)?;
-                epilogue(y, Some(bias), residual, *relu)
+                epilogue(y, Some(bias), residual, Act::relu_if(*relu))
             }
         }
     }
@@ -304,7 +366,7 @@ fn channels_last_conv(
     let (n, p, q, k) = y.dims4()?;
     let rows = |t: Tensor| t.contiguous()?.reshape((n * p * q, k));
     let residual = residual.map(|r| rows(nhwc(r)?)).transpose()?;
-    let y = epilogue(rows(y)?, Some(bias), residual.as_ref(), relu)?;
+    let y = epilogue(rows(y)?, Some(bias), residual.as_ref(), Act::relu_if(relu))?;
     Ok(y.reshape((n, p, q, k))?.permute((0, 3, 1, 2))?)
 }
 
@@ -330,17 +392,17 @@ fn candle_conv(
     Ok(x.conv2d(weight, padding, stride, 1, 1)?)
 }
 
-/// `relu?(y + bias (+ residual))` for `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`: one
-/// kernel of ours on CUDA, candle's ops (as its Conv2d adds a bias) elsewhere.
+/// `act(y + bias (+ residual))` for `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`: one kernel
+/// of ours on CUDA, candle's ops (as its Conv2d adds a bias) elsewhere.
 fn epilogue(
     y: Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
-    relu: bool,
+    act: Act,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(b) = bias.filter(|_| y.device().is_cuda() && crate::gpu_ops::enabled()) {
-        return Ok(crate::gpu_ops::bias_act(&y, b, residual, relu)?);
+        return Ok(crate::gpu_ops::bias_act(&y, b, residual, act)?);
     }
     let mut y = match bias {
         Some(b) => {
@@ -353,7 +415,7 @@ fn epilogue(
     if let Some(r) = residual {
         y = (y + r)?;
     }
-    Ok(if relu { y.relu()? } else { y })
+    Ok(act.apply(y)?)
 }
 
 /// GroupNorm with its affine map (`{prefix}.weight`, `{prefix}.bias`), optionally followed by

@@ -8,7 +8,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_heads, Linear};
+use crate::nn::{self, attention, merge_heads, split_heads, Act, Linear};
 use crate::probe::Preprocess;
 use crate::Result;
 
@@ -136,9 +136,9 @@ impl VisionLayer {
             .permute((2, 0, 3, 1, 4))?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let a = attention(&q.contiguous()?, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
-        let x = (x + self.proj.forward(&merge_heads(&a)?)?)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?;
-        Ok((&x + self.fc2.forward(&h)?)?)
+        let x = self.proj.forward_residual(&merge_heads(&a)?, x)?;
+        let h = self.fc1.forward_act(&self.ln2.forward(&x)?, Act::Gelu)?;
+        self.fc2.forward_residual(&h, &x)
     }
 }
 
@@ -315,18 +315,18 @@ impl TextDecoder {
             }
             cache.self_kv[i] = Some((k.clone(), v.clone()));
             let a = merge_heads(&attention(&q, &k, &v, scale, mask.as_ref())?)?;
-            x = l.ln_attn.forward(&(l.out.forward(&a)? + &x)?)?;
+            x = l.ln_attn.forward(&l.out.forward_residual(&a, &x)?)?;
             let q = split_heads(&l.xq.forward(&x)?, self.heads)?;
             let (ck, cv) = &cache.cross_kv[i];
             let a = merge_heads(&attention(&q, ck, cv, scale, None)?)?;
-            x = l.ln_cross.forward(&(l.xout.forward(&a)? + &x)?)?;
-            let h = l.up.forward(&x)?.gelu_erf()?;
-            x = l.ln_out.forward(&(l.down.forward(&h)? + &x)?)?;
+            x = l.ln_cross.forward(&l.xout.forward_residual(&a, &x)?)?;
+            let h = l.up.forward_act(&x, Act::Gelu)?;
+            x = l.ln_out.forward(&l.down.forward_residual(&h, &x)?)?;
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let h = self
             .head_ln
-            .forward(&self.head_dense.forward(&last)?.gelu_erf()?)?;
+            .forward(&self.head_dense.forward_act(&last, Act::Gelu)?)?;
         self.head.forward(&h)
     }
 }

@@ -15,6 +15,8 @@ use candle_core::{
     Tensor, WithDType,
 };
 
+use crate::nn::Act;
+
 const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "dnd_gpu_ops";
 const THREADS: u32 = 256;
@@ -276,11 +278,11 @@ impl Op3 for GroupNormOp {
     }
 }
 
-/// A convolution's or linear layer's epilogue `relu?(x + bias (+ residual))` over `(N, C, ...)`,
+/// A convolution's or linear layer's epilogue `act(x + bias (+ residual))` over `(N, C, ...)`,
 /// the bias `(C)` or `(N, C)`:
 /// `x.apply_op2_no_bwd(&bias, ..)` or `x.apply_op3_no_bwd(&bias, &residual, ..)`.
 struct BiasAct {
-    relu: bool,
+    act: Act,
 }
 
 fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
@@ -311,14 +313,14 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len())?;
     let (n, bias_len, plane) = (x.len() as u64, bias_len as u64, plane as u64);
-    let (relu, null) = (i32::from(op.relu), 0u64);
+    let (act, null) = (op.act.code(), 0u64);
     let mut args = func.builder();
     args.arg(&x).arg(&b);
     match &r {
         Some(r) => args.arg(r),
         None => args.arg(&null),
     };
-    args.arg(&y).arg(&n).arg(&bias_len).arg(&plane).arg(&relu);
+    args.arg(&y).arg(&n).arg(&bias_len).arg(&plane).arg(&act);
     let cfg = LaunchConfig {
         grid_dim: (blocks_for(n), 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -373,15 +375,15 @@ impl Op3 for BiasAct {
     }
 }
 
-/// `relu?(y + bias (+ residual))` for a CUDA `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`, in
+/// `act(y + bias (+ residual))` for a CUDA `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`, in
 /// one kernel.
 pub(crate) fn bias_act(
     y: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
-    relu: bool,
+    act: Act,
 ) -> Result<Tensor> {
-    let op = BiasAct { relu };
+    let op = BiasAct { act };
     let y = y.contiguous()?;
     match residual {
         Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &Cuda3(op)),

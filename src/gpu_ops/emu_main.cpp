@@ -4,7 +4,7 @@
 //
 //   emu group_norm DTYPE GRID BLOCK CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
-//   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE RELU x bias residual|- out
+//   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE ACT x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
 //   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) q k v out   (f16 or bf16;
 //                  QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
@@ -100,14 +100,14 @@ static int run(char** a, Entry<T> k) {
         const u64 n = std::strtoull(a[5], nullptr, 10);
         const u64 bias_len = std::strtoull(a[6], nullptr, 10);
         const u64 plane = std::strtoull(a[7], nullptr, 10);
-        const int relu = std::atoi(a[8]);
+        const int act = std::atoi(a[8]);
         auto x = read(a[9]), bias = read(a[10]);
         std::vector<char> residual = std::string(a[11]) == "-" ? std::vector<char>() : read(a[11]);
         std::vector<char> y(x.size());
         emu_launch(grid, block, [&] {
             k.bias_act((const T*)x.data(), (const T*)bias.data(),
                         residual.empty() ? nullptr : (const T*)residual.data(), (T*)y.data(), n,
-                        bias_len, plane, relu);
+                        bias_len, plane, act);
         });
         write(a[12], y);
         return 0;

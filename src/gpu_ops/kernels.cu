@@ -170,21 +170,37 @@ __device__ void group_apply(const typename D::T* x, const float* stats,
     }
 }
 
-// y = x + bias[(i / plane) % bias_len] (+ residual), then ReLU when `relu`: a convolution's or
-// linear layer's epilogue in one pass over contiguous (N, C, plane). A bias of C elements is
-// per channel; one of N*C elements per image and channel (a bias plus SD's time embedding).
-// `residual` may be null. Grid-stride, so any grid covers `n`. Indices are of type I: 32-bit
-// wherever they fit, as 64-bit division costs the GPU dozens of instructions an element.
+// The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
+__device__ __forceinline__ float gelu(float v) {
+    return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+}
+
+// The activations of the epilogue, by `act`: 0 none, 1 ReLU, 2 GELU, 3 quick GELU (OpenAI
+// CLIP's v * sigmoid(1.702 v)). The same codes as `nn::Act`.
+__device__ __forceinline__ float activate(float v, int act) {
+    switch (act) {
+        case 1: return fmaxf(v, 0.f);
+        case 2: return gelu(v);
+        case 3: return v / (1.f + expf(-1.702f * v));
+        default: return v;
+    }
+}
+
+// y = act(x + bias[(i / plane) % bias_len] (+ residual)): a convolution's or linear layer's
+// epilogue in one pass over contiguous (N, C, plane) (a linear layer's rows: plane 1). A bias
+// of C elements is per channel; one of N*C elements per image and channel (a bias plus SD's
+// time embedding). `residual` may be null. Grid-stride, so any grid covers `n`. Indices are of
+// type I: 32-bit wherever they fit, as 64-bit division costs the GPU dozens of instructions
+// an element.
 template <class D, class I>
 __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
                          const typename D::T* residual, typename D::T* y, I n, I bias_len,
-                         I plane, int relu) {
+                         I plane, int act) {
     const I stride = (I)gridDim.x * blockDim.x;
     for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         float v = D::ld(x[i]) + D::ld(bias[(i / plane) % bias_len]);
         if (residual) v += D::ld(residual[i]);
-        if (relu) v = fmaxf(v, 0.f);
-        y[i] = D::st(v);
+        y[i] = D::st(activate(v, act));
     }
 }
 
@@ -199,7 +215,7 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner)
         const I r = i / inner, j = i % inner;
         const float a = D::ld(x[2 * inner * r + j]);
         const float g = D::ld(x[2 * inner * r + inner + j]);
-        y[i] = D::st(a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
+        y[i] = D::st(a * gelu(g));
     }
 }
 
@@ -338,12 +354,12 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \
-                                                 u64 bias_len, u64 plane, int relu) {           \
+                                                 u64 bias_len, u64 plane, int act) {            \
         if (fits_u32(n))                                                                        \
             bias_act<D, unsigned>(x, bias, residual, y, (unsigned)n, (unsigned)bias_len,        \
-                                  (unsigned)plane, relu);                                       \
+                                  (unsigned)plane, act);                                        \
         else                                                                                    \
-            bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, relu);                   \
+            bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, act);                    \
     }                                                                                           \
     extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner) {    \
         if (fits_u32(rows * inner))                                                             \

@@ -25,6 +25,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::cpu_ops::CpuGroupNorm;
+    use crate::nn::Act;
 
     /// The emulator binary, built once per test run from this folder's sources.
     fn emulator() -> &'static Path {
@@ -211,6 +212,8 @@ mod tests {
         }
     }
 
+    const ACTS: [Act; 4] = [Act::None, Act::Relu, Act::Gelu, Act::QuickGelu];
+
     #[test]
     fn bias_act_kernel_matches_candle_ops() {
         let dev = Device::Cpu;
@@ -223,7 +226,7 @@ mod tests {
         let n = x.elem_count();
         for dt in [DType::F32, DType::F16, DType::BF16] {
             for bias in [&per_channel, &per_image] {
-                for (res, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+                for (res, act) in [false, true].into_iter().flat_map(|r| ACTS.map(|a| (r, a))) {
                     let (xr, br) = (rounded(&x, dt), rounded(bias, dt));
                     let rows = bias.elem_count() / dims[1];
                     let b4 = br.reshape((rows, dims[1], 1, 1)).unwrap();
@@ -231,9 +234,7 @@ mod tests {
                     if res {
                         want = (want + rounded(&residual, dt)).unwrap();
                     }
-                    if relu {
-                        want = want.relu().unwrap();
-                    }
+                    let want = act.apply(want).unwrap();
                     // 3 blocks of 32 threads for 210 elements: the grid-stride loop goes round.
                     let args = [
                         3,
@@ -241,7 +242,7 @@ mod tests {
                         n,
                         bias.elem_count(),
                         dims[2] * dims[3],
-                        usize::from(relu),
+                        act.code() as usize,
                     ]
                     .map(|v| v.to_string());
                     let inputs = [Some(&x), Some(bias), res.then_some(&residual)];
@@ -249,7 +250,7 @@ mod tests {
                     let e = err(&got, &want);
                     assert!(
                         e <= tolerance(dt),
-                        "{dt:?}, bias {:?}, residual {res}, relu {relu}: error {e}",
+                        "{dt:?}, bias {:?}, residual {res}, {act:?}: error {e}",
                         bias.dims()
                     );
                 }

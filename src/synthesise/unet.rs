@@ -243,7 +243,9 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + attention(x, context or x)`, the residual added in the output projection's
+    /// epilogue.
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let split = |l: &Linear, t: &Tensor| nn::split_heads(&l.forward(t)?, self.heads);
         let (mut q, mut k, mut v) = (
@@ -260,7 +262,7 @@ impl Attention {
         }
         let scale = 1.0 / (q.dim(3)? as f64).sqrt();
         let y = nn::attention(&q, &k, &v, scale, None)?.to_dtype(x.dtype())?;
-        self.out.forward(&nn::merge_heads(&y)?)
+        self.out.forward_residual(&nn::merge_heads(&y)?, residual)
     }
 }
 
@@ -294,13 +296,12 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
+            .forward(&self.norm2.forward(&x)?, Some(context), &x)?;
         let h = nn::geglu(&self.geglu.forward(&self.norm3.forward(&x)?)?)?;
-        Ok((self.ff_out.forward(&h)? + x)?)
+        self.ff_out.forward_residual(&h, &x)
     }
 }
 

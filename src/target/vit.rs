@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
-use crate::nn::linear;
+use crate::nn::{attention, merge_heads, Act, Linear};
 use crate::probe::Preprocess;
 
 const LN_EPS: f64 = 1e-6;
@@ -38,35 +38,26 @@ impl Norm {
     }
 }
 
-struct Lin {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Lin {
-    fn load(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Self> {
-        Ok(Self {
-            w: w.get(&format!("{p}.weight"), Some(&[out, inp]))?
-                .to_device(dev)?
-                .to_dtype(dt)?,
-            b: w.get(&format!("{p}.bias"), Some(&[out]))?
-                .to_device(dev)?
-                .to_dtype(dt)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.w, Some(&self.b))
-    }
+/// A linear layer from `{p}.weight` `(out, inp)` and `{p}.bias`.
+fn lin(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Linear> {
+    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        Ok(w.get(&format!("{p}.{name}"), Some(shape))?
+            .to_device(dev)?
+            .to_dtype(dt)?)
+    };
+    Ok(Linear::new(
+        get("weight", &[out, inp])?,
+        Some(get("bias", &[out])?),
+    ))
 }
 
 struct Block {
     norm1: Norm,
-    qkv: Lin,
-    proj: Lin,
+    qkv: Linear,
+    proj: Linear,
     norm2: Norm,
-    fc1: Lin,
-    fc2: Lin,
+    fc1: Linear,
+    fc2: Linear,
     heads: usize,
 }
 
@@ -79,15 +70,11 @@ impl Block {
             .forward(&self.norm1.forward(x)?)?
             .reshape((b, t, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let att = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        let x = (x + self.proj.forward(&y)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
-        Ok((&x + self.fc2.forward(&h)?)?)
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let y = attention(&q, &k, &v, (hd as f64).powf(-0.5), None)?;
+        let x = self.proj.forward_residual(&merge_heads(&y)?, x)?;
+        let h = self.fc1.forward_act(&self.norm2.forward(&x)?, Act::Gelu)?;
+        self.fc2.forward_residual(&h, &x)
     }
 }
 
@@ -100,7 +87,7 @@ pub struct Vit {
     pos: Tensor,
     blocks: Vec<Block>,
     norm: Norm,
-    head: Option<Lin>,
+    head: Option<Linear>,
 }
 
 impl Vit {
@@ -150,18 +137,18 @@ impl Vit {
                 let hidden = w.dims(&format!("{p}.mlp.fc1.weight"))?[0];
                 Ok(Block {
                     norm1: Norm::load(w, &format!("{p}.norm1"), d, device, dtype)?,
-                    qkv: Lin::load(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
-                    proj: Lin::load(w, &format!("{p}.attn.proj"), d, d, device, dtype)?,
+                    qkv: lin(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
+                    proj: lin(w, &format!("{p}.attn.proj"), d, d, device, dtype)?,
                     norm2: Norm::load(w, &format!("{p}.norm2"), d, device, dtype)?,
-                    fc1: Lin::load(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
-                    fc2: Lin::load(w, &format!("{p}.mlp.fc2"), d, hidden, device, dtype)?,
+                    fc1: lin(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
+                    fc2: lin(w, &format!("{p}.mlp.fc2"), d, hidden, device, dtype)?,
                     heads,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let head = if w.contains("head.weight") {
             let classes = w.dims("head.weight")?[0];
-            Some(Lin::load(w, "head", classes, d, device, dtype)?)
+            Some(lin(w, "head", classes, d, device, dtype)?)
         } else {
             None
         };
@@ -176,7 +163,7 @@ impl Vit {
             .collect();
         layers.push(tokens_layer("norm".into()));
         if let Some(h) = &head {
-            let classes = h.w.dim(0)?;
+            let classes = h.out_features();
             layers.push(LayerInfo {
                 name: "head".into(),
                 neurons: classes,
