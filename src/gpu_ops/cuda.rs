@@ -538,6 +538,11 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
         candle_core::bail!("dnd-gpu-flash-attention: head size {d} over 160")
     };
     let strides = [Strides::of(ql), Strides::of(kl), Strides::of(vl)];
+    // Keys and values load eight halves at a time where they start 16-byte aligned (cudarc's
+    // allocations are) and every stride keeps them so.
+    let aligned =
+        |l: &Layout| l.start_offset() % 8 == 0 && l.stride()[..3].iter().all(|s| s % 8 == 0);
+    let vec = i32::from(aligned(kl) && aligned(vl));
     let (q, k, v) = (
         strided::<T>(q, ql, "query")?,
         strided::<T>(k, kl, "key")?,
@@ -551,7 +556,10 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     let mut args = func.builder();
     args.arg(&q).arg(&k).arg(&v).arg(&out);
     args.arg(&h_).arg(&tq_).arg(&tk_).arg(&d_).arg(&scale_log2);
-    args.arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
+    args.arg(&strides[0])
+        .arg(&strides[1])
+        .arg(&strides[2])
+        .arg(&vec);
     let cfg = LaunchConfig {
         grid_dim: ((b * h * tq.div_ceil(FA_ROWS)) as u32, 1, 1),
         block_dim: (128, 1, 1),

@@ -21,6 +21,22 @@ inline std::barrier<>* emu_block_barrier = nullptr;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 ld8(const uint16_t* p) {
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+inline void st8(uint16_t* p, uint4 v) { std::memcpy(p, &v, 16); }
+inline unsigned ld2(const uint16_t* p) {
+    unsigned v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }

@@ -6,8 +6,8 @@
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE ACT x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
-//   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) q k v out   (f16 or bf16;
-//                  QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
+//   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC q k v out   (f16 or
+//                  bf16; QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
 #include "emu.hpp"
 #include "kernels.cu"
 
@@ -41,7 +41,7 @@ struct Entry {
 };
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
-                      Strides, Strides, Strides);
+                      Strides, Strides, Strides, int);
 
 #define FLASH_TABLE(S)                                                                          \
     {32, flash_attention_##S##_32}, {48, flash_attention_##S##_48},                             \
@@ -58,15 +58,16 @@ static int flash(char** a, const std::vector<std::pair<int, Flash>>& table) {
         st[i] = {std::strtoull(a[10 + 3 * i], nullptr, 10),
                  std::strtoull(a[11 + 3 * i], nullptr, 10),
                  std::strtoull(a[12 + 3 * i], nullptr, 10)};
-    auto q = read(a[19]), k = read(a[20]), v = read(a[21]);
+    const int vec = std::atoi(a[19]);
+    auto q = read(a[20]), k = read(a[21]), v = read(a[22]);
     std::vector<char> out((size_t)b * h * tq * d * 2);
     for (const auto& [size, kernel] : table)
         if (size == hd) {
             emu_launch(b * h * ((tq + 63) / 64), 128, [&] {
                 kernel((const u16*)q.data(), (const u16*)k.data(), (const u16*)v.data(),
-                       (u16*)out.data(), h, tq, tk, d, scale_log2, st[0], st[1], st[2]);
+                       (u16*)out.data(), h, tq, tk, d, scale_log2, st[0], st[1], st[2], vec);
             });
-            write(a[22], out);
+            write(a[23], out);
             return 0;
         }
     std::fprintf(stderr, "no flash attention kernel for head size %d\n", hd);

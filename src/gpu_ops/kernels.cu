@@ -12,6 +12,8 @@ typedef unsigned long long u64;
 #ifdef __CUDACC_RTC__
 // Several loads in flight per thread in the memory-bound loops.
 #define DND_UNROLL _Pragma("unroll 4")
+// Loops over register arrays: unrolled whole, so the arrays stay in registers.
+#define DND_UNROLL_ALL _Pragma("unroll")
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -21,6 +23,13 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+}
+// Eight 16-bit values as one 16-byte load or store (p 16-byte aligned); two adjacent ones as
+// one 32-bit load (p 4-byte aligned).
+__device__ __forceinline__ uint4 ld8(const u16* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void st8(u16* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+__device__ __forceinline__ unsigned ld2(const u16* p) {
+    return *reinterpret_cast<const unsigned*>(p);
 }
 #if __CUDA_ARCH__ >= 800
 #define DND_HAS_MMA
@@ -49,6 +58,7 @@ __device__ __forceinline__ float shfl_xor(float v, int mask) {
 #endif
 #else
 #define DND_UNROLL
+#define DND_UNROLL_ALL
 #define DND_HAS_MMA  // the emulator's mma_f16, mma_bf16 and shfl_xor (emu.hpp)
 #endif
 
@@ -240,11 +250,12 @@ struct Strides {
 template <class D, int HD>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int heads,
                                 int tq, int tk, int d, float scale_log2, Strides qs, Strides ks_,
-                                Strides vs_) {
-    // Rows padded by 8 halves: the lanes of a fragment load then fall in distinct banks.
+                                Strides vs_, int vec) {
+    // Rows padded by 8 halves: the lanes of a fragment load then fall in distinct banks. HD is
+    // a multiple of 16, so every row starts 16-byte aligned.
     const int S = HD + 8;
-    __shared__ u16 ks[FA_KEYS * (HD + 8)];
-    __shared__ u16 vs[FA_KEYS * (HD + 8)];
+    __shared__ __align__(16) u16 ks[FA_KEYS * (HD + 8)];
+    __shared__ __align__(16) u16 vs[FA_KEYS * (HD + 8)];
     const int tiles = (tq + FA_ROWS - 1) / FA_ROWS;
     const u64 bh = blockIdx.x / tiles, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -257,7 +268,9 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
 
     // This warp's q rows as A fragments, zero past tq and d.
     unsigned qa[HD / 16][4];
+    DND_UNROLL_ALL
     for (int s = 0; s < HD / 16; ++s)
+        DND_UNROLL_ALL
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + 8 * (r % 2), col = 16 * s + 2 * t + 8 * (r / 2);
             unsigned lo = 0, hi = 0;
@@ -268,52 +281,79 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
             qa[s][r] = lo | (hi << 16);
         }
     float o[HD / 8][4];
+    DND_UNROLL_ALL
     for (int j = 0; j < HD / 8; ++j)
+        DND_UNROLL_ALL
         for (int r = 0; r < 4; ++r) o[j][r] = 0.f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
 
     for (int k0 = 0; k0 < tk; k0 += FA_KEYS) {
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
-            const int key = k0 + i / HD, col = i % HD, at = (i / HD) * S + col;
-            const bool in = key < tk && col < d;
-            ks[at] = in ? k[key * ks_.row + col] : (u16)0;
-            vs[at] = in ? v[key * vs_.row + col] : (u16)0;
+        if (vec) {
+            // Eight halves a load where `vec` says k and v start 16-byte aligned and their
+            // strides are multiples of 8 (d is: the caller checks), as heads split from
+            // projections are.
+            const uint4 zero = {0, 0, 0, 0};
+            DND_UNROLL_ALL
+            for (int i = threadIdx.x; i < FA_KEYS * (HD / 8); i += blockDim.x) {
+                const int key = k0 + i / (HD / 8), col = 8 * (i % (HD / 8));
+                const int at = (i / (HD / 8)) * S + col;
+                const bool in = key < tk && col < d;
+                st8(ks + at, in ? ld8(k + key * ks_.row + col) : zero);
+                st8(vs + at, in ? ld8(v + key * vs_.row + col) : zero);
+            }
+        } else {
+            for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
+                const int key = k0 + i / HD, col = i % HD, at = (i / HD) * S + col;
+                const bool in = key < tk && col < d;
+                ks[at] = in ? k[key * ks_.row + col] : (u16)0;
+                vs[at] = in ? v[key * vs_.row + col] : (u16)0;
+            }
         }
         __syncthreads();
         // Scores of 16 rows x 32 keys: four 16x8 tiles.
         float s[4][4];
+        DND_UNROLL_ALL
         for (int n = 0; n < 4; ++n) {
+            DND_UNROLL_ALL
             for (int r = 0; r < 4; ++r) s[n][r] = 0.f;
+            DND_UNROLL_ALL
             for (int c = 0; c < HD / 16; ++c) {
                 const u16* kr = ks + (8 * n + g) * S + 16 * c + 2 * t;
-                const unsigned b[2] = {kr[0] | ((unsigned)kr[1] << 16),
-                                       kr[8] | ((unsigned)kr[9] << 16)};
+                const unsigned b[2] = {ld2(kr), ld2(kr + 8)};
                 D::mma(s[n], qa[c], b);
             }
         }
         // Online softmax, base 2: each row's max over its quad of lanes, then rescale.
         float mx[2] = {m[0], m[1]};
+        DND_UNROLL_ALL
         for (int n = 0; n < 4; ++n)
+            DND_UNROLL_ALL
             for (int r = 0; r < 4; ++r) {
                 const int key = k0 + 8 * n + 2 * t + (r % 2);
                 s[n][r] = key < tk ? s[n][r] * scale_log2 : neg_inf();
                 mx[r / 2] = fmaxf(mx[r / 2], s[n][r]);
             }
+        DND_UNROLL_ALL
         for (int h = 0; h < 2; ++h) {
             mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 1));
             mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 2));
         }
         const float alpha[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
+        DND_UNROLL_ALL
         for (int h = 0; h < 2; ++h) {
             m[h] = mx[h];
             l[h] *= alpha[h];
         }
+        DND_UNROLL_ALL
         for (int j = 0; j < HD / 8; ++j)
+            DND_UNROLL_ALL
             for (int r = 0; r < 4; ++r) o[j][r] *= alpha[r / 2];
         unsigned pa[2][4];
+        DND_UNROLL_ALL
         for (int n = 0; n < 4; ++n) {
             float p[4];
+            DND_UNROLL_ALL
             for (int r = 0; r < 4; ++r) {
                 p[r] = exp2f(s[n][r] - m[r / 2]);
                 l[r / 2] += p[r];
@@ -322,7 +362,9 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
             pa[n / 2][2 * (n % 2)] = D::st(p[0]) | ((unsigned)D::st(p[1]) << 16);
             pa[n / 2][2 * (n % 2) + 1] = D::st(p[2]) | ((unsigned)D::st(p[3]) << 16);
         }
+        DND_UNROLL_ALL
         for (int c = 0; c < 2; ++c)
+            DND_UNROLL_ALL
             for (int j = 0; j < HD / 8; ++j) {
                 const u16* vc = vs + (16 * c + 2 * t) * S + 8 * j + g;
                 const unsigned b[2] = {vc[0] | ((unsigned)vc[S] << 16),
@@ -330,11 +372,14 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                 D::mma(o[j], pa[c], b);
             }
     }
+    DND_UNROLL_ALL
     for (int h = 0; h < 2; ++h) {
         l[h] += shfl_xor(l[h], 1);
         l[h] += shfl_xor(l[h], 2);
     }
+    DND_UNROLL_ALL
     for (int j = 0; j < HD / 8; ++j)
+        DND_UNROLL_ALL
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + 8 * (r / 2), col = 8 * j + 2 * t + (r % 2);
             if (row < tq && col < d) out[row * out_row + col] = D::st(o[j][r] / l[r / 2]);
@@ -377,8 +422,8 @@ DND_KERNELS(BF16, bf16)
 #define DND_FLASH(D, SUFFIX, HD)                                                                \
     extern "C" __global__ void flash_attention_##SUFFIX##_##HD(                                 \
         const u16* q, const u16* k, const u16* v, u16* out, int heads, int tq, int tk, int d,   \
-        float scale_log2, Strides qs, Strides ks, Strides vs) {                                 \
-        flash_attention<D, HD>(q, k, v, out, heads, tq, tk, d, scale_log2, qs, ks, vs);         \
+        float scale_log2, Strides qs, Strides ks, Strides vs, int vec) {                        \
+        flash_attention<D, HD>(q, k, v, out, heads, tq, tk, d, scale_log2, qs, ks, vs, vec);    \
     }
 #define DND_FLASH_SIZES(D, SUFFIX)                                                              \
     DND_FLASH(D, SUFFIX, 32)                                                                    \

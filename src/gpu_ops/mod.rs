@@ -281,14 +281,16 @@ mod tests {
         // fewer queries than a warp's 16 rows against many keys (BLIP's cross-attention to 577
         // image tokens, SD's to 77 text tokens); head sizes that need padding to 16 (40, 80:
         // SD 1.x) and that do not (32, 64: SD 2.x, CLIP, BLIP; 160: SD 1.x's deepest level);
-        // heads read contiguous (B, H, T, D) or in place from (B, T, H, D) projections.
+        // heads read contiguous (B, H, T, D) or in place from (B, T, H, D) projections; keys
+        // and values loaded eight halves at a time or one by one (`vec`).
         let (b, h) = (2usize, 2usize);
-        for (d, hd, tq, tk, in_place) in [
-            (40usize, 48usize, 70usize, 45usize, true),
-            (64, 64, 3, 577, true),
-            (80, 80, 70, 45, false),
-            (160, 160, 5, 77, false),
-            (32, 32, 17, 33, true),
+        for (d, hd, tq, tk, in_place, vec) in [
+            (40usize, 48usize, 70usize, 45usize, true, true),
+            (40, 48, 70, 45, true, false),
+            (64, 64, 3, 577, true, true),
+            (80, 80, 70, 45, false, true),
+            (160, 160, 5, 77, false, true),
+            (32, 32, 17, 33, true, false),
         ] {
             // Memory in the layout the kernel reads, and the (B, H, T, D) view of it.
             let make = |t: usize| -> (Tensor, Tensor, [usize; 3]) {
@@ -318,6 +320,7 @@ mod tests {
                     .into_iter()
                     .chain([scale_log2.to_string()])
                     .chain([qs, ks, vs].concat().iter().map(|s| s.to_string()))
+                    .chain([usize::from(vec).to_string()])
                     .collect::<Vec<_>>();
                 let inputs = [Some(&qm), Some(&km), Some(&vm)];
                 let got = emulate("flash", dt, &args, &inputs, &[b, tq, h, d]);
@@ -325,7 +328,7 @@ mod tests {
                 // The probabilities are rounded to the storage type before they weight v.
                 assert!(
                     e <= 2.0 * tolerance(dt),
-                    "head size {d}, {tq} queries, {tk} keys, in place {in_place}, {dt:?}: error {e}"
+                    "head size {d}, {tq} queries, {tk} keys, in place {in_place}, vec {vec}, {dt:?}: error {e}"
                 );
             }
         }
