@@ -6,7 +6,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_heads, Act, Linear};
+use crate::nn::{self, attention, merge_heads, split_stacked_heads, Act, Linear};
 use crate::probe::Preprocess;
 use crate::Result;
 
@@ -32,9 +32,8 @@ pub struct EncoderConfig {
 
 struct Layer {
     ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked.
+    qkv: Linear,
     out: Linear,
     ln2: LayerNorm,
     fc1: Linear,
@@ -62,9 +61,11 @@ impl Encoder {
                 let a = l.pp("self_attn");
                 Ok(Layer {
                     ln1: nn::layer_norm(&l.pp("layer_norm1"), d, eps)?,
-                    q: Linear::load(&a.pp("q_proj"), d, d, true)?,
-                    k: Linear::load(&a.pp("k_proj"), d, d, true)?,
-                    v: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    qkv: Linear::stacked(&[
+                        Linear::load(&a.pp("q_proj"), d, d, true)?,
+                        Linear::load(&a.pp("k_proj"), d, d, true)?,
+                        Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    ])?,
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,
                     ln2: nn::layer_norm(&l.pp("layer_norm2"), d, eps)?,
                     fc1: Linear::load(&l.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
@@ -85,10 +86,8 @@ impl Encoder {
         let mut x = x.clone();
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
-            let q = split_heads(&l.q.forward(&h)?, self.heads)?;
-            let k = split_heads(&l.k.forward(&h)?, self.heads)?;
-            let v = split_heads(&l.v.forward(&h)?, self.heads)?;
-            let a = merge_heads(&attention(&q, &k, &v, scale, mask)?)?;
+            let qkv = split_stacked_heads(&l.qkv.forward(&h)?, 3, self.heads)?;
+            let a = merge_heads(&attention(&qkv[0], &qkv[1], &qkv[2], scale, mask)?)?;
             x = l.out.forward_residual(&a, &x)?;
             let h = l.fc1.forward_act(&l.ln2.forward(&x)?, self.act)?;
             x = l.fc2.forward_residual(&h, &x)?;

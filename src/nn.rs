@@ -116,6 +116,26 @@ impl Linear {
         self.w.dims()[0]
     }
 
+    /// `parts` as one layer whose output is theirs side by side (weights and biases stacked
+    /// along the output, a missing bias as zeros): one product and one epilogue instead of
+    /// several, as for an attention's q, k and v.
+    pub(crate) fn stacked(parts: &[Linear]) -> candle_core::Result<Self> {
+        let w = Tensor::cat(&parts.iter().map(|p| &p.w).collect::<Vec<_>>(), 0)?;
+        let b = if parts.iter().any(|p| p.b.is_some()) {
+            let biases = parts
+                .iter()
+                .map(|p| match &p.b {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(p.w.dim(0)?, p.w.dtype(), p.w.device()),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.w, self.b.as_ref())
     }
@@ -503,6 +523,17 @@ pub(crate) fn layer_norm(
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
     Ok(x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?)
+}
+
+/// (B, T, P*H*D), the output of `P` stacked projections (`Linear::stacked`) -> each part
+/// split into heads, (B, H, T, D) views.
+pub(crate) fn split_stacked_heads(x: &Tensor, parts: usize, heads: usize) -> Result<Vec<Tensor>> {
+    use candle_core::IndexOp;
+    let (b, t, c) = x.dims3()?;
+    let x = x.reshape((b, t, parts, heads, c / (parts * heads)))?;
+    (0..parts)
+        .map(|i| Ok(x.i((.., .., i))?.transpose(1, 2)?))
+        .collect()
 }
 
 /// (B, H, T, D) -> (B, T, H*D).

@@ -8,7 +8,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_heads, Act, Linear};
+use crate::nn::{self, attention, merge_heads, split_heads, split_stacked_heads, Act, Linear};
 use crate::probe::Preprocess;
 use crate::Result;
 
@@ -189,14 +189,13 @@ impl Vision {
 }
 
 struct TextLayer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The self-attention's q, k and v stacked.
+    qkv: Linear,
     out: Linear,
     ln_attn: LayerNorm,
     xq: Linear,
-    xk: Linear,
-    xv: Linear,
+    /// The cross-attention's k and v stacked.
+    xkv: Linear,
     xout: Linear,
     ln_cross: LayerNorm,
     up: Linear,
@@ -209,14 +208,18 @@ impl TextLayer {
         let (d, e, eps) = (cfg.hidden_size, cfg.encoder_hidden_size, cfg.layer_norm_eps);
         let (a, x) = (vb.pp("attention"), vb.pp("crossattention"));
         Ok(Self {
-            q: Linear::load(&a.pp("self.query"), d, d, true)?,
-            k: Linear::load(&a.pp("self.key"), d, d, true)?,
-            v: Linear::load(&a.pp("self.value"), d, d, true)?,
+            qkv: Linear::stacked(&[
+                Linear::load(&a.pp("self.query"), d, d, true)?,
+                Linear::load(&a.pp("self.key"), d, d, true)?,
+                Linear::load(&a.pp("self.value"), d, d, true)?,
+            ])?,
             out: Linear::load(&a.pp("output.dense"), d, d, true)?,
             ln_attn: nn::layer_norm(&a.pp("output.LayerNorm"), d, eps)?,
             xq: Linear::load(&x.pp("self.query"), d, d, true)?,
-            xk: Linear::load(&x.pp("self.key"), e, d, true)?,
-            xv: Linear::load(&x.pp("self.value"), e, d, true)?,
+            xkv: Linear::stacked(&[
+                Linear::load(&x.pp("self.key"), e, d, true)?,
+                Linear::load(&x.pp("self.value"), e, d, true)?,
+            ])?,
             xout: Linear::load(&x.pp("output.dense"), d, d, true)?,
             ln_cross: nn::layer_norm(&x.pp("output.LayerNorm"), d, eps)?,
             up: Linear::load(&vb.pp("intermediate.dense"), d, cfg.intermediate_size, true)?,
@@ -275,12 +278,13 @@ impl TextDecoder {
 
     fn cache(&self, image: &Tensor) -> Result<Cache> {
         // Made contiguous once here rather than at every step by the unfused attention.
-        let heads =
-            |x: Tensor| -> Result<Tensor> { Ok(split_heads(&x, self.heads)?.contiguous()?) };
         let cross_kv = self
             .layers
             .iter()
-            .map(|l| Ok((heads(l.xk.forward(image)?)?, heads(l.xv.forward(image)?)?)))
+            .map(|l| {
+                let kv = split_stacked_heads(&l.xkv.forward(image)?, 2, self.heads)?;
+                Ok((kv[0].contiguous()?, kv[1].contiguous()?))
+            })
             .collect::<Result<_>>()?;
         Ok(Cache {
             self_kv: vec![None; self.layers.len()],
@@ -306,9 +310,8 @@ impl TextDecoder {
             None
         };
         for (i, l) in self.layers.iter().enumerate() {
-            let q = split_heads(&l.q.forward(&x)?, self.heads)?;
-            let mut k = split_heads(&l.k.forward(&x)?, self.heads)?;
-            let mut v = split_heads(&l.v.forward(&x)?, self.heads)?;
+            let qkv = split_stacked_heads(&l.qkv.forward(&x)?, 3, self.heads)?;
+            let (q, mut k, mut v) = (qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
             if let Some((pk, pv)) = &cache.self_kv[i] {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;

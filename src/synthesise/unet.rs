@@ -207,12 +207,18 @@ impl Config {
 /// diffusers' `Attention` as the transformer blocks use it: no biases on q/k/v, a bias on the
 /// output projection; keys and values from `context` for cross-attention.
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    proj: Projections,
     out: Linear,
     heads: usize,
     upcast: bool,
+}
+
+/// q, k and v, stacked where they read the same input: one product instead of three or two.
+enum Projections {
+    /// Self-attention (`attn1`): q, k and v stacked.
+    Own(Linear),
+    /// Cross-attention (`attn2`): q from the feature map, k and v stacked from the context.
+    Cross { q: Linear, kv: Linear },
 }
 
 /// The shape of an attention layer: its width, its context's width (its own for
@@ -226,33 +232,49 @@ struct AttnShape {
 }
 
 impl Attention {
-    fn load(vb: &VarBuilder, s: AttnShape) -> candle_core::Result<Self> {
+    /// Self-attention without `s.context` (its width is `s.dim`), cross-attention with it.
+    fn load(vb: &VarBuilder, s: AttnShape, cross: bool) -> candle_core::Result<Self> {
         let AttnShape {
             dim,
             context,
             heads,
             upcast,
         } = s;
+        let q = Linear::load(&vb.pp("to_q"), dim, dim, false)?;
+        let width = if cross { context } else { dim };
+        let k = Linear::load(&vb.pp("to_k"), width, dim, false)?;
+        let v = Linear::load(&vb.pp("to_v"), width, dim, false)?;
+        let proj = if cross {
+            Projections::Cross {
+                q,
+                kv: Linear::stacked(&[k, v])?,
+            }
+        } else {
+            Projections::Own(Linear::stacked(&[q, k, v])?)
+        };
         Ok(Self {
-            q: Linear::load(&vb.pp("to_q"), dim, dim, false)?,
-            k: Linear::load(&vb.pp("to_k"), context, dim, false)?,
-            v: Linear::load(&vb.pp("to_v"), context, dim, false)?,
+            proj,
             out: Linear::load(&vb.pp("to_out.0"), dim, dim, true)?,
             heads,
             upcast,
         })
     }
 
-    /// `residual + attention(x, context or x)`, the residual added in the output projection's
-    /// epilogue.
+    /// `residual + attention(x, context)`, the context given exactly to cross-attention; the
+    /// residual added in the output projection's epilogue.
     fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
-        let split = |l: &Linear, t: &Tensor| nn::split_heads(&l.forward(t)?, self.heads);
-        let (mut q, mut k, mut v) = (
-            split(&self.q, x)?,
-            split(&self.k, ctx)?,
-            split(&self.v, ctx)?,
-        );
+        let (mut q, mut k, mut v) = match (&self.proj, context) {
+            (Projections::Own(qkv), None) => {
+                let p = nn::split_stacked_heads(&qkv.forward(x)?, 3, self.heads)?;
+                (p[0].clone(), p[1].clone(), p[2].clone())
+            }
+            (Projections::Cross { q, kv }, Some(ctx)) => {
+                let p = nn::split_stacked_heads(&kv.forward(ctx)?, 2, self.heads)?;
+                let q = nn::split_heads(&q.forward(x)?, self.heads)?;
+                (q, p[0].clone(), p[1].clone())
+            }
+            _ => unreachable!("attn1 attends to itself, attn2 to a context"),
+        };
         if self.upcast && !nn::attention_is_fused(&q, &k, &v) {
             (q, k, v) = (
                 q.to_dtype(DType::F32)?,
@@ -285,9 +307,9 @@ impl TransformerBlock {
         let inner = 4 * dim;
         Ok(Self {
             norm1: nn::layer_norm(&vb.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&vb.pp("attn1"), AttnShape { context: dim, ..s })?,
+            attn1: Attention::load(&vb.pp("attn1"), s, false)?,
             norm2: nn::layer_norm(&vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(&vb.pp("attn2"), s)?,
+            attn2: Attention::load(&vb.pp("attn2"), s, true)?,
             norm3: nn::layer_norm(&vb.pp("norm3"), dim, 1e-5)?,
             geglu: Linear::load(&vb.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
             ff_out: Linear::load(&vb.pp("ff.net.2"), inner, dim, true)?,

@@ -28,9 +28,8 @@ pub(super) struct Shape<'a> {
 /// diffusers' single-head spatial self-attention of the mid block, residual included.
 struct Attention {
     norm: GroupNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked.
+    qkv: Linear,
     out: Linear,
 }
 
@@ -54,9 +53,11 @@ impl Attention {
     fn load(vb: &VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
         Ok(Self {
             norm: GroupNorm::load(&vb.pp("group_norm"), groups, c, EPS)?,
-            q: projection(vb, ["to_q", "query"], c)?,
-            k: projection(vb, ["to_k", "key"], c)?,
-            v: projection(vb, ["to_v", "value"], c)?,
+            qkv: Linear::stacked(&[
+                projection(vb, ["to_q", "query"], c)?,
+                projection(vb, ["to_k", "key"], c)?,
+                projection(vb, ["to_v", "value"], c)?,
+            ])?,
             out: projection(vb, ["to_out.0", "proj_attn"], c)?,
         })
     }
@@ -69,13 +70,12 @@ impl Attention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let heads = |l: &Linear| -> Result<Tensor> { Ok(l.forward(&t)?.unsqueeze(1)?) };
-        let (q, k, v) = (heads(&self.q)?, heads(&self.k)?, heads(&self.v)?);
+        let qkv = nn::split_stacked_heads(&self.qkv.forward(&t)?, 3, 1)?;
         // diffusers upcasts the softmax (upcast_softmax=True): scores in f32 on every device.
         let y = nn::attention(
-            &q.to_dtype(DType::F32)?,
-            &k.to_dtype(DType::F32)?,
-            &v.to_dtype(DType::F32)?,
+            &qkv[0].to_dtype(DType::F32)?,
+            &qkv[1].to_dtype(DType::F32)?,
+            &qkv[2].to_dtype(DType::F32)?,
             1.0 / (c as f64).sqrt(),
             None,
         )?
