@@ -540,8 +540,9 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     let strides = [Strides::of(ql), Strides::of(kl), Strides::of(vl)];
     // Keys and values load eight halves at a time where they start 16-byte aligned (cudarc's
     // allocations are) and every stride keeps them so.
-    let aligned =
-        |l: &Layout| l.start_offset() % 8 == 0 && l.stride()[..3].iter().all(|s| s % 8 == 0);
+    let aligned = |l: &Layout| {
+        l.start_offset().is_multiple_of(8) && l.stride()[..3].iter().all(|s| s.is_multiple_of(8))
+    };
     let vec = i32::from(aligned(kl) && aligned(vl));
     let (q, k, v) = (
         strided::<T>(q, ql, "query")?,
