@@ -17,6 +17,16 @@ use crate::hub::{Draw, ResolvedModel};
 
 use crate::{Error, Result};
 
+/// N(0, 1) values of `shape` on the CPU, the same for the same seed on every run.
+pub(crate) fn seeded_randn(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = rand_distr::StandardNormal
+        .sample_iter(&mut rng)
+        .take(shape.iter().product())
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
 /// An activation applied in the epilogue of a linear layer or convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Act {
@@ -688,13 +698,7 @@ impl SimpleBackend for RandomWeights {
                 let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
                 });
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                let v: Vec<f32> = rand_distr::StandardNormal
-                    .sample_iter(&mut rng)
-                    .take(s.elem_count())
-                    .map(|x: f32| 0.02 * x)
-                    .collect();
-                Tensor::from_vec(v, s, &Device::Cpu)?.to_device(dev)?
+                (seeded_randn(s.dims(), seed)? * 0.02)?.to_device(dev)?
             }
         };
         t.to_dtype(dtype)

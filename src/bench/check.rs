@@ -106,15 +106,7 @@ type Report<'r> = dyn FnMut(String, f64, f64, &str) + 'r;
 
 /// Seeded N(0, 1) values of `shape` on the CPU.
 fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let v: Vec<f32> = rand_distr::StandardNormal
-        .sample_iter(&mut rng)
-        .take(n)
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    Ok(crate::nn::seeded_randn(shape, seed)?)
 }
 
 impl Bench<'_> {

@@ -15,6 +15,7 @@ use candle_core::{
     Tensor, WithDType,
 };
 
+use super::vec_path;
 use crate::nn::Act;
 
 const SOURCE: &str = include_str!("kernels.cu");
@@ -131,6 +132,11 @@ fn blocks_for(n: u64) -> u32 {
     n.div_ceil(THREADS as u64).clamp(1, 65_535) as u32
 }
 
+/// `blocks_for` a loop that takes eight elements an iteration on a vectorised path (`vec`).
+fn blocks_for_path(n: u64, vec: i32) -> u32 {
+    blocks_for(if vec == 0 { n } else { n.div_ceil(8) })
+}
+
 pub(super) fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("dnd-gpu-ops run on CUDA only")
 }
@@ -218,6 +224,9 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     if len >= u32::MAX as usize {
         candle_core::bail!("dnd-gpu-group-norm: groups of {len} elements, over the kernel's 2^32")
     }
+    let aligned = xl.start_offset().is_multiple_of(8);
+    let vec_stats = vec_path::group_stats(T::DTYPE, aligned, len, GROUP_CHUNK);
+    let vec_apply = vec_path::group_apply(T::DTYPE, aligned, plane, GROUP_CHUNK);
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
     let blocks = (x.len() / len) * len.div_ceil(GROUP_CHUNK);
@@ -232,7 +241,11 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     let name = format!("group_stats_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let mut args = func.builder();
-    args.arg(&x).arg(&stats).arg(&len).arg(&chunk);
+    args.arg(&x)
+        .arg(&stats)
+        .arg(&len)
+        .arg(&chunk)
+        .arg(&vec_stats);
     // SAFETY: the arguments match group_stats' signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
 
@@ -244,7 +257,7 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     let mut args = func.builder();
     args.arg(&x).arg(&stats).arg(&g).arg(&b).arg(&y);
     args.arg(&channels).arg(&groups).arg(&plane).arg(&chunk);
-    args.arg(&eps).arg(&silu);
+    args.arg(&eps).arg(&silu).arg(&vec_apply);
     // SAFETY: the arguments match group_apply's signature in kernels.cu; both kernels run in
     // order on the device's stream.
     unsafe { args.launch(cfg) }.w()?;
@@ -300,6 +313,11 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
             xl.dims()
         )
     }
+    let aligned = [Some(xl), Some(bl), residual.map(|(_, rl)| rl)]
+        .into_iter()
+        .flatten()
+        .all(|l| l.start_offset().is_multiple_of(8));
+    let vec = vec_path::bias_act(T::DTYPE, aligned, xl.shape().elem_count(), plane, bias_len);
     let x = view::<T>(x, xl, "input")?;
     let b = view::<T>(b, bl, "bias")?;
     let r = match residual {
@@ -320,9 +338,14 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
         Some(r) => args.arg(r),
         None => args.arg(&null),
     };
-    args.arg(&y).arg(&n).arg(&bias_len).arg(&plane).arg(&act);
+    args.arg(&y)
+        .arg(&n)
+        .arg(&bias_len)
+        .arg(&plane)
+        .arg(&act)
+        .arg(&vec);
     let cfg = LaunchConfig {
-        grid_dim: (blocks_for(n), 1, 1),
+        grid_dim: (blocks_for_path(n, vec), 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -404,15 +427,17 @@ fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let last = xl.dims().last().copied().unwrap_or(0);
+    let aligned = xl.start_offset().is_multiple_of(8);
+    let vec = vec_path::geglu(T::DTYPE, aligned, last / 2);
     let x = view::<T>(x, xl, "input")?;
     let (rows, inner) = ((x.len() / last.max(1)) as u64, (last / 2) as u64);
     let name = format!("geglu_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len() / 2)?;
     let mut args = func.builder();
-    args.arg(&x).arg(&y).arg(&rows).arg(&inner);
+    args.arg(&x).arg(&y).arg(&rows).arg(&inner).arg(&vec);
     let cfg = LaunchConfig {
-        grid_dim: (blocks_for(rows * inner), 1, 1),
+        grid_dim: (blocks_for_path(rows * inner, vec), 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -2,10 +2,11 @@
 // the unit tests in gpu_ops/mod.rs write the inputs, run this, and compare the output with the
 // CPU path.
 //
-//   emu group_norm DTYPE GRID BLOCK CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
+//   emu group_norm DTYPE GRID BLOCK VEC CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
-//   emu bias_act   DTYPE GRID BLOCK N BIAS_LEN PLANE ACT x bias residual|- out
-//   emu geglu      DTYPE GRID BLOCK ROWS INNER x out
+//   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
+//   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
+//       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC q k v out   (f16 or
 //                  bf16; QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
 #include "emu.hpp"
@@ -33,11 +34,11 @@ static void write(const char* path, const std::vector<char>& data) {
 // The kernels' extern "C" entry points for one storage type.
 template <class T>
 struct Entry {
-    void (*group_stats)(const T*, float*, u64, u64);
+    void (*group_stats)(const T*, float*, u64, u64, int);
     void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, float,
-                        int);
-    void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int);
-    void (*geglu)(const T*, T*, u64, u64);
+                        int, int);
+    void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
+    void (*geglu)(const T*, T*, u64, u64, int);
 };
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
@@ -78,6 +79,8 @@ template <class T>
 static int run(char** a, Entry<T> k) {
     const std::string kernel = a[1];
     const unsigned grid = std::atoi(a[3]), block = std::atoi(a[4]);
+    const int vec = std::atoi(a[5]);
+    a += 1;  // the arguments of each kernel below start at a[5]
     if (kernel == "group_norm") {
         const int channels = std::atoi(a[5]), groups = std::atoi(a[6]);
         const u64 plane = std::strtoull(a[7], nullptr, 10), chunk = std::strtoull(a[8], nullptr, 10);
@@ -88,11 +91,11 @@ static int run(char** a, Entry<T> k) {
         std::vector<float> stats(3 * grid * chunks);
         std::vector<char> y(x.size());
         emu_launch(grid * chunks, block,
-                   [&] { k.group_stats((const T*)x.data(), stats.data(), len, chunk); });
+                   [&] { k.group_stats((const T*)x.data(), stats.data(), len, chunk, vec); });
         emu_launch(grid * chunks, block, [&] {
             k.group_apply((const T*)x.data(), stats.data(), (const T*)gamma.data(),
                           (const T*)beta.data(), (T*)y.data(), channels, groups, plane, chunk,
-                          eps, silu);
+                          eps, silu, vec);
         });
         write(a[14], y);
         return 0;
@@ -108,7 +111,7 @@ static int run(char** a, Entry<T> k) {
         emu_launch(grid, block, [&] {
             k.bias_act((const T*)x.data(), (const T*)bias.data(),
                         residual.empty() ? nullptr : (const T*)residual.data(), (T*)y.data(), n,
-                        bias_len, plane, act);
+                        bias_len, plane, act, vec);
         });
         write(a[12], y);
         return 0;
@@ -117,11 +120,12 @@ static int run(char** a, Entry<T> k) {
         const u64 rows = std::strtoull(a[5], nullptr, 10), inner = std::strtoull(a[6], nullptr, 10);
         auto x = read(a[7]);
         std::vector<char> y(x.size() / 2);
-        emu_launch(grid, block, [&] { k.geglu((const T*)x.data(), (T*)y.data(), rows, inner); });
+        emu_launch(grid, block,
+                   [&] { k.geglu((const T*)x.data(), (T*)y.data(), rows, inner, vec); });
         write(a[8], y);
         return 0;
     }
-    std::fprintf(stderr, "unknown kernel %s\n", a[1]);
+    std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
     return 2;
 }
 
