@@ -42,68 +42,12 @@ impl Bench<'_> {
         })?;
 
         // A resnet block's last 3x3 convolution at 64x64 latents, 16 rows: bias, residual, ReLU.
-        let (n, c, side) = if quick { (2, 16, 16) } else { (16, 320, 64) };
-        let x = randn(&[n, c, side, side])?;
-        let residual = randn(&[n, c, side, side])?;
-        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let bias = randn(&[c])?;
-        let conv = nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?;
-        let tflop = 2.0 * (n * c * c * 9 * side * side) as f64 / 1e12;
-        let note = format!("3x3 on ({n}, {c}, {side}, {side}), + bias + residual, ReLU");
-        self.measure(
-            "ops.conv3x3_residual_relu.dnd",
-            tflop,
-            "TFLOP/s",
-            &note,
-            || {
-                conv.forward_residual(&x, &residual)?;
-                Ok(())
-            },
-        )?;
-        let b4 = bias.reshape((1, c, 1, 1))?;
-        self.measure(
-            "ops.conv3x3_residual_relu.candle",
-            tflop,
-            "TFLOP/s",
-            &note,
-            || {
-                (x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)? + &residual)?.relu()?;
-                Ok(())
-            },
-        )?;
-
+        let shape = if quick { (2, 16, 16) } else { (16, 320, 64) };
+        self.time_conv3x3("ops.conv3x3_residual_relu", shape, true, false)?;
         // ResNet-50's layer3 3x3 convolution at 224 px, batch 256, with bias and ReLU: dnd's
         // path channels-last (on an NHWC input, as the previous layer leaves it), candle's NCHW.
-        let (n, c, side) = if quick { (2, 16, 14) } else { (256, 256, 14) };
-        let x_nhwc = randn(&[n, side, side, c])?.permute((0, 3, 1, 2))?;
-        let x = x_nhwc.contiguous()?;
-        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let bias = randn(&[c])?;
-        let conv =
-            nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?.channels_last()?;
-        let tflop = 2.0 * (n * c * c * 9 * side * side) as f64 / 1e12;
-        let note = format!("3x3 on ({n}, {c}, {side}, {side}), + bias, ReLU");
-        self.measure(
-            "ops.conv3x3_channels_last.dnd",
-            tflop,
-            "TFLOP/s",
-            &note,
-            || {
-                conv.forward(&x_nhwc)?;
-                Ok(())
-            },
-        )?;
-        let b4 = bias.reshape((1, c, 1, 1))?;
-        self.measure(
-            "ops.conv3x3_channels_last.candle",
-            tflop,
-            "TFLOP/s",
-            &note,
-            || {
-                x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)?.relu()?;
-                Ok(())
-            },
-        )?;
+        let shape = if quick { (2, 16, 14) } else { (256, 256, 14) };
+        self.time_conv3x3("ops.conv3x3_channels_last", shape, false, true)?;
 
         // The UNet's feed-forward GEGLU at 64x64 latents, 16 rows.
         let (rows, inner) = if quick {
@@ -153,5 +97,51 @@ impl Bench<'_> {
             Ok(())
         })?;
         Ok(())
+    }
+
+    /// `{row}.dnd` and `{row}.candle`: a 3x3 convolution of `(n, c, side, side)` with bias,
+    /// `residual` if asked, and ReLU, through `nn::Conv` (channels-last if asked, from an NHWC
+    /// input) and through candle's conv2d and broadcast ops.
+    fn time_conv3x3(
+        &mut self,
+        row: &str,
+        (n, c, side): (usize, usize, usize),
+        residual: bool,
+        channels_last: bool,
+    ) -> Result<()> {
+        let (dev, dt) = (self.device.clone(), self.dtype);
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)?)
+        };
+        let x = if channels_last {
+            randn(&[n, side, side, c])?.permute((0, 3, 1, 2))?
+        } else {
+            randn(&[n, c, side, side])?
+        };
+        let x_nchw = x.contiguous()?;
+        let r = randn(&[n, c, side, side])?;
+        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let bias = randn(&[c])?;
+        let mut conv = nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?;
+        if channels_last {
+            conv = conv.channels_last()?;
+        }
+        let tflop = 2.0 * (n * c * c * 9 * side * side) as f64 / 1e12;
+        let plus = if residual { " + residual" } else { "" };
+        let note = format!("3x3 on ({n}, {c}, {side}, {side}), + bias{plus}, ReLU");
+        self.measure(&format!("{row}.dnd"), tflop, "TFLOP/s", &note, || {
+            if residual {
+                conv.forward_residual(&x, &r)?;
+            } else {
+                conv.forward(&x)?;
+            }
+            Ok(())
+        })?;
+        let b4 = bias.reshape((1, c, 1, 1))?;
+        self.measure(&format!("{row}.candle"), tflop, "TFLOP/s", &note, || {
+            let y = x_nchw.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b4)?;
+            if residual { (y + &r)? } else { y }.relu()?;
+            Ok(())
+        })
     }
 }

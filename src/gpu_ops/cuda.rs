@@ -141,6 +141,44 @@ pub(super) fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("dnd-gpu-ops run on CUDA only")
 }
 
+/// A two-input op of ours: only its CUDA side, which `Cuda2` makes a candle custom op.
+pub(super) trait Op2 {
+    const NAME: &'static str;
+    fn cuda(
+        &self,
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)>;
+}
+
+pub(super) struct Cuda2<O>(pub(super) O);
+
+impl<O: Op2> CustomOp2 for Cuda2<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda((a, al), (b, bl))
+    }
+}
+
 /// A three-input op of ours: only its CUDA side, which `Cuda3` makes a candle custom op.
 trait Op3 {
     const NAME: &'static str;
@@ -354,27 +392,13 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
     Ok(y)
 }
 
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-bias-act"
-    }
+impl Op2 for BiasAct {
+    const NAME: &'static str = "dnd-gpu-bias-act";
 
-    fn cpu_fwd(
+    fn cuda(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
+        (x, xl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let out = by_dtype!(x, bias_act_launch(self, (x, xl), (b, bl), None, x.device()));
         Ok((out, xl.shape().clone()))
@@ -410,7 +434,7 @@ pub(crate) fn bias_act(
     let y = y.contiguous()?;
     match residual {
         Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &Cuda3(op)),
-        None => y.apply_op2_no_bwd(bias, &op),
+        None => y.apply_op2_no_bwd(bias, &Cuda2(op)),
     }
 }
 

@@ -20,11 +20,9 @@ use candle_core::cuda_backend::cudarc::cudnn::{
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::cuda::{by_dtype, not_on_cpu, output, view};
+use super::cuda::{by_dtype, output, view, Cuda2, Op2};
 
 use sys::cudnnConvolutionFwdAlgo_t as Algo;
 
@@ -57,7 +55,8 @@ pub(crate) fn conv2d(
         stride,
         format,
     };
-    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &Cuda2(op))
 }
 
 /// Algorithms whose workspace exceeds this are not tried: FFT and GEMM grow theirs with the
@@ -128,27 +127,13 @@ impl CudnnConv {
     }
 }
 
-impl CustomOp2 for CudnnConv {
-    fn name(&self) -> &'static str {
-        "dnd-cudnn-conv2d"
-    }
+impl Op2 for CudnnConv {
+    const NAME: &'static str = "dnd-cudnn-conv2d";
 
-    fn cpu_fwd(
+    fn cuda(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let dims = self.dims(xl, wl)?;
         let out = by_dtype!(x, launch(self, dims, (x, xl), (w, wl), x.device()));
