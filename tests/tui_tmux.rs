@@ -255,7 +255,8 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
         None,
         "",
     );
-    let screen = tmux.wait_for("what next", Duration::from_secs(30));
+    // The screen's frame shows before the lookup on disk ends: wait for its outcome.
+    let screen = tmux.wait_for("dnd is offline", Duration::from_secs(30));
     assert!(screen.contains("set-up"), "{screen}");
     assert!(screen.contains("missing"), "{screen}");
     assert!(screen.contains("dnd is offline"), "{screen}");

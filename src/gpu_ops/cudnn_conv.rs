@@ -304,6 +304,7 @@ fn choose<T: CudnnDataType>(
         let fwd = plan.forward();
         let bytes = match fwd.get_workspace_size(algo) {
             Ok(b) if b <= WORKSPACE_CAP || algo == heuristic => b,
+            Err(e) if algo == heuristic => return Err(e.into()),
             _ => continue,
         };
         let timed = with_workspace(dev, bytes, |ws| {
@@ -323,7 +324,8 @@ fn choose<T: CudnnDataType>(
             Err(_) => {}
         }
     }
-    let (_, algo, workspace) = best.expect("the heuristic pick ran");
+    // The heuristic pick ran, or its error was returned.
+    let (_, algo, workspace) = best.expect("a timed algorithm");
     plan.algo = algo;
     plan.workspace = workspace;
     Ok(plan)
