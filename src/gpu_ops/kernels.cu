@@ -133,15 +133,6 @@ __device__ float block_sum(float v, float* buf) {
     return sum;
 }
 
-// GroupNorm over contiguous NCHW (`plane` = H*W) in two kernels, each over every chunk of
-// `chunk` elements of every group (one block per chunk, so a few large groups, as in SD's VAE
-// at 512 px, still fill the card):
-// - group_stats: each chunk's count, mean and sum of squared deviations from that mean (two
-//   passes over the chunk, the second mostly from cache): exact for the large, offset
-//   activations of SD's decoder, where a one-pass variance cancels;
-// - group_apply: combines its group's chunks (Chan et al.'s pairwise update), then writes the
-//   normalised, affine-mapped chunk, with SiLU when `silu`.
-// A group is one contiguous run of channels/groups planes.
 // The sum of f(element) over this thread's share of x[0..n): with `vec` (16-bit types, n a
 // multiple of 8), eight elements a load.
 template <class D, class F>
@@ -163,7 +154,16 @@ __device__ __forceinline__ float thread_sum(const typename D::T* x, u64 n, int v
     return s;
 }
 
-// `vec`: len and chunk are multiples of 8.
+// GroupNorm over contiguous NCHW (`plane` = H*W) in two kernels, each over every chunk of
+// `chunk` elements of every group (one block per chunk, so a few large groups, as in SD's VAE
+// at 512 px, still fill the card):
+// - group_stats: each chunk's count, mean and sum of squared deviations from that mean (two
+//   passes over the chunk, the second mostly from cache): exact for the large, offset
+//   activations of SD's decoder, where a one-pass variance cancels;
+// - group_apply: combines its group's chunks (Chan et al.'s pairwise update), then writes the
+//   normalised, affine-mapped chunk, with SiLU when `silu`.
+// A group is one contiguous run of channels/groups planes. The vectorised paths (`vec`) need
+// len and chunk multiples of 8 (group_stats), or plane and chunk (group_apply).
 template <class D>
 __device__ void group_stats(const typename D::T* x, float* stats, u64 len, u64 chunk, int vec) {
     __shared__ float buf[1024];
@@ -171,7 +171,8 @@ __device__ void group_stats(const typename D::T* x, float* stats, u64 len, u64 c
     const u64 g = blockIdx.x / chunks, c = blockIdx.x % chunks;
     const u64 n = len - c * chunk < chunk ? len - c * chunk : chunk;
     x += g * len + c * chunk;
-    const float mean = block_sum(thread_sum<D>(x, n, vec, [](float v) { return v; }), buf) / (float)n;
+    const auto id = [](float v) { return v; };
+    const float mean = block_sum(thread_sum<D>(x, n, vec, id), buf) / (float)n;
     const auto sq = [mean](float v) { return (v - mean) * (v - mean); };
     const float m2 = block_sum(thread_sum<D>(x, n, vec, sq), buf);
     if (threadIdx.x == 0) {
@@ -206,7 +207,7 @@ __device__ void group_apply(const typename D::T* x, const float* stats,
     x += g * len + start;
     y += g * len + start;
     if constexpr (DND_IS_16BIT(D)) {
-        // With `vec` (plane and chunk multiples of 8), eight elements of one channel at a time.
+        // Eight elements of one channel at a time.
         if (vec) {
             DND_UNROLL
             for (u64 o = threadIdx.x; o < n / 8; o += blockDim.x) {
@@ -379,7 +380,6 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
             // strides are multiples of 8 (d is: the caller checks), as heads split from
             // projections are.
             const uint4 zero = {0, 0, 0, 0};
-            DND_UNROLL_ALL
             for (int i = threadIdx.x; i < FA_KEYS * (HD / 8); i += blockDim.x) {
                 const int key = k0 + i / (HD / 8), col = 8 * (i % (HD / 8));
                 const int at = (i / (HD / 8)) * S + col;
