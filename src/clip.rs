@@ -86,8 +86,8 @@ impl Encoder {
         let mut x = x.clone();
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
-            let qkv = split_stacked_heads(&l.qkv.forward(&h)?, 3, self.heads)?;
-            let a = merge_heads(&attention(&qkv[0], &qkv[1], &qkv[2], scale, mask)?)?;
+            let [q, k, v] = split_stacked_heads(&l.qkv.forward(&h)?, self.heads)?;
+            let a = merge_heads(&attention(&q, &k, &v, scale, mask)?)?;
             x = l.out.forward_residual(&a, &x)?;
             let h = l.fc1.forward_act(&l.ln2.forward(&x)?, self.act)?;
             x = l.fc2.forward_residual(&h, &x)?;

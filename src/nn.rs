@@ -537,13 +537,15 @@ pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// (B, T, P*H*D), the output of `P` stacked projections (`Linear::stacked`) -> each part
 /// split into heads, (B, H, T, D) views.
-pub(crate) fn split_stacked_heads(x: &Tensor, parts: usize, heads: usize) -> Result<Vec<Tensor>> {
+pub(crate) fn split_stacked_heads<const P: usize>(x: &Tensor, heads: usize) -> Result<[Tensor; P]> {
     use candle_core::IndexOp;
     let (b, t, c) = x.dims3()?;
-    let x = x.reshape((b, t, parts, heads, c / (parts * heads)))?;
-    (0..parts)
-        .map(|i| Ok(x.i((.., .., i))?.transpose(1, 2)?))
-        .collect()
+    let x = x.reshape((b, t, P, heads, c / (P * heads)))?;
+    let mut parts = Vec::with_capacity(P);
+    for i in 0..P {
+        parts.push(x.i((.., .., i))?.transpose(1, 2)?);
+    }
+    Ok(parts.try_into().expect("P parts"))
 }
 
 /// (B, H, T, D) -> (B, T, H*D).

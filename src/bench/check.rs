@@ -13,6 +13,7 @@ use crate::caption::{Blip, Generation};
 use crate::clip::ClipVision;
 use crate::error::Result;
 use crate::hub::{Draw, Role};
+use crate::nn::seeded_randn as randn;
 use crate::synthesise::{StableDiffusion, TinyDecoder};
 use crate::target::{random_resnet_weights, Weights};
 
@@ -103,11 +104,6 @@ pub fn run(
 }
 
 type Report<'r> = dyn FnMut(String, f64, f64, &str) + 'r;
-
-/// Seeded N(0, 1) values of `shape` on the CPU.
-fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
-    Ok(crate::nn::seeded_randn(shape, seed)?)
-}
 
 impl Bench<'_> {
     /// dnd's fused ops on the device (our CUDA kernels, unless `DND_GPU_KERNELS=0`) against
@@ -226,7 +222,7 @@ impl Bench<'_> {
         let (heads, tokens, d) = if full { (8, 4096, 40) } else { (2, 70, 40) };
         let qkv: Vec<Tensor> = (22..25)
             .map(|seed| randn(&[2, heads, tokens, d], seed))
-            .collect::<Result<_>>()?;
+            .collect::<candle_core::Result<_>>()?;
         let scale = 1.0 / (d as f64).sqrt();
         let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
         let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);

@@ -16,15 +16,12 @@ impl Bench<'_> {
         }
         let (dev, dt) = (self.device.clone(), self.dtype);
         let quick = self.opts.quick;
-        let randn = |shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)?)
-        };
         let bytes = dt.size_in_bytes() as f64;
 
         // GroupNorm + SiLU as in SD's VAE decoder at 512 px, four latents (one CUDA chunk).
         let (n, c, side) = if quick { (2, 32, 32) } else { (4, 128, 512) };
-        let x = randn(&[n, c, side, side])?;
-        let (gamma, beta) = (randn(&[c])?, randn(&[c])?);
+        let x = self.random(&[n, c, side, side])?;
+        let (gamma, beta) = (self.random(&[c])?, self.random(&[c])?);
         let vars = [("weight", &gamma), ("bias", &beta)].map(|(k, t)| (k.to_string(), t.clone()));
         let vb = candle_nn::VarBuilder::from_tensors(vars.into_iter().collect(), dt, &dev);
         let ours = nn::GroupNorm::load(&vb, 32, c, 1e-6)?;
@@ -55,7 +52,7 @@ impl Bench<'_> {
         } else {
             (16 * 4096, 1280)
         };
-        let h = randn(&[rows, 2 * inner])?;
+        let h = self.random(&[rows, 2 * inner])?;
         let gb = 3.0 * (rows * inner) as f64 * bytes / 1e9;
         let note = format!("({rows}, {}) -> ({rows}, {inner}); GB moved", 2 * inner);
         self.measure("ops.geglu.dnd", gb, "GB/s", &note, || {
@@ -74,7 +71,7 @@ impl Bench<'_> {
             (16, 8, 4096, 40)
         };
         let qkv: Vec<Tensor> = (0..3)
-            .map(|_| randn(&[b, heads, tokens, d]))
+            .map(|_| self.random(&[b, heads, tokens, d]))
             .collect::<Result<_>>()?;
         let scale = 1.0 / (d as f64).sqrt();
         let tflop = 4.0 * (b * heads * tokens * tokens * d) as f64 / 1e12;
@@ -110,18 +107,15 @@ impl Bench<'_> {
         channels_last: bool,
     ) -> Result<()> {
         let (dev, dt) = (self.device.clone(), self.dtype);
-        let randn = |shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)?)
-        };
         let x = if channels_last {
-            randn(&[n, side, side, c])?.permute((0, 3, 1, 2))?
+            self.random(&[n, side, side, c])?.permute((0, 3, 1, 2))?
         } else {
-            randn(&[n, c, side, side])?
+            self.random(&[n, c, side, side])?
         };
         let x_nchw = x.contiguous()?;
-        let r = randn(&[n, c, side, side])?;
-        let w = (randn(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let bias = randn(&[c])?;
+        let r = self.random(&[n, c, side, side])?;
+        let w = (self.random(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let bias = self.random(&[c])?;
         let mut conv = nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, &dev, dt)?;
         if channels_last {
             conv = conv.channels_last()?;
@@ -143,5 +137,10 @@ impl Bench<'_> {
             if residual { (y + &r)? } else { y }.relu()?;
             Ok(())
         })
+    }
+
+    /// N(0, 1) values of `shape` on the bench's device, in its dtype.
+    fn random(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 }

@@ -282,8 +282,8 @@ impl TextDecoder {
             .layers
             .iter()
             .map(|l| {
-                let kv = split_stacked_heads(&l.xkv.forward(image)?, 2, self.heads)?;
-                Ok((kv[0].contiguous()?, kv[1].contiguous()?))
+                let [k, v] = split_stacked_heads(&l.xkv.forward(image)?, self.heads)?;
+                Ok((k.contiguous()?, v.contiguous()?))
             })
             .collect::<Result<_>>()?;
         Ok(Cache {
@@ -310,8 +310,7 @@ impl TextDecoder {
             None
         };
         for (i, l) in self.layers.iter().enumerate() {
-            let qkv = split_stacked_heads(&l.qkv.forward(&x)?, 3, self.heads)?;
-            let (q, mut k, mut v) = (qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
+            let [q, mut k, mut v] = split_stacked_heads(&l.qkv.forward(&x)?, self.heads)?;
             if let Some((pk, pv)) = &cache.self_kv[i] {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;

@@ -265,13 +265,12 @@ impl Attention {
     fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let (mut q, mut k, mut v) = match (&self.proj, context) {
             (Projections::Own(qkv), None) => {
-                let p = nn::split_stacked_heads(&qkv.forward(x)?, 3, self.heads)?;
-                (p[0].clone(), p[1].clone(), p[2].clone())
+                let [q, k, v] = nn::split_stacked_heads(&qkv.forward(x)?, self.heads)?;
+                (q, k, v)
             }
             (Projections::Cross { q, kv }, Some(ctx)) => {
-                let p = nn::split_stacked_heads(&kv.forward(ctx)?, 2, self.heads)?;
-                let q = nn::split_heads(&q.forward(x)?, self.heads)?;
-                (q, p[0].clone(), p[1].clone())
+                let [k, v] = nn::split_stacked_heads(&kv.forward(ctx)?, self.heads)?;
+                (nn::split_heads(&q.forward(x)?, self.heads)?, k, v)
             }
             _ => unreachable!("attn1 attends to itself, attn2 to a context"),
         };

@@ -70,7 +70,7 @@ impl Attention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let qkv = nn::split_stacked_heads(&self.qkv.forward(&t)?, 3, 1)?;
+        let qkv: [Tensor; 3] = nn::split_stacked_heads(&self.qkv.forward(&t)?, 1)?;
         // diffusers upcasts the softmax (upcast_softmax=True): scores in f32 on every device.
         let y = nn::attention(
             &qkv[0].to_dtype(DType::F32)?,
