@@ -152,6 +152,28 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer2.0.bn2.running_var") && msg.contains("model.safetensors"),
         "{msg}"
     );
+    // A variant with parts of its own (timm's SE-ResNets): refused, not silently half-loaded.
+    edited_fixture_model("resnet_basic", dir.path(), |w| {
+        let extra = w["layer1.0.bn1.weight"].clone();
+        w.insert("layer1.0.se.fc1.bias".into(), extra);
+    });
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("layer1.0.se.fc1.bias") && msg.contains("not part of resnet"),
+        "{msg}"
+    );
+    // Grouped convolutions (ResNeXt): the filters see half the channels.
+    edited_fixture_model("resnet_basic", dir.path(), |w| {
+        let conv = &w["layer1.0.conv2.weight"];
+        let half = conv.dim(1).unwrap() / 2;
+        let grouped = conv.narrow(1, 0, half).unwrap().contiguous().unwrap();
+        w.insert("layer1.0.conv2.weight".into(), grouped);
+    });
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("layer1.0.conv2.weight") && msg.contains("grouped convolutions"),
+        "{msg}"
+    );
     // Not a model at all.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
     let msg = try_load_target(dir.path()).unwrap_err().to_string();

@@ -4,8 +4,9 @@
 mod resnet;
 mod vit;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -110,6 +111,7 @@ impl Target {
                 "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm ViT (patch_embed, blocks.N, ...)".into(),
             ));
         };
+        weights.check_all_used(&net.info().architecture)?;
         Ok(Self {
             net,
             preprocess,
@@ -180,6 +182,8 @@ pub struct Weights {
     label: String,
     file: String,
     tensors: HashMap<String, Tensor>,
+    /// Names read so far, for [`Weights::check_all_used`].
+    used: Mutex<HashSet<String>>,
 }
 
 impl Weights {
@@ -209,7 +213,30 @@ impl Weights {
             label: label.to_string(),
             file: file.to_string(),
             tensors,
+            used: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Fails when a tensor was never read, as PyTorch's strict `load_state_dict` does: weights
+    /// of a variant with parts this architecture lacks (squeeze-excitation, layer scale, extra
+    /// tokens) would otherwise load and compute something else without a word.
+    pub fn check_all_used(&self, architecture: &str) -> Result<()> {
+        let used = self.used.lock().expect("no panic while holding the lock");
+        let mut unused: Vec<&String> = self.tensors.keys().filter(|k| !used.contains(*k)).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort();
+        let shown: Vec<&str> = unused.iter().take(4).map(|s| s.as_str()).collect();
+        let more = match unused.len() - shown.len() {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        Err(self.mismatch(format!(
+            "{} tensors are not part of {architecture}: {}{more}. This is a variant with parts dnd does not implement, so its activations would be wrong",
+            unused.len(),
+            shown.join(", "),
+        )))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -231,6 +258,10 @@ impl Weights {
             .tensors
             .get(name)
             .ok_or_else(|| self.mismatch(format!("tensor {name} is missing")))?;
+        self.used
+            .lock()
+            .expect("no panic while holding the lock")
+            .insert(name.to_string());
         if let Some(s) = shape {
             if t.dims() != s {
                 return Err(self.mismatch(format!(

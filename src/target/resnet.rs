@@ -131,6 +131,9 @@ impl ResNet {
         let stem = Conv::folded(w, "conv1", "bn1", 2, true, device, dtype)?;
         let mut stages = Vec::new();
         let mut depths = Vec::new();
+        // Channels into the next convolution, to catch grouped convolutions (ResNeXt), whose
+        // filters see a fraction of them and which this network does not implement.
+        let mut c_in = stem_c;
         for s in 1..=4 {
             let mut blocks = Vec::new();
             while w.contains(&format!("layer{s}.{}.conv1.weight", blocks.len())) {
@@ -144,6 +147,13 @@ impl ResNet {
                     .map(|i| {
                         let st = if i == strided { stride } else { 1 };
                         let (c, b) = (format!("{p}.conv{i}"), format!("{p}.bn{i}"));
+                        let dims = w.dims(&format!("{c}.weight"))?;
+                        if dims.len() != 4 || dims[1] != c_in {
+                            return Err(w.mismatch(format!(
+                                "{c}.weight has shape {dims:?} for {c_in} input channels: grouped convolutions (ResNeXt) are not supported"
+                            )));
+                        }
+                        c_in = dims[0];
                         Conv::folded(w, &c, &b, st, true, device, dtype)?.channels_last()
                     })
                     .collect::<Result<Vec<_>>>()?;
