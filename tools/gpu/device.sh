@@ -65,6 +65,16 @@ ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
+# Where the time goes, per kernel, for the next round of work: ncu collecting one metric (a
+# single pass, no replay), over one ResNet-50 forward and one SD-Turbo UNet step (with their
+# warm-ups and cuDNN's algorithm search, which the launch counts tell apart).
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] && [ $V = cudnn ] && for row in resnet50.forward.b256 sd-turbo.unet; do
+  part "ncu-$row" 60 "$NCU" --target-processes all --metrics gpu__time_duration.sum \
+    --print-summary per-kernel --csv --log-file "$OUT/ncu-$row.csv" \
+    bash "$HERE/run-on-device.sh" "$HERE/dnd-$V.gz" bench --device cuda --work /tmp/dnd-bench \
+    --only "$row" --runs 1 --budget 1
+done
 # Whatever time is left: the slow rows.
 bench $V bench-slow "$(left)" --runs 1 --budget 1 --neurons 2 \
   --only sd-v1-4.generate.steps50.b10,sd-turbo.generate.steps50.b10,blip-base,e2e.paper.one
