@@ -205,20 +205,26 @@ impl Config {
 }
 
 /// diffusers' `Attention` as the transformer blocks use it: no biases on q/k/v, a bias on the
-/// output projection; keys and values from `context` for cross-attention.
-struct Attention {
-    proj: Projections,
+/// output projection. q, k and v are stacked where they read the same input (one product
+/// instead of three or two): all three in self-attention (`attn1`), k and v from the context
+/// in cross-attention (`attn2`).
+enum Attention {
+    Own {
+        qkv: Linear,
+        rest: AttnRest,
+    },
+    Cross {
+        q: Linear,
+        kv: Linear,
+        rest: AttnRest,
+    },
+}
+
+/// What self- and cross-attention share once q, k and v are split into heads.
+struct AttnRest {
     out: Linear,
     heads: usize,
     upcast: bool,
-}
-
-/// q, k and v, stacked where they read the same input: one product instead of three or two.
-enum Projections {
-    /// Self-attention (`attn1`): q, k and v stacked.
-    Own(Linear),
-    /// Cross-attention (`attn2`): q from the feature map, k and v stacked from the context.
-    Cross { q: Linear, kv: Linear },
 }
 
 /// The shape of an attention layer: its width, its context's width (its own for
@@ -232,7 +238,7 @@ struct AttnShape {
 }
 
 impl Attention {
-    /// Self-attention without `s.context` (its width is `s.dim`), cross-attention with it.
+    /// Self-attention reads `s.dim` wide inputs; cross-attention `s.context` wide contexts.
     fn load(vb: &VarBuilder, s: AttnShape, cross: bool) -> candle_core::Result<Self> {
         let AttnShape {
             dim,
@@ -244,45 +250,57 @@ impl Attention {
         let width = if cross { context } else { dim };
         let k = Linear::load(&vb.pp("to_k"), width, dim, false)?;
         let v = Linear::load(&vb.pp("to_v"), width, dim, false)?;
-        let proj = if cross {
-            Projections::Cross {
-                q,
-                kv: Linear::stacked(&[k, v])?,
-            }
-        } else {
-            Projections::Own(Linear::stacked(&[q, k, v])?)
-        };
-        Ok(Self {
-            proj,
+        let rest = AttnRest {
             out: Linear::load(&vb.pp("to_out.0"), dim, dim, true)?,
             heads,
             upcast,
+        };
+        Ok(if cross {
+            Self::Cross {
+                q,
+                kv: Linear::stacked(&[k, v])?,
+                rest,
+            }
+        } else {
+            Self::Own {
+                qkv: Linear::stacked(&[q, k, v])?,
+                rest,
+            }
         })
     }
 
-    /// `residual + attention(x, context)`, the context given exactly to cross-attention; the
-    /// residual added in the output projection's epilogue.
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        let (mut q, mut k, mut v) = match (&self.proj, context) {
-            (Projections::Own(qkv), None) => {
-                let [q, k, v] = nn::split_stacked_heads(&qkv.forward(x)?, self.heads)?;
-                (q, k, v)
+    /// `residual + attention(x, context)`: keys and values from `context` in cross-attention,
+    /// from `x` itself in self-attention (which reads only `x`); the residual added in the
+    /// output projection's epilogue.
+    fn forward(&self, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Own { qkv, rest } => {
+                let [q, k, v] = nn::split_stacked_heads(&qkv.forward(x)?, rest.heads)?;
+                rest.forward(q, k, v, residual)
             }
-            (Projections::Cross { q, kv }, Some(ctx)) => {
-                let [k, v] = nn::split_stacked_heads(&kv.forward(ctx)?, self.heads)?;
-                (nn::split_heads(&q.forward(x)?, self.heads)?, k, v)
+            Self::Cross { q, kv, rest } => {
+                let [k, v] = nn::split_stacked_heads(&kv.forward(context)?, rest.heads)?;
+                let q = nn::split_heads(&q.forward(x)?, rest.heads)?;
+                rest.forward(q, k, v, residual)
             }
-            _ => unreachable!("attn1 attends to itself, attn2 to a context"),
-        };
-        if self.upcast && !nn::attention_is_fused(&q, &k, &v) {
-            (q, k, v) = (
+        }
+    }
+}
+
+impl AttnRest {
+    fn forward(&self, q: Tensor, k: Tensor, v: Tensor, residual: &Tensor) -> Result<Tensor> {
+        let dtype = q.dtype();
+        let (q, k, v) = if self.upcast && !nn::attention_is_fused(&q, &k, &v) {
+            (
                 q.to_dtype(DType::F32)?,
                 k.to_dtype(DType::F32)?,
                 v.to_dtype(DType::F32)?,
-            );
-        }
+            )
+        } else {
+            (q, k, v)
+        };
         let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-        let y = nn::attention(&q, &k, &v, scale, None)?.to_dtype(x.dtype())?;
+        let y = nn::attention(&q, &k, &v, scale, None)?.to_dtype(dtype)?;
         self.out.forward_residual(&nn::merge_heads(&y)?, residual)
     }
 }
@@ -317,10 +335,9 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
-        let x = self.attn1.forward(&self.norm1.forward(x)?, None, x)?;
-        let x = self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context), &x)?;
+        let h = self.norm1.forward(x)?;
+        let x = self.attn1.forward(&h, &h, x)?;
+        let x = self.attn2.forward(&self.norm2.forward(&x)?, context, &x)?;
         let h = nn::geglu(&self.geglu.forward(&self.norm3.forward(&x)?)?)?;
         self.ff_out.forward_residual(&h, &x)
     }
