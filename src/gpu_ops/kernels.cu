@@ -38,20 +38,16 @@ __device__ __forceinline__ unsigned ld2(const u16* p) {
 // holds A[g][2t..2t+1], a[1] A[g+8][2t..], a[2] A[g][2t+8..], a[3] A[g+8][2t+8..]; b[0] holds
 // B[2t..2t+1][g], b[1] B[2t+8..2t+9][g]; d[0..1] D[g][2t..2t+1], d[2..3] D[g+8][2t..2t+1].
 // Two 16-bit values per register, the lower index in the lower half.
-__device__ __forceinline__ void mma_f16(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// One instruction per 16-bit type: `TY` is its name in PTX.
+#define DND_MMA(NAME, TY)                                                                 \
+    __device__ __forceinline__ void NAME(float* d, const unsigned* a, const unsigned* b) { \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 "            \
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"               \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                      \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1])); \
+    }
+DND_MMA(mma_f16, "f16")
+DND_MMA(mma_bf16, "bf16")
 __device__ __forceinline__ float shfl_xor(float v, int mask) {
     return __shfl_xor_sync(0xffffffffu, v, mask);
 }
