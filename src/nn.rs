@@ -561,7 +561,8 @@ const SCORES_AT_ONCE: usize = 1 << 28;
 
 /// softmax(q k^T * scale + mask) v over (B, H, T, D) tensors; the mask, when given, is added
 /// to the scores in their own dtype (candle's BLIP decoder breaks in f16 by adding an f32 one).
-/// Unmasked 16-bit attention on CUDA runs in our flash attention kernel (`gpu_ops`).
+/// Unmasked 16-bit attention on CUDA runs in our flash attention kernel (`gpu_ops`), unmasked
+/// f32 attention on the CPU blocked, its scores never in memory (`cpu_ops::CpuAttention`).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -576,7 +577,29 @@ pub(crate) fn attention(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     match mask {
         Some(_) => attend(&q, &k, &v, scale, mask),
+        None if cpu_blocked(&q) => {
+            let op = crate::cpu_ops::CpuAttention {
+                scale: scale as f32,
+            };
+            Ok(q.apply_op3_no_bwd(&k, &v, &op)?)
+        }
         None => unfused_attention(&q, &k, &v, scale),
+    }
+}
+
+/// Whether unmasked `attention` runs blocked on the CPU (`cpu_ops::CpuAttention`).
+fn cpu_blocked(q: &Tensor) -> bool {
+    q.device().is_cpu() && q.dtype() == DType::F32
+}
+
+/// How unmasked `attention` runs on these operands, for reports.
+pub(crate) fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor) -> &'static str {
+    if attention_is_fused(q, k, v) {
+        "flash attention kernel"
+    } else if cpu_blocked(q) {
+        "blocked, the scores of 16-256 queries at a time in cache"
+    } else {
+        "scores in pieces of at most 2^28"
     }
 }
 

@@ -75,14 +75,9 @@ impl Bench<'_> {
             .collect::<Result<_>>()?;
         let scale = 1.0 / (d as f64).sqrt();
         let tflop = 4.0 * (b * heads * tokens * tokens * d) as f64 / 1e12;
-        let fused = nn::attention_is_fused(&qkv[0], &qkv[1], &qkv[2]);
         let note = format!(
             "({b}, {heads}, {tokens}, {d}), {}",
-            if fused {
-                "flash attention kernel"
-            } else {
-                "scores in pieces of at most 2^28"
-            }
+            nn::attention_path(&qkv[0], &qkv[1], &qkv[2])
         );
         self.measure("ops.attention.dnd", tflop, "TFLOP/s", &note, || {
             nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;

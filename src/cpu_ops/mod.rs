@@ -11,11 +11,18 @@
 //!
 //! GroupNorm (+ SiLU) in two passes over each group: statistics, then the affine map and the
 //! activation, where candle needs a dozen broadcast operations and temporaries.
+//!
+//! Attention without the score matrix in memory (`attention`). The softmax and SiLU take their
+//! exponentials from a polynomial the compiler vectorises (`exp_lane`), not libm's scalar `expf`.
+
+mod attention;
 
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
+
+pub(crate) use attention::CpuAttention;
 
 thread_local! {
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -509,20 +516,88 @@ impl CustomOp1 for CpuGroupNorm<'_> {
                 for (j, (o, x)) in o.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                     let scale = (rstd * self.gamma[first + j] as f64) as f32;
                     let shift = self.beta[first + j] - (mean as f32) * scale;
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x * scale + shift;
+                    }
                     if self.silu {
-                        for (o, &x) in o.iter_mut().zip(x) {
-                            let y = x * scale + shift;
-                            *o = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for (o, &x) in o.iter_mut().zip(x) {
-                            *o = x * scale + shift;
-                        }
+                        silu(o);
                     }
                 }
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// `e^x` for f32 within 2 ulp on [-87.3, 88.3] (Cephes' `expf` polynomial after reducing by
+/// powers of 2), clamped to that range; free of branches and calls, so loops over it vectorise.
+#[inline(always)]
+fn exp_lane(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.3 { 88.3 } else { x };
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // x - n ln 2, with ln 2 split in two so the product is exact.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let two_n = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
+    (p * r * r + r + 1.0) * two_n
+}
+
+/// Runs `body` compiled for AVX2 + FMA where the CPU has them (8 lanes), else for the
+/// baseline (4 lanes): the crate is built for baseline x86-64.
+#[inline(always)]
+fn widest<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU was just found to have the features `avx2` is compiled for.
+            return unsafe { avx2(body) };
+        }
+    }
+    body()
+}
+
+/// `xs[i] = e^(xs[i] - shift)`, returning their sum (summed in eight lanes: a sum in order
+/// would not vectorise).
+pub(crate) fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
+    widest(
+        #[inline(always)]
+        || {
+            for x in xs.iter_mut() {
+                *x = exp_lane(*x - shift);
+            }
+            let mut lanes = [0f32; 8];
+            let chunks = xs.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for i in 0..8 {
+                    lanes[i] += c[i];
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        },
+    )
+}
+
+/// `x * sigmoid(x)` in place.
+fn silu(xs: &mut [f32]) {
+    widest(
+        #[inline(always)]
+        || {
+            for x in xs.iter_mut() {
+                *x /= 1.0 + exp_lane(-*x);
+            }
+        },
+    )
 }
 
 #[cfg(test)]
@@ -540,6 +615,25 @@ pub(crate) mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn vectorised_exp_is_within_two_ulp_and_clamps() {
+        let mut worst = 0f64;
+        for i in 0..=2_000_000 {
+            let x = -87.0 + 175.0 * i as f32 / 2_000_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_lane(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_lane(0.0), 1.0);
+        assert!(exp_lane(-1000.0) > 0.0 && exp_lane(-1000.0) < 1e-37);
+        assert!(exp_lane(1000.0).is_finite());
+        let mut xs: Vec<f32> = (0..37).map(|i| i as f32 * 0.25).collect();
+        let want: f32 = xs.iter().map(|x| (x - 9.0).exp()).sum();
+        let sum = exp_sum(&mut xs, 9.0);
+        assert!((sum - want).abs() < 1e-6 * want, "{sum} vs {want}");
+        assert!((xs[36] - 1.0).abs() < 1e-7);
     }
 
     #[test]
