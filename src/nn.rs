@@ -597,7 +597,7 @@ pub(crate) fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor) -> &'static str
     if attention_is_fused(q, k, v) {
         "flash attention kernel"
     } else if cpu_blocked(q) {
-        "blocked, the scores of 16-256 queries at a time in cache"
+        "blocked: the scores of up to 512 queries at a time, never the whole matrix"
     } else {
         "scores in pieces of at most 2^28"
     }

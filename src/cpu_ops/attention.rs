@@ -1,9 +1,9 @@
 //! Unmasked softmax attention for f32 on the CPU, blocked as flash attention is on the GPU:
-//! per block of query rows, the block's scores against every key stay in a per-thread buffer
-//! (q k^T by one GEMM, the softmax with a vectorised exp, then p v by another GEMM), so the
-//! (T, T) score matrix is never written to memory. candle's path writes it, reads and writes
-//! it again for the softmax and reads it for p v: at SD's 4096 tokens, gigabytes per layer,
-//! most of them fresh pages, and a scalar `expf` per score.
+//! per block of query rows, the block's scores against every key go to a reused per-thread
+//! buffer (q k^T by one GEMM, the softmax with a vectorised exp, then p v by another GEMM), so
+//! the (T, T) score matrix is never built. candle's path builds it, reads and writes it again
+//! for the softmax and reads it for p v: at SD's 4096 tokens, gigabytes per layer, most of
+//! them fresh pages, and a scalar `expf` per score.
 
 use std::cell::RefCell;
 
