@@ -509,8 +509,8 @@ impl CustomOp1 for CpuGroupNorm<'_> {
             .enumerate()
             .for_each(|(i, (o, x))| {
                 // Two passes in f64, as PyTorch's (Welford) statistics are exact to f32 rounding.
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+                let mean = sum_f64(x, |v| v) / len as f64;
+                let var = sum_f64(x, |v| (v - mean) * (v - mean)) / len as f64;
                 let rstd = 1.0 / (var + self.eps).sqrt();
                 let first = (i % self.groups) * per_group;
                 for (j, (o, x)) in o.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
@@ -584,6 +584,25 @@ pub(crate) fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
                 }
             }
             lanes.iter().sum::<f32>() + tail
+        },
+    )
+}
+
+/// The sum of `f(x)` over `xs` in f64, in eight independent lanes: a single running sum waits
+/// on each addition's latency and does not vectorise.
+fn sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    widest(
+        #[inline(always)]
+        || {
+            let mut lanes = [0f64; 8];
+            let chunks = xs.chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|&x| f(x as f64)).sum();
+            for c in chunks {
+                for i in 0..8 {
+                    lanes[i] += f(c[i] as f64);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
         },
     )
 }
