@@ -12,8 +12,9 @@
 //! GroupNorm (+ SiLU) in two passes over each group: statistics, then the affine map and the
 //! activation, where candle needs a dozen broadcast operations and temporaries.
 //!
-//! Attention without the score matrix in memory (`attention`). The softmax and SiLU take their
-//! exponentials from a polynomial the compiler vectorises (`exp_lane`), not libm's scalar `expf`.
+//! Attention in blocks of queries, never the whole score matrix (`attention`). The softmax and
+//! SiLU take their exponentials from a polynomial the compiler vectorises (`exp_lane`), not
+//! libm's scalar `expf`.
 
 mod attention;
 
