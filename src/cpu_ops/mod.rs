@@ -569,7 +569,7 @@ fn widest<R>(body: impl FnOnce() -> R) -> R {
 
 /// `xs[i] = e^(xs[i] - shift)`, returning their sum (summed in eight lanes: a sum in order
 /// would not vectorise).
-pub(crate) fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
+fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
     widest(
         #[inline(always)]
         || {
