@@ -562,7 +562,8 @@ const SCORES_AT_ONCE: usize = 1 << 28;
 /// softmax(q k^T * scale + mask) v over (B, H, T, D) tensors; the mask, when given, is added
 /// to the scores in their own dtype (candle's BLIP decoder breaks in f16 by adding an f32 one).
 /// Unmasked 16-bit attention on CUDA runs in our flash attention kernel (`gpu_ops`), unmasked
-/// f32 attention on the CPU blocked, its scores never in memory (`cpu_ops::CpuAttention`).
+/// f32 attention on the CPU in blocks of queries, never building the whole score matrix
+/// (`cpu_ops::CpuAttention`).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
