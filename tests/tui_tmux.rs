@@ -35,14 +35,21 @@ impl Tmux {
 
     /// Waits until the screen shows `what`, or panics with the last screen.
     fn wait_for(&self, what: &str, limit: Duration) -> String {
+        self.wait_for_all(&[what], limit)
+    }
+
+    /// Waits until one capture shows every string of `all`. A capture can fall in the middle of
+    /// a redraw, so what should be on one screen together is waited for, not asserted after
+    /// waiting for one of it.
+    fn wait_for_all(&self, all: &[&str], limit: Duration) -> String {
         let t0 = Instant::now();
         loop {
             let s = self.screen();
-            if s.contains(what) {
+            if all.iter().all(|what| s.contains(what)) {
                 return s;
             }
             if t0.elapsed() > limit {
-                panic!("{what:?} did not appear within {limit:?}; the screen:\n{s}");
+                panic!("{all:?} did not all appear within {limit:?}; the screen:\n{s}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -186,9 +193,10 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         "median key latency {median:?}"
     );
 
-    let screen = tmux.wait_for("label: ", Duration::from_secs(90));
-    assert!(screen.contains("layer4 › neuron 3"), "{screen}");
-    assert!(screen.contains("✓ scoring"), "{screen}");
+    tmux.wait_for_all(
+        &["label: ", "layer4 › neuron 3", "✓ scoring"],
+        Duration::from_secs(90),
+    );
 
     // R: the re-run form, another seed, Enter: the neuron runs again with it.
     tmux.keys(&["R"]);
@@ -221,8 +229,7 @@ fn open_a_neuron_run_it_accept_its_label_quit_and_export() {
         .trim()
         .to_string();
     tmux.run(&["send-keys", "-t", "dnd", "Escape"]);
-    let list = tmux.wait_for("neurons (64)", Duration::from_secs(10));
-    assert!(list.contains("3  accepted"), "{list}");
+    tmux.wait_for_all(&["neurons (64)", "3  accepted"], Duration::from_secs(10));
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
 
@@ -256,15 +263,16 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
         "",
     );
     // The screen's frame shows before the lookup on disk ends: wait for its outcome.
-    let screen = tmux.wait_for("dnd is offline", Duration::from_secs(30));
-    assert!(screen.contains("set-up"), "{screen}");
-    assert!(screen.contains("missing"), "{screen}");
-    assert!(screen.contains("dnd is offline"), "{screen}");
-    assert!(
-        screen.contains("dnd --captioner /path/to/folder"),
-        "{screen}"
+    tmux.wait_for_all(
+        &[
+            "dnd is offline",
+            "set-up",
+            "missing",
+            "dnd --captioner /path/to/folder",
+            "mock   (m: edit)",
+        ],
+        Duration::from_secs(30),
     );
-    assert!(screen.contains("mock   (m: edit)"), "{screen}");
 
     // m: the model name is edited and saved to the settings file.
     tmux.keys(&["m", "BSpace", "BSpace", "BSpace", "BSpace"]);
@@ -279,8 +287,7 @@ fn first_run_with_a_model_missing_shows_set_up_then_loads_once_it_is_there() {
     // The model files arrive; Enter checks again, loads, and shows the layers.
     copy_dir(&std::path::PathBuf::from(fixture_model("blip_tiny")), &blip);
     tmux.keys(&["Enter"]);
-    let screen = tmux.wait_for("layer4", Duration::from_secs(60));
-    assert!(screen.contains(" layers "), "{screen}");
+    tmux.wait_for_all(&["layer4", " layers "], Duration::from_secs(60));
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
 }
@@ -294,14 +301,12 @@ fn d_downloads_a_missing_model_from_the_hub_then_loads() {
         &std::path::PathBuf::from(fixture_model("blip_tiny")),
     )]);
     let tmux = start(home.path(), &models("org/blip-tiny"), &llm, Some(&hub), "");
-    let screen = tmux.wait_for("KiB to download", Duration::from_secs(30));
-    assert!(
-        screen.contains("d downloads the 1 missing model(s)"),
-        "{screen}"
+    tmux.wait_for_all(
+        &["KiB to download", "d downloads the 1 missing model(s)"],
+        Duration::from_secs(30),
     );
     tmux.keys(&["d"]);
-    let screen = tmux.wait_for(" layers ", Duration::from_secs(60));
-    assert!(screen.contains("layer4"), "{screen}");
+    tmux.wait_for_all(&[" layers ", "layer4"], Duration::from_secs(60));
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
     assert!(home
@@ -330,15 +335,12 @@ fn esc_up_to_the_targets_and_open_another_with_stored_results() {
     );
     tmux.wait_for(" layers ", Duration::from_secs(60));
     tmux.keys(&["Escape"]);
-    let screen = tmux.wait_for("target network", Duration::from_secs(10));
-    assert!(
-        screen.contains("resnet_basic") && screen.contains("loaded"),
-        "{screen}"
+    tmux.wait_for_all(
+        &["target network", "resnet_basic", "loaded", "vit_tiny"],
+        Duration::from_secs(10),
     );
-    assert!(screen.contains("vit_tiny"), "{screen}");
     tmux.keys(&["Down", "Enter"]);
-    let screen = tmux.wait_for("blocks.1", Duration::from_secs(60));
-    assert!(screen.contains("vit_tiny"), "{screen}");
+    tmux.wait_for_all(&["blocks.1", "vit_tiny"], Duration::from_secs(60));
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
 }
@@ -368,7 +370,7 @@ fn rerun_with_the_paper_preset_loads_its_models_then_runs() {
     tmux.wait_for("KiB to download", Duration::from_secs(30));
     tmux.keys(&["d"]);
     let finished = |tmux: &Tmux| loop {
-        let s = tmux.wait_for("label: ", Duration::from_secs(120));
+        let s = tmux.wait_for_all(&["label: ", "layer4 › neuron 3"], Duration::from_secs(120));
         if !s.contains("[running]") {
             break s;
         }
@@ -381,12 +383,13 @@ fn rerun_with_the_paper_preset_loads_its_models_then_runs() {
     tmux.wait_for("steps       50", Duration::from_secs(10));
     tmux.keys(&["Enter"]);
     // The screen shows "what next" at once, the models once they are looked up on disk.
-    let screen = tmux.wait_for("CompVis/stable-diffusion-v1-4", Duration::from_secs(30));
-    assert!(screen.contains("what next"), "{screen}");
+    tmux.wait_for_all(
+        &["what next", "CompVis/stable-diffusion-v1-4"],
+        Duration::from_secs(30),
+    );
     tmux.wait_for("KiB to download", Duration::from_secs(30));
     tmux.keys(&["d"]);
-    let screen = finished(&tmux);
-    assert!(screen.contains("layer4 › neuron 3"), "{screen}");
+    finished(&tmux);
     tmux.keys(&["q"]);
     tmux.wait_until_quit();
 
