@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # The one prepared device run (copied into .gpu/ by tools/gpu/build.sh): the PyTorch side and
-# dnd bench on the same card in the same run, every result as a file under $OUT, each part
-# time-boxed so the whole stays inside one device call (about 9 minutes of work).
+# dnd bench on the same card in the same run, each part time-boxed so the whole stays inside one
+# device call (about 9 minutes of work). The device returns at most 8 files, so the results
+# gather in one folder that is packed into $OUT/results.tgz after every part (a run cut short
+# still returns what it finished) and the log goes to $OUT/device.log.
 #
 #     run: bash .gpu/device.sh        (carry: .gpu, .whl)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-/tmp/dnd-out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/dnd-out}; RES=/tmp/dnd-results; mkdir -p "$OUT" "$RES"
 exec > >(tee "$OUT/device.log") 2>&1
+BACK=$OUT
+pack() { tar czf "$BACK/results.tgz.part" -C "$RES" . && mv "$BACK/results.tgz.part" "$BACK/results.tgz"; }
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 T0=$(date +%s)
-left() { echo $(( ${BUDGET:-540} - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }
+# ONLY=NAME,NAME,... (a second call on a still-warm machine) runs only the parts so named.
 part() {  # part NAME SECONDS command...: runs it with a time limit, logs how it ended, returns its status
   local name=$1 secs=$2; shift 2
+  [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]] && { echo "== $name: skipped (ONLY)"; return 0; }
   (( secs > $(left) )) && secs=$(left)
   (( secs < 20 )) && { echo "== $name: skipped, $(left) s left"; return 124; }
   echo "== $name (limit ${secs}s)"; local t=$(date +%s) rc
-  timeout "$secs" "$@"; rc=$?; echo "== $name: exit $rc after $(( $(date +%s) - t )) s"; return $rc
+  timeout "$secs" "$@"; rc=$?; echo "== $name: exit $rc after $(( $(date +%s) - t )) s"; pack; return $rc
 }
 bench() {  # bench VARIANT NAME SECONDS dnd-bench-args...
   local variant=$1 name=$2 secs=$3; shift 3
   [ -f "$HERE/dnd-$variant.gz" ] || { echo "== $name: no dnd-$variant.gz"; return 127; }
   part "$name" "$secs" bash "$HERE/run-on-device.sh" "$HERE/dnd-$variant.gz" bench --device cuda \
-    --work /tmp/dnd-bench --json "$OUT/$name.json" "$@"
+    --work /tmp/dnd-bench --json "$RES/$name.json" "$@"
 }
 
 # PyTorch side: diffusers from the shipped wheels (the device has no network).
@@ -30,12 +36,13 @@ if ls "$HERE"/../.whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$HERE"/../.whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
-
 # dnd, cuDNN build: first that the device computes what the CPU does (f32 and f16, reduced
 # sizes), and that full-size batches equal their rows alone (candle's large-batch bugs); then
 # the rows of the PyTorch table, whole generations, per neuron.
 V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
+# A binary that cannot start (a library missing there) ends the run at once, leaving device time
+# for a rebuild and a second try.
+bash "$HERE/run-on-device.sh" "$HERE/dnd-$V.gz" --version || { echo "== dnd-$V does not start"; exit 3; }
 # With our CUDA kernels and our cuDNN convolution op (gpu_ops) first. Should a check fail, the
 # same checks with candle's convolution, then with candle's path throughout, tell which of ours
 # is to blame, and the timings run without it, so that every figure is of a run that computes
@@ -53,6 +60,7 @@ if [ $OURS = 0 ]; then
     export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0
   fi
 fi
+OUT=$RES part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 bench $V bench-models 200 --runs 5 --budget 10 \
   --only ops,resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
@@ -64,18 +72,18 @@ ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
 [ $OURS = 1 ] && ( export DND_CUDNN_CONV=0; bench $V bench-candle-conv 60 --runs 3 --budget 5 --only $ROWS )
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
-part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
+OUT=$RES part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
 # Where the time goes, per kernel, for the next round of work: ncu collecting one metric (a
 # single pass, no replay), over one ResNet-50 forward and one SD-Turbo UNet step (with their
 # warm-ups and cuDNN's algorithm search, which the launch counts tell apart).
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] && [ $V = cudnn ] && for row in resnet50.forward.b256 sd-turbo.unet; do
-  part "ncu-$row" 60 "$NCU" --target-processes all --metrics gpu__time_duration.sum \
-    --print-summary per-kernel --csv --log-file "$OUT/ncu-$row.csv" \
+  part "ncu-$row" 60 "$NCU" --target-processes all --clock-control none --metrics gpu__time_duration.sum \
+    --print-summary per-kernel --csv --log-file "$RES/ncu-$row.csv" \
     bash "$HERE/run-on-device.sh" "$HERE/dnd-$V.gz" bench --device cuda --work /tmp/dnd-bench \
     --only "$row" --runs 1 --budget 1
 done
 # Whatever time is left: the slow rows.
 bench $V bench-slow "$(left)" --runs 1 --budget 1 --neurons 2 \
   --only sd-v1-4.generate.steps50.b10,sd-turbo.generate.steps50.b10,blip-base,e2e.paper.one
-echo "done after $(( $(date +%s) - T0 )) s"; ls -la "$OUT"
+echo "done after $(( $(date +%s) - T0 )) s"; pack; ls -la "$OUT" "$RES"
