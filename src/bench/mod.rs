@@ -314,15 +314,18 @@ impl Bench<'_> {
             note.push_str("; one run, the warm-up (over the budget)");
         }
         let repeat = times.is_empty();
-        let started = Instant::now();
-        while repeat
-            && (times.is_empty()
-                || (times.len() < self.opts.runs && started.elapsed() < self.opts.budget))
         {
-            let t = Instant::now();
-            f()?;
-            self.device.synchronize()?;
-            times.push(t.elapsed().as_secs_f64());
+            let _profiled = Profiled::start(&self.device);
+            let started = Instant::now();
+            while repeat
+                && (times.is_empty()
+                    || (times.len() < self.opts.runs && started.elapsed() < self.opts.budget))
+            {
+                let t = Instant::now();
+                f()?;
+                self.device.synchronize()?;
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
         times.sort_by(f64::total_cmp);
         let seconds = times[times.len() / 2];
@@ -839,6 +842,33 @@ impl Peak {
             return Some(kb * 1024);
         }
         None
+    }
+}
+
+/// The timed runs as the CUDA profiler's range (cuProfilerStart to cuProfilerStop, a no-op
+/// when no profiler is attached): `ncu --profile-from-start off` then sees those runs alone,
+/// not the warm-up with cuDNN's algorithm search.
+struct Profiled {
+    #[cfg(feature = "cuda")]
+    _range: Option<candle_core::cuda_backend::cudarc::driver::Profiler>,
+}
+
+impl Profiled {
+    fn start(device: &Device) -> Self {
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Self {
+            #[cfg(feature = "cuda")]
+            _range: match device {
+                Device::Cuda(d) => d
+                    .cuda_stream()
+                    .context()
+                    .bind_to_thread()
+                    .ok()
+                    .and_then(|()| candle_core::cuda_backend::cudarc::driver::Profiler::new().ok()),
+                _ => None,
+            },
+        }
     }
 }
 

@@ -490,6 +490,105 @@ impl candle_core::CustomOp1 for Geglu {
     }
 }
 
+/// Max pooling of a CUDA `x` `(N, C, H, W)` held channels-last (NHWC storage, as our cuDNN
+/// convolutions leave it), `window` x `window` at `stride` with `padding` rows and columns of
+/// -inf around, as PyTorch's max_pool2d: one kernel reading the NHWC storage in place. The
+/// result is an `(N, C, P, Q)` view of NHWC storage too.
+pub(crate) fn max_pool_channels_last(
+    x: &Tensor,
+    window: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let op = MaxPool {
+        window,
+        stride,
+        padding,
+    };
+    x.permute((0, 2, 3, 1))?
+        .contiguous()?
+        .apply_op1_no_bwd(&op)?
+        .permute((0, 3, 1, 2))
+}
+
+struct MaxPool {
+    window: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl MaxPool {
+    /// `(N, H, W, C)` in, `(N, P, Q, C)` out.
+    fn dims(&self, l: &Layout) -> Result<([usize; 4], [usize; 4])> {
+        let (n, h, w, c) = l.shape().dims4()?;
+        let out = |len: usize| (len + 2 * self.padding).checked_sub(self.window);
+        match (out(h), out(w)) {
+            (Some(p), Some(q)) if self.stride > 0 && 2 * self.padding <= self.window => Ok((
+                [n, h, w, c],
+                [n, p / self.stride + 1, q / self.stride + 1, c],
+            )),
+            _ => candle_core::bail!(
+                "dnd-gpu-max-pool: window {}, stride {}, padding {} on {h}x{w}",
+                self.window,
+                self.stride,
+                self.padding
+            ),
+        }
+    }
+}
+
+fn max_pool_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &MaxPool,
+    (x, xl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let ([n, h, w, c], [_, p, q, _]) = op.dims(xl)?;
+    let vec = vec_path::max_pool(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
+    let x = view::<T>(x, xl, "input")?;
+    let outputs = n * p * q * c;
+    let y = output::<T>(dev, outputs)?;
+    let name = format!("max_pool_nhwc_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let dims = [n, h, w, c, p, q, op.window, op.stride, op.padding];
+    let Ok(dims) = dims
+        .map(i32::try_from)
+        .into_iter()
+        .collect::<std::result::Result<Vec<_>, _>>()
+    else {
+        candle_core::bail!("dnd-gpu-max-pool: a dimension of {dims:?} is over 2^31")
+    };
+    let mut args = func.builder();
+    args.arg(&x).arg(&y);
+    for d in &dims {
+        args.arg(d);
+    }
+    args.arg(&vec);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for_path(outputs as u64, vec), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match max_pool_nhwc's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl candle_core::CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-max-pool"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (_, out) = self.dims(xl)?;
+        let y = by_dtype!(x, max_pool_launch(self, (x, xl), x.device()));
+        Ok((y, Shape::from(out.to_vec())))
+    }
+}
+
 /// Whether `flash_attention` takes these operands: 16-bit (B, H, T, D) tensors on a CUDA device
 /// with mma (sm_80 on), the same D for q, k and v, a multiple of 8 up to 160; and our kernels
 /// not turned off.

@@ -6,6 +6,7 @@
 //       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
+//   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
 //       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC q k v out   (f16 or
 //                  bf16; QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
@@ -39,7 +40,10 @@ struct Entry {
                         int, int);
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
     void (*geglu)(const T*, T*, u64, u64, int);
+    void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
 };
+
+#define ENTRY(S) {group_stats_##S, group_apply_##S, bias_act_##S, geglu_##S, max_pool_nhwc_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int);
@@ -125,6 +129,18 @@ static int run(char** a, Entry<T> k) {
         write(a[8], y);
         return 0;
     }
+    if (kernel == "max_pool") {
+        int d[9];
+        for (int i = 0; i < 9; ++i) d[i] = std::atoi(a[5 + i]);
+        auto x = read(a[14]);
+        std::vector<char> y((size_t)d[0] * d[4] * d[5] * d[3] * sizeof(T));
+        emu_launch(grid, block, [&] {
+            k.max_pool((const T*)x.data(), (T*)y.data(), d[0], d[1], d[2], d[3], d[4], d[5], d[6],
+                       d[7], d[8], vec);
+        });
+        write(a[15], y);
+        return 0;
+    }
     std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
     return 2;
 }
@@ -137,9 +153,9 @@ int main(int argc, char** argv) {
     const std::string dtype = argv[2];
     if (std::string(argv[1]) == "flash" && dtype == "f16") return flash(argv, {FLASH_TABLE(f16)});
     if (std::string(argv[1]) == "flash" && dtype == "bf16") return flash(argv, {FLASH_TABLE(bf16)});
-    if (dtype == "f32") return run<float>(argv, {group_stats_f32, group_apply_f32, bias_act_f32, geglu_f32});
-    if (dtype == "f16") return run<u16>(argv, {group_stats_f16, group_apply_f16, bias_act_f16, geglu_f16});
-    if (dtype == "bf16") return run<u16>(argv, {group_stats_bf16, group_apply_bf16, bias_act_bf16, geglu_bf16});
+    if (dtype == "f32") return run<float>(argv, ENTRY(f32));
+    if (dtype == "f16") return run<u16>(argv, ENTRY(f16));
+    if (dtype == "bf16") return run<u16>(argv, ENTRY(bf16));
     std::fprintf(stderr, "unknown dtype %s\n", argv[2]);
     return 2;
 }

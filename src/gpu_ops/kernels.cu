@@ -311,6 +311,56 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner,
     }
 }
 
+// Max pooling of channels-last (N, H, W, C) into (N, P, Q, C), windows of k x k at `stride`
+// with `pad` rows and columns of -inf around (PyTorch's max_pool2d; NaN wins, as there): the
+// ResNet stem's pool reads the convolution's NHWC output in place, where candle's pool wants
+// NCHW and copies it there and back. Grid-stride over the outputs, with `vec` (C a multiple of
+// 8) eight channels at a time.
+template <class D, int LANES>
+__device__ void max_pool_lanes(const typename D::T* x, typename D::T* y, int n, int h, int w,
+                               int c, int p, int q, int k, int stride, int pad) {
+    const int groups = c / LANES;
+    const u64 total = (u64)n * p * q * groups;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const int g = (int)(i % groups);
+        u64 r = i / groups;
+        const int oq = (int)(r % q);
+        r /= q;
+        const int op = (int)(r % p), b = (int)(r / p);
+        float m[LANES], v[LANES];
+        DND_UNROLL_ALL
+        for (int j = 0; j < LANES; ++j) m[j] = neg_inf();
+        for (int dy = 0; dy < k; ++dy) {
+            const int iy = op * stride - pad + dy;
+            if (iy < 0 || iy >= h) continue;
+            for (int dx = 0; dx < k; ++dx) {
+                const int ix = oq * stride - pad + dx;
+                if (ix < 0 || ix >= w) continue;
+                const u64 at = (((u64)b * h + iy) * w + ix) * c + (u64)g * LANES;
+                if constexpr (LANES == 8)
+                    load8<D>(x + at, v);
+                else
+                    v[0] = D::ld(x[at]);
+                DND_UNROLL_ALL
+                for (int j = 0; j < LANES; ++j) m[j] = (v[j] > m[j] || v[j] != v[j]) ? v[j] : m[j];
+            }
+        }
+        if constexpr (LANES == 8)
+            store8<D>(y + i * LANES, m);
+        else
+            y[i] = D::st(m[0]);
+    }
+}
+template <class D>
+__device__ void max_pool_nhwc(const typename D::T* x, typename D::T* y, int n, int h, int w, int c,
+                              int p, int q, int k, int stride, int pad, int vec) {
+    if constexpr (DND_IS_16BIT(D)) {
+        if (vec) return max_pool_lanes<D, 8>(x, y, n, h, w, c, p, q, k, stride, pad);
+    }
+    max_pool_lanes<D, 1>(x, y, n, h, w, c, p, q, k, stride, pad);
+}
+
 // Whether every index of an n-element (or 2n, for GEGLU's input) loop fits 32 bits.
 __device__ __forceinline__ bool fits_u32(u64 n) { return 2 * n < 0xffffffffull; }
 
@@ -487,6 +537,11 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                                   (unsigned)plane, act, vec);                                   \
         else                                                                                    \
             bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, act, vec);               \
+    }                                                                                           \
+    extern "C" __global__ void max_pool_nhwc_##SUFFIX(const D::T* x, D::T* y, int n, int h, int w, \
+                                                      int c, int p, int q, int k, int stride,    \
+                                                      int pad, int vec) {                        \
+        max_pool_nhwc<D>(x, y, n, h, w, c, p, q, k, stride, pad, vec);                          \
     }                                                                                           \
     extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner,      \
                                               int vec) {                                        \

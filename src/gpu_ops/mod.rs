@@ -14,7 +14,9 @@ mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{bias_act, enabled, flash_applies, flash_attention, geglu, group_norm};
+pub(crate) use cuda::{
+    bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, max_pool_channels_last,
+};
 
 /// Which vectorised path the memory-bound kernels of `kernels.cu` take (0: none). Those paths
 /// move eight 16-bit elements with one 16-byte access, so they need a 16-bit type, operands
@@ -55,6 +57,11 @@ mod vec_path {
     /// GEGLU over rows of 2 * inner.
     pub(crate) fn geglu(dt: DType, aligned: bool, inner: usize) -> i32 {
         i32::from(eligible(dt, aligned) && inner.is_multiple_of(8))
+    }
+
+    /// Max pooling of channels-last rows of `channels`.
+    pub(crate) fn max_pool(dt: DType, aligned: bool, channels: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && channels.is_multiple_of(8))
     }
 }
 
@@ -348,6 +355,44 @@ mod tests {
                     e <= tolerance(dt),
                     "{rows}x{inner}, {dt:?}, vec {vec}: error {e}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_kernel_matches_candles_pool() {
+        let dev = Device::Cpu;
+        // (N, C, H, W, window, stride, padding): ResNet's stem pool on odd and even sizes, with
+        // channels on the vectorised path and off it; a window without padding.
+        for (n, c, h, w, k, s, pad) in [
+            (2usize, 16usize, 9usize, 7usize, 3usize, 2usize, 1usize),
+            (1, 5, 6, 6, 3, 2, 1),
+            (2, 8, 6, 5, 2, 2, 0),
+        ] {
+            // Negative values too, so that padding with zeros would show.
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let (p, q) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                // candle's pool over the input padded with a value below every input.
+                let padded = Tensor::full(-1e4f32, (n, c, h + 2 * pad, w + 2 * pad), &dev)
+                    .unwrap()
+                    .slice_assign(&[0..n, 0..c, pad..pad + h, pad..pad + w], &rounded(&x, dt))
+                    .unwrap();
+                let want = padded.max_pool2d_with_stride(k, s).unwrap();
+                let vec = super::vec_path::max_pool(dt, true, c);
+                for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
+                    let args = [3, 32, vec as usize, n, h, w, c, p, q, k, s, pad];
+                    let args = args.map(|v| v.to_string());
+                    let got = emulate("max_pool", dt, &args, &[Some(&nhwc)], &[n, p, q, c]);
+                    let got = got.permute((0, 3, 1, 2)).unwrap();
+                    let e = err(&got, &want);
+                    assert!(
+                        e == 0.0,
+                        "{:?}, window {k}, stride {s}, padding {pad}, {dt:?}, vec {vec}: error {e}",
+                        x.dims()
+                    );
+                }
             }
         }
     }

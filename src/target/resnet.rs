@@ -299,6 +299,8 @@ impl TargetNetwork for ResNet {
         }
         h = if h.device().is_cpu() && h.dtype() == DType::F32 {
             h.contiguous()?.apply_op1_no_bwd(&MaxPool3x3s2)?
+        } else if let Some(pooled) = pool_channels_last(&h) {
+            pooled?
         } else {
             // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
             h.pad_with_zeros(2, 1, 1)?
@@ -333,6 +335,20 @@ impl TargetNetwork for ResNet {
         }
         rec.finish()
     }
+}
+
+/// The stem's pool by our CUDA kernel where the stem left its output channels-last (cuDNN
+/// builds): read in place, where candle's pool would copy it to NCHW and back. None elsewhere.
+#[cfg(feature = "cuda")]
+fn pool_channels_last(h: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    let nhwc = h.rank() == 4 && h.stride()[1] == 1 && h.dim(1).is_ok_and(|c| c > 1);
+    (h.device().is_cuda() && crate::gpu_ops::enabled() && nhwc)
+        .then(|| crate::gpu_ops::max_pool_channels_last(h, 3, 2, 1))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pool_channels_last(_: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    None
 }
 
 /// Random weights with torchvision names and shapes for a standard ResNet (`depth` 18, 34, 50,

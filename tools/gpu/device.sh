@@ -64,6 +64,8 @@ OUT=$RES part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 bench $V bench-models 200 --runs 5 --budget 10 \
   --only ops,resnet50,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4
 bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
+# f32 (TF32 where cuDNN and cuBLAS take it), beside PyTorch's f32 row.
+bench $V bench-f32 60 --runs 5 --budget 5 --dtype f32 --only resnet50.forward,clip
 # Before/after of each lever on the rows they touch: candle's own path, then our kernels with
 # candle's convolution.
 ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
@@ -74,14 +76,15 @@ ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 OUT=$RES part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
 # Where the time goes, per kernel, for the next round of work: ncu collecting one metric (a
-# single pass, no replay), over one ResNet-50 forward and one SD-Turbo UNet step (with their
-# warm-ups and cuDNN's algorithm search, which the launch counts tell apart).
+# single pass, no replay) over the timed run alone (dnd bench makes its timed runs the CUDA
+# profiler's range; the warm-up, with cuDNN's algorithm search, stays out).
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-[ -n "$NCU" ] && [ $V = cudnn ] && for row in resnet50.forward.b256 sd-turbo.unet; do
-  part "ncu-$row" 60 "$NCU" --target-processes all --clock-control none --metrics gpu__time_duration.sum \
-    --print-summary per-kernel --csv --log-file "$RES/ncu-$row.csv" \
+[ -n "$NCU" ] && [ $V = cudnn ] && for row in resnet50.forward.b256 sd-v1-4.unet.b16 sd-v1-4.vae.b8 \
+    clip-vit-b16.embed.b64; do
+  part "ncu-$row" 60 "$NCU" --target-processes all --profile-from-start off --clock-control none \
+    --metrics gpu__time_duration.sum --print-summary per-kernel --csv --log-file "$RES/ncu-$row.csv" \
     bash "$HERE/run-on-device.sh" "$HERE/dnd-$V.gz" bench --device cuda --work /tmp/dnd-bench \
-    --only "$row" --runs 1 --budget 1
+    --only "$row" --runs 1 --budget 0
 done
 # Whatever time is left: the slow rows.
 bench $V bench-slow "$(left)" --runs 1 --budget 1 --neurons 2 \
