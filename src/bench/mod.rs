@@ -583,7 +583,7 @@ impl Bench<'_> {
             self.model(Role::TinyVae, "taesd")?,
         ];
         let tiny_vae = tiny.then_some(&resolved[3]);
-        let llm: Arc<dyn Llm> = Arc::new(InstantLlm);
+        let llm: Arc<dyn Llm> = Arc::new(InstantLlm::default());
         let models = Models {
             target: self.random_target()?,
             captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
@@ -772,8 +772,13 @@ fn probe_images(dir: &Path, n: usize) -> Result<()> {
 }
 
 /// The LLM of the end-to-end runs: answers every prompt at once, so the figures are the
-/// models' time. Short concepts that pass the pipeline's clean-up.
-struct InstantLlm;
+/// models' time. Every answer is a concept no other call got, so that each neuron has the
+/// reference's five distinct candidates (none that METHOD's clean-up would merge or extend
+/// with a "background" one), and the work timed is the reference's 5 x Q images.
+#[derive(Default)]
+struct InstantLlm {
+    calls: std::sync::atomic::AtomicUsize,
+}
 
 impl Llm for InstantLlm {
     fn model(&self) -> &str {
@@ -782,23 +787,13 @@ impl Llm for InstantLlm {
 
     fn chat<'a>(
         &'a self,
-        messages: &'a [Message],
+        _: &'a [Message],
         _: f32,
         on_text: &'a (dyn Fn(&str) + Send + Sync),
     ) -> BoxFuture<'a, std::result::Result<String, LlmError>> {
-        const CONCEPTS: [&str; 5] = [
-            "red stripes",
-            "blue sky",
-            "dogs",
-            "floral designs",
-            "wheels",
-        ];
-        let h = messages.last().map_or(0, |m| {
-            m.content
-                .bytes()
-                .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
-        });
-        let text = CONCEPTS[h % CONCEPTS.len()].to_string();
+        const CONCEPTS: [&str; 5] = ["red stripes", "blue sky", "dogs", "wheels", "brick walls"];
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let text = format!("{} {}", CONCEPTS[call % CONCEPTS.len()], call / CONCEPTS.len());
         on_text(&text);
         Box::pin(async move { Ok(text) })
     }
