@@ -36,6 +36,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     for want in [
         "resnet50.forward.b8",
         "resnet50.jpeg.b8",
+        "blip-large.vision.b2",
         "blip-large.captions.b2",
         "blip-large.captions.b4",
         "blip-base.captions.b2",

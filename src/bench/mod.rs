@@ -392,6 +392,12 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// Preprocessed pixels `(b, 3, side, side)` already on the device in the model's type, as
+    /// PyTorch's side of the model rows takes them.
+    fn pixels(&self, b: usize, side: usize) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (b, 3, side, side), &self.device)?.to_dtype(self.dtype)?)
+    }
+
     fn captioner(&mut self) -> Result<()> {
         for name in ["blip-large", "blip-base"] {
             if !self.group(name) {
@@ -409,8 +415,20 @@ impl Bench<'_> {
                 max_new_tokens: s.caption_tokens,
                 min_length: s.caption_tokens + 2,
             };
+            let b = s.caption_batches[0];
+            let pixels = self.pixels(b, side)?;
+            self.measure(
+                &format!("{name}.vision.b{b}"),
+                b as f64,
+                "images/s",
+                "the vision tower alone, preprocessed pixels on the device",
+                || {
+                    blip.encode(&pixels)?;
+                    Ok(())
+                },
+            )?;
             for b in s.caption_batches {
-                let pixels = Tensor::randn(0f32, 1.0, (b, 3, side, side), &Device::Cpu)?;
+                let pixels = self.pixels(b, side)?;
                 self.measure(
                     &format!("{name}.captions.b{b}"),
                     b as f64,
@@ -533,12 +551,12 @@ impl Bench<'_> {
         )?;
         let b = self.sizes().clip_batch;
         let side = clip.preprocess().crop as usize;
-        let pixels = Tensor::randn(0f32, 1.0, (b, 3, side, side), &Device::Cpu)?;
+        let pixels = self.pixels(b, side)?;
         self.measure(
             &format!("clip-vit-b16.embed.b{b}"),
             b as f64,
             "images/s",
-            "image embeddings from preprocessed pixels",
+            "image embeddings from preprocessed pixels on the device",
             || {
                 clip.embed(&pixels)?;
                 Ok(())
@@ -792,8 +810,14 @@ impl Llm for InstantLlm {
         on_text: &'a (dyn Fn(&str) + Send + Sync),
     ) -> BoxFuture<'a, std::result::Result<String, LlmError>> {
         const CONCEPTS: [&str; 5] = ["red stripes", "blue sky", "dogs", "wheels", "brick walls"];
-        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let text = format!("{} {}", CONCEPTS[call % CONCEPTS.len()], call / CONCEPTS.len());
+        let call = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let text = format!(
+            "{} {}",
+            CONCEPTS[call % CONCEPTS.len()],
+            call / CONCEPTS.len()
+        );
         on_text(&text);
         Box::pin(async move { Ok(text) })
     }

@@ -442,12 +442,15 @@ impl Blip {
         Ok(seqs)
     }
 
+    /// The vision tower's output (B, tokens, width) for a batch of preprocessed images.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.vision
+            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
     /// The text decoder's cache for a batch of preprocessed images.
     fn start(&self, pixels: &Tensor) -> Result<Cache> {
-        let image = self
-            .vision
-            .forward(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        self.text.cache(&image)
+        self.text.cache(&self.encode(pixels)?)
     }
 
     /// The decoder's logits (B, steps, vocab), f32, at each step when fed `ids` (start token

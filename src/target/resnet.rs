@@ -53,8 +53,9 @@ impl Conv {
         Self::new(weight, shift, stride, relu, dev, dt)
     }
 
-    /// Channels-last on CUDA with cuDNN (`nn::Conv::channels_last`): every convolution after
-    /// the stem, so that only the max-pooled stem output is copied into NHWC.
+    /// Channels-last on CUDA with cuDNN (`nn::Conv::channels_last`): every convolution, the
+    /// stem's too, whose 3-channel input is the one copy into NHWC (cuDNN transposed it there
+    /// and back inside an NCHW stem) and whose output our max pool reads in place.
     fn channels_last(self) -> Result<Self> {
         Ok(Self(self.0.channels_last()?))
     }
@@ -128,7 +129,7 @@ impl ResNet {
         let stem_c = stem_w.dim(0)?;
         let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
         let conv1 = Conv::new(stem_w.clone(), shift.zeros_like()?, 2, false, device, dtype)?;
-        let stem = Conv::folded(w, "conv1", "bn1", 2, true, device, dtype)?;
+        let stem = Conv::folded(w, "conv1", "bn1", 2, true, device, dtype)?.channels_last()?;
         let mut stages = Vec::new();
         let mut depths = Vec::new();
         // Channels into the next convolution, to catch grouped convolutions (ResNeXt), whose
