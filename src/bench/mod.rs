@@ -477,13 +477,15 @@ impl Bench<'_> {
                 Ok(())
             },
         )?;
+        // As PyTorch's side: latents in, images out, on the device.
+        let on_device = noise.to_device(&self.device)?.to_dtype(self.dtype)?;
         self.measure(
             &format!("{name}.vae.b{chunk}"),
             chunk as f64,
             "images/s",
-            "VAE decode",
+            "VAE decode on the device",
             || {
-                sd.decode(&noise)?;
+                sd.decode_on_device(&on_device)?;
                 Ok(())
             },
         )?;
@@ -499,7 +501,7 @@ impl Bench<'_> {
                 "images/s",
                 "tiny autoencoder decode (--decoder tiny), same latents as the VAE row",
                 || {
-                    tiny.decode(&noise)?;
+                    tiny.decode_on_device(&on_device)?;
                     Ok(())
                 },
             )?;

@@ -232,7 +232,7 @@ fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
 }
 
 /// GroupNorm over `groups` of a CUDA `x` `(N, C, ...)`, its affine map, then SiLU when `silu`:
-/// two kernels, whatever the size of the groups.
+/// three kernels, whatever the size of the groups.
 pub(crate) fn group_norm(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
@@ -287,17 +287,31 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: the arguments match group_stats' signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
 
+    // (mean, 1 / std) per group.
+    let all_groups = x.len() / len as usize;
+    let norm = output::<f32>(dev, 2 * all_groups)?;
+    let func = dev.get_or_load_custom_func("group_combine", MODULE, ptx(dev)?)?;
+    let (chunks, eps) = (len.div_ceil(chunk), op.eps as f32);
+    let mut args = func.builder();
+    args.arg(&stats).arg(&norm).arg(&chunks).arg(&eps);
+    let combine = LaunchConfig {
+        grid_dim: (all_groups as u32, 1, 1),
+        ..cfg
+    };
+    // SAFETY: the arguments match group_combine's signature in kernels.cu.
+    unsafe { args.launch(combine) }.w()?;
+
     let y = output::<T>(dev, x.len())?;
     let name = format!("group_apply_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let (channels, groups) = (channels as i32, op.groups as i32);
-    let (plane, eps, silu) = (plane as u64, op.eps as f32, i32::from(op.silu));
+    let (plane, silu) = (plane as u64, i32::from(op.silu));
     let mut args = func.builder();
-    args.arg(&x).arg(&stats).arg(&g).arg(&b).arg(&y);
+    args.arg(&x).arg(&norm).arg(&g).arg(&b).arg(&y);
     args.arg(&channels).arg(&groups).arg(&plane).arg(&chunk);
-    args.arg(&eps).arg(&silu).arg(&vec_apply);
-    // SAFETY: the arguments match group_apply's signature in kernels.cu; both kernels run in
-    // order on the device's stream.
+    args.arg(&silu).arg(&vec_apply);
+    // SAFETY: the arguments match group_apply's signature in kernels.cu; the three kernels run
+    // in order on the device's stream.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }

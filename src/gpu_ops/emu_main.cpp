@@ -3,7 +3,7 @@
 // CPU path.
 //
 //   emu group_norm DTYPE GRID BLOCK VEC CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
-//       (both GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
+//       (the three GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
@@ -36,8 +36,8 @@ static void write(const char* path, const std::vector<char>& data) {
 template <class T>
 struct Entry {
     void (*group_stats)(const T*, float*, u64, u64, int);
-    void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, float,
-                        int, int);
+    void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, int,
+                        int);
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
     void (*geglu)(const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
@@ -92,14 +92,15 @@ static int run(char** a, Entry<T> k) {
         const int silu = std::atoi(a[10]);
         auto x = read(a[11]), gamma = read(a[12]), beta = read(a[13]);
         const u64 len = (u64)(channels / groups) * plane, chunks = (len + chunk - 1) / chunk;
-        std::vector<float> stats(3 * grid * chunks);
+        std::vector<float> stats(3 * grid * chunks), norm(2 * grid);
         std::vector<char> y(x.size());
         emu_launch(grid * chunks, block,
                    [&] { k.group_stats((const T*)x.data(), stats.data(), len, chunk, vec); });
+        emu_launch(grid, block, [&] { group_combine(stats.data(), norm.data(), chunks, eps); });
         emu_launch(grid * chunks, block, [&] {
-            k.group_apply((const T*)x.data(), stats.data(), (const T*)gamma.data(),
+            k.group_apply((const T*)x.data(), norm.data(), (const T*)gamma.data(),
                           (const T*)beta.data(), (T*)y.data(), channels, groups, plane, chunk,
-                          eps, silu, vec);
+                          silu, vec);
         });
         write(a[14], y);
         return 0;

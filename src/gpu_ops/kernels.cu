@@ -150,14 +150,18 @@ __device__ __forceinline__ float thread_sum(const typename D::T* x, u64 n, int v
     return s;
 }
 
-// GroupNorm over contiguous NCHW (`plane` = H*W) in two kernels, each over every chunk of
-// `chunk` elements of every group (one block per chunk, so a few large groups, as in SD's VAE
-// at 512 px, still fill the card):
+// GroupNorm over contiguous NCHW (`plane` = H*W) in three kernels; the first and last over
+// every chunk of `chunk` elements of every group (one block per chunk, so a few large groups,
+// as in SD's VAE at 512 px, still fill the card):
 // - group_stats: each chunk's count, mean and sum of squared deviations from that mean (two
 //   passes over the chunk, the second mostly from cache): exact for the large, offset
 //   activations of SD's decoder, where a one-pass variance cancels;
-// - group_apply: combines its group's chunks (Chan et al.'s pairwise update), then writes the
-//   normalised, affine-mapped chunk, with SiLU when `silu`.
+// - group_combine: one block per group combines its chunks' statistics into the group's mean
+//   and 1 / std (the squared deviations summed around the group's mean, chunk by chunk);
+// - group_apply: writes the normalised, affine-mapped chunk, with SiLU when `silu`.
+// (Each apply block combined its group's chunks itself before: serial, dependent loads and
+// divisions per chunk, which at the VAE's 128 chunks a group held the H200's apply pass to an
+// eighth of the bandwidth its stats pass reached.)
 // A group is one contiguous run of channels/groups planes. The vectorised paths (`vec`) need
 // len and chunk multiples of 8 (group_stats), or plane and chunk (group_apply).
 template <class D>
@@ -178,25 +182,38 @@ __device__ void group_stats(const typename D::T* x, float* stats, u64 len, u64 c
     }
 }
 
+__device__ void combine_chunks(const float* stats, float* norm, u64 chunks, float eps) {
+    __shared__ float buf[1024];
+    stats += 3 * blockIdx.x * chunks;
+    float n = 0.f, sum = 0.f;
+    for (u64 k = threadIdx.x; k < chunks; k += blockDim.x) {
+        n += stats[3 * k];
+        sum += stats[3 * k] * stats[3 * k + 1];
+    }
+    const float count = block_sum(n, buf);
+    const float mean = block_sum(sum, buf) / count;
+    float m2 = 0.f;
+    for (u64 k = threadIdx.x; k < chunks; k += blockDim.x) {
+        const float d = stats[3 * k + 1] - mean;
+        m2 += stats[3 * k + 2] + stats[3 * k] * d * d;
+    }
+    m2 = block_sum(m2, buf);
+    if (threadIdx.x == 0) {
+        norm[2 * blockIdx.x] = mean;
+        norm[2 * blockIdx.x + 1] = rsqrtf(m2 / count + eps);
+    }
+}
+
 template <class D>
-__device__ void group_apply(const typename D::T* x, const float* stats,
+__device__ void group_apply(const typename D::T* x, const float* norm,
                             const typename D::T* gamma, const typename D::T* beta,
                             typename D::T* y, int channels, int groups, u64 plane, u64 chunk,
-                            float eps, int silu, int vec) {
+                            int silu, int vec) {
     const int per_group = channels / groups;
     const u64 len = (u64)per_group * plane;
     const u64 chunks = (len + chunk - 1) / chunk;
     const u64 g = blockIdx.x / chunks, c = blockIdx.x % chunks;
-    float count = 0.f, mean = 0.f, m2 = 0.f;
-    for (u64 k = 0; k < chunks; ++k) {
-        const float* s = stats + 3 * (g * chunks + k);
-        const float total = count + s[0];
-        const float d = s[1] - mean;
-        mean += d * s[0] / total;
-        m2 += s[2] + d * d * count * s[0] / total;
-        count = total;
-    }
-    const float rstd = rsqrtf(m2 / count + eps);
+    const float mean = norm[2 * g], rstd = norm[2 * g + 1];
     const int first = (int)(g % (u64)groups) * per_group;
     const u64 start = c * chunk;
     const u64 n = len - start < chunk ? len - start : chunk;
@@ -524,10 +541,9 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         group_stats<D>(x, stats, len, chunk, vec);                                              \
     }                                                                                           \
     extern "C" __global__ void group_apply_##SUFFIX(                                            \
-        const D::T* x, const float* stats, const D::T* gamma, const D::T* beta, D::T* y,        \
-        int channels, int groups, u64 plane, u64 chunk, float eps, int silu, int vec) {         \
-        group_apply<D>(x, stats, gamma, beta, y, channels, groups, plane, chunk, eps, silu,     \
-                       vec);                                                                    \
+        const D::T* x, const float* norm, const D::T* gamma, const D::T* beta, D::T* y,         \
+        int channels, int groups, u64 plane, u64 chunk, int silu, int vec) {                    \
+        group_apply<D>(x, norm, gamma, beta, y, channels, groups, plane, chunk, silu, vec);     \
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \
@@ -550,6 +566,11 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         else                                                                                    \
             geglu<D, u64>(x, y, rows, inner, vec);                                              \
     }
+
+// GroupNorm's middle kernel, whatever the storage type (the statistics are f32).
+extern "C" __global__ void group_combine(const float* stats, float* norm, u64 chunks, float eps) {
+    combine_chunks(stats, norm, chunks, eps);
+}
 
 DND_KERNELS(F32, f32)
 DND_KERNELS(F16, f16)

@@ -375,6 +375,11 @@ impl StableDiffusion {
 
     /// VAE decode of latents to images in [0, 1], (B, 3, H, W), f32 on the CPU.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_on_device(latents)?.to_device(&Device::Cpu)?)
+    }
+
+    /// `decode`, the images left on the model's device.
+    pub fn decode_on_device(&self, latents: &Tensor) -> Result<Tensor> {
         let x = (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.scaling_factor)?;
         let n = x.dim(0)?;
         let mut parts = Vec::with_capacity(n.div_ceil(self.vae_chunk()));
@@ -384,11 +389,7 @@ impl StableDiffusion {
                 .vae
                 .forward(&x.narrow(0, start, len)?)?
                 .to_dtype(DType::F32)?;
-            parts.push(
-                ((img / 2.0)? + 0.5)?
-                    .clamp(0.0, 1.0)?
-                    .to_device(&Device::Cpu)?,
-            );
+            parts.push(((img / 2.0)? + 0.5)?.clamp(0.0, 1.0)?);
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

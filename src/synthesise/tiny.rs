@@ -128,6 +128,11 @@ impl TinyDecoder {
     /// Latents (B, 4, h, w) as the UNet leaves them to images in [0, 1], (B, 3, H, W), f32 on
     /// the CPU: the contract of the VAE's decode.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_on_device(latents)?.to_device(&Device::Cpu)?)
+    }
+
+    /// `decode`, the images left on the model's device.
+    pub fn decode_on_device(&self, latents: &Tensor) -> Result<Tensor> {
         let mut x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         // diffusers clamps the latents softly first.
         x = ((x / 3.0)?.tanh()? * 3.0)?;
@@ -145,8 +150,6 @@ impl TinyDecoder {
             };
         }
         // diffusers returns 2x - 1 and pipelines map that back with /2 + 0.5: x itself.
-        Ok(x.to_dtype(DType::F32)?
-            .clamp(0.0, 1.0)?
-            .to_device(&Device::Cpu)?)
+        Ok(x.to_dtype(DType::F32)?.clamp(0.0, 1.0)?)
     }
 }
