@@ -409,8 +409,7 @@ fn candle_conv(
     x: &Tensor,
 ) -> Result<Tensor> {
     let x = if upsample {
-        let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(2 * h, 2 * w)?
+        upsample_nearest(x, 2)?
     } else {
         x.clone()
     };
@@ -420,6 +419,17 @@ fn candle_conv(
         return Ok(conv2d(&x, weight, padding, stride, Format::Nchw)?);
     }
     Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+}
+
+/// Nearest upsampling of `(N, C, H, W)` by `scale`: one kernel of ours on CUDA at 2x,
+/// candle's elsewhere.
+pub(crate) fn upsample_nearest(x: &Tensor, scale: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if scale == 2 && x.device().is_cuda() && crate::gpu_ops::enabled() {
+        return Ok(crate::gpu_ops::upsample_nearest2x(x)?);
+    }
+    let (_, _, h, w) = x.dims4()?;
+    Ok(x.upsample_nearest2d(scale * h, scale * w)?)
 }
 
 /// `act(y + bias (+ residual))` for `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`: one kernel
@@ -664,7 +674,12 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>)
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    // The softmax in f32 whatever the storage type, as PyTorch's fused attention computes it
+    // and diffusers' upcast_softmax asks: half-precision scores lose too much in exp.
+    let probs = match scores.dtype() {
+        DType::F32 | DType::F64 => candle_nn::ops::softmax_last_dim(&scores)?,
+        dt => candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dt)?,
+    };
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 

@@ -504,6 +504,52 @@ impl candle_core::CustomOp1 for Geglu {
     }
 }
 
+/// Nearest 2x upsampling of a CUDA `x` `(N, C, H, W)` in one kernel.
+pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Upsample2x)
+}
+
+struct Upsample2x;
+
+fn upsample_launch<T: CudaDType + DeviceRepr + WithDType>(
+    (x, xl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (n, c, h, w) = xl.shape().dims4()?;
+    let vec = vec_path::upsample2x(T::DTYPE, xl.start_offset().is_multiple_of(8), w);
+    let x = view::<T>(x, xl, "input")?;
+    let y = output::<T>(dev, 4 * x.len())?;
+    let (rows, w) = ((n * c * h) as u64, w as u64);
+    let name = format!("upsample2x_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let mut args = func.builder();
+    args.arg(&x).arg(&y).arg(&rows).arg(&w).arg(&vec);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for_path(rows * w, vec), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match upsample2x's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl candle_core::CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "dnd-gpu-upsample2x"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let y = by_dtype!(x, upsample_launch((x, xl), x.device()));
+        Ok((y, Shape::from((n, c, 2 * h, 2 * w))))
+    }
+}
+
 /// Max pooling of a CUDA `x` `(N, C, H, W)` held channels-last (NHWC storage, as our cuDNN
 /// convolutions leave it), `window` x `window` at `stride` with `padding` rows and columns of
 /// -inf around, as PyTorch's max_pool2d: one kernel reading the NHWC storage in place. The

@@ -7,6 +7,7 @@
 //   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
+//   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
 //       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC q k v out   (f16 or
 //                  bf16; QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
@@ -41,9 +42,12 @@ struct Entry {
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
     void (*geglu)(const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
+    void (*upsample2x)(const T*, T*, u64, u64, int);
 };
 
-#define ENTRY(S) {group_stats_##S, group_apply_##S, bias_act_##S, geglu_##S, max_pool_nhwc_##S}
+#define ENTRY(S)                                                                         \
+    {group_stats_##S, group_apply_##S, bias_act_##S, geglu_##S, max_pool_nhwc_##S,       \
+     upsample2x_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int);
@@ -140,6 +144,15 @@ static int run(char** a, Entry<T> k) {
                        d[7], d[8], vec);
         });
         write(a[15], y);
+        return 0;
+    }
+    if (kernel == "upsample2x") {
+        const u64 rows = std::strtoull(a[5], nullptr, 10), w = std::strtoull(a[6], nullptr, 10);
+        auto x = read(a[7]);
+        std::vector<char> y(4 * x.size());
+        emu_launch(grid, block,
+                   [&] { k.upsample2x((const T*)x.data(), (T*)y.data(), rows, w, vec); });
+        write(a[8], y);
         return 0;
     }
     std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());

@@ -378,6 +378,49 @@ __device__ void max_pool_nhwc(const typename D::T* x, typename D::T* y, int n, i
     max_pool_lanes<D, 1>(x, y, n, h, w, c, p, q, k, stride, pad);
 }
 
+// Nearest 2x upsampling of contiguous (rows, w) planes (NCHW: rows = N*C*H) into (2 rows,
+// 2 w): input row r becomes output rows 2r and 2r+1, each element twice. candle's kernel
+// computes every output's source from its strides, at a fraction of the bandwidth. With
+// `vec` (16-bit, w a multiple of 8), eight inputs are one 16-byte load and four stores, the
+// bits copied as they are.
+template <class D>
+__device__ void upsample2x(const typename D::T* x, typename D::T* y, u64 rows, u64 w, int vec) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    if constexpr (DND_IS_16BIT(D)) {
+        if (vec) {
+            const u64 groups = w / 8;
+            for (u64 o = (u64)blockIdx.x * blockDim.x + threadIdx.x; o < rows * groups;
+                 o += stride) {
+                const u64 r = o / groups, j = o % groups;
+                const uint4 a = ld8(x + r * w + 8 * j);
+                const unsigned u[4] = {a.x, a.y, a.z, a.w};
+                unsigned d[8];
+                for (int i = 0; i < 4; ++i) {
+                    const unsigned lo = u[i] & 0xffffu, hi = u[i] >> 16;
+                    d[2 * i] = lo | (lo << 16);
+                    d[2 * i + 1] = hi | (hi << 16);
+                }
+                const uint4 left{d[0], d[1], d[2], d[3]}, right{d[4], d[5], d[6], d[7]};
+                u16* top = y + 4 * r * w + 16 * j;
+                st8(top, left);
+                st8(top + 8, right);
+                st8(top + 2 * w, left);
+                st8(top + 2 * w + 8, right);
+            }
+            return;
+        }
+    }
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows * w; i += stride) {
+        const u64 r = i / w, j = i % w;
+        const typename D::T v = x[i];
+        typename D::T* top = y + 4 * r * w + 2 * j;
+        top[0] = v;
+        top[1] = v;
+        top[2 * w] = v;
+        top[2 * w + 1] = v;
+    }
+}
+
 // Whether every index of an n-element (or 2n, for GEGLU's input) loop fits 32 bits.
 __device__ __forceinline__ bool fits_u32(u64 n) { return 2 * n < 0xffffffffull; }
 
@@ -558,6 +601,10 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                                                       int c, int p, int q, int k, int stride,    \
                                                       int pad, int vec) {                        \
         max_pool_nhwc<D>(x, y, n, h, w, c, p, q, k, stride, pad, vec);                          \
+    }                                                                                           \
+    extern "C" __global__ void upsample2x_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 w,      \
+                                                   int vec) {                                   \
+        upsample2x<D>(x, y, rows, w, vec);                                                      \
     }                                                                                           \
     extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner,      \
                                               int vec) {                                        \

@@ -16,6 +16,7 @@ pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, max_pool_channels_last,
+    upsample_nearest2x,
 };
 
 /// Which vectorised path the memory-bound kernels of `kernels.cu` take (0: none). Those paths
@@ -57,6 +58,11 @@ mod vec_path {
     /// GEGLU over rows of 2 * inner.
     pub(crate) fn geglu(dt: DType, aligned: bool, inner: usize) -> i32 {
         i32::from(eligible(dt, aligned) && inner.is_multiple_of(8))
+    }
+
+    /// Nearest 2x upsampling of planes `width` wide.
+    pub(crate) fn upsample2x(dt: DType, aligned: bool, width: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && width.is_multiple_of(8))
     }
 
     /// Max pooling of channels-last rows of `channels`.
@@ -355,6 +361,25 @@ mod tests {
                     e <= tolerance(dt),
                     "{rows}x{inner}, {dt:?}, vec {vec}: error {e}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn upsample_kernel_matches_candles_upsample() {
+        // Widths on the vectorised path (multiples of 8) and off it; several rows per thread.
+        for dims in [[2usize, 3, 5, 16], [1, 2, 3, 7], [1, 1, 2, 8]] {
+            let x = Tensor::randn(0f32, 1.0, &dims, &Device::Cpu).unwrap();
+            let [n, c, h, w] = dims;
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let want = rounded(&x, dt).upsample_nearest2d(2 * h, 2 * w).unwrap();
+                let vec = super::vec_path::upsample2x(dt, true, w);
+                for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
+                    let args = [2, 32, vec as usize, n * c * h, w].map(|v| v.to_string());
+                    let got = emulate("upsample2x", dt, &args, &[Some(&x)], &[n, c, 2 * h, 2 * w]);
+                    let e = err(&got, &want);
+                    assert!(e == 0.0, "{dims:?}, {dt:?}, vec {vec}: error {e}");
+                }
             }
         }
     }

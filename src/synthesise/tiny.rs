@@ -143,10 +143,7 @@ impl TinyDecoder {
                     let [a, b, c] = &**convs;
                     c.forward_residual(&b.forward(&a.forward(&x)?)?, &x)?
                 }
-                Layer::Upsample => {
-                    let (_, _, h, w) = x.dims4()?;
-                    x.upsample_nearest2d(h * self.scale, w * self.scale)?
-                }
+                Layer::Upsample => nn::upsample_nearest(&x, self.scale)?,
             };
         }
         // diffusers returns 2x - 1 and pipelines map that back with /2 + 0.5: x itself.

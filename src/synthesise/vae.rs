@@ -4,7 +4,7 @@
 //! 2-D products (candle's applies a Linear to a transposed input, which candle's CPU matmul gets
 //! wrong after the first image of a batch), and it is where GPU kernels of our own plug in.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::blocks::{Norms, ResnetBlock};
@@ -71,16 +71,11 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?;
         let qkv: [Tensor; 3] = nn::split_stacked_heads(&self.qkv.forward(&t)?, 1)?;
-        // diffusers upcasts the softmax (upcast_softmax=True): scores in f32 on every device.
-        let y = nn::attention(
-            &qkv[0].to_dtype(DType::F32)?,
-            &qkv[1].to_dtype(DType::F32)?,
-            &qkv[2].to_dtype(DType::F32)?,
-            1.0 / (c as f64).sqrt(),
-            None,
-        )?
-        .to_dtype(x.dtype())?
-        .squeeze(1)?;
+        // diffusers upcasts the softmax (upcast_softmax=True), which nn::attention computes in
+        // f32 for every storage type; the products stay in the storage type, on tensor cores
+        // (in f32 they took 5.6 of the decoder's 90 ms on an H200, at 8 images).
+        let [q, k, v] = &qkv;
+        let y = nn::attention(q, k, v, 1.0 / (c as f64).sqrt(), None)?.squeeze(1)?;
         let y = self
             .out
             .forward(&y)?
