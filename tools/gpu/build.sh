@@ -19,6 +19,9 @@ TARGET=${CARGO_TARGET_DIR:-/tmp/dnd-cuda-target}
 cd "$ROOT"
 [ -f "$SHARED/gpu/env.sh" ] || { echo "no $SHARED/gpu: set DND_SHARED to the shared folder"; exit 1; }
 
+# libjpeg-turbo (mozjpeg-sys) quietly builds without its SIMD code when nasm is missing, and
+# the device's JPEG row would then time a decoder at half speed.
+command -v nasm >/dev/null || { echo "nasm is missing: apt-get install nasm (JPEG decoding's SIMD code)"; exit 1; }
 cargo fetch -q
 [ -x "${CUDA_VENV:-/tmp/cuda-venv}/bin/python" ] || bash "$SHARED/gpu/setup-cuda13.sh"
 # shellcheck source=/dev/null
