@@ -126,19 +126,46 @@ macro_rules! by_dtype {
 #[cfg(feature = "cudnn")]
 pub(super) use by_dtype;
 
-/// Blocks for a grid-stride loop over `n` elements: enough to fill the card, no more than the
-/// elements need.
-fn blocks_for(n: u64) -> u32 {
-    n.div_ceil(THREADS as u64).clamp(1, 65_535) as u32
+/// `blocks` blocks of `THREADS` threads.
+fn blocks_of_threads(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
-/// `blocks_for` a loop that takes eight elements an iteration on a vectorised path (`vec`).
-fn blocks_for_path(n: u64, vec: i32) -> u32 {
-    blocks_for(if vec == 0 { n } else { n.div_ceil(8) })
+/// A grid-stride loop over `n` elements, eight an iteration on a vectorised path (`vec`):
+/// enough blocks to fill the card, no more than the elements need.
+fn grid_stride(n: u64, vec: i32) -> LaunchConfig {
+    let iterations = if vec == 0 { n } else { n.div_ceil(8) };
+    blocks_of_threads(iterations.div_ceil(THREADS as u64).clamp(1, 65_535) as usize)
 }
 
 pub(super) fn not_on_cpu() -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("dnd-gpu-ops run on CUDA only")
+}
+
+/// A one-input op of ours: only its CUDA side, which `Cuda1` makes a candle custom op.
+trait Op1 {
+    const NAME: &'static str;
+    fn cuda(&self, x: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)>;
+}
+
+struct Cuda1<O>(O);
+
+impl<O: Op1> candle_core::CustomOp1 for Cuda1<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu()
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda((x, xl))
+    }
 }
 
 /// A two-input op of ours: only its CUDA side, which `Cuda2` makes a candle custom op.
@@ -268,11 +295,7 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
     let blocks = (x.len() / len) * len.div_ceil(GROUP_CHUNK);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = blocks_of_threads(blocks);
     let (len, chunk) = (len as u64, GROUP_CHUNK as u64);
     // (count, mean, sum of squared deviations) per chunk of each group.
     let stats = output::<f32>(dev, 3 * blocks)?;
@@ -294,10 +317,7 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     let (chunks, eps) = (len.div_ceil(chunk), op.eps as f32);
     let mut args = func.builder();
     args.arg(&stats).arg(&norm).arg(&chunks).arg(&eps);
-    let combine = LaunchConfig {
-        grid_dim: (all_groups as u32, 1, 1),
-        ..cfg
-    };
+    let combine = blocks_of_threads(all_groups);
     // SAFETY: the arguments match group_combine's signature in kernels.cu.
     unsafe { args.launch(combine) }.w()?;
 
@@ -396,11 +416,7 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
         .arg(&plane)
         .arg(&act)
         .arg(&vec);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for_path(n, vec), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid_stride(n, vec);
     // SAFETY: the arguments match bias_act's signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
@@ -455,7 +471,7 @@ pub(crate) fn bias_act(
 /// diffusers' GEGLU over the last dimension of a CUDA `x` `(..., 2 * inner)`: the first half
 /// times the exact GELU of the second, in one kernel.
 pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Geglu)
+    x.contiguous()?.apply_op1_no_bwd(&Cuda1(Geglu))
 }
 
 struct Geglu;
@@ -474,26 +490,16 @@ fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
     let y = output::<T>(dev, x.len() / 2)?;
     let mut args = func.builder();
     args.arg(&x).arg(&y).arg(&rows).arg(&inner).arg(&vec);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for_path(rows * inner, vec), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid_stride(rows * inner, vec);
     // SAFETY: the arguments match geglu's signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }
 
-impl candle_core::CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-geglu"
-    }
+impl Op1 for Geglu {
+    const NAME: &'static str = "dnd-gpu-geglu";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
         let mut dims = xl.dims().to_vec();
         match dims.last_mut() {
             Some(last) if *last % 2 == 0 => *last /= 2,
@@ -506,7 +512,7 @@ impl candle_core::CustomOp1 for Geglu {
 
 /// Nearest 2x upsampling of a CUDA `x` `(N, C, H, W)` in one kernel.
 pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Upsample2x)
+    x.contiguous()?.apply_op1_no_bwd(&Cuda1(Upsample2x))
 }
 
 struct Upsample2x;
@@ -524,26 +530,16 @@ fn upsample_launch<T: CudaDType + DeviceRepr + WithDType>(
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let mut args = func.builder();
     args.arg(&x).arg(&y).arg(&rows).arg(&w).arg(&vec);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for_path(rows * w, vec), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid_stride(rows * w, vec);
     // SAFETY: the arguments match upsample2x's signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }
 
-impl candle_core::CustomOp1 for Upsample2x {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-upsample2x"
-    }
+impl Op1 for Upsample2x {
+    const NAME: &'static str = "dnd-gpu-upsample2x";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
         let y = by_dtype!(x, upsample_launch((x, xl), x.device()));
         Ok((y, Shape::from((n, c, 2 * h, 2 * w))))
@@ -567,7 +563,7 @@ pub(crate) fn max_pool_channels_last(
     };
     x.permute((0, 2, 3, 1))?
         .contiguous()?
-        .apply_op1_no_bwd(&op)?
+        .apply_op1_no_bwd(&Cuda1(op))?
         .permute((0, 3, 1, 2))
 }
 
@@ -623,26 +619,16 @@ fn max_pool_launch<T: CudaDType + DeviceRepr + WithDType>(
         args.arg(d);
     }
     args.arg(&vec);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for_path(outputs as u64, vec), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid_stride(outputs as u64, vec);
     // SAFETY: the arguments match max_pool_nhwc's signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }
 
-impl candle_core::CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "dnd-gpu-max-pool"
-    }
+impl Op1 for MaxPool {
+    const NAME: &'static str = "dnd-gpu-max-pool";
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu()
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
         let (_, out) = self.dims(xl)?;
         let y = by_dtype!(x, max_pool_launch(self, (x, xl), x.device()));
         Ok((y, Shape::from(out.to_vec())))
