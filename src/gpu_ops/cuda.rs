@@ -683,9 +683,6 @@ struct FlashAttention {
     scale: f64,
 }
 
-/// Rows of queries per block of the flash attention kernels (FA_ROWS in kernels.cu).
-const FA_ROWS: usize = 64;
-
 /// Batch, head and row strides of a (B, H, T, D) operand, in elements (`Strides` in
 /// kernels.cu).
 #[repr(C)]
@@ -727,13 +724,12 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaSlice<T>> {
     let (b, h, tq, d) = ql.shape().dims4()?;
     let tk = kl.shape().dims4()?.2;
-    // The head size padded to what the mma steps take (16), one kernel per size.
-    let Some(hd) = [32, 48, 64, 80, 96, 128, 160].into_iter().find(|&s| s >= d) else {
+    let Some((d8, rows)) = super::flash_kernel(d) else {
         candle_core::bail!("dnd-gpu-flash-attention: head size {d} over 160")
     };
     let strides = [Strides::of(ql), Strides::of(kl), Strides::of(vl)];
-    // Keys and values load eight halves at a time where they start 16-byte aligned (cudarc's
-    // allocations are) and every stride keeps them so.
+    // Keys and values load with cp.async, 16 bytes at a time, where they start 16-byte aligned
+    // (cudarc's allocations are) and every stride keeps them so.
     let aligned = |l: &Layout| {
         l.start_offset().is_multiple_of(8) && l.stride()[..3].iter().all(|s| s.is_multiple_of(8))
     };
@@ -743,10 +739,10 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
         strided::<T>(k, kl, "key")?,
         strided::<T>(v, vl, "value")?,
     );
-    let name = format!("flash_attention_{}_{hd}", T::DTYPE.as_str());
+    let name = format!("flash_attention_{}_{d8}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let out = output::<T>(dev, b * h * tq * d)?;
-    let (h_, tq_, tk_, d_) = (h as i32, tq as i32, tk as i32, d as i32);
+    let (h_, tq_, tk_, d_, rows_) = (h as i32, tq as i32, tk as i32, d as i32, rows as i32);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let mut args = func.builder();
     args.arg(&q).arg(&k).arg(&v).arg(&out);
@@ -754,9 +750,10 @@ fn flash_launch<T: CudaDType + DeviceRepr + WithDType>(
     args.arg(&strides[0])
         .arg(&strides[1])
         .arg(&strides[2])
-        .arg(&vec);
+        .arg(&vec)
+        .arg(&rows_);
     let cfg = LaunchConfig {
-        grid_dim: ((b * h * tq.div_ceil(FA_ROWS)) as u32, 1, 1),
+        grid_dim: ((b * h * tq.div_ceil(rows)) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -9,8 +9,10 @@
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
 //       (VEC: the kernels' vectorised path, 0 off)
-//   emu flash      DTYPE HD B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC q k v out   (f16 or
-//                  bf16; QS, KS, VS: batch, head and row strides; out is (B, TQ, H, D))
+//   emu flash      DTYPE D8 B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC ROWS q k v out
+//                  (f16 or bf16; D8: the kernel's head size; QS, KS, VS: batch, head and row
+//                  strides; ROWS: query rows a block, as the launcher reckons; out is
+//                  (B, TQ, H, D))
 #include "emu.hpp"
 #include "kernels.cu"
 
@@ -26,7 +28,10 @@ static std::vector<char> read(const char* path) {
         std::fprintf(stderr, "cannot read %s\n", path);
         std::exit(2);
     }
-    return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+    // Exactly the file's size, so that the sanitizer sees any read past the end.
+    std::vector<char> v(std::istreambuf_iterator<char>(f), {});
+    v.shrink_to_fit();
+    return v;
 }
 
 static void write(const char* path, const std::vector<char>& data) {
@@ -50,13 +55,13 @@ struct Entry {
      upsample2x_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
-                      Strides, Strides, Strides, int);
+                      Strides, Strides, Strides, int, int);
 
 #define FLASH_TABLE(S)                                                                          \
-    {32, flash_attention_##S##_32}, {48, flash_attention_##S##_48},                             \
-        {64, flash_attention_##S##_64}, {80, flash_attention_##S##_80},                         \
-        {96, flash_attention_##S##_96}, {128, flash_attention_##S##_128},                       \
-        {160, flash_attention_##S##_160}
+    {32, flash_attention_##S##_32}, {40, flash_attention_##S##_40},                             \
+        {48, flash_attention_##S##_48}, {64, flash_attention_##S##_64},                         \
+        {80, flash_attention_##S##_80}, {96, flash_attention_##S##_96},                         \
+        {128, flash_attention_##S##_128}, {160, flash_attention_##S##_160}
 
 static int flash(char** a, const std::vector<std::pair<int, Flash>>& table) {
     const int hd = std::atoi(a[3]), b = std::atoi(a[4]), h = std::atoi(a[5]), tq = std::atoi(a[6]),
@@ -67,16 +72,16 @@ static int flash(char** a, const std::vector<std::pair<int, Flash>>& table) {
         st[i] = {std::strtoull(a[10 + 3 * i], nullptr, 10),
                  std::strtoull(a[11 + 3 * i], nullptr, 10),
                  std::strtoull(a[12 + 3 * i], nullptr, 10)};
-    const int vec = std::atoi(a[19]);
-    auto q = read(a[20]), k = read(a[21]), v = read(a[22]);
+    const int vec = std::atoi(a[19]), rows = std::atoi(a[20]);
+    auto q = read(a[21]), k = read(a[22]), v = read(a[23]);
     std::vector<char> out((size_t)b * h * tq * d * 2);
     for (const auto& [size, kernel] : table)
         if (size == hd) {
-            emu_launch(b * h * ((tq + 63) / 64), 128, [&] {
+            emu_launch(b * h * ((tq + rows - 1) / rows), 128, [&] {
                 kernel((const u16*)q.data(), (const u16*)k.data(), (const u16*)v.data(),
-                       (u16*)out.data(), h, tq, tk, d, scale_log2, st[0], st[1], st[2], vec);
+                       (u16*)out.data(), h, tq, tk, d, scale_log2, st[0], st[1], st[2], vec, rows);
             });
-            write(a[23], out);
+            write(a[24], out);
             return 0;
         }
     std::fprintf(stderr, "no flash attention kernel for head size %d\n", hd);

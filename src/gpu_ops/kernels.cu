@@ -25,12 +25,13 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     return h;
 }
 // Eight 16-bit values as one 16-byte load or store (p 16-byte aligned); two adjacent ones as
-// one 32-bit load (p 4-byte aligned).
+// one 32-bit load or store (p 4-byte aligned).
 __device__ __forceinline__ uint4 ld8(const u16* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void st8(u16* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ unsigned ld2(const u16* p) {
     return *reinterpret_cast<const unsigned*>(p);
 }
+__device__ __forceinline__ void st2(u16* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
 #if __CUDA_ARCH__ >= 800
 #define DND_HAS_MMA
 // D (16x8, f32) += A (16x16, row-major) * B (16x8, column-major), one warp, tensor cores.
@@ -50,6 +51,46 @@ DND_MMA(mma_f16, "f16")
 DND_MMA(mma_bf16, "bf16")
 __device__ __forceinline__ float shfl_xor(float v, int mask) {
     return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+// Two f32 rounded to nearest even and packed, lo in the lower half: one instruction each type.
+#define DND_PACK2(NAME, TY)                                                         \
+    __device__ __forceinline__ unsigned NAME(float lo, float hi) {                  \
+        unsigned r;                                                                 \
+        asm("cvt.rn." TY "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));        \
+        return r;                                                                   \
+    }
+DND_PACK2(pack2_f16, "f16")
+DND_PACK2(pack2_bf16, "bf16")
+// Four 8x8 matrices of 16-bit elements from shared memory as mma fragments, one warp: lane l
+// gives the address of row l % 8 of matrix l / 8 (16-byte aligned); r[i] then holds matrix i's
+// [g][2t..2t+1], or with `_t` (transposed) its [2t][g] and [2t+1][g].
+#define DND_LDSM(NAME, TRANS)                                                              \
+    __device__ __forceinline__ void NAME(unsigned* r, const u16* row) {                   \
+        const unsigned a = (unsigned)__cvta_generic_to_shared(row);                       \
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4" TRANS ".shared.b16 {%0,%1,%2,%3}, [%4];" \
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                    \
+                     : "r"(a));                                                          \
+    }
+DND_LDSM(ldsm_x4, "")
+DND_LDSM(ldsm_x4_t, ".trans")
+// 16 bytes from global to shared memory without a register in between, in flight until
+// cp_async_wait; zeros instead where !in (src is then not read).
+__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool in) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src),
+                 "r"(in ? 16 : 0));
+}
+// 2^x in one MUFU.EX2 (flushing subnormal results to zero), where exp2f adds range fix-ups:
+// the softmax's exponentials, whose results are at most 1.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Every copy this thread started has landed (others' after the next __syncthreads).
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 #endif
 #else
@@ -82,6 +123,7 @@ struct F16 {
     __device__ static u16 st(float v) { return f32_to_f16(v); }
 #ifdef DND_HAS_MMA
     __device__ static void mma(float* d, const unsigned* a, const unsigned* b) { mma_f16(d, a, b); }
+    __device__ static unsigned pack2(float lo, float hi) { return pack2_f16(lo, hi); }
 #endif
 };
 struct BF16 {
@@ -90,6 +132,7 @@ struct BF16 {
     __device__ static u16 st(float v) { return f32_to_bf16(v); }
 #ifdef DND_HAS_MMA
     __device__ static void mma(float* d, const unsigned* a, const unsigned* b) { mma_bf16(d, a, b); }
+    __device__ static unsigned pack2(float lo, float hi) { return pack2_bf16(lo, hi); }
 #endif
 };
 
@@ -430,28 +473,64 @@ __device__ __forceinline__ bool fits_u32(u64 n) { return 2 * n < 0xffffffffull; 
 // batch, head and row strides (elements; the last dimension contiguous), so heads split from
 // (B, T, H*D) projections are read in place; out is written (B, Tq, H, D), contiguous, so the
 // heads merge back for free.
-// A block of 4 warps takes 64 query rows, each warp 16 of them, its q fragments held in
-// registers; the keys go by in tiles of 32 through shared memory, zero-padded from D to HD (D
-// rounded up to 16). Scores and the running softmax are f32 on tensor cores (mma.m16n8k16),
-// so f16 storage cannot overflow in q k^T. HD >= D, D a multiple of 8.
-#define FA_ROWS 64
-#define FA_KEYS 32
+// A block of 4 warps takes fa_rows(D8) query rows, each warp MT tiles of 16 rows, its q
+// fragments held in registers; the keys and values go by in tiles of 64 through shared memory,
+// zero-padded from D to 16 KS. Scores and the running softmax are f32 on tensor cores
+// (mma.m16n8k16), so f16 storage cannot overflow in q k^T. D8 is D rounded up to 8.
+// The loop is bound by instructions issued, not by the tensor cores, so: two row tiles a warp
+// where registers allow (each fragment read from shared memory feeds two mma), fragments read
+// with ldmatrix (V transposed on the way), 64 keys a tile (the softmax's per-tile work spread
+// over twice the keys), masking only in the last tile, and the next tile's keys loading
+// (cp.async) while this tile's values are multiplied, its values while the next scores are.
+#define FA_KEYS 64
+#define FA_WARPS 4
 struct Strides {
     u64 batch, head, row;
 };
-template <class D, int HD>
+__device__ constexpr int fa_row_tiles(int d8) { return d8 <= 64 ? 2 : 1; }
+// Query rows per block: the launcher's grid is B * H * ceil(Tq / fa_rows) blocks.
+__device__ constexpr int fa_rows(int d8) { return FA_WARPS * 16 * fa_row_tiles(d8); }
+
+// Rows [k0, k0 + FA_KEYS) of a (T, D) operand at `row` stride into a shared tile whose rows
+// are S halves apart, columns [0, W), zero past t and d; asynchronous where `vec` says every
+// row starts 16-byte aligned (the caller then waits with cp_async_wait).
+template <int W, int S>
+__device__ __forceinline__ void fa_load(u16* tile, const u16* src, u64 row, int k0, int t, int d,
+                                        int vec) {
+    // 16-byte chunks a row; the chunks of a tile are a whole number of rounds of the block.
+    constexpr int CH = W / 8, ROUNDS = FA_KEYS * CH / (FA_WARPS * 32);
+    if (vec) {
+        DND_UNROLL_ALL
+        for (int round = 0; round < ROUNDS; ++round) {
+            const int i = threadIdx.x + round * FA_WARPS * 32, r = i / CH, col = 8 * (i % CH);
+            const int key = k0 + r;
+            const bool in = key < t && col < d;
+            cp_async16(tile + r * S + col, in ? src + key * row + col : src, in);
+        }
+        cp_async_commit();
+    } else {
+        for (int i = threadIdx.x; i < FA_KEYS * W; i += FA_WARPS * 32) {
+            const int r = i / W, col = i % W, key = k0 + r;
+            tile[r * S + col] = key < t && col < d ? src[key * row + col] : (u16)0;
+        }
+    }
+}
+
+template <class D, int D8>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* out, int heads,
                                 int tq, int tk, int d, float scale_log2, Strides qs, Strides ks_,
-                                Strides vs_, int vec) {
-    // Rows padded by 8 halves: the lanes of a fragment load then fall in distinct banks. HD is
-    // a multiple of 16, so every row starts 16-byte aligned.
-    const int S = HD + 8;
-    __shared__ __align__(16) u16 ks[FA_KEYS * (HD + 8)];
-    __shared__ __align__(16) u16 vs[FA_KEYS * (HD + 8)];
-    const int tiles = (tq + FA_ROWS - 1) / FA_ROWS;
+                                Strides vs_, int vec, int rows) {
+    constexpr int KS = (D8 + 15) / 16, NT = D8 / 8, MT = fa_row_tiles(D8), ROWS = fa_rows(D8);
+    // Rows padded by 8 halves: the eight 16-byte rows of each ldmatrix phase then fall in
+    // distinct banks (S / 8 is odd), and every row starts 16-byte aligned.
+    constexpr int W = 16 * KS, S = W + 8;
+    __shared__ __align__(16) u16 ks[FA_KEYS * S];
+    __shared__ __align__(16) u16 vs[FA_KEYS * S];
+    if (rows != ROWS) __trap();  // the launcher's grid would not cover the rows
+    const int tiles = (tq + ROWS - 1) / ROWS;
     const u64 bh = blockIdx.x / tiles, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int row0 = (blockIdx.x % tiles) * FA_ROWS + warp * 16;
+    const int row0 = (blockIdx.x % tiles) * ROWS + warp * 16 * MT;
     q += b * qs.batch + h * qs.head;
     k += b * ks_.batch + h * ks_.head;
     v += b * vs_.batch + h * vs_.head;
@@ -459,121 +538,155 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     out += b * tq * out_row + h * d;
 
     // This warp's q rows as A fragments, zero past tq and d.
-    unsigned qa[HD / 16][4];
+    unsigned qa[MT][KS][4];
     DND_UNROLL_ALL
-    for (int s = 0; s < HD / 16; ++s)
+    for (int mt = 0; mt < MT; ++mt)
         DND_UNROLL_ALL
-        for (int r = 0; r < 4; ++r) {
-            const int row = row0 + g + 8 * (r % 2), col = 16 * s + 2 * t + 8 * (r / 2);
-            unsigned lo = 0, hi = 0;
-            if (row < tq && col < d) {
-                lo = q[row * qs.row + col];
-                hi = q[row * qs.row + col + 1];
+        for (int c = 0; c < KS; ++c)
+            DND_UNROLL_ALL
+            for (int r = 0; r < 4; ++r) {
+                const int row = row0 + 16 * mt + g + 8 * (r % 2), col = 16 * c + 2 * t + 8 * (r / 2);
+                unsigned lo = 0, hi = 0;
+                if (row < tq && col < d) {
+                    lo = q[row * qs.row + col];
+                    hi = q[row * qs.row + col + 1];
+                }
+                qa[mt][c][r] = lo | (hi << 16);
             }
-            qa[s][r] = lo | (hi << 16);
-        }
-    float o[HD / 8][4];
+    float o[MT][NT][4];
     DND_UNROLL_ALL
-    for (int j = 0; j < HD / 8; ++j)
+    for (int mt = 0; mt < MT; ++mt)
         DND_UNROLL_ALL
-        for (int r = 0; r < 4; ++r) o[j][r] = 0.f;
-    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+        for (int j = 0; j < NT; ++j)
+            DND_UNROLL_ALL
+            for (int r = 0; r < 4; ++r) o[mt][j][r] = 0.f;
+    // Each row's running max (of the unscaled scores) and sum, this lane's share.
+    float m[MT][2], l[MT][2];
+    DND_UNROLL_ALL
+    for (int mt = 0; mt < MT; ++mt)
+        DND_UNROLL_ALL
+        for (int i = 0; i < 2; ++i) {
+            m[mt][i] = neg_inf();
+            l[mt][i] = 0.f;
+        }
+    // The row of its ldmatrix matrix this lane addresses, and that matrix.
+    const int mat = lane / 8, mrow = lane % 8;
 
+    fa_load<W, S>(ks, k, ks_.row, 0, tk, d, vec);
     for (int k0 = 0; k0 < tk; k0 += FA_KEYS) {
+        // This tile's keys are in (and every warp is done with the last tile's values).
+        cp_async_wait();
         __syncthreads();
-        if (vec) {
-            // Eight halves a load where `vec` says k and v start 16-byte aligned and their
-            // strides are multiples of 8 (d is: the caller checks), as heads split from
-            // projections are.
-            const uint4 zero = {0, 0, 0, 0};
-            for (int i = threadIdx.x; i < FA_KEYS * (HD / 8); i += blockDim.x) {
-                const int key = k0 + i / (HD / 8), col = 8 * (i % (HD / 8));
-                const int at = (i / (HD / 8)) * S + col;
-                const bool in = key < tk && col < d;
-                st8(ks + at, in ? ld8(k + key * ks_.row + col) : zero);
-                st8(vs + at, in ? ld8(v + key * vs_.row + col) : zero);
-            }
-        } else {
-            for (int i = threadIdx.x; i < FA_KEYS * HD; i += blockDim.x) {
-                const int key = k0 + i / HD, col = i % HD, at = (i / HD) * S + col;
-                const bool in = key < tk && col < d;
-                ks[at] = in ? k[key * ks_.row + col] : (u16)0;
-                vs[at] = in ? v[key * vs_.row + col] : (u16)0;
-            }
-        }
-        __syncthreads();
-        // Scores of 16 rows x 32 keys: four 16x8 tiles.
-        float s[4][4];
+        fa_load<W, S>(vs, v, vs_.row, k0, tk, d, vec);
+        // Scores of 16 rows x 64 keys per row tile: eight 16x8 tiles. Matrices 0 and 1 of a
+        // load are keys 16 n .. + 7 at columns 16 c .. and 16 c + 8 .. (one B fragment), 2
+        // and 3 the next eight keys.
+        float s[MT][8][4];
         DND_UNROLL_ALL
-        for (int n = 0; n < 4; ++n) {
+        for (int mt = 0; mt < MT; ++mt)
             DND_UNROLL_ALL
-            for (int r = 0; r < 4; ++r) s[n][r] = 0.f;
-            DND_UNROLL_ALL
-            for (int c = 0; c < HD / 16; ++c) {
-                const u16* kr = ks + (8 * n + g) * S + 16 * c + 2 * t;
-                const unsigned b[2] = {ld2(kr), ld2(kr + 8)};
-                D::mma(s[n], qa[c], b);
-            }
-        }
-        // Online softmax, base 2: each row's max over its quad of lanes, then rescale.
-        float mx[2] = {m[0], m[1]};
+            for (int n = 0; n < 8; ++n)
+                DND_UNROLL_ALL
+                for (int r = 0; r < 4; ++r) s[mt][n][r] = 0.f;
         DND_UNROLL_ALL
         for (int n = 0; n < 4; ++n)
             DND_UNROLL_ALL
-            for (int r = 0; r < 4; ++r) {
-                const int key = k0 + 8 * n + 2 * t + (r % 2);
-                s[n][r] = key < tk ? s[n][r] * scale_log2 : neg_inf();
-                mx[r / 2] = fmaxf(mx[r / 2], s[n][r]);
+            for (int c = 0; c < KS; ++c) {
+                unsigned b[4];
+                ldsm_x4(b, ks + (16 * n + 8 * (mat / 2) + mrow) * S + 16 * c + 8 * (mat % 2));
+                DND_UNROLL_ALL
+                for (int mt = 0; mt < MT; ++mt) {
+                    D::mma(s[mt][2 * n], qa[mt][c], b);
+                    D::mma(s[mt][2 * n + 1], qa[mt][c], b + 2);
+                }
             }
-        DND_UNROLL_ALL
-        for (int h = 0; h < 2; ++h) {
-            mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 1));
-            mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 2));
-        }
-        const float alpha[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
-        DND_UNROLL_ALL
-        for (int h = 0; h < 2; ++h) {
-            m[h] = mx[h];
-            l[h] *= alpha[h];
-        }
-        DND_UNROLL_ALL
-        for (int j = 0; j < HD / 8; ++j)
+        if (k0 + FA_KEYS > tk)
             DND_UNROLL_ALL
-            for (int r = 0; r < 4; ++r) o[j][r] *= alpha[r / 2];
-        unsigned pa[2][4];
+            for (int mt = 0; mt < MT; ++mt)
+                DND_UNROLL_ALL
+                for (int n = 0; n < 8; ++n)
+                    DND_UNROLL_ALL
+                    for (int r = 0; r < 4; ++r)
+                        if (k0 + 8 * n + 2 * t + (r % 2) >= tk) s[mt][n][r] = neg_inf();
+        // Online softmax, base 2 (scale > 0, so the max of the unscaled scores is the max of
+        // the scaled ones): each row's max over its quad of lanes, then rescale. Two adjacent
+        // score tiles in the accumulator layout are one A fragment of p.
+        unsigned pa[MT][4][4];
         DND_UNROLL_ALL
-        for (int n = 0; n < 4; ++n) {
-            float p[4];
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx[2] = {m[mt][0], m[mt][1]};
             DND_UNROLL_ALL
-            for (int r = 0; r < 4; ++r) {
-                p[r] = exp2f(s[n][r] - m[r / 2]);
-                l[r / 2] += p[r];
+            for (int n = 0; n < 8; ++n)
+                DND_UNROLL_ALL
+                for (int r = 0; r < 4; ++r) mx[r / 2] = fmaxf(mx[r / 2], s[mt][n][r]);
+            float shift[2];
+            DND_UNROLL_ALL
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], shfl_xor(mx[i], 1));
+                mx[i] = fmaxf(mx[i], shfl_xor(mx[i], 2));
+                const float alpha = fast_exp2((m[mt][i] - mx[i]) * scale_log2);
+                m[mt][i] = mx[i];
+                l[mt][i] *= alpha;
+                DND_UNROLL_ALL
+                for (int j = 0; j < NT; ++j) {
+                    o[mt][j][2 * i] *= alpha;
+                    o[mt][j][2 * i + 1] *= alpha;
+                }
+                shift[i] = mx[i] * scale_log2;
             }
-            // Two adjacent score tiles in the accumulator layout are one A fragment.
-            pa[n / 2][2 * (n % 2)] = D::st(p[0]) | ((unsigned)D::st(p[1]) << 16);
-            pa[n / 2][2 * (n % 2) + 1] = D::st(p[2]) | ((unsigned)D::st(p[3]) << 16);
-        }
-        DND_UNROLL_ALL
-        for (int c = 0; c < 2; ++c)
             DND_UNROLL_ALL
-            for (int j = 0; j < HD / 8; ++j) {
-                const u16* vc = vs + (16 * c + 2 * t) * S + 8 * j + g;
-                const unsigned b[2] = {vc[0] | ((unsigned)vc[S] << 16),
-                                       vc[8 * S] | ((unsigned)vc[9 * S] << 16)};
-                D::mma(o[j], pa[c], b);
+            for (int n = 0; n < 8; ++n) {
+                float p[4];
+                DND_UNROLL_ALL
+                for (int r = 0; r < 4; ++r) {
+                    p[r] = fast_exp2(fmaf(s[mt][n][r], scale_log2, -shift[r / 2]));
+                    l[mt][r / 2] += p[r];
+                }
+                pa[mt][n / 2][2 * (n % 2)] = D::pack2(p[0], p[1]);
+                pa[mt][n / 2][2 * (n % 2) + 1] = D::pack2(p[2], p[3]);
+            }
+        }
+        // This tile's values are in (and every warp is done with its keys).
+        cp_async_wait();
+        __syncthreads();
+        if (k0 + FA_KEYS < tk) fa_load<W, S>(ks, k, ks_.row, k0 + FA_KEYS, tk, d, vec);
+        // o += p v: matrices 0 and 1 of a transposed load are keys 16 c .. + 7 and + 8 .. + 15
+        // at columns 8 j .. (one B fragment), 2 and 3 the same keys at columns 8 j + 8 .., read
+        // but unused past the last column tile when NT is odd (still inside the row).
+        DND_UNROLL_ALL
+        for (int c = 0; c < 4; ++c)
+            DND_UNROLL_ALL
+            for (int j = 0; j < NT; j += 2) {
+                unsigned b[4];
+                ldsm_x4_t(b, vs + (16 * c + 8 * (mat % 2) + mrow) * S + 8 * j + 8 * (mat / 2));
+                DND_UNROLL_ALL
+                for (int mt = 0; mt < MT; ++mt) {
+                    D::mma(o[mt][j], pa[mt][c], b);
+                    if (j + 1 < NT) D::mma(o[mt][j + 1], pa[mt][c], b + 2);
+                }
             }
     }
     DND_UNROLL_ALL
-    for (int h = 0; h < 2; ++h) {
-        l[h] += shfl_xor(l[h], 1);
-        l[h] += shfl_xor(l[h], 2);
-    }
-    DND_UNROLL_ALL
-    for (int j = 0; j < HD / 8; ++j)
+    for (int mt = 0; mt < MT; ++mt)
         DND_UNROLL_ALL
-        for (int r = 0; r < 4; ++r) {
-            const int row = row0 + g + 8 * (r / 2), col = 8 * j + 2 * t + (r % 2);
-            if (row < tq && col < d) out[row * out_row + col] = D::st(o[j][r] / l[r / 2]);
+        for (int i = 0; i < 2; ++i) {
+            l[mt][i] += shfl_xor(l[mt][i], 1);
+            l[mt][i] += shfl_xor(l[mt][i], 2);
+        }
+    // Two adjacent columns a store (d is a multiple of 8, so both are in or neither).
+    DND_UNROLL_ALL
+    for (int mt = 0; mt < MT; ++mt)
+        DND_UNROLL_ALL
+        for (int i = 0; i < 2; ++i) {
+            const int row = row0 + 16 * mt + g + 8 * i;
+            const float inv = 1.f / l[mt][i];
+            DND_UNROLL_ALL
+            for (int j = 0; j < NT; ++j) {
+                const int col = 8 * j + 2 * t;
+                if (row < tq && col < d)
+                    st2(out + row * out_row + col,
+                        D::pack2(o[mt][j][2 * i] * inv, o[mt][j][2 * i + 1] * inv));
+            }
         }
 }
 #endif
@@ -624,15 +737,17 @@ DND_KERNELS(F16, f16)
 DND_KERNELS(BF16, bf16)
 
 #ifdef DND_HAS_MMA
-// Flash attention for 16-bit types, per padded head size (tensor cores: sm_80 and later).
-#define DND_FLASH(D, SUFFIX, HD)                                                                \
-    extern "C" __global__ void flash_attention_##SUFFIX##_##HD(                                 \
+// Flash attention for 16-bit types, per head size rounded up to 8 (tensor cores: sm_80 and
+// later); `rows` is fa_rows of that size, which the launcher used for its grid.
+#define DND_FLASH(D, SUFFIX, D8)                                                                \
+    extern "C" __global__ void flash_attention_##SUFFIX##_##D8(                                 \
         const u16* q, const u16* k, const u16* v, u16* out, int heads, int tq, int tk, int d,   \
-        float scale_log2, Strides qs, Strides ks, Strides vs, int vec) {                        \
-        flash_attention<D, HD>(q, k, v, out, heads, tq, tk, d, scale_log2, qs, ks, vs, vec);    \
+        float scale_log2, Strides qs, Strides ks, Strides vs, int vec, int rows) {              \
+        flash_attention<D, D8>(q, k, v, out, heads, tq, tk, d, scale_log2, qs, ks, vs, vec, rows); \
     }
 #define DND_FLASH_SIZES(D, SUFFIX)                                                              \
     DND_FLASH(D, SUFFIX, 32)                                                                    \
+    DND_FLASH(D, SUFFIX, 40)                                                                    \
     DND_FLASH(D, SUFFIX, 48)                                                                    \
     DND_FLASH(D, SUFFIX, 64)                                                                    \
     DND_FLASH(D, SUFFIX, 80)                                                                    \
