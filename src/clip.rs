@@ -2,11 +2,11 @@
 //! (METHOD step 3.4), and the transformer shared with Stable Diffusion's text encoder.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_stacked_heads, Act, Linear};
+use crate::nn::{self, attention, merge_heads, split_stacked_heads, Act, LayerNorm, Linear};
 use crate::probe::Preprocess;
 use crate::Result;
 

@@ -199,6 +199,14 @@ impl Bench<'_> {
             note,
         );
 
+        // LayerNorm over the UNet's tokens at 64x64 latents, activations far from 0.
+        let (tokens, dim) = if full { (4096, 320) } else { (64, 40) };
+        let x = ((randn(&[2, tokens, dim], 31)? * 3.0)? + 20.0)?;
+        let (gamma, beta) = (randn(&[dim], 32)?, randn(&[dim], 33)?);
+        let want = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5).forward(&x)?;
+        let got = crate::nn::LayerNorm::new(on(&gamma)?, on(&beta)?, 1e-5).forward(&on(&x)?)?;
+        report("ops.layer_norm".into(), rel_err(&got, &want)?, tol, note);
+
         // The UNet's feed-forward at 64x64 latents: a biased linear layer, then GEGLU.
         let (tokens, dim) = if full { (4096, 320) } else { (64, 32) };
         let x = randn(&[2, tokens, dim], 19)?;

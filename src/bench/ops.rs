@@ -64,6 +64,23 @@ impl Bench<'_> {
             Ok(())
         })?;
 
+        // CLIP ViT-B/16's LayerNorm at batch 64: 64 x 197 rows of 768.
+        let (rows, c) = if quick { (64, 768) } else { (64 * 197, 768) };
+        let x = self.random(&[rows, c])?;
+        let (gamma, beta) = (self.random(&[c])?, self.random(&[c])?);
+        let ours = nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5);
+        let plain = candle_nn::LayerNorm::new(gamma, beta, 1e-5);
+        let gb = 2.0 * x.elem_count() as f64 * bytes / 1e9;
+        let note = format!("({rows}, {c}); GB moved at least");
+        self.measure("ops.layer_norm.dnd", gb, "GB/s", &note, || {
+            ours.forward(&x)?;
+            Ok(())
+        })?;
+        self.measure("ops.layer_norm.candle", gb, "GB/s", &note, || {
+            plain.forward(&x)?;
+            Ok(())
+        })?;
+
         // SD 1.x's self-attention at 64x64 latents, 16 rows: 8 heads of 40 over 4096 tokens.
         let (b, heads, tokens, d) = if quick {
             (2, 2, 256, 40)

@@ -4,11 +4,13 @@
 //! cache that lives for one batch; cross-attention keys and values are computed once per batch.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::hub::ResolvedModel;
-use crate::nn::{self, attention, merge_heads, split_heads, split_stacked_heads, Act, Linear};
+use crate::nn::{
+    self, attention, merge_heads, split_heads, split_stacked_heads, Act, LayerNorm, Linear,
+};
 use crate::probe::Preprocess;
 use crate::Result;
 

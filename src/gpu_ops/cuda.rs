@@ -468,6 +468,66 @@ pub(crate) fn bias_act(
     }
 }
 
+/// LayerNorm over the last dimension of a CUDA `x` with the affine map `gamma`, `beta`: one
+/// kernel, a warp a row.
+pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(gamma, beta, &Cuda3(LayerNormOp { eps }))
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn layer_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &LayerNormOp,
+    (x, xl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let c = xl.dims().last().copied().unwrap_or(1).max(1);
+    let aligned = [xl, gl, bl]
+        .iter()
+        .all(|l| l.start_offset().is_multiple_of(8));
+    let vec = vec_path::layer_norm(T::DTYPE, aligned, c);
+    let x = view::<T>(x, xl, "input")?;
+    let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
+    let y = output::<T>(dev, x.len())?;
+    let name = format!("layer_norm_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let (rows, c_, eps) = ((x.len() / c) as u64, c as i32, op.eps as f32);
+    let mut args = func.builder();
+    args.arg(&x).arg(&g).arg(&b).arg(&y);
+    args.arg(&rows).arg(&c_).arg(&eps).arg(&vec);
+    // One warp a row.
+    let cfg = blocks_of_threads((x.len() / c).div_ceil(THREADS as usize / 32));
+    // SAFETY: the arguments match layer_norm's signature in kernels.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(y)
+}
+
+impl Op3 for LayerNormOp {
+    const NAME: &'static str = "dnd-gpu-layer-norm";
+
+    fn cuda(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let c = xl.dims().last().copied().unwrap_or(0);
+        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!("dnd-gpu-layer-norm: rows of {c}, weights of another size")
+        }
+        let out = by_dtype!(
+            x,
+            layer_norm_launch(self, (x, xl), (g, gl), (b, bl), x.device())
+        );
+        Ok((out, xl.shape().clone()))
+    }
+}
+
 /// diffusers' GEGLU over the last dimension of a CUDA `x` `(..., 2 * inner)`: the first half
 /// times the exact GELU of the second, in one kernel.
 pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {

@@ -5,6 +5,7 @@
 //   emu group_norm DTYPE GRID BLOCK VEC CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
 //       (the three GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
+//   emu layer_norm DTYPE GRID BLOCK VEC ROWS C EPS x gamma beta out
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
@@ -45,14 +46,15 @@ struct Entry {
     void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, int,
                         int);
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
+    void (*layer_norm)(const T*, const T*, const T*, T*, u64, int, float, int);
     void (*geglu)(const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
     void (*upsample2x)(const T*, T*, u64, u64, int);
 };
 
 #define ENTRY(S)                                                                         \
-    {group_stats_##S, group_apply_##S, bias_act_##S, geglu_##S, max_pool_nhwc_##S,       \
-     upsample2x_##S}
+    {group_stats_##S, group_apply_##S, bias_act_##S, layer_norm_##S, geglu_##S,          \
+     max_pool_nhwc_##S, upsample2x_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int, int);
@@ -128,6 +130,19 @@ static int run(char** a, Entry<T> k) {
                         bias_len, plane, act, vec);
         });
         write(a[12], y);
+        return 0;
+    }
+    if (kernel == "layer_norm") {
+        const u64 rows = std::strtoull(a[5], nullptr, 10);
+        const int c = std::atoi(a[6]);
+        const float eps = std::strtof(a[7], nullptr);
+        auto x = read(a[8]), gamma = read(a[9]), beta = read(a[10]);
+        std::vector<char> y(x.size());
+        emu_launch(grid, block, [&] {
+            k.layer_norm((const T*)x.data(), (const T*)gamma.data(), (const T*)beta.data(),
+                         (T*)y.data(), rows, c, eps, vec);
+        });
+        write(a[11], y);
         return 0;
     }
     if (kernel == "geglu") {

@@ -32,6 +32,9 @@ __device__ __forceinline__ unsigned ld2(const u16* p) {
     return *reinterpret_cast<const unsigned*>(p);
 }
 __device__ __forceinline__ void st2(u16* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
+__device__ __forceinline__ float shfl_xor(float v, int mask) {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+}
 #if __CUDA_ARCH__ >= 800
 #define DND_HAS_MMA
 // D (16x8, f32) += A (16x16, row-major) * B (16x8, column-major), one warp, tensor cores.
@@ -49,9 +52,6 @@ __device__ __forceinline__ void st2(u16* p, unsigned v) { *reinterpret_cast<unsi
     }
 DND_MMA(mma_f16, "f16")
 DND_MMA(mma_bf16, "bf16")
-__device__ __forceinline__ float shfl_xor(float v, int mask) {
-    return __shfl_xor_sync(0xffffffffu, v, mask);
-}
 // Two f32 rounded to nearest even and packed, lo in the lower half: one instruction each type.
 #define DND_PACK2(NAME, TY)                                                         \
     __device__ __forceinline__ unsigned NAME(float lo, float hi) {                  \
@@ -96,7 +96,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #else
 #define DND_UNROLL
 #define DND_UNROLL_ALL
-#define DND_HAS_MMA  // the emulator's mma_f16, mma_bf16 and shfl_xor (emu.hpp)
+#define DND_HAS_MMA  // the emulator's mma_f16, mma_bf16, ldmatrix and cp.async (emu.hpp)
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
@@ -172,16 +172,17 @@ __device__ float block_sum(float v, float* buf) {
     return sum;
 }
 
-// The sum of f(element) over this thread's share of x[0..n): with `vec` (16-bit types, n a
-// multiple of 8), eight elements a load.
+// The sum of f(element) over this thread's share of x[0..n), elements (or groups of eight)
+// first, first + step, ...: with `vec` (16-bit types, n a multiple of 8), eight elements a load.
 template <class D, class F>
-__device__ __forceinline__ float thread_sum(const typename D::T* x, u64 n, int vec, F f) {
+__device__ __forceinline__ float thread_sum(const typename D::T* x, u64 n, int vec, F f,
+                                            unsigned first, unsigned step) {
     float s = 0.f;
     if constexpr (DND_IS_16BIT(D)) {
         if (vec) {
             float v[8];
             DND_UNROLL
-            for (u64 o = threadIdx.x; o < n / 8; o += blockDim.x) {
+            for (u64 o = first; o < n / 8; o += step) {
                 load8<D>(x + 8 * o, v);
                 for (int k = 0; k < 8; ++k) s += f(v[k]);
             }
@@ -189,7 +190,7 @@ __device__ __forceinline__ float thread_sum(const typename D::T* x, u64 n, int v
         }
     }
     DND_UNROLL
-    for (u64 i = threadIdx.x; i < n; i += blockDim.x) s += f(D::ld(x[i]));
+    for (u64 i = first; i < n; i += step) s += f(D::ld(x[i]));
     return s;
 }
 
@@ -215,9 +216,10 @@ __device__ void group_stats(const typename D::T* x, float* stats, u64 len, u64 c
     const u64 n = len - c * chunk < chunk ? len - c * chunk : chunk;
     x += g * len + c * chunk;
     const auto id = [](float v) { return v; };
-    const float mean = block_sum(thread_sum<D>(x, n, vec, id), buf) / (float)n;
+    const unsigned t = threadIdx.x, step = blockDim.x;
+    const float mean = block_sum(thread_sum<D>(x, n, vec, id, t, step), buf) / (float)n;
     const auto sq = [mean](float v) { return (v - mean) * (v - mean); };
-    const float m2 = block_sum(thread_sum<D>(x, n, vec, sq), buf);
+    const float m2 = block_sum(thread_sum<D>(x, n, vec, sq, t, step), buf);
     if (threadIdx.x == 0) {
         stats[3 * blockIdx.x] = (float)n;
         stats[3 * blockIdx.x + 1] = mean;
@@ -291,6 +293,45 @@ __device__ void group_apply(const typename D::T* x, const float* norm,
 }
 
 // The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
+// LayerNorm with its affine map over rows of `c` elements (the last dimension, contiguous),
+// one warp a row: the mean, then the mean squared deviation from it (a second pass, from
+// cache, exact where E[x^2] - mean^2 would cancel), then the output. candle's kernel takes one
+// block of 32 threads a row and loads an element at a time: a fifth of the card's bandwidth.
+// `vec`: 16-bit types, c a multiple of 8, operands 16-byte aligned.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int m = 16; m > 0; m /= 2) v += shfl_xor(v, m);
+    return v;
+}
+template <class D>
+__device__ void layer_norm(const typename D::T* x, const typename D::T* gamma,
+                           const typename D::T* beta, typename D::T* y, u64 rows, int c, float eps,
+                           int vec) {
+    const u64 row = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;  // the whole warp: no block-wide barrier below
+    const unsigned lane = threadIdx.x % 32;
+    x += row * c;
+    y += row * c;
+    const auto id = [](float v) { return v; };
+    const float mean = warp_sum(thread_sum<D>(x, c, vec, id, lane, 32)) / (float)c;
+    const auto sq = [mean](float v) { return (v - mean) * (v - mean); };
+    const float rstd = rsqrtf(warp_sum(thread_sum<D>(x, c, vec, sq, lane, 32)) / (float)c + eps);
+    if constexpr (DND_IS_16BIT(D)) {
+        if (vec) {
+            float v[8], gm[8], bt[8];
+            for (int o = lane; o < c / 8; o += 32) {
+                load8<D>(x + 8 * o, v);
+                load8<D>(gamma + 8 * o, gm);
+                load8<D>(beta + 8 * o, bt);
+                for (int k = 0; k < 8; ++k) v[k] = (v[k] - mean) * rstd * gm[k] + bt[k];
+                store8<D>(y + 8 * o, v);
+            }
+            return;
+        }
+    }
+    for (int i = lane; i < c; i += 32)
+        y[i] = D::st((D::ld(x[i]) - mean) * rstd * D::ld(gamma[i]) + D::ld(beta[i]));
+}
+
 __device__ __forceinline__ float gelu(float v) {
     return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
 }
@@ -718,6 +759,11 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     extern "C" __global__ void upsample2x_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 w,      \
                                                    int vec) {                                   \
         upsample2x<D>(x, y, rows, w, vec);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_##SUFFIX(const D::T* x, const D::T* gamma,             \
+                                                   const D::T* beta, D::T* y, u64 rows, int c,   \
+                                                   float eps, int vec) {                         \
+        layer_norm<D>(x, gamma, beta, y, rows, c, eps, vec);                                    \
     }                                                                                           \
     extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner,      \
                                               int vec) {                                        \

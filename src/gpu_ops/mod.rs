@@ -15,8 +15,8 @@ mod cuda;
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
-    bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, max_pool_channels_last,
-    upsample_nearest2x,
+    bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
+    max_pool_channels_last, upsample_nearest2x,
 };
 
 /// Which vectorised path the memory-bound kernels of `kernels.cu` take (0: none). Those paths
@@ -53,6 +53,11 @@ mod vec_path {
     /// GroupNorm's output, eight elements of one channel at a time.
     pub(crate) fn group_apply(dt: DType, aligned: bool, plane: usize, chunk: usize) -> i32 {
         i32::from(eligible(dt, aligned) && plane.is_multiple_of(8) && chunk.is_multiple_of(8))
+    }
+
+    /// LayerNorm over rows of `c`.
+    pub(crate) fn layer_norm(dt: DType, aligned: bool, c: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
     }
 
     /// GEGLU over rows of 2 * inner.
@@ -356,6 +361,53 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_kernel_matches_layer_norm() {
+        // Rows that leave the last block's warps partly idle; rows of 768 (CLIP, eight elements
+        // a load, three loads a lane), 264 (more groups of eight than lanes) and 20 (one
+        // element a load); values far from zero on average, where E[x^2] - mean^2 would lose
+        // the variance.
+        let rows = 11usize;
+        for c in [768usize, 264, 20] {
+            let x = (Tensor::randn(0f32, 2.0, (rows, c), &Device::Cpu).unwrap() + 30.0).unwrap();
+            let gamma = Tensor::randn(1f32, 0.5, c, &Device::Cpu).unwrap();
+            let beta = Tensor::randn(0f32, 0.5, c, &Device::Cpu).unwrap();
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
+                // In f64: candle's CPU layer norm takes E[x^2] - mean^2 in f32 and loses the
+                // variance here.
+                let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let centred = f64_of(&xr)
+                    .broadcast_sub(&f64_of(&xr).mean_keepdim(1).unwrap())
+                    .unwrap();
+                let var = centred.sqr().unwrap().mean_keepdim(1).unwrap();
+                let want = centred
+                    .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&f64_of(&gr))
+                    .unwrap()
+                    .broadcast_add(&f64_of(&br))
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let vec = super::vec_path::layer_norm(dt, true, c) as usize;
+                let (warps, block) = (4, 128);
+                let args = [rows.div_ceil(warps), block, vec, rows, c]
+                    .map(|v| v.to_string())
+                    .into_iter()
+                    .chain(["1e-5".to_string()])
+                    .collect::<Vec<_>>();
+                let inputs = [Some(&x), Some(&gamma), Some(&beta)];
+                let got = emulate("layer_norm", dt, &args, &inputs, &[rows, c]);
+                let e = err(&got, &want);
+                assert!(
+                    e <= tolerance(dt),
+                    "{rows}x{c}, {dt:?}, vec {vec}: error {e}"
+                );
             }
         }
     }

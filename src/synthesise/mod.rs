@@ -11,7 +11,6 @@ mod unet;
 mod vae;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::LayerNorm;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Deserialize;
@@ -37,7 +36,7 @@ struct TextEncoder {
     tokens: Tensor,
     positions: Tensor,
     encoder: Encoder,
-    final_ln: LayerNorm,
+    final_ln: nn::LayerNorm,
 }
 
 impl TextEncoder {

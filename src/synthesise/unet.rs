@@ -7,11 +7,11 @@
 //! have a place to go.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::blocks::{Norms, ResnetBlock};
-use crate::nn::{self, Conv, GroupNorm, Linear};
+use crate::nn::{self, Conv, GroupNorm, LayerNorm, Linear};
 use crate::Result;
 
 fn d_true() -> bool {

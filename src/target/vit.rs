@@ -2,40 +2,23 @@
 //! pos_embed, blocks.N (pre-norm attention + MLP), norm, head. A neuron of a token layer is one
 //! dimension of the CLS token; the patch tokens give its H x W map.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
 use crate::error::Result;
-use crate::nn::{attention, merge_heads, Act, Linear};
+use crate::nn::{attention, merge_heads, Act, LayerNorm, Linear};
 use crate::probe::Preprocess;
 
 const LN_EPS: f64 = 1e-6;
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Norm {
-    fn load(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<Self> {
-        Ok(Self {
-            w: w.get(&format!("{p}.weight"), Some(&[d]))?
-                .to_device(dev)?
-                .to_dtype(dt)?,
-            b: w.get(&format!("{p}.bias"), Some(&[d]))?
-                .to_device(dev)?
-                .to_dtype(dt)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.w,
-            &self.b,
-            LN_EPS as f32,
-        )?)
-    }
+/// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
+fn norm(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<LayerNorm> {
+    let get = |name: &str| -> Result<Tensor> {
+        Ok(w.get(&format!("{p}.{name}"), Some(&[d]))?
+            .to_device(dev)?
+            .to_dtype(dt)?)
+    };
+    Ok(LayerNorm::new(get("weight")?, get("bias")?, LN_EPS))
 }
 
 /// A linear layer from `{p}.weight` `(out, inp)` and `{p}.bias`.
@@ -52,10 +35,10 @@ fn lin(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) ->
 }
 
 struct Block {
-    norm1: Norm,
+    norm1: LayerNorm,
     qkv: Linear,
     proj: Linear,
-    norm2: Norm,
+    norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     heads: usize,
@@ -86,7 +69,7 @@ pub struct Vit {
     cls: Tensor,
     pos: Tensor,
     blocks: Vec<Block>,
-    norm: Norm,
+    norm: LayerNorm,
     head: Option<Linear>,
 }
 
@@ -136,10 +119,10 @@ impl Vit {
                 let p = format!("blocks.{i}");
                 let hidden = w.dims(&format!("{p}.mlp.fc1.weight"))?[0];
                 Ok(Block {
-                    norm1: Norm::load(w, &format!("{p}.norm1"), d, device, dtype)?,
+                    norm1: norm(w, &format!("{p}.norm1"), d, device, dtype)?,
                     qkv: lin(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
                     proj: lin(w, &format!("{p}.attn.proj"), d, d, device, dtype)?,
-                    norm2: Norm::load(w, &format!("{p}.norm2"), d, device, dtype)?,
+                    norm2: norm(w, &format!("{p}.norm2"), d, device, dtype)?,
                     fc1: lin(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
                     fc2: lin(w, &format!("{p}.mlp.fc2"), d, hidden, device, dtype)?,
                     heads,
@@ -186,7 +169,7 @@ impl Vit {
             cls: to(w.get("cls_token", Some(&[1, 1, d]))?)?,
             pos: to(pos)?,
             blocks,
-            norm: Norm::load(w, "norm", d, device, dtype)?,
+            norm: norm(w, "norm", d, device, dtype)?,
             head,
         })
     }
