@@ -159,6 +159,40 @@ impl Linear {
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         linear_with(x, &self.w, self.b.as_ref(), Some(residual), Act::None)
     }
+
+    /// `self` over the H*W tokens of a feature map `x` `(N, C_in, H, W)`: `(N, H*W, C_out)`.
+    /// The product reads the map transposed in place (a transposed operand to cuBLAS), where
+    /// the tokens would otherwise be copied out first.
+    pub(crate) fn forward_map_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let tokens = x.reshape((n, c, h * w))?.transpose(1, 2)?;
+        let y = tokens.broadcast_matmul(&self.w.t()?)?;
+        let out = self.out_features();
+        let y = epilogue(
+            y.reshape((n * h * w, out))?,
+            self.b.as_ref(),
+            None,
+            Act::None,
+        )?;
+        Ok(y.reshape((n, h * w, out))?)
+    }
+
+    /// `self` over tokens `t` `(N, H*W, C_in)` as a feature map `(N, C_out, H, W)`, plus
+    /// `residual` of that shape: one product writes the map (the weight times the tokens
+    /// transposed in place), then one pass adds the bias and residual, where the tokens'
+    /// output would otherwise be copied into the map.
+    pub(crate) fn forward_tokens_to_map(
+        &self,
+        t: &Tensor,
+        (h, w): (usize, usize),
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, out) = (t.dim(0)?, self.out_features());
+        let y = self.w.broadcast_left(n)?.matmul(&t.transpose(1, 2)?)?;
+        let residual = residual.reshape((n, out, h * w))?;
+        let y = epilogue(y, self.b.as_ref(), Some(&residual), Act::None)?;
+        Ok(y.reshape((n, out, h, w))?)
+    }
 }
 
 /// A 2-D convolution with bias, optionally followed by ReLU: our fused kernel for f32 on the

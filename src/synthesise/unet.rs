@@ -343,30 +343,25 @@ impl TransformerBlock {
     }
 }
 
-/// The input and output projections of a `Transformer2DModel`: 1x1 convolutions (SD 1.x) or
-/// linear layers over channels (SD 2.x, `use_linear_projection`).
-enum Projection {
-    Conv(Conv),
-    Linear(Linear),
-}
-
-impl Projection {
-    fn load(vb: &VarBuilder, c_in: usize, c_out: usize, linear: bool) -> candle_core::Result<Self> {
-        Ok(if linear {
-            Projection::Linear(Linear::load(vb, c_in, c_out, true)?)
-        } else {
-            Projection::Conv(Conv::load(vb, (c_in, c_out, 1), (1, 0), true)?)
-        })
+/// The input or output projection of a `Transformer2DModel` over channels: a linear layer
+/// (SD 2.x, `use_linear_projection`), or a 1x1 convolution (SD 1.x), which is the same map
+/// with the weight's trailing 1x1 dropped.
+fn projection(vb: &VarBuilder, channels: usize, linear: bool) -> candle_core::Result<Linear> {
+    if linear {
+        return Linear::load(vb, channels, channels, true);
     }
+    let w = vb.get((channels, channels, 1, 1), "weight")?;
+    let b = vb.get(channels, "bias")?;
+    Ok(Linear::new(w.reshape((channels, channels))?, Some(b)))
 }
 
 /// diffusers' `Transformer2DModel` over a feature map: GroupNorm, projection in, transformer
 /// blocks over the H*W tokens, projection out, residual.
 struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: Linear,
     blocks: Vec<TransformerBlock>,
-    proj_out: Projection,
+    proj_out: Linear,
 }
 
 impl SpatialTransformer {
@@ -393,33 +388,21 @@ impl SpatialTransformer {
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             norm: GroupNorm::load(&vb.pp("norm"), cfg.norm_num_groups, channels, 1e-6)?,
-            proj_in: Projection::load(&vb.pp("proj_in"), channels, channels, linear)?,
+            proj_in: projection(&vb.pp("proj_in"), channels, linear)?,
             blocks,
-            proj_out: Projection::load(&vb.pp("proj_out"), channels, channels, linear)?,
+            proj_out: projection(&vb.pp("proj_out"), channels, linear)?,
         })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
-        };
-        let to_map = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?)
-        };
-        let normed = self.norm.forward(x, false)?;
-        let mut t = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(l) => l.forward(&to_tokens(&normed)?)?,
-        };
+        let (_, _, h, w) = x.dims4()?;
+        let mut t = self
+            .proj_in
+            .forward_map_to_tokens(&self.norm.forward(x, false)?)?;
         for block in &self.blocks {
             t = block.forward(&t, context)?;
         }
-        match &self.proj_out {
-            // The residual is added inside the convolution's output pass.
-            Projection::Conv(conv) => conv.forward_residual(&to_map(&t)?, x),
-            Projection::Linear(l) => Ok((to_map(&l.forward(&t)?)? + x)?),
-        }
+        self.proj_out.forward_tokens_to_map(&t, (h, w), x)
     }
 }
 
