@@ -122,6 +122,21 @@ impl Linear {
         Self { w, b }
     }
 
+    /// A biased map over channels stored either as a linear layer (weight `(out, inp)`) or as a
+    /// 1x1 convolution (`(out, inp, 1, 1)`), as diffusers' checkpoints hold it one way or the
+    /// other.
+    pub(crate) fn load_pointwise(
+        vb: &VarBuilder,
+        inp: usize,
+        out: usize,
+    ) -> candle_core::Result<Self> {
+        let w = match vb.get((out, inp), "weight") {
+            Ok(w) => w,
+            Err(_) => vb.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?,
+        };
+        Ok(Self::new(w, Some(vb.get(out, "bias")?)))
+    }
+
     pub(crate) fn out_features(&self) -> usize {
         self.w.dims()[0]
     }

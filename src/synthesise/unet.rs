@@ -48,8 +48,6 @@ pub(super) struct Config {
     num_attention_heads: Option<serde_json::Value>,
     cross_attention_dim: usize,
     #[serde(default)]
-    use_linear_projection: bool,
-    #[serde(default)]
     upcast_attention: bool,
     #[serde(default = "d_groups")]
     norm_num_groups: usize,
@@ -343,20 +341,10 @@ impl TransformerBlock {
     }
 }
 
-/// The input or output projection of a `Transformer2DModel` over channels: a linear layer
-/// (SD 2.x, `use_linear_projection`), or a 1x1 convolution (SD 1.x), which is the same map
-/// with the weight's trailing 1x1 dropped.
-fn projection(vb: &VarBuilder, channels: usize, linear: bool) -> candle_core::Result<Linear> {
-    if linear {
-        return Linear::load(vb, channels, channels, true);
-    }
-    let w = vb.get((channels, channels, 1, 1), "weight")?;
-    let b = vb.get(channels, "bias")?;
-    Ok(Linear::new(w.reshape((channels, channels))?, Some(b)))
-}
-
 /// diffusers' `Transformer2DModel` over a feature map: GroupNorm, projection in, transformer
-/// blocks over the H*W tokens, projection out, residual.
+/// blocks over the H*W tokens, projection out, residual. The projections are linear layers
+/// (SD 2.x, `use_linear_projection`) or 1x1 convolutions (SD 1.x): the same map, taken from
+/// whichever shape the checkpoint holds.
 struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Linear,
@@ -372,7 +360,6 @@ impl SpatialTransformer {
         layers: usize,
         cfg: &Config,
     ) -> candle_core::Result<Self> {
-        let linear = cfg.use_linear_projection;
         let blocks = (0..layers)
             .map(|i| {
                 TransformerBlock::load(
@@ -388,9 +375,9 @@ impl SpatialTransformer {
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             norm: GroupNorm::load(&vb.pp("norm"), cfg.norm_num_groups, channels, 1e-6)?,
-            proj_in: projection(&vb.pp("proj_in"), channels, linear)?,
+            proj_in: Linear::load_pointwise(&vb.pp("proj_in"), channels, channels)?,
             blocks,
-            proj_out: projection(&vb.pp("proj_out"), channels, linear)?,
+            proj_out: Linear::load_pointwise(&vb.pp("proj_out"), channels, channels)?,
         })
     }
 
