@@ -53,6 +53,33 @@ fn decode_preprocess(c: &mut Criterion) {
     g.finish();
 }
 
+/// The probing set's batches as `extract` takes them: 128 photo-sized JPEGs decoded and
+/// preprocessed on every core, 32 a batch, the consumer doing nothing with them.
+fn decode_batches(c: &mut Criterion) {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/d_photo.jpg");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..128 {
+        std::fs::copy(&src, dir.path().join(format!("{i:03}.jpg"))).unwrap();
+    }
+    let set = ProbeSet::open(dir.path()).unwrap();
+    let pre = Preprocess::imagenet();
+    let cancel = AtomicBool::new(false);
+    let mut g = c.benchmark_group("probe");
+    g.throughput(Throughput::Elements(set.len() as u64));
+    g.sample_size(10);
+    g.bench_function("batches_128_jpegs_b32", |b| {
+        b.iter(|| {
+            probe::for_each_batch(&set.images, &pre, 32, &cancel, |batch| {
+                black_box(batch);
+                Ok(())
+            })
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
 /// A cache hit at full scale: 50,000 images x 2,048 neurons (ResNet-50 layer4): listing the
 /// probing set, reading the cached matrix and every neuron's top 10.
 fn cache_hit_50k(c: &mut Criterion) {
@@ -124,5 +151,11 @@ fn cache_hit_50k(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, resnet50_forward, decode_preprocess, cache_hit_50k);
+criterion_group!(
+    benches,
+    resnet50_forward,
+    decode_preprocess,
+    decode_batches,
+    cache_hit_50k
+);
 criterion_main!(benches);

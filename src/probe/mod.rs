@@ -365,10 +365,15 @@ impl Preprocess {
 
     /// Decodes `path` and returns its CHW tensor.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>, String> {
-        let img = decode(path)?;
         let mut out = vec![0f32; self.floats_per_image()];
-        self.apply(&img, &mut out);
+        self.load_into(path, &mut out)?;
         Ok(out)
+    }
+
+    /// [`Self::load`] into `out` (length [`Self::floats_per_image`]).
+    pub fn load_into(&self, path: &Path, out: &mut [f32]) -> Result<(), String> {
+        self.apply(&decode(path)?, out);
+        Ok(())
     }
 
     /// Size after the resize step, as torchvision computes it: the shorter side becomes
@@ -491,28 +496,42 @@ where
                     break;
                 }
                 let base = chunk_no * batch_size;
-                let decoded: Vec<(usize, Result<Vec<f32>, String>)> = chunk
-                    .par_iter()
-                    .enumerate()
-                    .map(|(i, im)| (base + i, pre.load(&im.path)))
+                // Each image decoded straight into its slot of the batch, in parallel (a
+                // buffer per image, copied into the batch after, cost a page-faulting
+                // allocation and a copy per image, and kept many cores from scaling).
+                let per = pre.floats_per_image();
+                let mut pixels = vec![0f32; chunk.len() * per];
+                let decoded: Vec<Result<(), String>> = pixels
+                    .par_chunks_mut(per)
+                    .zip(chunk.par_iter())
+                    .map(|(slot, im)| pre.load_into(&im.path, slot))
                     .collect();
                 let mut batch = Batch {
                     indices: Vec::with_capacity(chunk.len()),
-                    pixels: Vec::with_capacity(chunk.len() * pre.floats_per_image()),
+                    pixels: Vec::new(),
                     skipped: Vec::new(),
                 };
-                for (i, r) in decoded {
+                // The images that failed leave gaps, closed up in order.
+                for (i, r) in decoded.into_iter().enumerate() {
                     match r {
-                        Ok(px) => {
-                            batch.indices.push(i);
-                            batch.pixels.extend_from_slice(&px);
+                        Ok(()) => {
+                            let kept = batch.indices.len();
+                            if kept != i {
+                                pixels.copy_within(i * per..(i + 1) * per, kept * per);
+                            }
+                            batch.indices.push(base + i);
                         }
                         Err(reason) => {
-                            tracing::warn!("{}: skipped: {reason}", images[i].path.display());
-                            batch.skipped.push((i, reason));
+                            tracing::warn!(
+                                "{}: skipped: {reason}",
+                                images[base + i].path.display()
+                            );
+                            batch.skipped.push((base + i, reason));
                         }
                     }
                 }
+                pixels.truncate(batch.indices.len() * per);
+                batch.pixels = pixels;
                 if tx.send(batch).is_err() {
                     break; // the consumer stopped early
                 }
