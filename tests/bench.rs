@@ -60,10 +60,14 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "ops.conv3x3_residual_relu.candle",
         "ops.conv3x3_channels_last.dnd",
         "ops.conv3x3_channels_last.candle",
+        "ops.layer_norm.dnd",
+        "ops.layer_norm.candle",
         "ops.geglu.dnd",
         "ops.geglu.candle",
         "ops.attention.dnd",
         "ops.attention.candle",
+        "ops.attention_d64.dnd",
+        "ops.attention_d64.candle",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
         assert!(out.contains(want), "{want} missing from the table:\n{out}");
@@ -143,6 +147,10 @@ fn check_compares_every_model_family_from_seeded_weights() {
         "sd-v1-4.vae.b5",
         "taesd.decode.b3",
         "ops.conv_channels_last",
+        "ops.layer_norm",
+        "ops.attention",
+        "ops.attention_d64",
+        "ops.attention_d160",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
         assert!(err.contains(want), "{want} missing from the lines:\n{err}");

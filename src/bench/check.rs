@@ -225,27 +225,43 @@ impl Bench<'_> {
         let got = crate::nn::geglu(&on(&h)?)?;
         report("ops.geglu".into(), rel_err(&got, &want)?, tol, note);
 
-        // Attention as in SD 1.x's UNet at 64x64 latents: 8 heads of 40 over 4096 tokens (the
-        // flash attention kernel in f16/bf16 on CUDA; pieces elsewhere).
-        let (heads, tokens, d) = if full { (8, 4096, 40) } else { (2, 70, 40) };
-        let qkv: Vec<Tensor> = (22..25)
-            .map(|seed| randn(&[2, heads, tokens, d], seed))
-            .collect::<candle_core::Result<_>>()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
-        let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);
-        let got = crate::nn::attention(&q, &k, &v, scale, None)?;
-        let fused = if crate::nn::attention_is_fused(&q, &k, &v) {
-            "flash attention kernel"
+        // Attention as SD 1.x's UNet has it at 64x64 latents (8 heads of 40 over 4096 tokens)
+        // and at its deepest level (8 heads of 160 over 64), and as CLIP ViT-B/16 (12 heads of
+        // 64 over 197): on CUDA in f16/bf16 the flash attention kernels with two row tiles a
+        // warp and with one, whole key tiles and a last partial one; pieces elsewhere.
+        let shapes: [(&str, [usize; 3]); 3] = if full {
+            [
+                ("ops.attention", [8, 4096, 40]),
+                ("ops.attention_d160", [8, 64, 160]),
+                ("ops.attention_d64", [12, 197, 64]),
+            ]
         } else {
-            "attention in pieces"
+            [
+                ("ops.attention", [2, 70, 40]),
+                ("ops.attention_d160", [2, 30, 160]),
+                ("ops.attention_d64", [2, 130, 64]),
+            ]
         };
-        report(
-            "ops.attention".into(),
-            rel_err(&got, &want)?,
-            tol,
-            &format!("{fused} on the device against attention on the CPU in f32"),
-        );
+        for (seed, (name, [heads, tokens, d])) in (22..).step_by(3).zip(shapes) {
+            let qkv: Vec<Tensor> = (seed..seed + 3)
+                .map(|seed| randn(&[2, heads, tokens, d], seed))
+                .collect::<candle_core::Result<_>>()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
+            let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);
+            let got = crate::nn::attention(&q, &k, &v, scale, None)?;
+            let fused = if crate::nn::attention_is_fused(&q, &k, &v) {
+                "flash attention kernel"
+            } else {
+                "attention in pieces"
+            };
+            report(
+                name.into(),
+                rel_err(&got, &want)?,
+                tol,
+                &format!("{fused} on the device against attention on the CPU in f32"),
+            );
+        }
         Ok(())
     }
 

@@ -81,30 +81,39 @@ impl Bench<'_> {
             Ok(())
         })?;
 
-        // SD 1.x's self-attention at 64x64 latents, 16 rows: 8 heads of 40 over 4096 tokens.
-        let (b, heads, tokens, d) = if quick {
-            (2, 2, 256, 40)
+        // SD 1.x's self-attention at 64x64 latents, 16 rows: 8 heads of 40 over 4096 tokens;
+        // CLIP ViT-B/16's at batch 64: 12 heads of 64 over 197.
+        let shapes = if quick {
+            [
+                ("ops.attention", [2, 2, 256, 40]),
+                ("ops.attention_d64", [2, 2, 197, 64]),
+            ]
         } else {
-            (16, 8, 4096, 40)
+            [
+                ("ops.attention", [16, 8, 4096, 40]),
+                ("ops.attention_d64", [64, 12, 197, 64]),
+            ]
         };
-        let qkv: Vec<Tensor> = (0..3)
-            .map(|_| self.random(&[b, heads, tokens, d]))
-            .collect::<Result<_>>()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let tflop = 4.0 * (b * heads * tokens * tokens * d) as f64 / 1e12;
-        let note = format!(
-            "({b}, {heads}, {tokens}, {d}), {}",
-            nn::attention_path(&qkv[0], &qkv[1], &qkv[2])
-        );
-        self.measure("ops.attention.dnd", tflop, "TFLOP/s", &note, || {
-            nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
-            Ok(())
-        })?;
-        let note = format!("({b}, {heads}, {tokens}, {d}), scores in pieces of at most 2^28");
-        self.measure("ops.attention.candle", tflop, "TFLOP/s", &note, || {
-            nn::unfused_attention(&qkv[0], &qkv[1], &qkv[2], scale)?;
-            Ok(())
-        })?;
+        for (row, [b, heads, tokens, d]) in shapes {
+            let qkv: Vec<Tensor> = (0..3)
+                .map(|_| self.random(&[b, heads, tokens, d]))
+                .collect::<Result<_>>()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let tflop = 4.0 * (b * heads * tokens * tokens * d) as f64 / 1e12;
+            let note = format!(
+                "({b}, {heads}, {tokens}, {d}), {}",
+                nn::attention_path(&qkv[0], &qkv[1], &qkv[2])
+            );
+            self.measure(&format!("{row}.dnd"), tflop, "TFLOP/s", &note, || {
+                nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
+                Ok(())
+            })?;
+            let note = format!("({b}, {heads}, {tokens}, {d}), scores in pieces of at most 2^28");
+            self.measure(&format!("{row}.candle"), tflop, "TFLOP/s", &note, || {
+                nn::unfused_attention(&qkv[0], &qkv[1], &qkv[2], scale)?;
+                Ok(())
+            })?;
+        }
         Ok(())
     }
 
