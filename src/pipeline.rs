@@ -218,12 +218,12 @@ impl Models {
         })
     }
 
-    /// Latents to images in [0, 1] (B, 3, H, W) on the CPU: the tiny decoder when loaded,
-    /// else the synthesiser's VAE.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    /// Latents to images in [0, 1] (B, 3, H, W), f32, left on the models' device: the tiny
+    /// decoder when loaded, else the synthesiser's VAE.
+    pub fn decode_on_device(&self, latents: &Tensor) -> Result<Tensor> {
         match &self.tiny_vae {
-            Some(tiny) => tiny.decode(latents),
-            None => self.synthesiser.decode(latents),
+            Some(tiny) => tiny.decode_on_device(latents),
+            None => self.synthesiser.decode_on_device(latents),
         }
     }
 }
@@ -1067,7 +1067,7 @@ impl Runner<'_> {
                 let latents = Tensor::cat(&rows, 0)?;
                 let mut sched = sd.scheduler(&p.sampling)?;
                 let out = sd.denoise(&latents, &prompt_refs, &mut sched, p.sampling.guidance)?;
-                let images = crate::synthesise::to_rgb(&self.ctx.models.decode(&out)?)?;
+                let images = crate::synthesise::to_rgb(&self.ctx.models.decode_on_device(&out)?)?;
                 let files: Vec<PathBuf> = chunk
                     .iter()
                     .map(|&(w, ci, j)| {
