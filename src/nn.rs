@@ -180,7 +180,11 @@ impl Linear {
     /// the tokens would otherwise be copied out first.
     pub(crate) fn forward_map_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let tokens = x.reshape((n, c, h * w))?.transpose(1, 2)?;
+        // A view of channels-last storage is its tokens already.
+        let tokens = match channels_last_storage(x)? {
+            Some(rows) => rows.reshape((n, h * w, c))?,
+            None => x.reshape((n, c, h * w))?.transpose(1, 2)?,
+        };
         let y = tokens.broadcast_matmul(&self.w.t()?)?;
         let out = self.out_features();
         let y = epilogue(
@@ -203,11 +207,28 @@ impl Linear {
         residual: &Tensor,
     ) -> Result<Tensor> {
         let (n, out) = (t.dim(0)?, self.out_features());
+        // Where the residual is a view of channels-last storage, the output's tokens are the
+        // map's storage: the layer as is, and the map a view of it.
+        if let Some(rows) = channels_last_storage(residual)? {
+            let rows = rows.reshape((n, h * w, out))?;
+            let y = self.forward_residual(t, &rows)?;
+            return Ok(y.reshape((n, h, w, out))?.permute((0, 3, 1, 2))?);
+        }
         let y = self.w.broadcast_left(n)?.matmul(&t.transpose(1, 2)?)?;
         let residual = residual.reshape((n, out, h * w))?;
         let y = epilogue(y, self.b.as_ref(), Some(&residual), Act::None)?;
         Ok(y.reshape((n, out, h, w))?)
     }
+}
+
+/// `x` `(N, C, H, W)` as its `(N, H, W, C)` storage where it is a view of channels-last
+/// memory (as channels-last convolutions leave their outputs), else None.
+pub(crate) fn channels_last_storage(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if x.rank() != 4 || x.is_contiguous() {
+        return Ok(None);
+    }
+    let rows = x.permute((0, 2, 3, 1))?;
+    Ok(rows.is_contiguous().then_some(rows))
 }
 
 /// A 2-D convolution with bias, optionally followed by ReLU: our fused kernel for f32 on the
@@ -328,13 +349,13 @@ impl Conv {
     /// tensor-core kernels are fastest, as PyTorch runs ResNet; elsewhere unchanged. Inputs and
     /// outputs keep their logical `(N, C, H, W)` shape: the output is a view of NHWC storage,
     /// which the next channels-last convolution reads without a copy (any other input is
-    /// copied into NHWC first), and which every other op reads through its strides.
+    /// copied into NHWC first), as do our GroupNorm and upsampling kernels, and which every
+    /// other op reads through its strides.
     #[cfg_attr(not(feature = "cudnn"), allow(unused_mut))]
     pub(crate) fn channels_last(mut self) -> candle_core::Result<Self> {
         #[cfg(feature = "cudnn")]
         if let ConvImpl::Device {
             weight,
-            upsample: false,
             channels_last,
             ..
         } = &mut self.imp
@@ -410,9 +431,17 @@ impl Conv {
                 stride_padding,
                 bias,
                 relu,
+                upsample,
                 channels_last: true,
-                ..
-            } => channels_last_conv(weight, *stride_padding, bias, *relu, x, residual),
+            } => {
+                // Upsampled channels-last where x is (our kernel reads its storage in place).
+                let x = if *upsample {
+                    upsample_nearest(x, 2)?
+                } else {
+                    x.clone()
+                };
+                channels_last_conv(weight, *stride_padding, bias, *relu, &x, residual)
+            }
             ConvImpl::Device {
                 weight,
                 stride_padding,
@@ -879,5 +908,41 @@ mod tests {
             let diff = crate::cpu_ops::tests::max_diff(pieces, whole.clone());
             assert!(diff < 1e-6, "{at_once}: {diff}");
         }
+    }
+
+    #[test]
+    fn projections_read_and_write_channels_last_maps_as_nchw_ones() {
+        // The VAE's attention on CUDA gets views of NHWC storage (channels-last convolutions'
+        // outputs): the projections take them as tokens in place, and write the map with the
+        // residual back into channels-last storage; the values must be those of NCHW maps.
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (2, 6, 3, 5);
+        let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+        let nhwc = |t: &Tensor| {
+            t.permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+        };
+        let x_cl = nhwc(&x);
+        assert!(channels_last_storage(&x).unwrap().is_none());
+        assert!(channels_last_storage(&x_cl).unwrap().is_some());
+        let lin = Linear::new(
+            Tensor::randn(0f32, 1.0, (c, c), &dev).unwrap(),
+            Some(Tensor::randn(0f32, 1.0, c, &dev).unwrap()),
+        );
+        let tokens = lin.forward_map_to_tokens(&x).unwrap();
+        let diff = crate::cpu_ops::tests::max_diff(
+            lin.forward_map_to_tokens(&x_cl).unwrap(),
+            tokens.clone(),
+        );
+        assert!(diff < 1e-5, "tokens: {diff}");
+        let map = lin.forward_tokens_to_map(&tokens, (h, w), &x).unwrap();
+        let map_cl = lin.forward_tokens_to_map(&tokens, (h, w), &x_cl).unwrap();
+        assert!(channels_last_storage(&map_cl).unwrap().is_some());
+        let diff = crate::cpu_ops::tests::max_diff(map_cl, map);
+        assert!(diff < 1e-5, "map: {diff}");
     }
 }

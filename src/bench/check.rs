@@ -134,9 +134,22 @@ impl Bench<'_> {
             .forward(&x)?
             .silu()?;
         let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
-        let got = crate::nn::GroupNorm::load(&vb, 32, c, 1e-6)?.forward(&on(&x)?, true)?;
+        let norm = crate::nn::GroupNorm::load(&vb, 32, c, 1e-6)?;
+        let got = norm.forward(&on(&x)?, true)?;
         report(
             "ops.group_norm_silu".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+        // The same on a view of channels-last storage, as the VAE's convolutions leave it.
+        let nhwc = on(&x)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .permute((0, 3, 1, 2))?;
+        let got = norm.forward(&nhwc, true)?;
+        report(
+            "ops.group_norm_silu_channels_last".into(),
             rel_err(&got, &want)?,
             tol,
             note,

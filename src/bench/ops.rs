@@ -37,6 +37,23 @@ impl Bench<'_> {
             plain.forward(&x)?.silu()?;
             Ok(())
         })?;
+        // The same map channels-last, as the VAE's convolutions leave it (candle's GroupNorm
+        // would copy it to NCHW first).
+        let nhwc = x
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .permute((0, 3, 1, 2))?;
+        let note = format!("{note}; channels-last storage");
+        self.measure(
+            "ops.group_norm_silu_channels_last.dnd",
+            gb,
+            "GB/s",
+            &note,
+            || {
+                ours.forward(&nhwc, true)?;
+                Ok(())
+            },
+        )?;
 
         // A resnet block's last 3x3 convolution at 64x64 latents, 16 rows: bias, residual, ReLU.
         let shape = if quick { (2, 16, 16) } else { (16, 320, 64) };

@@ -260,6 +260,7 @@ fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
 
 /// GroupNorm over `groups` of a CUDA `x` `(N, C, ...)`, its affine map, then SiLU when `silu`:
 /// three kernels, whatever the size of the groups.
+/// A view of channels-last storage is normalised in place of it, the output another such view.
 pub(crate) fn group_norm(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
@@ -268,7 +269,107 @@ pub(crate) fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let op = GroupNormOp { groups, eps, silu };
+    if let Some(rows) = crate::nn::channels_last_storage(x)? {
+        let c = rows.dim(3)?;
+        if groups > 0 && c % groups == 0 && super::group_norm_nhwc_threads(c).is_some() {
+            return rows
+                .apply_op3_no_bwd(gamma, beta, &Cuda3(GroupNormNhwc(op)))?
+                .permute((0, 3, 1, 2));
+        }
+    }
     x.contiguous()?.apply_op3_no_bwd(gamma, beta, &Cuda3(op))
+}
+
+/// GroupNorm over channels-last `(N, H, W, C)` storage.
+struct GroupNormNhwc(GroupNormOp);
+
+/// Elements of an image per block of `group_stats_nhwc`: a chunk of whole pixels about this
+/// long.
+const NHWC_CHUNK: usize = 32_768;
+
+fn group_norm_nhwc_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &GroupNormOp,
+    (x, xl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (n, h, w, c) = xl.shape().dims4()?;
+    let Some(threads) = super::group_norm_nhwc_threads(c) else {
+        candle_core::bail!("dnd-gpu-group-norm: no block size holds rows of {c} channels")
+    };
+    let vec = vec_path::group_apply_nhwc(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
+    let x = view::<T>(x, xl, "input")?;
+    let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
+    let dt = T::DTYPE.as_str();
+    let pixels = h * w;
+    let chunk_px = (NHWC_CHUNK / c).max(1);
+    let chunks = pixels.div_ceil(chunk_px);
+    let (c_, groups) = (c as i32, op.groups as i32);
+    let (pixels_, chunk_px_) = (pixels as u64, chunk_px as u64);
+    // (count, mean, sum of squared deviations) per chunk of each group, as group_stats.
+    let stats = output::<f32>(dev, 3 * n * op.groups * chunks)?;
+    let func = dev.get_or_load_custom_func(&format!("group_stats_nhwc_{dt}"), MODULE, ptx(dev)?)?;
+    let mut args = func.builder();
+    args.arg(&x)
+        .arg(&stats)
+        .arg(&pixels_)
+        .arg(&c_)
+        .arg(&groups)
+        .arg(&chunk_px_);
+    let cfg = LaunchConfig {
+        grid_dim: ((n * chunks) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match group_stats_nhwc's signature in kernels.cu; the block is a
+    // multiple of c threads, as it requires.
+    unsafe { args.launch(cfg) }.w()?;
+
+    let norm = output::<f32>(dev, 2 * n * op.groups)?;
+    let func = dev.get_or_load_custom_func("group_combine", MODULE, ptx(dev)?)?;
+    let (chunks_, eps) = (chunks as u64, op.eps as f32);
+    let mut args = func.builder();
+    args.arg(&stats).arg(&norm).arg(&chunks_).arg(&eps);
+    // SAFETY: the arguments match group_combine's signature in kernels.cu.
+    unsafe { args.launch(blocks_of_threads(n * op.groups)) }.w()?;
+
+    let y = output::<T>(dev, x.len())?;
+    let func = dev.get_or_load_custom_func(&format!("group_apply_nhwc_{dt}"), MODULE, ptx(dev)?)?;
+    let (total, image, silu) = (x.len() as u64, (pixels * c) as u64, i32::from(op.silu));
+    let mut args = func.builder();
+    args.arg(&x).arg(&norm).arg(&g).arg(&b).arg(&y);
+    args.arg(&total)
+        .arg(&image)
+        .arg(&c_)
+        .arg(&groups)
+        .arg(&silu)
+        .arg(&vec);
+    // SAFETY: the arguments match group_apply_nhwc's signature in kernels.cu; the three
+    // kernels run in order on the device's stream.
+    unsafe { args.launch(grid_stride(total, vec)) }.w()?;
+    Ok(y)
+}
+
+impl Op3 for GroupNormNhwc {
+    const NAME: &'static str = "dnd-gpu-group-norm-nhwc";
+
+    fn cuda(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        (g, gl): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let c = xl.shape().dims4()?.3;
+        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!("dnd-gpu-group-norm: {c} channels, weights of another size")
+        }
+        let out = by_dtype!(
+            x,
+            group_norm_nhwc_launch(&self.0, (x, xl), (g, gl), (b, bl), x.device())
+        );
+        Ok((out, xl.shape().clone()))
+    }
 }
 
 struct GroupNormOp {
@@ -572,27 +673,51 @@ impl Op1 for Geglu {
 
 /// Nearest 2x upsampling of a CUDA `x` `(N, C, H, W)` in one kernel.
 pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Cuda1(Upsample2x))
+    match crate::nn::channels_last_storage(x)? {
+        Some(rows) => rows
+            .apply_op1_no_bwd(&Cuda1(Upsample2x { nhwc: true }))?
+            .permute((0, 3, 1, 2)),
+        None => x
+            .contiguous()?
+            .apply_op1_no_bwd(&Cuda1(Upsample2x { nhwc: false })),
+    }
 }
 
-struct Upsample2x;
+/// Nearest 2x upsampling of contiguous `(N, C, H, W)`, or with `nhwc` of `(N, H, W, C)`.
+struct Upsample2x {
+    nhwc: bool,
+}
 
 fn upsample_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &Upsample2x,
     (x, xl): (&CudaStorage, &Layout),
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
-    let (n, c, h, w) = xl.shape().dims4()?;
-    let vec = vec_path::upsample2x(T::DTYPE, xl.start_offset().is_multiple_of(8), w);
+    let dims = xl.shape().dims4()?;
+    let aligned = xl.start_offset().is_multiple_of(8);
     let x = view::<T>(x, xl, "input")?;
     let y = output::<T>(dev, 4 * x.len())?;
+    let dt = T::DTYPE.as_str();
+    if op.nhwc {
+        let (n, h, w, c) = dims;
+        let vec = vec_path::upsample2x_nhwc(T::DTYPE, aligned, c);
+        let (rows, w, c) = ((n * h) as u64, w as u64, c as u64);
+        let func =
+            dev.get_or_load_custom_func(&format!("upsample2x_nhwc_{dt}"), MODULE, ptx(dev)?)?;
+        let mut args = func.builder();
+        args.arg(&x).arg(&y).arg(&rows).arg(&w).arg(&c).arg(&vec);
+        // SAFETY: the arguments match upsample2x_nhwc's signature in kernels.cu.
+        unsafe { args.launch(grid_stride(rows * w * c, vec)) }.w()?;
+        return Ok(y);
+    }
+    let (n, c, h, w) = dims;
+    let vec = vec_path::upsample2x(T::DTYPE, aligned, w);
     let (rows, w) = ((n * c * h) as u64, w as u64);
-    let name = format!("upsample2x_{}", T::DTYPE.as_str());
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let func = dev.get_or_load_custom_func(&format!("upsample2x_{dt}"), MODULE, ptx(dev)?)?;
     let mut args = func.builder();
     args.arg(&x).arg(&y).arg(&rows).arg(&w).arg(&vec);
-    let cfg = grid_stride(rows * w, vec);
     // SAFETY: the arguments match upsample2x's signature in kernels.cu.
-    unsafe { args.launch(cfg) }.w()?;
+    unsafe { args.launch(grid_stride(rows * w, vec)) }.w()?;
     Ok(y)
 }
 
@@ -600,9 +725,14 @@ impl Op1 for Upsample2x {
     const NAME: &'static str = "dnd-gpu-upsample2x";
 
     fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let y = by_dtype!(x, upsample_launch((x, xl), x.device()));
-        Ok((y, Shape::from((n, c, 2 * h, 2 * w))))
+        let (n, a, b, c) = xl.shape().dims4()?;
+        let y = by_dtype!(x, upsample_launch(self, (x, xl), x.device()));
+        let shape = if self.nhwc {
+            (n, 2 * a, 2 * b, c)
+        } else {
+            (n, a, 2 * b, 2 * c)
+        };
+        Ok((y, Shape::from(shape)))
     }
 }
 

@@ -5,6 +5,9 @@
 //   emu group_norm DTYPE GRID BLOCK VEC CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
 //       (the three GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
 //   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
+//   emu group_norm_nhwc DTYPE GRID BLOCK VEC N PIXELS C GROUPS CHUNK_PX EPS SILU x gamma beta out
+//       (x and out channels-last; GRID: blocks of the apply kernel)
+//   emu upsample2x_nhwc DTYPE GRID BLOCK VEC ROWS W C x out
 //   emu layer_norm DTYPE GRID BLOCK VEC ROWS C EPS x gamma beta out
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
@@ -46,6 +49,10 @@ struct Entry {
     void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, int,
                         int);
     void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
+    void (*group_stats_nhwc)(const T*, float*, u64, int, int, u64);
+    void (*group_apply_nhwc)(const T*, const float*, const T*, const T*, T*, u64, u64, int, int,
+                             int, int);
+    void (*upsample2x_nhwc)(const T*, T*, u64, u64, u64, int);
     void (*layer_norm)(const T*, const T*, const T*, T*, u64, int, float, int);
     void (*geglu)(const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
@@ -53,8 +60,10 @@ struct Entry {
 };
 
 #define ENTRY(S)                                                                         \
-    {group_stats_##S, group_apply_##S, bias_act_##S, layer_norm_##S, geglu_##S,          \
-     max_pool_nhwc_##S, upsample2x_##S}
+    {group_stats_##S,      group_apply_##S,      bias_act_##S,                           \
+     group_stats_nhwc_##S, group_apply_nhwc_##S, upsample2x_nhwc_##S,                    \
+     layer_norm_##S,       geglu_##S,            max_pool_nhwc_##S,                      \
+     upsample2x_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int, int);
@@ -130,6 +139,39 @@ static int run(char** a, Entry<T> k) {
                         bias_len, plane, act, vec);
         });
         write(a[12], y);
+        return 0;
+    }
+    if (kernel == "group_norm_nhwc") {
+        // GRID: blocks of the apply kernel (grid-stride).
+        const u64 n = std::strtoull(a[5], nullptr, 10), pixels = std::strtoull(a[6], nullptr, 10);
+        const int c = std::atoi(a[7]), groups = std::atoi(a[8]);
+        const u64 chunk_px = std::strtoull(a[9], nullptr, 10);
+        const float eps = std::strtof(a[10], nullptr);
+        const int silu = std::atoi(a[11]);
+        auto x = read(a[12]), gamma = read(a[13]), beta = read(a[14]);
+        const u64 chunks = (pixels + chunk_px - 1) / chunk_px;
+        std::vector<float> stats(3 * n * groups * chunks), norm(2 * n * groups);
+        std::vector<char> y(x.size());
+        emu_launch(n * chunks, block, [&] {
+            k.group_stats_nhwc((const T*)x.data(), stats.data(), pixels, c, groups, chunk_px);
+        });
+        emu_launch(n * groups, block, [&] { group_combine(stats.data(), norm.data(), chunks, eps); });
+        emu_launch(grid, block, [&] {
+            k.group_apply_nhwc((const T*)x.data(), norm.data(), (const T*)gamma.data(),
+                               (const T*)beta.data(), (T*)y.data(), n * pixels * c, pixels * c, c,
+                               groups, silu, vec);
+        });
+        write(a[15], y);
+        return 0;
+    }
+    if (kernel == "upsample2x_nhwc") {
+        const u64 rows = std::strtoull(a[5], nullptr, 10), w = std::strtoull(a[6], nullptr, 10);
+        const u64 c = std::strtoull(a[7], nullptr, 10);
+        auto x = read(a[8]);
+        std::vector<char> y(4 * x.size());
+        emu_launch(grid, block,
+                   [&] { k.upsample2x_nhwc((const T*)x.data(), (T*)y.data(), rows, w, c, vec); });
+        write(a[9], y);
         return 0;
     }
     if (kernel == "layer_norm") {

@@ -293,6 +293,112 @@ __device__ void group_apply(const typename D::T* x, const float* norm,
 }
 
 // The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
+// GroupNorm over channels-last storage (N, pixels, C), with the same three steps:
+// - group_stats_nhwc: one block per chunk of `chunk_px` pixels of an image, all its groups at
+//   once: the chunk is contiguous, so its reads are whole rows of C. blockDim.x is a multiple
+//   of C, so each thread keeps to one channel, and a group's partial sums are those of the
+//   threads of its channels. Two passes over the chunk (the second from cache), as in
+//   group_stats; the statistics are laid out per group, chunk after chunk, as group_combine
+//   reads them.
+// - group_combine, unchanged;
+// - group_apply_nhwc: grid-stride over the elements, each channel's group and each image's
+//   statistics looked up; with `vec` (16-bit types, C a multiple of 8) eight channels a load.
+template <class D>
+__device__ void group_stats_nhwc(const typename D::T* x, float* stats, u64 pixels, int c,
+                                 int groups, u64 chunk_px) {
+    __shared__ float part[1024];
+    __shared__ float gmean[1024];
+    const u64 chunks = (pixels + chunk_px - 1) / chunk_px;
+    const u64 n = blockIdx.x / chunks, k = blockIdx.x % chunks;
+    const u64 p0 = k * chunk_px;
+    const u64 np = pixels - p0 < chunk_px ? pixels - p0 : chunk_px;
+    const u64 len = np * (u64)c;
+    x += (n * pixels + p0) * (u64)c;
+    const unsigned t = threadIdx.x, rows = blockDim.x / (unsigned)c;
+    const int cg = c / groups, g = (int)(t % (unsigned)c) / cg;
+    // The sum over group `grp`'s threads: rows of the block times its cg channels.
+    const auto group_total = [&](int grp) {
+        float acc = 0.f;
+        for (unsigned r = 0; r < rows; ++r)
+            for (int j = 0; j < cg; ++j) acc += part[r * (unsigned)c + (unsigned)(grp * cg + j)];
+        return acc;
+    };
+    const float count = (float)(np * (u64)cg);
+    float s = 0.f;
+    for (u64 i = t; i < len; i += blockDim.x) s += D::ld(x[i]);
+    part[t] = s;
+    __syncthreads();
+    if (t < (unsigned)groups) gmean[t] = group_total((int)t) / count;
+    __syncthreads();
+    const float mean = gmean[g];
+    float m2 = 0.f;
+    for (u64 i = t; i < len; i += blockDim.x) {
+        const float d = D::ld(x[i]) - mean;
+        m2 += d * d;
+    }
+    part[t] = m2;
+    __syncthreads();
+    if (t < (unsigned)groups) {
+        const u64 at = 3 * (((u64)n * groups + t) * chunks + k);
+        stats[at] = count;
+        stats[at + 1] = gmean[t];
+        stats[at + 2] = group_total((int)t);
+    }
+}
+
+template <class D, class I>
+__device__ void group_apply_nhwc(const typename D::T* x, const float* norm,
+                                 const typename D::T* gamma, const typename D::T* beta,
+                                 typename D::T* y, I total, I image, int c, int groups, int silu,
+                                 int vec) {
+    const I stride = (I)gridDim.x * blockDim.x;
+    const int cg = c / groups;
+    const auto one = [&](I i, int ch, float v) {
+        const I at = 2 * ((i / image) * (I)groups + (I)(ch / cg));
+        v = (v - norm[at]) * norm[at + 1] * D::ld(gamma[ch]) + D::ld(beta[ch]);
+        return silu ? v / (1.f + expf(-v)) : v;
+    };
+    if constexpr (DND_IS_16BIT(D)) {
+        if (vec) {
+            for (I o = (I)blockIdx.x * blockDim.x + threadIdx.x; o < total / 8; o += stride) {
+                const I i = 8 * o;
+                const int ch = (int)(i % (I)c);
+                float v[8];
+                load8<D>(x + i, v);
+                for (int j = 0; j < 8; ++j) v[j] = one(i, ch + j, v[j]);
+                store8<D>(y + i, v);
+            }
+            return;
+        }
+    }
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
+        y[i] = D::st(one(i, (int)(i % (I)c), D::ld(x[i])));
+}
+
+// Nearest 2x upsampling of channels-last (N*H rows of W pixels of C) storage: each pixel's C
+// values to four places; with `vec` (16-bit types, C a multiple of 8) eight channels a load.
+template <class D>
+__device__ void upsample2x_nhwc(const typename D::T* x, typename D::T* y, u64 rows, u64 w,
+                                u64 c, int vec) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const u64 per = vec ? 8 : 1, units = rows * w * (c / per);
+    for (u64 o = (u64)blockIdx.x * blockDim.x + threadIdx.x; o < units; o += stride) {
+        const u64 ch = (o % (c / per)) * per, px = o / (c / per);
+        const u64 r = px / w, col = px % w;
+        const u64 src = px * c + ch;
+        const u64 top = (2 * r * 2 * w + 2 * col) * c + ch, below = top + 2 * w * c;
+        const u64 at[4] = {top, top + c, below, below + c};
+        if constexpr (DND_IS_16BIT(D)) {
+            if (vec) {
+                const uint4 v = ld8(x + src);
+                for (int k = 0; k < 4; ++k) st8(y + at[k], v);
+                continue;
+            }
+        }
+        for (int k = 0; k < 4; ++k) y[at[k]] = x[src];
+    }
+}
+
 // LayerNorm with its affine map over rows of `c` elements (the last dimension, contiguous),
 // one warp a row: the mean, then the mean squared deviation from it (a second pass, from
 // cache, exact where E[x^2] - mean^2 would cancel), then the output. candle's kernel takes one
@@ -741,6 +847,25 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
         const D::T* x, const float* norm, const D::T* gamma, const D::T* beta, D::T* y,         \
         int channels, int groups, u64 plane, u64 chunk, int silu, int vec) {                    \
         group_apply<D>(x, norm, gamma, beta, y, channels, groups, plane, chunk, silu, vec);     \
+    }                                                                                           \
+    extern "C" __global__ void group_stats_nhwc_##SUFFIX(const D::T* x, float* stats,           \
+                                                         u64 pixels, int c, int groups,         \
+                                                         u64 chunk_px) {                        \
+        group_stats_nhwc<D>(x, stats, pixels, c, groups, chunk_px);                             \
+    }                                                                                           \
+    extern "C" __global__ void group_apply_nhwc_##SUFFIX(                                       \
+        const D::T* x, const float* norm, const D::T* gamma, const D::T* beta, D::T* y,         \
+        u64 total, u64 image, int c, int groups, int silu, int vec) {                           \
+        if (fits_u32(total))                                                                    \
+            group_apply_nhwc<D, unsigned>(x, norm, gamma, beta, y, (unsigned)total,             \
+                                          (unsigned)image, c, groups, silu, vec);               \
+        else                                                                                    \
+            group_apply_nhwc<D, u64>(x, norm, gamma, beta, y, total, image, c, groups, silu,    \
+                                     vec);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void upsample2x_nhwc_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 w, \
+                                                        u64 c, int vec) {                       \
+        upsample2x_nhwc<D>(x, y, rows, w, c, vec);                                              \
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \

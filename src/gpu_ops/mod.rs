@@ -55,6 +55,16 @@ mod vec_path {
         i32::from(eligible(dt, aligned) && plane.is_multiple_of(8) && chunk.is_multiple_of(8))
     }
 
+    /// GroupNorm's output over channels-last rows of `c`.
+    pub(crate) fn group_apply_nhwc(dt: DType, aligned: bool, c: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
+    }
+
+    /// Nearest 2x upsampling of channels-last pixels of `c`.
+    pub(crate) fn upsample2x_nhwc(dt: DType, aligned: bool, c: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
+    }
+
     /// LayerNorm over rows of `c`.
     pub(crate) fn layer_norm(dt: DType, aligned: bool, c: usize) -> i32 {
         i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
@@ -74,6 +84,14 @@ mod vec_path {
     pub(crate) fn max_pool(dt: DType, aligned: bool, channels: usize) -> i32 {
         i32::from(eligible(dt, aligned) && channels.is_multiple_of(8))
     }
+}
+
+/// Threads a block of `group_stats_nhwc` takes for `c` channels: a multiple of `c` (each
+/// thread keeps to one channel), at least 256; None where no block size up to 1024 is one
+/// (GroupNorm then runs on NCHW storage).
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn group_norm_nhwc_threads(c: usize) -> Option<usize> {
+    (c > 0 && 1024 % c == 0).then(|| c.max(256))
 }
 
 /// The flash attention kernel for head size `d` (a multiple of 8): the size it was compiled
@@ -308,6 +326,90 @@ mod tests {
     }
 
     const ACTS: [Act; 4] = [Act::None, Act::Relu, Act::Gelu, Act::QuickGelu];
+
+    #[test]
+    fn channels_last_group_norm_kernels_match_the_cpu_group_norm() {
+        let dev = Device::Cpu;
+        // (N, C, H, W), groups, pixels a chunk: groups of 4 channels (a 16-byte load spans two)
+        // and of 8; a block of 256 threads holding 4 and 1 rows of channels; a last chunk of
+        // fewer pixels; activations far from 0, an outlier in the first pixel of each image.
+        for (dims, groups, chunk_px) in [
+            ([2usize, 64, 5, 7], 16usize, 16usize),
+            ([1, 256, 3, 4], 32, 5),
+        ] {
+            let mut x =
+                ((crate::nn::seeded_randn(&dims, 17).unwrap() * 2.0).unwrap() + 30.0).unwrap();
+            let [n, c, h, w] = dims;
+            let spike = Tensor::full(1000f32, (n, c, 1, 1), &dev).unwrap();
+            x = x.slice_assign(&[0..n, 0..c, 0..1, 0..1], &spike).unwrap();
+            let gamma =
+                ((crate::nn::seeded_randn(&[c], 18).unwrap() * 0.5).unwrap() + 1.0).unwrap();
+            let beta = (crate::nn::seeded_randn(&[c], 19).unwrap() * 0.5).unwrap();
+            let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let silu = dt != DType::F16;
+                let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
+                let want = xr
+                    .apply_op1_no_bwd(&CpuGroupNorm {
+                        gamma: &gr.to_vec1().unwrap(),
+                        beta: &br.to_vec1().unwrap(),
+                        groups,
+                        eps: 1e-5,
+                        silu,
+                    })
+                    .unwrap();
+                let vec = super::vec_path::group_apply_nhwc(dt, true, c);
+                let block = super::group_norm_nhwc_threads(c).unwrap();
+                let args = [3, block, vec as usize, n, h * w, c, groups, chunk_px]
+                    .map(|v| v.to_string())
+                    .into_iter()
+                    .chain(["1e-5".into(), u8::from(silu).to_string()])
+                    .collect::<Vec<_>>();
+                let inputs = [Some(&nhwc), Some(&gamma), Some(&beta)];
+                let got = emulate("group_norm_nhwc", dt, &args, &inputs, &[n, h, w, c])
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                let e = err(&got, &want);
+                let tol = if dt == DType::F32 {
+                    1e-4
+                } else {
+                    tolerance(dt)
+                };
+                assert!(
+                    e <= tol,
+                    "{dims:?} in {groups} groups, {dt:?}, vec {vec}: error {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn channels_last_upsample_kernel_matches_candles_upsample() {
+        // Channels on the vectorised path (multiples of 8) and off it.
+        for dims in [[2usize, 16, 3, 5], [1, 3, 2, 3]] {
+            let x = Tensor::randn(0f32, 1.0, &dims, &Device::Cpu).unwrap();
+            let [n, c, h, w] = dims;
+            let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let want = rounded(&x, dt).upsample_nearest2d(2 * h, 2 * w).unwrap();
+                let vec = super::vec_path::upsample2x_nhwc(dt, true, c);
+                for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
+                    let args = [2, 32, vec as usize, n * h, w, c].map(|v| v.to_string());
+                    let got = emulate(
+                        "upsample2x_nhwc",
+                        dt,
+                        &args,
+                        &[Some(&nhwc)],
+                        &[n, 2 * h, 2 * w, c],
+                    )
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                    let e = err(&got, &want);
+                    assert!(e == 0.0, "{dims:?}, {dt:?}, vec {vec}: error {e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn bias_act_kernel_matches_candle_ops() {

@@ -51,6 +51,15 @@ impl ResnetBlock {
         })
     }
 
+    /// The block with its convolutions channels-last (`Conv::channels_last`), as the VAE
+    /// runs: its GroupNorms then read their outputs in place.
+    pub(super) fn channels_last(mut self) -> candle_core::Result<Self> {
+        self.conv1 = self.conv1.channels_last()?;
+        self.conv2 = self.conv2.channels_last()?;
+        self.shortcut = self.shortcut.map(Conv::channels_last).transpose()?;
+        Ok(self)
+    }
+
     /// `temb` is the time embedding after its SiLU, (B, temb width).
     pub(super) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.norm1.forward(x, true)?;

@@ -92,8 +92,16 @@ impl Decoder {
     pub(super) fn load(vb: &VarBuilder, s: &Shape) -> candle_core::Result<Self> {
         let (groups, lat) = (s.norm_num_groups, s.latent_channels);
         let norms = Norms { groups, eps: EPS };
-        let resnet =
-            |vb: &VarBuilder, c_in, c_out| ResnetBlock::load(vb, (c_in, c_out), norms, None, 1.0);
+        // The convolutions channels-last (on CUDA with cuDNN; elsewhere nothing changes): the
+        // feature maps stay NHWC from conv_in to conv_out, GroupNorm, upsampling and the
+        // attention reading them in place, where NCHW maps cost cuDNN two transposes a
+        // convolution (15 of the decoder's 90 ms on an H200, at 8 images).
+        let resnet = |vb: &VarBuilder, c_in, c_out| {
+            ResnetBlock::load(vb, (c_in, c_out), norms, None, 1.0)?.channels_last()
+        };
+        let conv = |vb: &VarBuilder, shape, stride_padding| {
+            Conv::load(vb, shape, stride_padding, true)?.channels_last()
+        };
         let widths: Vec<usize> = s.block_out_channels.iter().rev().copied().collect();
         let Some(&top) = widths.first() else {
             candle_core::bail!("vae config: block_out_channels is empty")
@@ -118,18 +126,23 @@ impl Decoder {
                 })
                 .collect::<candle_core::Result<_>>()?;
             let upsample = (i + 1 < widths.len())
-                .then(|| Conv::load_upsampling(&u.pp("upsamplers.0.conv"), (width, width), true))
+                .then(|| {
+                    Conv::load_upsampling(&u.pp("upsamplers.0.conv"), (width, width), true)?
+                        .channels_last()
+                })
                 .transpose()?;
             up.push(UpBlock { resnets, upsample });
             prev = width;
         }
         let bottom = *widths.last().expect("not empty");
         Ok(Self {
+            // The two convolutions with a handful of channels on one side stay NCHW: little
+            // to gain, and cuDNN's tensor-core NHWC kernels want multiples of 8.
             post_quant: s
                 .use_post_quant_conv
                 .then(|| Conv::load(&vb.pp("post_quant_conv"), (lat, lat, 1), (1, 0), true))
                 .transpose()?,
-            conv_in: Conv::load(&d.pp("conv_in"), (lat, top, 3), (1, 1), true)?,
+            conv_in: conv(&d.pp("conv_in"), (lat, top, 3), (1, 1))?,
             mid,
             up,
             norm_out: GroupNorm::load(&d.pp("conv_norm_out"), groups, bottom, EPS)?,
