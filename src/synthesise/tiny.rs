@@ -55,8 +55,10 @@ fn conv(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Res
     Conv::load(&vb, (cin, cout, 3), (1, 1), bias)
 }
 
+/// Channels-last (on CUDA with cuDNN), as every convolution but the last, whose three output
+/// channels cuDNN's NHWC tensor-core kernels would not take: the maps stay NHWC in between.
 fn conv_relu(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Conv> {
-    Ok(conv(vb, cin, cout, true)?.with_relu())
+    conv(vb, cin, cout, true)?.with_relu().channels_last()
 }
 
 impl TinyDecoder {
@@ -102,15 +104,13 @@ impl TinyDecoder {
                 } else if cfg.upsampling_scaling_factor == 2 {
                     // Upsampling and the convolution after it, as one.
                     i += 1;
-                    layers.push(Layer::Conv(Conv::load_upsampling(
-                        &vb.pp(i),
-                        (w, w),
-                        false,
-                    )?));
+                    layers.push(Layer::Conv(
+                        Conv::load_upsampling(&vb.pp(i), (w, w), false)?.channels_last()?,
+                    ));
                 } else {
                     layers.push(Layer::Upsample);
                     i += 1;
-                    layers.push(Layer::Conv(conv(vb.pp(i), w, w, false)?));
+                    layers.push(Layer::Conv(conv(vb.pp(i), w, w, false)?.channels_last()?));
                 }
                 i += 1;
             }
