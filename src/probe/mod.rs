@@ -498,7 +498,7 @@ where
                 let base = chunk_no * batch_size;
                 // Each image decoded straight into its slot of the batch, in parallel (a
                 // buffer per image, copied into the batch after, cost a page-faulting
-                // allocation and a copy per image, and kept many cores from scaling).
+                // allocation and a copy per image).
                 let per = pre.floats_per_image();
                 let mut pixels = vec![0f32; chunk.len() * per];
                 let decoded: Vec<Result<(), String>> = pixels
