@@ -258,6 +258,14 @@ fn channels_plane(l: &Layout) -> Result<(usize, usize)> {
     Ok((dims[1], dims[2..].iter().product()))
 }
 
+/// A norm's affine map must hold a weight and a bias for each of its `c` channels.
+fn check_affine(op: &str, c: usize, gl: &Layout, bl: &Layout) -> Result<()> {
+    if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
+        candle_core::bail!("{op}: {c} channels, weights and biases of another size")
+    }
+    Ok(())
+}
+
 /// GroupNorm over `groups` of a CUDA `x` `(N, C, ...)`, its affine map, then SiLU when `silu`:
 /// three kernels, whatever the size of the groups.
 /// A view of channels-last storage is normalised in place of it, the output another such view.
@@ -298,7 +306,7 @@ fn group_norm_nhwc_launch<T: CudaDType + DeviceRepr + WithDType>(
     let Some(threads) = super::group_norm_nhwc_threads(c) else {
         candle_core::bail!("dnd-gpu-group-norm: no block size holds rows of {c} channels")
     };
-    let vec = vec_path::group_apply_nhwc(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
+    let vec = vec_path::rows_of_eights(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
     let dt = T::DTYPE.as_str();
@@ -360,10 +368,7 @@ impl Op3 for GroupNormNhwc {
         (g, gl): (&CudaStorage, &Layout),
         (b, bl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
-        let c = xl.shape().dims4()?.3;
-        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            candle_core::bail!("dnd-gpu-group-norm: {c} channels, weights of another size")
-        }
+        check_affine(Self::NAME, xl.shape().dims4()?.3, gl, bl)?;
         let out = by_dtype!(
             x,
             group_norm_nhwc_launch(&self.0, (x, xl), (g, gl), (b, bl), x.device())
@@ -447,9 +452,7 @@ impl Op3 for GroupNormOp {
         (b, bl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let (channels, _) = channels_plane(xl)?;
-        if gl.shape().elem_count() != channels || bl.shape().elem_count() != channels {
-            candle_core::bail!("dnd-gpu-group-norm: {channels} channels, weights of another size")
-        }
+        check_affine(Self::NAME, channels, gl, bl)?;
         if self.groups == 0 || channels % self.groups != 0 {
             candle_core::bail!(
                 "dnd-gpu-group-norm: {channels} channels in {} groups",
@@ -591,7 +594,7 @@ fn layer_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     let aligned = [xl, gl, bl]
         .iter()
         .all(|l| l.start_offset().is_multiple_of(8));
-    let vec = vec_path::layer_norm(T::DTYPE, aligned, c);
+    let vec = vec_path::rows_of_eights(T::DTYPE, aligned, c);
     let x = view::<T>(x, xl, "input")?;
     let (g, b) = (view::<T>(g, gl, "weight")?, view::<T>(b, bl, "bias")?);
     let y = output::<T>(dev, x.len())?;
@@ -617,10 +620,7 @@ impl Op3 for LayerNormOp {
         (g, gl): (&CudaStorage, &Layout),
         (b, bl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
-        let c = xl.dims().last().copied().unwrap_or(0);
-        if gl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            candle_core::bail!("dnd-gpu-layer-norm: rows of {c}, weights of another size")
-        }
+        check_affine(Self::NAME, xl.dims().last().copied().unwrap_or(0), gl, bl)?;
         let out = by_dtype!(
             x,
             layer_norm_launch(self, (x, xl), (g, gl), (b, bl), x.device())
@@ -643,7 +643,7 @@ fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaSlice<T>> {
     let last = xl.dims().last().copied().unwrap_or(0);
     let aligned = xl.start_offset().is_multiple_of(8);
-    let vec = vec_path::geglu(T::DTYPE, aligned, last / 2);
+    let vec = vec_path::rows_of_eights(T::DTYPE, aligned, last / 2);
     let x = view::<T>(x, xl, "input")?;
     let (rows, inner) = ((x.len() / last.max(1)) as u64, (last / 2) as u64);
     let name = format!("geglu_{}", T::DTYPE.as_str());
@@ -700,7 +700,7 @@ fn upsample_launch<T: CudaDType + DeviceRepr + WithDType>(
     let dt = T::DTYPE.as_str();
     if op.nhwc {
         let (n, h, w, c) = dims;
-        let vec = vec_path::upsample2x_nhwc(T::DTYPE, aligned, c);
+        let vec = vec_path::rows_of_eights(T::DTYPE, aligned, c);
         let (rows, w, c) = ((n * h) as u64, w as u64, c as u64);
         let func =
             dev.get_or_load_custom_func(&format!("upsample2x_nhwc_{dt}"), MODULE, ptx(dev)?)?;
@@ -711,7 +711,7 @@ fn upsample_launch<T: CudaDType + DeviceRepr + WithDType>(
         return Ok(y);
     }
     let (n, c, h, w) = dims;
-    let vec = vec_path::upsample2x(T::DTYPE, aligned, w);
+    let vec = vec_path::rows_of_eights(T::DTYPE, aligned, w);
     let (rows, w) = ((n * c * h) as u64, w as u64);
     let func = dev.get_or_load_custom_func(&format!("upsample2x_{dt}"), MODULE, ptx(dev)?)?;
     let mut args = func.builder();
@@ -789,7 +789,7 @@ fn max_pool_launch<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let ([n, h, w, c], [_, p, q, _]) = op.dims(xl)?;
-    let vec = vec_path::max_pool(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
+    let vec = vec_path::rows_of_eights(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
     let x = view::<T>(x, xl, "input")?;
     let outputs = n * p * q * c;
     let y = output::<T>(dev, outputs)?;

@@ -55,34 +55,11 @@ mod vec_path {
         i32::from(eligible(dt, aligned) && plane.is_multiple_of(8) && chunk.is_multiple_of(8))
     }
 
-    /// GroupNorm's output over channels-last rows of `c`.
-    pub(crate) fn group_apply_nhwc(dt: DType, aligned: bool, c: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
-    }
-
-    /// Nearest 2x upsampling of channels-last pixels of `c`.
-    pub(crate) fn upsample2x_nhwc(dt: DType, aligned: bool, c: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
-    }
-
-    /// LayerNorm over rows of `c`.
-    pub(crate) fn layer_norm(dt: DType, aligned: bool, c: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && c.is_multiple_of(8))
-    }
-
-    /// GEGLU over rows of 2 * inner.
-    pub(crate) fn geglu(dt: DType, aligned: bool, inner: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && inner.is_multiple_of(8))
-    }
-
-    /// Nearest 2x upsampling of planes `width` wide.
-    pub(crate) fn upsample2x(dt: DType, aligned: bool, width: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && width.is_multiple_of(8))
-    }
-
-    /// Max pooling of channels-last rows of `channels`.
-    pub(crate) fn max_pool(dt: DType, aligned: bool, channels: usize) -> i32 {
-        i32::from(eligible(dt, aligned) && channels.is_multiple_of(8))
+    /// The kernels that take rows of `row` elements eight at a time: GEGLU (each half of a
+    /// row), nearest upsampling (a plane's width, or a channels-last pixel's channels), max
+    /// pooling and GroupNorm on channels-last storage (channels), LayerNorm (the row).
+    pub(crate) fn rows_of_eights(dt: DType, aligned: bool, row: usize) -> i32 {
+        i32::from(eligible(dt, aligned) && row.is_multiple_of(8))
     }
 }
 
@@ -358,7 +335,7 @@ mod tests {
                         silu,
                     })
                     .unwrap();
-                let vec = super::vec_path::group_apply_nhwc(dt, true, c);
+                let vec = super::vec_path::rows_of_eights(dt, true, c);
                 let block = super::group_norm_nhwc_threads(c).unwrap();
                 let args = [3, block, vec as usize, n, h * w, c, groups, chunk_px]
                     .map(|v| v.to_string())
@@ -392,7 +369,7 @@ mod tests {
             let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let want = rounded(&x, dt).upsample_nearest2d(2 * h, 2 * w).unwrap();
-                let vec = super::vec_path::upsample2x_nhwc(dt, true, c);
+                let vec = super::vec_path::rows_of_eights(dt, true, c);
                 for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
                     let args = [2, 32, vec as usize, n * h, w, c].map(|v| v.to_string());
                     let got = emulate(
@@ -496,7 +473,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap();
-                let vec = super::vec_path::layer_norm(dt, true, c) as usize;
+                let vec = super::vec_path::rows_of_eights(dt, true, c) as usize;
                 let (warps, block) = (4, 128);
                 let args = [rows.div_ceil(warps), block, vec, rows, c]
                     .map(|v| v.to_string())
@@ -522,7 +499,7 @@ mod tests {
                 let xr = rounded(&x, dt);
                 let gate = xr.narrow(1, inner, inner).unwrap().gelu_erf().unwrap();
                 let want = (xr.narrow(1, 0, inner).unwrap() * gate).unwrap();
-                let vec = super::vec_path::geglu(dt, true, inner) as usize;
+                let vec = super::vec_path::rows_of_eights(dt, true, inner) as usize;
                 let args = [2, 32, vec, rows, inner].map(|v| v.to_string());
                 let got = emulate("geglu", dt, &args, &[Some(&x)], &[rows, inner]);
                 let e = err(&got, &want);
@@ -542,7 +519,7 @@ mod tests {
             let [n, c, h, w] = dims;
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let want = rounded(&x, dt).upsample_nearest2d(2 * h, 2 * w).unwrap();
-                let vec = super::vec_path::upsample2x(dt, true, w);
+                let vec = super::vec_path::rows_of_eights(dt, true, w);
                 for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
                     let args = [2, 32, vec as usize, n * c * h, w].map(|v| v.to_string());
                     let got = emulate("upsample2x", dt, &args, &[Some(&x)], &[n, c, 2 * h, 2 * w]);
@@ -574,7 +551,7 @@ mod tests {
                     .slice_assign(&[0..n, 0..c, pad..pad + h, pad..pad + w], &rounded(&x, dt))
                     .unwrap();
                 let want = padded.max_pool2d_with_stride(k, s).unwrap();
-                let vec = super::vec_path::max_pool(dt, true, c);
+                let vec = super::vec_path::rows_of_eights(dt, true, c);
                 for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
                     let args = [3, 32, vec as usize, n, h, w, c, p, q, k, s, pad];
                     let args = args.map(|v| v.to_string());
