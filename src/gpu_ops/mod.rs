@@ -200,6 +200,33 @@ mod tests {
         from_bytes(&std::fs::read(path).unwrap(), dt, out)
     }
 
+    /// The CPU's GroupNorm (+ SiLU) of NCHW `x`, eps 1e-5: what the GroupNorm kernels must give.
+    fn cpu_group_norm(
+        x: &Tensor,
+        (gamma, beta): (&Tensor, &Tensor),
+        groups: usize,
+        silu: bool,
+    ) -> Tensor {
+        let op = CpuGroupNorm {
+            gamma: &gamma.to_vec1().unwrap(),
+            beta: &beta.to_vec1().unwrap(),
+            groups,
+            eps: 1e-5,
+            silu,
+        };
+        x.apply_op1_no_bwd(&op).unwrap()
+    }
+
+    /// Groups of a few values around 30 can spread by 0.1, so that the f32 rounding of their
+    /// mean alone, in either implementation, moves the normalised values by 2e-5.
+    fn group_norm_tolerance(dt: DType) -> f32 {
+        if dt == DType::F32 {
+            1e-4
+        } else {
+            tolerance(dt)
+        }
+    }
+
     /// The input as the kernel sees it: rounded to `dt`, back in f32.
     fn rounded(t: &Tensor, dt: DType) -> Tensor {
         t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap()
@@ -260,15 +287,7 @@ mod tests {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for silu in [false, true] {
                     let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
-                    let want = xr
-                        .apply_op1_no_bwd(&CpuGroupNorm {
-                            gamma: &gr.to_vec1().unwrap(),
-                            beta: &br.to_vec1().unwrap(),
-                            groups,
-                            eps: 1e-5,
-                            silu,
-                        })
-                        .unwrap();
+                    let want = cpu_group_norm(&xr, (&gr, &br), groups, silu);
                     let blocks = dims[0] * groups;
                     let plane: usize = dims[2..].iter().product();
                     let len = c / groups * plane;
@@ -285,16 +304,8 @@ mod tests {
                     let inputs = [Some(&x), Some(&gamma), Some(&beta)];
                     let got = emulate("group_norm", dt, &args, &inputs, &dims);
                     let e = err(&got, &want);
-                    // Groups of three values around 30 can spread by 0.1, so that the f32
-                    // rounding of their mean alone, in either implementation, moves the
-                    // normalised values by 2e-5.
-                    let tol = if dt == DType::F32 {
-                        1e-4
-                    } else {
-                        tolerance(dt)
-                    };
                     assert!(
-                        e <= tol,
+                        e <= group_norm_tolerance(dt),
                         "{dims:?} in {groups} groups, chunks of {chunk}, {dt:?}, silu {silu}, vec {vec}: error {e}"
                     );
                 }
@@ -326,15 +337,7 @@ mod tests {
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let silu = dt != DType::F16;
                 let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
-                let want = xr
-                    .apply_op1_no_bwd(&CpuGroupNorm {
-                        gamma: &gr.to_vec1().unwrap(),
-                        beta: &br.to_vec1().unwrap(),
-                        groups,
-                        eps: 1e-5,
-                        silu,
-                    })
-                    .unwrap();
+                let want = cpu_group_norm(&xr, (&gr, &br), groups, silu);
                 let vec = super::vec_path::rows_of_eights(dt, true, c);
                 let block = super::group_norm_nhwc_threads(c).unwrap();
                 let args = [3, block, vec as usize, n, h * w, c, groups, chunk_px]
@@ -347,13 +350,8 @@ mod tests {
                     .permute((0, 3, 1, 2))
                     .unwrap();
                 let e = err(&got, &want);
-                let tol = if dt == DType::F32 {
-                    1e-4
-                } else {
-                    tolerance(dt)
-                };
                 assert!(
-                    e <= tol,
+                    e <= group_norm_tolerance(dt),
                     "{dims:?} in {groups} groups, {dt:?}, vec {vec}: error {e}"
                 );
             }
