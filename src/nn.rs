@@ -612,8 +612,7 @@ pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
 /// (`gpu_ops`; candle's takes a fifth of the card's bandwidth), candle_nn's elsewhere.
 pub(crate) struct LayerNorm {
     inner: candle_nn::LayerNorm,
-    #[cfg(feature = "cuda")]
-    affine: (Tensor, Tensor),
+    /// candle_nn's LayerNorm keeps its eps to itself.
     #[cfg(feature = "cuda")]
     eps: f64,
 }
@@ -621,8 +620,6 @@ pub(crate) struct LayerNorm {
 impl LayerNorm {
     pub(crate) fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
         Self {
-            #[cfg(feature = "cuda")]
-            affine: (weight.clone(), bias.clone()),
             #[cfg(feature = "cuda")]
             eps,
             inner: candle_nn::LayerNorm::new(weight, bias, eps),
@@ -633,9 +630,12 @@ impl LayerNorm {
 impl candle_core::Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && crate::gpu_ops::enabled() {
-            let (gamma, beta) = &self.affine;
-            return crate::gpu_ops::layer_norm(x, gamma, beta, self.eps);
+        if let Some(beta) = self
+            .inner
+            .bias()
+            .filter(|_| x.device().is_cuda() && crate::gpu_ops::enabled())
+        {
+            return crate::gpu_ops::layer_norm(x, self.inner.weight(), beta, self.eps);
         }
         self.inner.forward(x)
     }

@@ -267,8 +267,8 @@ fn check_affine(op: &str, c: usize, gl: &Layout, bl: &Layout) -> Result<()> {
 }
 
 /// GroupNorm over `groups` of a CUDA `x` `(N, C, ...)`, its affine map, then SiLU when `silu`:
-/// three kernels, whatever the size of the groups.
-/// A view of channels-last storage is normalised in place of it, the output another such view.
+/// three kernels, whatever the size of the groups. A view of channels-last storage is
+/// normalised in place of it, the output another such view.
 pub(crate) fn group_norm(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
@@ -286,6 +286,26 @@ pub(crate) fn group_norm(
         }
     }
     x.contiguous()?.apply_op3_no_bwd(gamma, beta, &Cuda3(op))
+}
+
+/// GroupNorm's middle step, whatever the layout: the (count, mean, sum of squared deviations)
+/// of each of `groups` groups' `chunks` chunks, group after group, into each group's (mean,
+/// 1 / std).
+fn combine_chunks(
+    stats: &CudaSlice<f32>,
+    groups: usize,
+    chunks: u64,
+    eps: f64,
+    dev: &CudaDevice,
+) -> Result<CudaSlice<f32>> {
+    let norm = output::<f32>(dev, 2 * groups)?;
+    let func = dev.get_or_load_custom_func("group_combine", MODULE, ptx(dev)?)?;
+    let eps = eps as f32;
+    let mut args = func.builder();
+    args.arg(stats).arg(&norm).arg(&chunks).arg(&eps);
+    // SAFETY: the arguments match group_combine's signature in kernels.cu.
+    unsafe { args.launch(blocks_of_threads(groups)) }.w()?;
+    Ok(norm)
 }
 
 /// GroupNorm over channels-last `(N, H, W, C)` storage.
@@ -334,13 +354,7 @@ fn group_norm_nhwc_launch<T: CudaDType + DeviceRepr + WithDType>(
     // multiple of c threads, as it requires.
     unsafe { args.launch(cfg) }.w()?;
 
-    let norm = output::<f32>(dev, 2 * n * op.groups)?;
-    let func = dev.get_or_load_custom_func("group_combine", MODULE, ptx(dev)?)?;
-    let (chunks_, eps) = (chunks as u64, op.eps as f32);
-    let mut args = func.builder();
-    args.arg(&stats).arg(&norm).arg(&chunks_).arg(&eps);
-    // SAFETY: the arguments match group_combine's signature in kernels.cu.
-    unsafe { args.launch(blocks_of_threads(n * op.groups)) }.w()?;
+    let norm = combine_chunks(&stats, n * op.groups, chunks as u64, op.eps, dev)?;
 
     let y = output::<T>(dev, x.len())?;
     let func = dev.get_or_load_custom_func(&format!("group_apply_nhwc_{dt}"), MODULE, ptx(dev)?)?;
@@ -416,16 +430,13 @@ fn group_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: the arguments match group_stats' signature in kernels.cu.
     unsafe { args.launch(cfg) }.w()?;
 
-    // (mean, 1 / std) per group.
-    let all_groups = x.len() / len as usize;
-    let norm = output::<f32>(dev, 2 * all_groups)?;
-    let func = dev.get_or_load_custom_func("group_combine", MODULE, ptx(dev)?)?;
-    let (chunks, eps) = (len.div_ceil(chunk), op.eps as f32);
-    let mut args = func.builder();
-    args.arg(&stats).arg(&norm).arg(&chunks).arg(&eps);
-    let combine = blocks_of_threads(all_groups);
-    // SAFETY: the arguments match group_combine's signature in kernels.cu.
-    unsafe { args.launch(combine) }.w()?;
+    let norm = combine_chunks(
+        &stats,
+        x.len() / len as usize,
+        len.div_ceil(chunk),
+        op.eps,
+        dev,
+    )?;
 
     let y = output::<T>(dev, x.len())?;
     let name = format!("group_apply_{}", T::DTYPE.as_str());
