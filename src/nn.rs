@@ -231,6 +231,25 @@ pub(crate) fn channels_last_storage(x: &Tensor) -> candle_core::Result<Option<Te
     Ok(rows.is_contiguous().then_some(rows))
 }
 
+/// `parts` `(N, C_i, H, W)` side by side along the channels. Where any part is a view of
+/// channels-last storage (the UNet's feature maps meeting their skips) so is the result: each
+/// part's NHWC rows copied once into the output's; `Tensor::cat` otherwise, which would lay a
+/// concatenation of NHWC views out channel-major.
+pub(crate) fn cat_channels(parts: &[&Tensor]) -> Result<Tensor> {
+    let mut channels_last = false;
+    for p in parts {
+        channels_last |= channels_last_storage(p)?.is_some();
+    }
+    if !channels_last {
+        return Ok(Tensor::cat(parts, 1)?);
+    }
+    let rows = parts
+        .iter()
+        .map(|p| p.permute((0, 2, 3, 1))?.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 3)?.permute((0, 3, 1, 2))?)
+}
+
 /// A 2-D convolution with bias, optionally followed by ReLU: our fused kernel for f32 on the
 /// CPU; elsewhere candle's conv2d (cuDNN where built with it) followed by the bias, residual and
 /// ReLU in one kernel of ours on CUDA (`gpu_ops`), as candle's ops otherwise.
@@ -255,6 +274,7 @@ enum ConvImpl {
         relu: bool,
         upsample: bool,
         /// Computed in NHWC by cuDNN (see `channels_last`).
+        #[cfg(feature = "cudnn")]
         channels_last: bool,
     },
 }
@@ -339,6 +359,7 @@ impl Conv {
                 bias: bias.to_device(dev)?.to_dtype(dt)?,
                 relu: false,
                 upsample,
+                #[cfg(feature = "cudnn")]
                 channels_last: false,
             }
         };
@@ -382,37 +403,34 @@ impl Conv {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, None)
+        self.run(x, None, None)
     }
 
     /// `conv(x) + residual`, then the ReLU if this convolution has one: the end of a residual
     /// block in one pass on the CPU and one epilogue kernel on CUDA.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.run(x, Some(residual))
+        self.run(x, Some(residual), None)
     }
 
     /// `conv(x) + shift[n, c]` for a convolution without ReLU and a per-image shift `(N, C)`
     /// (SD's time embedding): added with the bias in the epilogue kernel on CUDA.
     pub(crate) fn forward_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
-        if let ConvImpl::Device {
-            weight,
-            stride_padding,
-            bias,
-            relu: false,
-            upsample,
-            channels_last: false,
-        } = &self.imp
-        {
-            let y = candle_conv(weight, *stride_padding, *upsample, x)?;
-            let bias = bias.unsqueeze(0)?.broadcast_add(shift)?;
-            return epilogue(y, Some(&bias), None, Act::None);
+        match &self.imp {
+            ConvImpl::Device { relu: false, .. } => self.run(x, None, Some(shift)),
+            _ => Ok(self
+                .forward(x)?
+                .broadcast_add(&shift.unsqueeze(2)?.unsqueeze(3)?)?),
         }
-        Ok(self
-            .forward(x)?
-            .broadcast_add(&shift.unsqueeze(2)?.unsqueeze(3)?)?)
     }
 
-    fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    /// `shift`: a per-image `(N, C)` added to the bias, on the device paths only.
+    fn run(&self, x: &Tensor, residual: Option<&Tensor>, shift: Option<&Tensor>) -> Result<Tensor> {
+        let shifted = |bias: &Tensor| -> candle_core::Result<Tensor> {
+            match shift {
+                Some(s) => bias.unsqueeze(0)?.broadcast_add(s),
+                None => Ok(bias.clone()),
+            }
+        };
         match &self.imp {
             ConvImpl::Cpu(op) => {
                 let x = x.contiguous()?;
@@ -440,7 +458,14 @@ impl Conv {
                 } else {
                     x.clone()
                 };
-                channels_last_conv(weight, *stride_padding, bias, *relu, &x, residual)
+                channels_last_conv(
+                    weight,
+                    *stride_padding,
+                    &shifted(bias)?,
+                    *relu,
+                    &x,
+                    residual,
+                )
             }
             ConvImpl::Device {
                 weight,
@@ -451,14 +476,15 @@ impl Conv {
                 ..
             } => {
                 let y = candle_conv(weight, *stride_padding, *upsample, x)?;
-                epilogue(y, Some(bias), residual, Act::relu_if(*relu))
+                epilogue(y, Some(&shifted(bias)?), residual, Act::relu_if(*relu))
             }
         }
     }
 }
 
 /// `Conv::run` for a channels-last convolution: `x`, `residual` and the result are `(N, C, H,
-/// W)` views of NHWC storage; the epilogue runs on the `(N H W, C)` rows.
+/// W)` views of NHWC storage; the epilogue runs on each image's `(H W, C)` rows, `bias` `(C)`
+/// or per image `(N, C)`.
 #[cfg(feature = "cudnn")]
 fn channels_last_conv(
     weight: &Tensor,
@@ -472,9 +498,15 @@ fn channels_last_conv(
     let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1));
     let y = conv2d(&nhwc(x)?, weight, padding, stride, Format::Nhwc)?;
     let (n, p, q, k) = y.dims4()?;
-    let rows = |t: Tensor| t.contiguous()?.reshape((n * p * q, k));
+    let rows = |t: Tensor| t.contiguous()?.reshape((n, p * q, k));
     let residual = residual.map(|r| rows(nhwc(r)?)).transpose()?;
-    let y = epilogue(rows(y)?, Some(bias), residual.as_ref(), Act::relu_if(relu))?;
+    let act = Act::relu_if(relu);
+    let y = if y.device().is_cuda() && crate::gpu_ops::enabled() {
+        crate::gpu_ops::bias_act_channels_last(&rows(y)?, bias, residual.as_ref(), act)?
+    } else {
+        let bias = bias.reshape((bias.elem_count() / k, 1, k))?;
+        candle_epilogue(rows(y)?, Some(&bias), residual.as_ref(), act)?
+    };
     Ok(y.reshape((n, p, q, k))?.permute((0, 3, 1, 2))?)
 }
 
@@ -522,12 +554,25 @@ fn epilogue(
     if let Some(b) = bias.filter(|_| y.device().is_cuda() && crate::gpu_ops::enabled()) {
         return Ok(crate::gpu_ops::bias_act(&y, b, residual, act)?);
     }
-    let mut y = match bias {
-        Some(b) => {
+    let bias = bias
+        .map(|b| {
             let mut shape = vec![b.elem_count() / y.dim(1)?, y.dim(1)?];
             shape.resize(y.rank(), 1);
-            y.broadcast_add(&b.reshape(shape)?)?
-        }
+            b.reshape(shape)
+        })
+        .transpose()?;
+    candle_epilogue(y, bias.as_ref(), residual, act)
+}
+
+/// The epilogue in candle's ops, `bias` already shaped to broadcast over `y`.
+fn candle_epilogue(
+    y: Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    let mut y = match bias {
+        Some(b) => y.broadcast_add(b)?,
         None => y,
     };
     if let Some(r) = residual {
@@ -944,5 +989,36 @@ mod tests {
         assert!(channels_last_storage(&map_cl).unwrap().is_some());
         let diff = crate::cpu_ops::tests::max_diff(map_cl, map);
         assert!(diff < 1e-5, "map: {diff}");
+    }
+
+    #[test]
+    fn channel_concatenation_keeps_channels_last_maps_channels_last() {
+        // The UNet's up path on CUDA joins NHWC maps with skips that are NHWC views, or NCHW
+        // (conv_in's output): the values are those of NCHW maps side by side, and the result
+        // is NHWC storage for the next convolution to read in place.
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (2, 2, 4, 5), &dev).unwrap();
+        let nhwc = |t: &Tensor| {
+            t.permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+        };
+        let want = Tensor::cat(&[&a, &b], 1).unwrap();
+        let plain = cat_channels(&[&a, &b]).unwrap();
+        assert!(plain.is_contiguous());
+        assert_eq!(crate::cpu_ops::tests::max_diff(plain, want.clone()), 0.0);
+        for (x, y) in [
+            (nhwc(&a), nhwc(&b)),
+            (nhwc(&a), b.clone()),
+            (a.clone(), nhwc(&b)),
+        ] {
+            let got = cat_channels(&[&x, &y]).unwrap();
+            assert!(channels_last_storage(&got).unwrap().is_some());
+            assert_eq!(crate::cpu_ops::tests::max_diff(got, want.clone()), 0.0);
+        }
     }
 }

@@ -143,17 +143,39 @@ impl Bench<'_> {
             note,
         );
         // The same on a view of channels-last storage, as the VAE's convolutions leave it.
-        let nhwc = on(&x)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .permute((0, 3, 1, 2))?;
-        let got = norm.forward(&nhwc, true)?;
+        let nhwc = |t: &Tensor| -> Result<Tensor> {
+            Ok(on(t)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?
+                .permute((0, 3, 1, 2))?)
+        };
+        let got = norm.forward(&nhwc(&x)?, true)?;
         report(
             "ops.group_norm_silu_channels_last".into(),
             rel_err(&got, &want)?,
             tol,
             note,
         );
+        // And at the UNet's widths, whose blocks take one row of 320 channels, or 1280 in two
+        // slices.
+        for (c, side) in [
+            (320, if full { 64 } else { 4 }),
+            (1280, if full { 16 } else { 2 }),
+        ] {
+            let x = ((randn(&[2, c, side, side], 34)? * 3.0)? + 20.0)?;
+            let (gamma, beta) = (randn(&[c], 35)?, randn(&[c], 36)?);
+            let want = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 32, 1e-5)?
+                .forward(&x)?
+                .silu()?;
+            let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
+            let got = crate::nn::GroupNorm::load(&vb, 32, c, 1e-5)?.forward(&nhwc(&x)?, true)?;
+            report(
+                format!("ops.group_norm_silu_channels_last_c{c}"),
+                rel_err(&got, &want)?,
+                tol,
+                note,
+            );
+        }
 
         // A 3x3 convolution with its epilogue: bias + residual + ReLU, and bias + a time
         // embedding per image, as in SD's resnet blocks.
@@ -181,6 +203,17 @@ impl Bench<'_> {
         let got = op.forward_shifted(&on(&x)?, &on(&shift)?)?;
         report(
             "ops.conv_time_shift".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+        // The same channels-last, as the UNet's resnets run with cuDNN: each image's shift
+        // over its NHWC rows.
+        let got = op
+            .channels_last()?
+            .forward_shifted(&nhwc(&x)?, &on(&shift)?)?;
+        report(
+            "ops.conv_time_shift_channels_last".into(),
             rel_err(&got, &want)?,
             tol,
             note,

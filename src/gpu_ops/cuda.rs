@@ -279,7 +279,7 @@ pub(crate) fn group_norm(
     let op = GroupNormOp { groups, eps, silu };
     if let Some(rows) = crate::nn::channels_last_storage(x)? {
         let c = rows.dim(3)?;
-        if groups > 0 && c % groups == 0 && super::group_norm_nhwc_threads(c).is_some() {
+        if super::group_norm_nhwc_threads(c, groups).is_some() {
             return rows
                 .apply_op3_no_bwd(gamma, beta, &Cuda3(GroupNormNhwc(op)))?
                 .permute((0, 3, 1, 2));
@@ -323,8 +323,11 @@ fn group_norm_nhwc_launch<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let (n, h, w, c) = xl.shape().dims4()?;
-    let Some(threads) = super::group_norm_nhwc_threads(c) else {
-        candle_core::bail!("dnd-gpu-group-norm: no block size holds rows of {c} channels")
+    let Some(threads) = super::group_norm_nhwc_threads(c, op.groups) else {
+        candle_core::bail!(
+            "dnd-gpu-group-norm: no block shape for {c} channels in {} groups",
+            op.groups
+        )
     };
     let vec = vec_path::rows_of_eights(T::DTYPE, xl.start_offset().is_multiple_of(8), c);
     let x = view::<T>(x, xl, "input")?;
@@ -351,7 +354,7 @@ fn group_norm_nhwc_launch<T: CudaDType + DeviceRepr + WithDType>(
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match group_stats_nhwc's signature in kernels.cu; the block is a
-    // multiple of c threads, as it requires.
+    // multiple of c threads or a slice of c, as it requires.
     unsafe { args.launch(cfg) }.w()?;
 
     let norm = combine_chunks(&stats, n * op.groups, chunks as u64, op.eps, dev)?;
@@ -479,10 +482,11 @@ impl Op3 for GroupNormOp {
 }
 
 /// A convolution's or linear layer's epilogue `act(x + bias (+ residual))` over `(N, C, ...)`,
-/// the bias `(C)` or `(N, C)`:
+/// or with `channels_last` over rows `(N, pixels, C)`; the bias `(C)` or `(N, C)`:
 /// `x.apply_op2_no_bwd(&bias, ..)` or `x.apply_op3_no_bwd(&bias, &residual, ..)`.
 struct BiasAct {
     act: Act,
+    channels_last: bool,
 }
 
 fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
@@ -492,14 +496,30 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
     residual: Option<(&CudaStorage, &Layout)>,
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
-    let (channels, plane) = channels_plane(xl)?;
     let bias_len = bl.shape().elem_count();
-    if bias_len != channels && bias_len != xl.dims()[0] * channels {
+    // The kernel's (plane, bias length, elements an image): channels-last rows find an image's
+    // biases by `image`; (N, C, plane) by a bias as long as the images' channels.
+    let (channels, plane, per_image) = if op.channels_last {
+        let (_, pixels, c) = xl.shape().dims3()?;
+        (c, 1, pixels * c)
+    } else {
+        let (c, plane) = channels_plane(xl)?;
+        (c, plane, 0)
+    };
+    let (bias_len, image) = if bias_len == channels {
+        (bias_len, 0)
+    } else if bias_len == xl.dims()[0] * channels {
+        if op.channels_last {
+            (channels, per_image)
+        } else {
+            (bias_len, 0)
+        }
+    } else {
         candle_core::bail!(
             "dnd-gpu-bias-act: a bias of {bias_len} for {:?}: one per channel or per image and channel",
             xl.dims()
         )
-    }
+    };
     let aligned = [Some(xl), Some(bl), residual.map(|(_, rl)| rl)]
         .into_iter()
         .flatten()
@@ -517,7 +537,7 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
     let name = format!("bias_act_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len())?;
-    let (n, bias_len, plane) = (x.len() as u64, bias_len as u64, plane as u64);
+    let (n, bias_len, plane, image) = (x.len() as u64, bias_len as u64, plane as u64, image as u64);
     let (act, null) = (op.act.code(), 0u64);
     let mut args = func.builder();
     args.arg(&x).arg(&b);
@@ -529,6 +549,7 @@ fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
         .arg(&n)
         .arg(&bias_len)
         .arg(&plane)
+        .arg(&image)
         .arg(&act)
         .arg(&vec);
     let cfg = grid_stride(n, vec);
@@ -575,7 +596,42 @@ pub(crate) fn bias_act(
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
-    let op = BiasAct { act };
+    apply_bias_act(
+        y,
+        bias,
+        residual,
+        BiasAct {
+            act,
+            channels_last: false,
+        },
+    )
+}
+
+/// `bias_act` over channels-last rows: `y` `(N, pixels, C)`, `bias` `(C)` or `(N, C)`.
+#[cfg(feature = "cudnn")]
+pub(crate) fn bias_act_channels_last(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    apply_bias_act(
+        y,
+        bias,
+        residual,
+        BiasAct {
+            act,
+            channels_last: true,
+        },
+    )
+}
+
+fn apply_bias_act(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    op: BiasAct,
+) -> Result<Tensor> {
     let y = y.contiguous()?;
     match residual {
         Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &Cuda3(op)),

@@ -4,7 +4,7 @@
 //
 //   emu group_norm DTYPE GRID BLOCK VEC CHANNELS GROUPS PLANE CHUNK EPS SILU x gamma beta out
 //       (the three GroupNorm kernels; GRID is the number of groups in the batch, N * GROUPS)
-//   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE ACT x bias residual|- out
+//   emu bias_act   DTYPE GRID BLOCK VEC N BIAS_LEN PLANE IMAGE ACT x bias residual|- out
 //   emu group_norm_nhwc DTYPE GRID BLOCK VEC N PIXELS C GROUPS CHUNK_PX EPS SILU x gamma beta out
 //       (x and out channels-last; GRID: blocks of the apply kernel)
 //   emu upsample2x_nhwc DTYPE GRID BLOCK VEC ROWS W C x out
@@ -48,7 +48,7 @@ struct Entry {
     void (*group_stats)(const T*, float*, u64, u64, int);
     void (*group_apply)(const T*, const float*, const T*, const T*, T*, int, int, u64, u64, int,
                         int);
-    void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, int, int);
+    void (*bias_act)(const T*, const T*, const T*, T*, u64, u64, u64, u64, int, int);
     void (*group_stats_nhwc)(const T*, float*, u64, int, int, u64);
     void (*group_apply_nhwc)(const T*, const float*, const T*, const T*, T*, u64, u64, int, int,
                              int, int);
@@ -129,16 +129,17 @@ static int run(char** a, Entry<T> k) {
         const u64 n = std::strtoull(a[5], nullptr, 10);
         const u64 bias_len = std::strtoull(a[6], nullptr, 10);
         const u64 plane = std::strtoull(a[7], nullptr, 10);
-        const int act = std::atoi(a[8]);
-        auto x = read(a[9]), bias = read(a[10]);
-        std::vector<char> residual = std::string(a[11]) == "-" ? std::vector<char>() : read(a[11]);
+        const u64 image = std::strtoull(a[8], nullptr, 10);
+        const int act = std::atoi(a[9]);
+        auto x = read(a[10]), bias = read(a[11]);
+        std::vector<char> residual = std::string(a[12]) == "-" ? std::vector<char>() : read(a[12]);
         std::vector<char> y(x.size());
         emu_launch(grid, block, [&] {
             k.bias_act((const T*)x.data(), (const T*)bias.data(),
                         residual.empty() ? nullptr : (const T*)residual.data(), (T*)y.data(), n,
-                        bias_len, plane, act, vec);
+                        bias_len, plane, image, act, vec);
         });
-        write(a[12], y);
+        write(a[13], y);
         return 0;
     }
     if (kernel == "group_norm_nhwc") {
@@ -155,7 +156,8 @@ static int run(char** a, Entry<T> k) {
         emu_launch(n * chunks, block, [&] {
             k.group_stats_nhwc((const T*)x.data(), stats.data(), pixels, c, groups, chunk_px);
         });
-        emu_launch(n * groups, block, [&] { group_combine(stats.data(), norm.data(), chunks, eps); });
+        // group_combine's block is a power of two (its sum halves it), whatever BLOCK is here.
+        emu_launch(n * groups, 32, [&] { group_combine(stats.data(), norm.data(), chunks, eps); });
         emu_launch(grid, block, [&] {
             k.group_apply_nhwc((const T*)x.data(), norm.data(), (const T*)gamma.data(),
                                (const T*)beta.data(), (T*)y.data(), n * pixels * c, pixels * c, c,

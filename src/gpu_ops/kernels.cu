@@ -295,54 +295,68 @@ __device__ void group_apply(const typename D::T* x, const float* norm,
 // The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
 // GroupNorm over channels-last storage (N, pixels, C), with the same three steps:
 // - group_stats_nhwc: one block per chunk of `chunk_px` pixels of an image, all its groups at
-//   once: the chunk is contiguous, so its reads are whole rows of C. blockDim.x is a multiple
-//   of C, so each thread keeps to one channel, and a group's partial sums are those of the
-//   threads of its channels. Two passes over the chunk (the second from cache), as in
-//   group_stats; the statistics are laid out per group, chunk after chunk, as group_combine
-//   reads them.
+//   once: the chunk is contiguous, so its reads are whole rows of C. Each thread keeps to fixed
+//   channels, so a group's partial sums are those of the threads of its channels: the block's
+//   B threads span `span` = min(B, C) channels, so they read B / span pixels at once where B
+//   is a multiple of C (C up to 1024: the VAE's 128-512, the UNet's 320 and 640), or one
+//   pixel in C / span slices of `span` channels where C is a multiple of B (the UNet's 1280:
+//   two of 640), at most NHWC_SLICES of them. Two passes over the chunk (the second from
+//   cache), as in group_stats; the statistics are laid out per group, chunk after chunk, as
+//   group_combine reads them.
 // - group_combine, unchanged;
 // - group_apply_nhwc: grid-stride over the elements, each channel's group and each image's
 //   statistics looked up; with `vec` (16-bit types, C a multiple of 8) eight channels a load.
+constexpr int NHWC_SLICES = 4;
 template <class D>
 __device__ void group_stats_nhwc(const typename D::T* x, float* stats, u64 pixels, int c,
                                  int groups, u64 chunk_px) {
-    __shared__ float part[1024];
+    // A sum per (pixel row of the block, channel): B or C of them.
+    __shared__ float part[1024 * NHWC_SLICES];
     __shared__ float gmean[1024];
     const u64 chunks = (pixels + chunk_px - 1) / chunk_px;
     const u64 n = blockIdx.x / chunks, k = blockIdx.x % chunks;
     const u64 p0 = k * chunk_px;
     const u64 np = pixels - p0 < chunk_px ? pixels - p0 : chunk_px;
-    const u64 len = np * (u64)c;
     x += (n * pixels + p0) * (u64)c;
-    const unsigned t = threadIdx.x, rows = blockDim.x / (unsigned)c;
-    const int cg = c / groups, g = (int)(t % (unsigned)c) / cg;
-    // The sum over group `grp`'s threads: rows of the block times its cg channels.
+    const unsigned t = threadIdx.x, cu = (unsigned)c;
+    const unsigned span = blockDim.x < cu ? blockDim.x : cu;
+    const unsigned rows = blockDim.x / span, slices = cu / span;
+    const unsigned row = t / span, ch = t % span;
+    const int cg = c / groups;
+    // The sum over group `grp`'s threads: the block's pixel rows times its cg channels.
     const auto group_total = [&](int grp) {
         float acc = 0.f;
         for (unsigned r = 0; r < rows; ++r)
-            for (int j = 0; j < cg; ++j) acc += part[r * (unsigned)c + (unsigned)(grp * cg + j)];
+            for (int j = 0; j < cg; ++j) acc += part[r * cu + (unsigned)(grp * cg + j)];
         return acc;
     };
+    // Both passes: `f` of each value of this thread's channels, summed per slice into part.
+    const auto pass = [&](auto f) {
+        float s[NHWC_SLICES] = {};
+        for (u64 p = row; p < np; p += rows) {
+            const typename D::T* px = x + p * (u64)c + ch;
+            DND_UNROLL_ALL
+            for (unsigned j = 0; j < (unsigned)NHWC_SLICES; ++j)
+                if (j < slices) s[j] += f(D::ld(px[j * span]), ch + j * span);
+        }
+        DND_UNROLL_ALL
+        for (unsigned j = 0; j < (unsigned)NHWC_SLICES; ++j)
+            if (j < slices) part[row * cu + ch + j * span] = s[j];
+        __syncthreads();
+    };
     const float count = (float)(np * (u64)cg);
-    float s = 0.f;
-    for (u64 i = t; i < len; i += blockDim.x) s += D::ld(x[i]);
-    part[t] = s;
+    pass([](float v, unsigned) { return v; });
+    for (unsigned g = t; g < (unsigned)groups; g += blockDim.x) gmean[g] = group_total((int)g) / count;
     __syncthreads();
-    if (t < (unsigned)groups) gmean[t] = group_total((int)t) / count;
-    __syncthreads();
-    const float mean = gmean[g];
-    float m2 = 0.f;
-    for (u64 i = t; i < len; i += blockDim.x) {
-        const float d = D::ld(x[i]) - mean;
-        m2 += d * d;
-    }
-    part[t] = m2;
-    __syncthreads();
-    if (t < (unsigned)groups) {
-        const u64 at = 3 * (((u64)n * groups + t) * chunks + k);
+    pass([&](float v, unsigned chan) {
+        const float d = v - gmean[chan / (unsigned)cg];
+        return d * d;
+    });
+    for (unsigned g = t; g < (unsigned)groups; g += blockDim.x) {
+        const u64 at = 3 * (((u64)n * groups + g) * chunks + k);
         stats[at] = count;
-        stats[at + 1] = gmean[t];
-        stats[at + 2] = group_total((int)t);
+        stats[at + 1] = gmean[g];
+        stats[at + 2] = group_total((int)g);
     }
 }
 
@@ -456,15 +470,19 @@ __device__ __forceinline__ float activate(float v, int act) {
 // y = act(x + bias[(i / plane) % bias_len] (+ residual)): a convolution's or linear layer's
 // epilogue in one pass over contiguous (N, C, plane) (a linear layer's rows: plane 1). A bias
 // of C elements is per channel; one of N*C elements per image and channel (a bias plus SD's
-// time embedding). `residual` may be null. Grid-stride, so any grid covers `n`. Indices are of
-// type I: 32-bit wherever they fit, as 64-bit division costs the GPU dozens of instructions
-// an element. With `vec`, eight elements at a time: 1 where plane is a multiple of 8 (they
-// share a bias), 2 where plane is 1 and bias_len a multiple of 8 (eight consecutive biases).
+// time embedding). Over channels-last rows (N, pixels, C) with a bias per image and channel,
+// plane is 1, bias_len C and `image` the elements of an image (pixels * C), which picks the
+// image's row of the bias; 0 elsewhere. `residual` may be null. Grid-stride, so any grid covers
+// `n`. Indices are of type I: 32-bit wherever they fit, as 64-bit division costs the GPU
+// dozens of instructions an element. With `vec`, eight elements at a time: 1 where plane is a
+// multiple of 8 (they share a bias), 2 where plane is 1 and bias_len a multiple of 8 (eight
+// consecutive biases).
 template <class D, class I>
 __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
                          const typename D::T* residual, typename D::T* y, I n, I bias_len,
-                         I plane, int act, int vec) {
+                         I plane, I image, int act, int vec) {
     const I stride = (I)gridDim.x * blockDim.x;
+    const auto at = [&](I i) { return (i / plane) % bias_len + (image ? i / image * bias_len : 0); };
     if constexpr (DND_IS_16BIT(D)) {
         if (vec) {
             for (I o = (I)blockIdx.x * blockDim.x + threadIdx.x; o < n / 8; o += stride) {
@@ -472,9 +490,9 @@ __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
                 float v[8], b[8], r[8];
                 load8<D>(x + i, v);
                 if (vec == 1)
-                    for (int k = 0; k < 8; ++k) b[k] = D::ld(bias[(i / plane) % bias_len]);
+                    for (int k = 0; k < 8; ++k) b[k] = D::ld(bias[at(i)]);
                 else
-                    load8<D>(bias + i % bias_len, b);
+                    load8<D>(bias + at(i), b);
                 if (residual) load8<D>(residual + i, r);
                 for (int k = 0; k < 8; ++k)
                     v[k] = activate(v[k] + b[k] + (residual ? r[k] : 0.f), act);
@@ -484,7 +502,7 @@ __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
         }
     }
     for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float v = D::ld(x[i]) + D::ld(bias[(i / plane) % bias_len]);
+        float v = D::ld(x[i]) + D::ld(bias[at(i)]);
         if (residual) v += D::ld(residual[i]);
         y[i] = D::st(activate(v, act));
     }
@@ -872,12 +890,13 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \
-                                                 u64 bias_len, u64 plane, int act, int vec) {   \
+                                                 u64 bias_len, u64 plane, u64 image, int act,   \
+                                                 int vec) {                                     \
         if (fits_u32(n))                                                                        \
             bias_act<D, unsigned>(x, bias, residual, y, (unsigned)n, (unsigned)bias_len,        \
-                                  (unsigned)plane, act, vec);                                   \
+                                  (unsigned)plane, (unsigned)image, act, vec);                  \
         else                                                                                    \
-            bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, act, vec);               \
+            bias_act<D, u64>(x, bias, residual, y, n, bias_len, plane, image, act, vec);        \
     }                                                                                           \
     extern "C" __global__ void max_pool_nhwc_##SUFFIX(const D::T* x, D::T* y, int n, int h, int w, \
                                                       int c, int p, int q, int k, int stride,    \

@@ -14,6 +14,9 @@ mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
+#[cfg(feature = "cudnn")]
+pub(crate) use cuda::bias_act_channels_last;
+#[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
     max_pool_channels_last, upsample_nearest2x,
@@ -63,12 +66,22 @@ mod vec_path {
     }
 }
 
-/// Threads a block of `group_stats_nhwc` takes for `c` channels: a multiple of `c` (each
-/// thread keeps to one channel), at least 256; None where no block size up to 1024 is one
-/// (GroupNorm then runs on NCHW storage).
+/// Threads a block of `group_stats_nhwc` takes for `c` channels in `groups` groups: each thread
+/// keeps to fixed channels, so a multiple of `c` (about 256, at most 1024) up to 1024 channels,
+/// above that `c` split into at most 4 equal slices (`NHWC_SLICES` in kernels.cu) of at most
+/// 1024; None where neither holds, or for more groups than the kernel's 1024 (GroupNorm then
+/// runs on NCHW storage).
 #[cfg(any(feature = "cuda", test))]
-pub(crate) fn group_norm_nhwc_threads(c: usize) -> Option<usize> {
-    (c > 0 && 1024 % c == 0).then(|| c.max(256))
+pub(crate) fn group_norm_nhwc_threads(c: usize, groups: usize) -> Option<usize> {
+    if c == 0 || groups == 0 || groups > 1024 || !c.is_multiple_of(groups) {
+        return None;
+    }
+    if c <= 1024 {
+        return Some(c * (256 / c).max(1));
+    }
+    (2..=4)
+        .find(|&s| c.is_multiple_of(s) && c / s <= 1024)
+        .map(|s| c / s)
 }
 
 /// The flash attention kernel for head size `d` (a multiple of 8): the size it was compiled
@@ -320,14 +333,28 @@ mod tests {
         let dev = Device::Cpu;
         // (N, C, H, W), groups, pixels a chunk: groups of 4 channels (a 16-byte load spans two)
         // and of 8; a block of 256 threads holding 4 and 1 rows of channels; a last chunk of
-        // fewer pixels; activations far from 0, an outlier in the first pixel of each image.
+        // fewer pixels; activations far from 0, means rising over the channels (a thread
+        // taking another slice's group mean shows), an outlier in the first pixel of each
+        // image. The UNet's widths: 320 (a block of one row of channels, groups of 10) and 1280
+        // (a block of 640 threads, two slices of channels a pixel); 96, two rows of 96.
         for (dims, groups, chunk_px) in [
             ([2usize, 64, 5, 7], 16usize, 16usize),
             ([1, 256, 3, 4], 32, 5),
+            ([2, 320, 2, 3], 32, 4),
+            ([1, 1280, 2, 3], 32, 4),
+            ([1, 96, 3, 3], 24, 4),
         ] {
-            let mut x =
-                ((crate::nn::seeded_randn(&dims, 17).unwrap() * 2.0).unwrap() + 30.0).unwrap();
             let [n, c, h, w] = dims;
+            let ramp = Tensor::arange(0f32, c as f32, &dev)
+                .unwrap()
+                .affine(20.0 / c as f64, 30.0)
+                .unwrap()
+                .reshape((1, c, 1, 1))
+                .unwrap();
+            let mut x = (crate::nn::seeded_randn(&dims, 17).unwrap() * 2.0)
+                .unwrap()
+                .broadcast_add(&ramp)
+                .unwrap();
             let spike = Tensor::full(1000f32, (n, c, 1, 1), &dev).unwrap();
             x = x.slice_assign(&[0..n, 0..c, 0..1, 0..1], &spike).unwrap();
             let gamma =
@@ -339,7 +366,7 @@ mod tests {
                 let (xr, gr, br) = (rounded(&x, dt), rounded(&gamma, dt), rounded(&beta, dt));
                 let want = cpu_group_norm(&xr, (&gr, &br), groups, silu);
                 let vec = super::vec_path::rows_of_eights(dt, true, c);
-                let block = super::group_norm_nhwc_threads(c).unwrap();
+                let block = super::group_norm_nhwc_threads(c, groups).unwrap();
                 let args = [3, block, vec as usize, n, h * w, c, groups, chunk_px]
                     .map(|v| v.to_string())
                     .into_iter()
@@ -355,6 +382,33 @@ mod tests {
                     "{dims:?} in {groups} groups, {dt:?}, vec {vec}: error {e}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn channels_last_group_norm_blocks_keep_threads_to_channels() {
+        // (channels, groups) -> threads: a multiple of the channels up to 1024, a slice of
+        // them above; None past four slices, for groups that do not divide the channels and
+        // for more groups than the kernel holds.
+        for (c, groups, want) in [
+            (64, 32, Some(256)),
+            (128, 32, Some(256)),
+            (320, 32, Some(320)),
+            (512, 32, Some(512)),
+            (96, 24, Some(192)),
+            (1024, 32, Some(1024)),
+            (1280, 32, Some(640)),
+            (4096, 32, Some(1024)),
+            (4100, 4, None),
+            (1283, 1, None),
+            (320, 30, None),
+            (2048, 2048, None),
+        ] {
+            assert_eq!(
+                super::group_norm_nhwc_threads(c, groups),
+                want,
+                "{c} in {groups}"
+            );
         }
     }
 
@@ -389,18 +443,39 @@ mod tests {
     #[test]
     fn bias_act_kernel_matches_candle_ops() {
         let dev = Device::Cpu;
-        // Planes that take the scalar path, eight elements sharing a bias, and a linear
-        // layer's rows (plane 1) taking eight consecutive biases.
-        for dims in [vec![2usize, 5, 3, 7], vec![2, 5, 4, 4], vec![6, 24]] {
+        // (dims, channels last): planes that take the scalar path, eight elements sharing a
+        // bias, and a linear layer's rows (plane 1) taking eight consecutive biases; then
+        // channels-last rows (N, pixels, C), whose per-image bias the kernel finds by the
+        // elements an image holds (SD's time embedding on the UNet's NHWC maps).
+        for (dims, channels_last) in [
+            (vec![2usize, 5, 3, 7], false),
+            (vec![2, 5, 4, 4], false),
+            (vec![6, 24], false),
+            (vec![3, 5, 16], true),
+            (vec![2, 3, 5], true),
+        ] {
             let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap();
+            let c = if channels_last { dims[2] } else { dims[1] };
             // Per channel, and per image and channel (a bias plus SD's time embedding).
-            let per_channel = Tensor::randn(0f32, 1.0, dims[1], &dev).unwrap();
-            let per_image = Tensor::randn(0f32, 1.0, (dims[0], dims[1]), &dev).unwrap();
-            let (n, plane) = (x.elem_count(), dims[2..].iter().product::<usize>());
+            let per_channel = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let per_image = Tensor::randn(0f32, 1.0, (dims[0], c), &dev).unwrap();
+            let n = x.elem_count();
+            let plane = if channels_last {
+                1
+            } else {
+                dims[2..].iter().product::<usize>()
+            };
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 for bias in [&per_channel, &per_image] {
-                    let mode = super::vec_path::bias_act(dt, true, n, plane, bias.elem_count());
+                    let images = bias.elem_count() / c;
+                    // The kernel's bias length and elements an image, as the launcher passes them.
+                    let (bias_len, image) = match (channels_last, images) {
+                        (true, 1) => (c, 0),
+                        (true, _) => (c, dims[1] * c),
+                        (false, _) => (bias.elem_count(), 0),
+                    };
+                    let mode = super::vec_path::bias_act(dt, true, n, plane, bias_len);
                     for (res, act, vec) in [false, true]
                         .into_iter()
                         .flat_map(|r| ACTS.map(|a| (r, a)))
@@ -409,22 +484,28 @@ mod tests {
                         })
                     {
                         let (xr, br) = (rounded(&x, dt), rounded(bias, dt));
-                        let mut shape = vec![bias.elem_count() / dims[1], dims[1]];
-                        shape.resize(dims.len(), 1);
+                        let shape = if channels_last {
+                            vec![images, 1, c]
+                        } else {
+                            let mut shape = vec![images, c];
+                            shape.resize(dims.len(), 1);
+                            shape
+                        };
                         let mut want = xr.broadcast_add(&br.reshape(shape).unwrap()).unwrap();
                         if res {
                             want = (want + rounded(&residual, dt)).unwrap();
                         }
                         let want = act.apply(want).unwrap();
-                        // 3 blocks of 32 threads for 144-210 elements: the grid-stride loop
+                        // 3 blocks of 32 threads for 30-240 elements: the grid-stride loop
                         // goes round.
                         let args = [
                             3,
                             32,
                             vec as usize,
                             n,
-                            bias.elem_count(),
+                            bias_len,
                             plane,
+                            image,
                             act.code() as usize,
                         ]
                         .map(|v| v.to_string());
@@ -433,7 +514,7 @@ mod tests {
                         let e = err(&got, &want);
                         assert!(
                             e <= tolerance(dt),
-                            "{dims:?}, {dt:?}, bias {:?}, residual {res}, {act:?}, vec {vec}: error {e}",
+                            "{dims:?}, channels last {channels_last}, {dt:?}, bias {:?}, residual {res}, {act:?}, vec {vec}: error {e}",
                             bias.dims()
                         );
                     }

@@ -439,8 +439,16 @@ impl Unet {
             groups: cfg.norm_num_groups,
             eps: cfg.norm_eps,
         };
+        // Every convolution but the 4-channel ends channels-last (on CUDA with cuDNN; elsewhere
+        // nothing changes): the feature maps stay NHWC from the first resnet to the last, the
+        // GroupNorms, time-embedding shifts, skips, upsampling and the transformers'
+        // projections reading them in place, where NCHW maps cost cuDNN two transposes a
+        // convolution (4.6 of the UNet's 60 ms on an H200, at 16 rows).
         let resnet = |vb: &VarBuilder, c_in, c_out, scale| {
-            ResnetBlock::load(vb, (c_in, c_out), norms, Some(temb), scale)
+            ResnetBlock::load(vb, (c_in, c_out), norms, Some(temb), scale)?.channels_last()
+        };
+        let resample = |vb: &VarBuilder, c, stride_padding| {
+            Conv::load(vb, (c, c, 3), stride_padding, true)?.channels_last()
         };
         let transformer = |vb: &VarBuilder, c, level: usize| {
             SpatialTransformer::load(vb, c, plan.heads[level], plan.layers[level], cfg)
@@ -467,14 +475,7 @@ impl Unet {
                 Vec::new()
             };
             let resample = (i + 1 < n)
-                .then(|| {
-                    Conv::load(
-                        &b.pp("downsamplers.0.conv"),
-                        (c, c, 3),
-                        (2, cfg.downsample_padding),
-                        true,
-                    )
-                })
+                .then(|| resample(&b.pp("downsamplers.0.conv"), c, (2, cfg.downsample_padding)))
                 .transpose()?;
             down.push(Level {
                 resnets,
@@ -514,7 +515,7 @@ impl Unet {
                 Vec::new()
             };
             let resample = (i + 1 < n)
-                .then(|| Conv::load(&b.pp("upsamplers.0.conv"), (c, c, 3), (1, 1), true))
+                .then(|| resample(&b.pp("upsamplers.0.conv"), c, (1, 1)))
                 .transpose()?;
             up.push(Level {
                 resnets,
@@ -605,7 +606,7 @@ impl Unet {
         for level in &self.up {
             for i in 0..level.resnets.len() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = nn::cat_channels(&[&h, &skip])?;
                 h = level.step(i, &h, &temb, context)?;
             }
             if let Some(conv) = &level.resample {
@@ -614,7 +615,13 @@ impl Unet {
                     .last()
                     .expect("skips left for the next level")
                     .dims4()?;
-                h = conv.forward(&h.upsample_nearest2d(sh, sw)?)?;
+                let (_, _, hh, hw) = h.dims4()?;
+                h = if (sh, sw) == (2 * hh, 2 * hw) {
+                    nn::upsample_nearest(&h, 2)?
+                } else {
+                    h.upsample_nearest2d(sh, sw)?
+                };
+                h = conv.forward(&h)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&h, true)?)
