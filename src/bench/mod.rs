@@ -6,6 +6,7 @@
 //! before the clock is read, with the peak memory seen while it ran. `--quick` runs the same
 //! code on reduced configs of the same families (assets/bench/quick), for CI on a CPU.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -334,7 +335,7 @@ impl Bench<'_> {
         } else {
             items / seconds
         };
-        let row = Row {
+        self.emit(Row {
             name: name.to_string(),
             value,
             unit,
@@ -342,10 +343,13 @@ impl Bench<'_> {
             runs: times.len(),
             peak_memory_bytes: watch.stop(),
             note,
-        };
+        });
+        Ok(())
+    }
+
+    fn emit(&mut self, row: Row) {
         (self.on_row)(&row);
         self.rows.push(row);
-        Ok(())
     }
 
     fn target(&mut self) -> Result<()> {
@@ -630,7 +634,7 @@ impl Bench<'_> {
         let store = Arc::new(Store::open(&self.opts.work.join(format!("{key}.sqlite")))?);
         let cache = ActivationCache::new(&self.opts.work.join("cache"));
         let runtime = tokio::runtime::Runtime::new().map_err(io(&self.opts.work))?;
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = AtomicBool::new(false);
         let ctx = pipeline::Context {
             models: &models,
@@ -654,9 +658,27 @@ impl Bench<'_> {
             next += n;
             j
         };
+        // Seconds per neuron of each stage in the last run, from the pipeline's own events
+        // (a wave's batched work charged to its neurons in equal shares): where the time goes.
+        let stages = std::cell::RefCell::new(BTreeMap::<pipeline::Stage, f64>::new());
         // Every neuron must come out described: a failed one would make the time a lie.
-        let described = |job: Job| -> Result<()> {
+        let mut described = |job: Job| -> Result<()> {
+            while rx.try_recv().is_ok() {}
             let summary = pipeline::run(&ctx, &job)?;
+            let mut last = stages.borrow_mut();
+            last.clear();
+            let n = job.neurons.len() as f64;
+            while let Ok(event) = rx.try_recv() {
+                if let pipeline::Event::StageFinished { stage, seconds, .. } = event {
+                    // Each neuron's event holds its share of a wave's work, but the whole of
+                    // the job's one activation pass (or cache load).
+                    let share = match stage {
+                        pipeline::Stage::Activations => seconds / n,
+                        _ => seconds,
+                    };
+                    *last.entry(stage).or_default() += share / n;
+                }
+            }
             if summary.failed.is_empty() {
                 Ok(())
             } else {
@@ -668,21 +690,41 @@ impl Bench<'_> {
         };
         // The layer's activation pass happens once per layer: done (and cached) before timing.
         described(job(1))?;
+        stages.take();
         let decoder = if tiny { "TAESD" } else { "VAE" };
         let note = format!(
             "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); instant in-process LLM",
             settings.steps
         );
-        self.measure(&format!("{key}.one"), 1.0, "s/neuron", &note, || {
-            described(job(1))
-        })?;
+        let one = format!("{key}.one");
+        self.measure(&one, 1.0, "s/neuron", &note, || described(job(1)))?;
+        self.stage_rows(&one, &stages.take());
+        let batch = format!("{key}.batch{neurons}");
         self.measure(
-            &format!("{key}.batch{neurons}"),
+            &batch,
             neurons as f64,
             "s/neuron",
             &format!("{note}; {neurons} neurons in one job, amortised"),
             || described(job(neurons)),
-        )
+        )?;
+        self.stage_rows(&batch, &stages.take());
+        Ok(())
+    }
+
+    /// A row per pipeline stage of `row`'s last run, `{row}.{stage}`, in seconds per neuron.
+    fn stage_rows(&mut self, row: &str, stages: &BTreeMap<pipeline::Stage, f64>) {
+        for (stage, &seconds) in stages {
+            let stage = stage.name();
+            self.emit(Row {
+                name: format!("{row}.{stage}"),
+                value: seconds,
+                unit: "s/neuron",
+                seconds,
+                runs: 1,
+                peak_memory_bytes: None,
+                note: format!("the {stage} stage's share of {row}'s last run"),
+            });
+        }
     }
 }
 

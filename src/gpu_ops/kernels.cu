@@ -292,7 +292,6 @@ __device__ void group_apply(const typename D::T* x, const float* norm,
     }
 }
 
-// The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
 // GroupNorm over channels-last storage (N, pixels, C), with the same three steps:
 // - group_stats_nhwc: one block per chunk of `chunk_px` pixels of an image, all its groups at
 //   once: the chunk is contiguous, so its reads are whole rows of C. Each thread keeps to fixed
@@ -330,14 +329,22 @@ __device__ void group_stats_nhwc(const typename D::T* x, float* stats, u64 pixel
             for (int j = 0; j < cg; ++j) acc += part[r * cu + (unsigned)(grp * cg + j)];
         return acc;
     };
-    // Both passes: `f` of each value of this thread's channels, summed per slice into part.
-    const auto pass = [&](auto f) {
+    // Both passes: each value of this thread's channels (`centred`: its squared deviation from
+    // its group's mean), summed per slice into part.
+    const auto pass = [&](bool centred) {
         float s[NHWC_SLICES] = {};
         for (u64 p = row; p < np; p += rows) {
             const typename D::T* px = x + p * (u64)c + ch;
             DND_UNROLL_ALL
-            for (unsigned j = 0; j < (unsigned)NHWC_SLICES; ++j)
-                if (j < slices) s[j] += f(D::ld(px[j * span]), ch + j * span);
+            for (unsigned j = 0; j < (unsigned)NHWC_SLICES; ++j) {
+                if (j >= slices) break;
+                float v = D::ld(px[j * span]);
+                if (centred) {
+                    v -= gmean[(ch + j * span) / (unsigned)cg];
+                    v *= v;
+                }
+                s[j] += v;
+            }
         }
         DND_UNROLL_ALL
         for (unsigned j = 0; j < (unsigned)NHWC_SLICES; ++j)
@@ -345,13 +352,10 @@ __device__ void group_stats_nhwc(const typename D::T* x, float* stats, u64 pixel
         __syncthreads();
     };
     const float count = (float)(np * (u64)cg);
-    pass([](float v, unsigned) { return v; });
+    pass(false);
     for (unsigned g = t; g < (unsigned)groups; g += blockDim.x) gmean[g] = group_total((int)g) / count;
     __syncthreads();
-    pass([&](float v, unsigned chan) {
-        const float d = v - gmean[chan / (unsigned)cg];
-        return d * d;
-    });
+    pass(true);
     for (unsigned g = t; g < (unsigned)groups; g += blockDim.x) {
         const u64 at = 3 * (((u64)n * groups + g) * chunks + k);
         stats[at] = count;
@@ -452,6 +456,7 @@ __device__ void layer_norm(const typename D::T* x, const typename D::T* gamma,
         y[i] = D::st((D::ld(x[i]) - mean) * rstd * D::ld(gamma[i]) + D::ld(beta[i]));
 }
 
+// The exact (erf) GELU, as PyTorch's default and diffusers' GEGLU compute it.
 __device__ __forceinline__ float gelu(float v) {
     return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
 }

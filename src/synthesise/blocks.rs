@@ -51,8 +51,8 @@ impl ResnetBlock {
         })
     }
 
-    /// The block with its convolutions channels-last (`Conv::channels_last`), as the VAE
-    /// runs: its GroupNorms then read their outputs in place.
+    /// The block with its convolutions channels-last (`Conv::channels_last`), as the VAE and
+    /// UNet run: its GroupNorms then read their outputs in place.
     pub(super) fn channels_last(mut self) -> candle_core::Result<Self> {
         self.conv1 = self.conv1.channels_last()?;
         self.conv2 = self.conv2.channels_last()?;
