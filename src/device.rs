@@ -180,10 +180,11 @@ pub fn kernels(device: &Device, dtype: DType) -> String {
     };
     #[cfg(feature = "cudnn")]
     if device.is_cuda() {
-        let algos = if crate::gpu_ops::cudnn_conv::enabled() {
-            "dnd's cuDNN convolutions"
-        } else {
-            "candle's cuDNN convolutions"
+        use crate::gpu_ops::cudnn_conv;
+        let algos = match (cudnn_conv::enabled(), cudnn_conv::channels_last()) {
+            (false, _) => "candle's cuDNN convolutions",
+            (true, true) => "dnd's cuDNN convolutions, channels-last",
+            (true, false) => "dnd's cuDNN convolutions, NCHW",
         };
         return format!("{fused}, {algos}");
     }

@@ -381,7 +381,8 @@ impl Conv {
             ..
         } = &mut self.imp
         {
-            if weight.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
+            use crate::gpu_ops::cudnn_conv;
+            if weight.device().is_cuda() && cudnn_conv::enabled() && cudnn_conv::channels_last() {
                 *weight = weight.permute((0, 2, 3, 1))?.contiguous()?;
                 *channels_last = true;
             }

@@ -774,32 +774,54 @@ impl Runner<'_> {
             }
             Ok(())
         })?;
-        let mut pieces: Vec<RgbImage> = Vec::new();
-        let mut piece_owner: Vec<usize> = Vec::new();
-        let mut maps = maps.into_iter();
-        for (w, nr) in neurons.iter_mut().enumerate() {
-            let dir = self.neuron_dir(nr.n).join("crops");
-            for (i, img) in nr.pixels.iter().enumerate() {
-                let map = maps.next().expect("one map per image");
+        // Each image's heat map, threshold, contours, crops and their PNG files on every core:
+        // one image at a time they held the device up for the whole wave.
+        let images: Vec<(usize, usize)> = neurons
+            .iter()
+            .enumerate()
+            .flat_map(|(w, nr)| (0..nr.pixels.len()).map(move |i| (w, i)))
+            .collect();
+        let (store, rules) = (self.ctx.store, &p.crops);
+        let dirs: Vec<PathBuf> = neurons
+            .iter()
+            .map(|nr| self.neuron_dir(nr.n).join("crops"))
+            .collect();
+        let cut: Vec<Vec<(crops::CropBox, RgbImage, PathBuf)>> = images
+            .par_iter()
+            .zip(maps)
+            .map(|(&(w, i), map)| {
+                let img = &neurons[w].pixels[i];
                 let boxes = crops::attention_boxes(
                     &map.values,
                     (map.width as u32, map.height as u32),
                     img.dimensions(),
-                    &p.crops,
+                    rules,
                 );
-                for (c, b) in boxes.iter().enumerate() {
-                    let piece = crops::cut(img, b);
-                    let file = dir.join(format!("{i:02}_{c}.png"));
-                    self.ctx.store.save_image(&file, &piece)?;
-                    nr.crops.push(Crop {
-                        source: nr.top[i].image.clone(),
-                        bbox: b.as_array(),
-                        file: file.to_string_lossy().into_owned(),
-                        activation: f32::NAN,
-                    });
-                    pieces.push(piece);
-                    piece_owner.push(w);
-                }
+                boxes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(c, b)| {
+                        let piece = crops::cut(img, &b);
+                        let file = dirs[w].join(format!("{i:02}_{c}.png"));
+                        store.save_image(&file, &piece)?;
+                        Ok((b, piece, file))
+                    })
+                    .collect::<Result<_>>()
+            })
+            .collect::<Result<_>>()?;
+        let mut pieces: Vec<RgbImage> = Vec::new();
+        let mut piece_owner: Vec<usize> = Vec::new();
+        for (&(w, i), image_crops) in images.iter().zip(cut) {
+            let nr = &mut neurons[w];
+            for (b, piece, file) in image_crops {
+                nr.crops.push(Crop {
+                    source: nr.top[i].image.clone(),
+                    bbox: b.as_array(),
+                    file: file.to_string_lossy().into_owned(),
+                    activation: f32::NAN,
+                });
+                pieces.push(piece);
+                piece_owner.push(w);
             }
         }
         let ns: Vec<usize> = piece_owner.iter().map(|&w| neurons[w].n).collect();

@@ -33,6 +33,13 @@ pub(crate) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("DND_CUDNN_CONV").map_or(true, |v| v != "0"))
 }
 
+/// Whether the networks that can run channels-last do (`nn::Conv::channels_last`): yes unless
+/// `DND_CHANNELS_LAST=0`, which keeps every map NCHW while convolutions still take this op.
+pub(crate) fn channels_last() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DND_CHANNELS_LAST").map_or(true, |v| v != "0"))
+}
+
 /// The memory order of a convolution's input, filter and output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Format {

@@ -44,16 +44,19 @@ V=cudnn; [ -f "$HERE/dnd-cudnn.gz" ] || V=cuda
 # for a rebuild and a second try.
 bash "$HERE/run-on-device.sh" "$HERE/dnd-$V.gz" --version || { echo "== dnd-$V does not start"; exit 3; }
 # With our CUDA kernels and our cuDNN convolution op (gpu_ops) first. Should a check fail, the
-# same checks with candle's convolution, then with candle's path throughout, tell which of ours
-# is to blame, and the timings run without it, so that every figure is of a run that computes
-# the right thing. A check cut short by its time limit (exit 124) proves nothing either way.
+# same checks with every map NCHW (DND_CHANNELS_LAST=0), then with candle's convolution, then
+# with candle's path throughout, tell which of ours is to blame, and the timings run without
+# it, so that every figure is of a run that computes the right thing. A check cut short by its
+# time limit (exit 124) proves nothing either way.
 OURS=1
 failed() { local rc=$?; (( rc != 0 && rc != 124 )) && OURS=0; return 0; }
 passed() { local rc=$?; (( rc == 0 || rc == 124 )); }
 bench $V check-f32 60 --check --quick --dtype f32 || failed
 bench $V check-f16 120 --check || failed
 if [ $OURS = 0 ]; then
-  if ( export DND_CUDNN_CONV=0; bench $V check-f16-candle-conv 90 --check ) || passed; then
+  if ( export DND_CHANNELS_LAST=0; bench $V check-f16-nchw 90 --check ) || passed; then
+    export DND_CHANNELS_LAST=0
+  elif ( export DND_CUDNN_CONV=0; bench $V check-f16-candle-conv 90 --check ) || passed; then
     export DND_CUDNN_CONV=0
   else
     ( export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0; bench $V check-f16-candle-ops 90 --check )
@@ -72,6 +75,9 @@ ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
 [ $OURS = 1 ] && ( export DND_GPU_KERNELS=0 DND_CUDNN_CONV=0
   bench $V bench-candle-ops 60 --runs 3 --budget 5 --only $ROWS )
 [ $OURS = 1 ] && ( export DND_CUDNN_CONV=0; bench $V bench-candle-conv 60 --runs 3 --budget 5 --only $ROWS )
+# Our cuDNN op with every map NCHW: what channels-last buys ResNet, the UNet and the VAE.
+[ $OURS = 1 ] && [ $V = cudnn ] && ( export DND_CHANNELS_LAST=0
+  bench $V bench-nchw 60 --runs 3 --budget 5 --only $ROWS,sd-v1-4.unet )
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 OUT=$RES part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
