@@ -503,7 +503,7 @@ fn channels_last_conv(
     let residual = residual.map(|r| rows(nhwc(r)?)).transpose()?;
     let act = Act::relu_if(relu);
     let y = if y.device().is_cuda() && crate::gpu_ops::enabled() {
-        crate::gpu_ops::bias_act_channels_last(&rows(y)?, bias, residual.as_ref(), act)?
+        crate::gpu_ops::bias_act(&rows(y)?, bias, residual.as_ref(), act, true)?
     } else {
         let bias = bias.reshape((bias.elem_count() / k, 1, k))?;
         candle_epilogue(rows(y)?, Some(&bias), residual.as_ref(), act)?
@@ -553,7 +553,7 @@ fn epilogue(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(b) = bias.filter(|_| y.device().is_cuda() && crate::gpu_ops::enabled()) {
-        return Ok(crate::gpu_ops::bias_act(&y, b, residual, act)?);
+        return Ok(crate::gpu_ops::bias_act(&y, b, residual, act, false)?);
     }
     let bias = bias
         .map(|b| {
@@ -956,6 +956,16 @@ mod tests {
         }
     }
 
+    /// `t` `(N, C, H, W)` as a view of NHWC storage, as channels-last convolutions leave it.
+    fn nhwc(t: &Tensor) -> Tensor {
+        t.permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+    }
+
     #[test]
     fn projections_read_and_write_channels_last_maps_as_nchw_ones() {
         // The VAE's attention on CUDA gets views of NHWC storage (channels-last convolutions'
@@ -964,14 +974,6 @@ mod tests {
         let dev = Device::Cpu;
         let (n, c, h, w) = (2, 6, 3, 5);
         let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
-        let nhwc = |t: &Tensor| {
-            t.permute((0, 2, 3, 1))
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .permute((0, 3, 1, 2))
-                .unwrap()
-        };
         let x_cl = nhwc(&x);
         assert!(channels_last_storage(&x).unwrap().is_none());
         assert!(channels_last_storage(&x_cl).unwrap().is_some());
@@ -1000,14 +1002,6 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (2, 2, 4, 5), &dev).unwrap();
-        let nhwc = |t: &Tensor| {
-            t.permute((0, 2, 3, 1))
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .permute((0, 3, 1, 2))
-                .unwrap()
-        };
         let want = Tensor::cat(&[&a, &b], 1).unwrap();
         let plain = cat_channels(&[&a, &b]).unwrap();
         assert!(plain.is_contiguous());

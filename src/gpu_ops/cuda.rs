@@ -588,50 +588,16 @@ impl Op3 for BiasAct {
     }
 }
 
-/// `act(y + bias (+ residual))` for a CUDA `y` `(N, C, ...)` and `bias` `(C)` or `(N, C)`, in
-/// one kernel.
+/// `act(y + bias (+ residual))` for a CUDA `y` `(N, C, ...)`, or with `channels_last` rows
+/// `(N, pixels, C)`, and `bias` `(C)` or `(N, C)`, in one kernel.
 pub(crate) fn bias_act(
     y: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
     act: Act,
+    channels_last: bool,
 ) -> Result<Tensor> {
-    apply_bias_act(
-        y,
-        bias,
-        residual,
-        BiasAct {
-            act,
-            channels_last: false,
-        },
-    )
-}
-
-/// `bias_act` over channels-last rows: `y` `(N, pixels, C)`, `bias` `(C)` or `(N, C)`.
-#[cfg(feature = "cudnn")]
-pub(crate) fn bias_act_channels_last(
-    y: &Tensor,
-    bias: &Tensor,
-    residual: Option<&Tensor>,
-    act: Act,
-) -> Result<Tensor> {
-    apply_bias_act(
-        y,
-        bias,
-        residual,
-        BiasAct {
-            act,
-            channels_last: true,
-        },
-    )
-}
-
-fn apply_bias_act(
-    y: &Tensor,
-    bias: &Tensor,
-    residual: Option<&Tensor>,
-    op: BiasAct,
-) -> Result<Tensor> {
+    let op = BiasAct { act, channels_last };
     let y = y.contiguous()?;
     match residual {
         Some(r) => y.apply_op3_no_bwd(bias, &r.contiguous()?, &Cuda3(op)),

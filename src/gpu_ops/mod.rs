@@ -14,8 +14,6 @@ mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
-#[cfg(feature = "cudnn")]
-pub(crate) use cuda::bias_act_channels_last;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
