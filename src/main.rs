@@ -569,9 +569,10 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
         return check_cmd(&device, dtype, &opts, args.json.as_deref());
     }
     eprintln!(
-        "dnd bench on {} ({dtype:?}; {}){}: random weights, median of up to {} runs after a warm-up",
+        "dnd bench on {} ({dtype:?}; {}; {} CPU threads){}: random weights, median of up to {} runs after a warm-up",
         dnd::device::describe(&device),
         dnd::device::kernels(&device, dtype),
+        rayon::current_num_threads(),
         if opts.quick { ", quick sizes" } else { "" },
         opts.runs
     );

@@ -72,6 +72,9 @@ pub struct Report {
     pub dtype: String,
     /// Which kernels ran (`device::kernels`).
     pub kernels: String,
+    /// Threads decoding and preprocessing on the CPU (rayon's pool: the cores this process
+    /// may use, cgroup quotas included), which bound the `resnet50.jpeg` row.
+    pub cpu_threads: usize,
     pub quick: bool,
     pub rows: Vec<Row>,
 }
@@ -84,6 +87,7 @@ impl Report {
             device: crate::device::describe(device),
             dtype: format!("{dtype:?}").to_lowercase(),
             kernels: crate::device::kernels(device, dtype),
+            cpu_threads: rayon::current_num_threads(),
             quick,
             rows: Vec::new(),
         }

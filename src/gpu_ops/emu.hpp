@@ -157,22 +157,27 @@ inline void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
     emu_mma<emu_bf16_to_f32>(d, a, b);
 }
 
+// One OS thread per thread of a block, made once per launch and running the grid's blocks in
+// turn (a thread per thread per block spent most of the tests' time creating threads under
+// AddressSanitizer).
 template <class Kernel>
 void emu_launch(unsigned grid, unsigned block, Kernel kernel) {
     gridDim.x = grid;
     blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        emu_block_barrier = &bar;
-        emu_warp_barriers.clear();
-        for (unsigned w = 0; w < block; w += 32) emu_warp_barriers.emplace_back(std::min(32u, block - w));
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&kernel, b, t] {
+    std::barrier<> bar(block), block_done(block);
+    emu_block_barrier = &bar;
+    emu_warp_barriers.clear();
+    for (unsigned w = 0; w < block; w += 32) emu_warp_barriers.emplace_back(std::min(32u, block - w));
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx.x = t;
+            for (unsigned b = 0; b < grid; ++b) {
                 blockIdx.x = b;
-                threadIdx.x = t;
                 kernel();
-            });
-        for (auto& t : threads) t.join();
-    }
+                // Blocks never overlap: __shared__ statics belong to one block at a time.
+                block_done.arrive_and_wait();
+            }
+        });
+    for (auto& t : threads) t.join();
 }
