@@ -31,6 +31,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["quick"], true);
     assert_eq!(report["kernels"], "dnd's fused ops");
+    assert!(report["cpu_threads"].as_u64().unwrap() >= 1);
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     for want in [

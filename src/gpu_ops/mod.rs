@@ -14,7 +14,6 @@ mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
 #[cfg(feature = "cuda")]
-#[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
     max_pool_channels_last, upsample_nearest2x,
