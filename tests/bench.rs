@@ -37,6 +37,9 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     for want in [
         "resnet50.forward.b8",
         "resnet50.jpeg.b8",
+        "resnet50.first_call.b3",
+        "resnet50.first_call.b4",
+        "resnet50.forward.b4",
         "blip-large.vision.b2",
         "blip-large.captions.b2",
         "blip-large.captions.b4",

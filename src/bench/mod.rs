@@ -293,6 +293,35 @@ impl Bench<'_> {
         })
     }
 
+    /// Times one call of `f` with no warm-up, for what a first call costs; records the row.
+    fn measure_first(
+        &mut self,
+        name: &str,
+        items: f64,
+        note: &str,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
+        let watch = Peak::start(&self.device);
+        self.device.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        self.device.synchronize()?;
+        let seconds = t.elapsed().as_secs_f64();
+        self.emit(Row {
+            name: name.to_string(),
+            value: items / seconds,
+            unit: "images/s",
+            seconds,
+            runs: 1,
+            peak_memory_bytes: watch.stop(),
+            note: note.to_string(),
+        });
+        Ok(())
+    }
+
     /// Times `f`: one warm-up, then up to `runs` runs within the budget; records the row.
     fn measure(
         &mut self,
@@ -364,17 +393,44 @@ impl Bench<'_> {
         let target = self.random_target()?;
         let size = target.preprocess.crop as usize;
         let last = target.layers().len() - 1;
-        let x = Tensor::randn(0f32, 1.0, (s.target_batch, 3, size, size), &self.device)?
-            .to_dtype(self.dtype)?;
+        let forward = |x: &Tensor| -> Result<()> {
+            target.net.forward(x, &[last])?;
+            Ok(())
+        };
+        let x = self.pixels(s.target_batch, size)?;
         self.measure(
             &format!("resnet50.forward.b{}", s.target_batch),
             s.target_batch as f64,
             "images/s",
             &format!("{size} px, preprocessed tensors on the device"),
-            || {
-                target.net.forward(&x, &[last])?;
-                Ok(())
-            },
+            || forward(&x),
+        )?;
+        // Batch sizes the process has not run, as the pipeline's batches of crops come (their
+        // size changes with every neuron). On cuDNN the first call of a size whose power-of-two
+        // family is new measures the algorithms of every convolution; the next size of that
+        // family takes them unmeasured. Against that size's steady forward.
+        // 48 (3 with --quick): not a power of two, so `fresh + 1` is of its family (33..=64).
+        let fresh = (s.target_batch * 3 / 16).max(3);
+        for (b, what) in [
+            (fresh, "a new power-of-two family"),
+            (fresh + 1, "the family just measured"),
+        ] {
+            let x = self.pixels(b, size)?;
+            self.measure_first(
+                &format!("resnet50.first_call.b{b}"),
+                b as f64,
+                &format!("the first forward at batch {b}, a size never run, of {what}"),
+                || forward(&x),
+            )?;
+        }
+        let b = fresh + 1;
+        let x = self.pixels(b, size)?;
+        self.measure(
+            &format!("resnet50.forward.b{b}"),
+            b as f64,
+            "images/s",
+            "the steady forward at the second first_call row's size",
+            || forward(&x),
         )?;
         if self.group("resnet50.jpeg") {
             let probe = ProbeSet::open(&self.opts.work.join("probe"))?;

@@ -6,7 +6,10 @@
 //! PyTorch runs ResNet channels-last on cuDNN's NHWC tensor-core kernels. Here, as PyTorch sets
 //! cuDNN up: f32 accumulation with tensor-op math for 16-bit types, NCHW or NHWC (`Format`),
 //! and per shape the forward algorithm measured fastest once, its descriptors kept, one
-//! workspace per device that only grows.
+//! workspace per device that only grows. A shape that differs from a measured one only in its
+//! batch size, within the same power of two, takes that shape's algorithm unmeasured: the
+//! pipeline's batches of crops change size with every neuron, and the measurement of every
+//! algorithm for every layer cost a ResNet-50 far more than the forward itself.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -160,12 +163,21 @@ struct Plan<T: CudnnDataType> {
 
 type Key = (DeviceId, DType, Format, Dims, usize, usize);
 
+/// `key` with its batch size rounded up to a power of two: the shapes that share an algorithm.
+fn family(key: &Key) -> Key {
+    let mut f = *key;
+    f.3.x[0] = f.3.x[0].next_power_of_two();
+    f
+}
+
 // cuDNN handles and descriptors are neither Send nor Sync, so they live per thread (as candle
 // keeps its handle); the engine runs every model on one thread.
 thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::default();
     static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::default();
     static PLANS: RefCell<HashMap<Key, Box<dyn Any>>> = RefCell::default();
+    /// The algorithm measured for each family of shapes (`family`).
+    static MEASURED: RefCell<HashMap<Key, Algo>> = RefCell::default();
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -212,16 +224,30 @@ where
     let key: Key = (dev.id(), T::DTYPE, op.format, dims, op.padding, op.stride);
     let known = PLANS.with(|p| p.borrow().contains_key(&key));
     if !known {
-        let plan = plan::<T>(op, dims, out, dev)?;
-        // Every run of the search computes the whole output, so `y` is done when it ends.
-        let plan = choose(plan, dev, |fwd, algo, ws| {
-            // SAFETY: the descriptors were made from these tensors' dims and dtype.
-            unsafe { fwd.launch(algo, Some(ws), (T::one(), T::zero()), &x, &w, &mut y) }?;
-            Ok(())
-        })?;
-        tracing::debug!(?key, algo = ?plan.algo, "cuDNN algorithm chosen");
+        let mut plan = plan::<T>(op, dims, out, dev)?;
+        let family = family(&key);
+        let kin = MEASURED.with(|m| m.borrow().get(&family).copied());
+        // A kin shape's algorithm, where cuDNN takes it for this shape within the cap.
+        let reused = kin.and_then(|algo| match plan.forward().get_workspace_size(algo) {
+            Ok(bytes) if bytes <= WORKSPACE_CAP => Some((algo, bytes)),
+            _ => None,
+        });
+        if let Some((algo, bytes)) = reused {
+            (plan.algo, plan.workspace) = (algo, bytes);
+            tracing::debug!(?key, ?algo, "cuDNN algorithm of a kin shape reused");
+        } else {
+            // Every run of the search computes the whole output, so `y` is done when it ends.
+            let plan = choose(plan, dev, |fwd, algo, ws| {
+                // SAFETY: the descriptors were made from these tensors' dims and dtype.
+                unsafe { fwd.launch(algo, Some(ws), (T::one(), T::zero()), &x, &w, &mut y) }?;
+                Ok(())
+            })?;
+            tracing::debug!(?key, algo = ?plan.algo, "cuDNN algorithm chosen");
+            MEASURED.with(|m| m.borrow_mut().insert(family, plan.algo));
+            PLANS.with(|p| p.borrow_mut().insert(key, Box::new(plan)));
+            return Ok(y);
+        }
         PLANS.with(|p| p.borrow_mut().insert(key, Box::new(plan)));
-        return Ok(y);
     }
     PLANS.with(|p| {
         let plans = p.borrow();
