@@ -1145,26 +1145,43 @@ impl Runner<'_> {
                 })
                 .collect();
             let mut acts = self.activations_of(&images, &owners)?.into_iter();
-            let clip = &self.ctx.models.clip;
-            let mut out = Vec::with_capacity(ready.len());
-            for ((nr, _), s) in ready.iter().zip(sets.iter_mut()) {
+            let mut ranked = Vec::with_capacity(ready.len());
+            for s in sets.iter_mut() {
                 for x in s.iter_mut() {
                     x.set.activations = acts.by_ref().take(x.images.len()).collect();
                 }
                 let per: Vec<Vec<f32>> = s.iter().map(|x| x.set.activations.clone()).collect();
                 let ranking = score::rank(&per, p.clip_top);
+                ranked.push((per, ranking));
+            }
+            // CLIP on the whole wave in one pass: each neuron's probing images, then each of its
+            // candidates' images in the top (a pass per neuron and candidate was six small
+            // batches a neuron).
+            let mut clip_images: Vec<&RgbImage> = Vec::new();
+            for (((nr, _), s), (_, ranking)) in ready.iter().zip(&sets).zip(&ranked) {
+                clip_images.extend(&nr.pixels);
+                for (x, in_top) in s.iter().zip(&ranking.in_top) {
+                    clip_images.extend(in_top.iter().map(|&j| &x.images[j]));
+                }
+            }
+            let clip = &self.ctx.models.clip;
+            let mut embeddings = clip.embed_images(&clip_images, p.batches.clip)?.into_iter();
+            let mut out = Vec::with_capacity(ready.len());
+            for (((nr, _), s), (per, ranking)) in ready.iter().zip(&sets).zip(ranked) {
                 let rank_scores: Vec<f64> = ranking
                     .positions
                     .iter()
                     .map(|pos| p.rank_score.score(pos, per.len()))
                     .collect();
-                let probe_emb = clip.embed_images(&nr.pixels, p.batches.clip)?;
-                let mut weights = Vec::with_capacity(per.len());
-                for (x, in_top) in s.iter().zip(&ranking.in_top) {
-                    let imgs: Vec<&RgbImage> = in_top.iter().map(|&j| &x.images[j]).collect();
-                    let emb = clip.embed_images(&imgs, p.batches.clip)?;
-                    weights.push(score::clip_weight(&probe_emb, &emb));
-                }
+                let probe_emb: Vec<Vec<f32>> = embeddings.by_ref().take(nr.pixels.len()).collect();
+                let weights: Vec<f64> = ranking
+                    .in_top
+                    .iter()
+                    .map(|in_top| {
+                        let emb: Vec<Vec<f32>> = embeddings.by_ref().take(in_top.len()).collect();
+                        score::clip_weight(&probe_emb, &emb)
+                    })
+                    .collect();
                 let scores: Vec<CandidateScore> = score::combine(&rank_scores, &weights)
                     .into_iter()
                     .map(|sc| CandidateScore {
