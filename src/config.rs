@@ -424,7 +424,7 @@ settings! {
     clip_top: usize = 10;
     /// Images per BLIP batch [env: DND_CAPTION_BATCH]
     caption_batch: usize = 16;
-    /// Images per Stable Diffusion batch (CUDA: keep SD 1.x at 512 px <= 16 without guidance, <= 8 with) [env: DND_SYNTHESIS_BATCH]
+    /// Images per Stable Diffusion batch (with guidance, each takes two rows of the UNet) [env: DND_SYNTHESIS_BATCH]
     synthesis_batch: usize = 8;
     /// Neurons whose model work is batched together in `describe` [env: DND_WAVE]
     wave: usize = 4;
