@@ -276,6 +276,10 @@ enum ConvImpl {
         /// Computed in NHWC by cuDNN (see `channels_last`).
         #[cfg(feature = "cudnn")]
         channels_last: bool,
+        /// With `upsample`, channels-last and our kernels: the four output phases' 2x2 filters
+        /// `(4K, 2, 2, C)`, which compute the upsampled convolution on the small input.
+        #[cfg(feature = "cudnn")]
+        phases: Option<Tensor>,
     },
 }
 
@@ -303,7 +307,17 @@ impl Conv {
         bias: bool,
     ) -> candle_core::Result<Self> {
         let (weight, bias) = Self::weights(vb, (c_in, c_out, 3), bias)?;
-        Self::build(weight, bias, (1, 1), true, vb.device(), vb.dtype())
+        Self::upsampling(weight, bias, vb.device(), vb.dtype())
+    }
+
+    /// `load_upsampling` from tensors: `weight` `[c_out, c_in, 3, 3]`, `bias` `[c_out]`.
+    pub(crate) fn upsampling(
+        weight: Tensor,
+        bias: Tensor,
+        dev: &Device,
+        dt: DType,
+    ) -> candle_core::Result<Self> {
+        Self::build(weight, bias, (1, 1), true, dev, dt)
     }
 
     /// A square `k`x`k` convolution from `{prefix}.weight` and `{prefix}.bias`, no ReLU.
@@ -361,6 +375,8 @@ impl Conv {
                 upsample,
                 #[cfg(feature = "cudnn")]
                 channels_last: false,
+                #[cfg(feature = "cudnn")]
+                phases: None,
             }
         };
         Ok(Self { imp, c_out })
@@ -378,11 +394,16 @@ impl Conv {
         if let ConvImpl::Device {
             weight,
             channels_last,
+            upsample,
+            phases,
             ..
         } = &mut self.imp
         {
             use crate::gpu_ops::cudnn_conv;
             if weight.device().is_cuda() && cudnn_conv::enabled() && cudnn_conv::channels_last() {
+                if *upsample && crate::gpu_ops::enabled() {
+                    *phases = Some(upsample_phase_filters_nhwc(weight)?);
+                }
                 *weight = weight.permute((0, 2, 3, 1))?.contiguous()?;
                 *channels_last = true;
             }
@@ -446,12 +467,22 @@ impl Conv {
             }
             #[cfg(feature = "cudnn")]
             ConvImpl::Device {
+                phases: Some(phases),
+                bias,
+                relu: false,
+                ..
+            } if residual.is_none() && shift.is_none() => {
+                upsampled_conv_channels_last(phases, bias, x)
+            }
+            #[cfg(feature = "cudnn")]
+            ConvImpl::Device {
                 weight,
                 stride_padding,
                 bias,
                 relu,
                 upsample,
                 channels_last: true,
+                ..
             } => {
                 // Upsampled channels-last where x is (our kernel reads its storage in place).
                 let x = if *upsample {
@@ -509,6 +540,31 @@ fn channels_last_conv(
         candle_epilogue(rows(y)?, Some(&bias), residual.as_ref(), act)?
     };
     Ok(y.reshape((n, p, q, k))?.permute((0, 3, 1, 2))?)
+}
+
+/// The 2x2 filters of an upsampling 3x3 convolution's four output phases (`cpu_ops`), stacked
+/// phase by phase as one `(4K, 2, 2, C)` channels-last filter on `weight`'s device and dtype.
+#[cfg(feature = "cudnn")]
+fn upsample_phase_filters_nhwc(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (k, c, _, _) = weight.dims4()?;
+    let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let stacked = crate::cpu_ops::upsample_phase_filters(&w, k, c).concat();
+    Tensor::from_vec(stacked, (4 * k, c, 2, 2), &Device::Cpu)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .to_device(weight.device())?
+        .to_dtype(weight.dtype())
+}
+
+/// Nearest 2x upsampling of `x` then its 3x3 convolution, computed on the small input: one
+/// cuDNN convolution by the phases' 2x2 filters (16/36 of the work, and the upsampled map never
+/// written), then one pass placing each phase's outputs and adding the bias. `x` and the
+/// result are `(N, C, H, W)` views of NHWC storage.
+#[cfg(feature = "cudnn")]
+fn upsampled_conv_channels_last(phases: &Tensor, bias: &Tensor, x: &Tensor) -> Result<Tensor> {
+    use crate::gpu_ops::cudnn_conv::{conv2d, Format};
+    let y = conv2d(&x.permute((0, 2, 3, 1))?, phases, 1, 1, Format::Nhwc)?;
+    Ok(crate::gpu_ops::interleave_phases(&y, bias)?.permute((0, 3, 1, 2))?)
 }
 
 /// candle's convolution (without bias), after nearest 2x upsampling when `upsample`; with

@@ -245,6 +245,25 @@ impl Bench<'_> {
             note,
         );
 
+        // The VAE's last upsampler channels-last: nearest 2x, then a 3x3 convolution with its
+        // bias (on cuDNN computed on the small input, phase by phase).
+        let (c, side) = if full { (256, 128) } else { (16, 6) };
+        let x = randn(&[2, c, side, side], 37)?;
+        let w = (randn(&[c, c, 3, 3], 38)? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let b = randn(&[c], 39)?;
+        let want = x
+            .upsample_nearest2d(2 * side, 2 * side)?
+            .conv2d(&w, 1, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+        let up = crate::nn::Conv::upsampling(w, b, dev, dt)?.channels_last()?;
+        let got = up.forward(&nhwc(&x)?)?;
+        report(
+            "ops.upsample_conv_channels_last".into(),
+            rel_err(&got, &want)?,
+            tol,
+            note,
+        );
+
         // LayerNorm over the UNet's tokens at 64x64 latents, activations far from 0.
         let (tokens, dim) = if full { (4096, 320) } else { (64, 40) };
         let x = ((randn(&[2, tokens, dim], 31)? * 3.0)? + 20.0)?;

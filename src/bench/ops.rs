@@ -63,6 +63,11 @@ impl Bench<'_> {
         let shape = if quick { (2, 16, 14) } else { (256, 256, 14) };
         self.time_conv3x3("ops.conv3x3_channels_last", shape, false, true)?;
 
+        // The VAE's last upsampler at 512 px, 4 images: nearest 2x from 256x256, then a 3x3
+        // convolution, 256 channels. dnd's path channels-last, candle's upsampling then NCHW.
+        let shape = if quick { (2, 16, 8) } else { (4, 256, 256) };
+        self.time_upsample_conv(shape)?;
+
         // The UNet's feed-forward GEGLU at 64x64 latents, 16 rows.
         let (rows, inner) = if quick {
             (2 * 256, 128)
@@ -175,6 +180,41 @@ impl Bench<'_> {
             if residual { (y + &r)? } else { y }.relu()?;
             Ok(())
         })
+    }
+
+    /// Nearest 2x upsampling and a 3x3 convolution with its bias, in TFLOP/s of the
+    /// convolution of the upsampled map (dnd's computes it on the small input, with 16/36 of
+    /// those operations).
+    fn time_upsample_conv(&mut self, (n, c, side): (usize, usize, usize)) -> Result<()> {
+        let (dev, dt) = (self.device.clone(), self.dtype);
+        let x = self.random(&[n, side, side, c])?.permute((0, 3, 1, 2))?;
+        let x_nchw = x.contiguous()?;
+        let w = (self.random(&[c, c, 3, 3])? * (1.0 / (9.0 * c as f64).sqrt()))?;
+        let bias = self.random(&[c])?;
+        let up = nn::Conv::upsampling(w.clone(), bias.clone(), &dev, dt)?.channels_last()?;
+        let tflop = 2.0 * (n * c * c * 9 * 4 * side * side) as f64 / 1e12;
+        let note = format!(
+            "nearest 2x of ({n}, {c}, {side}, {side}), 3x3 + bias; TFLOP/s of the convolution \
+             of the upsampled map"
+        );
+        self.measure("ops.upsample_conv3x3.dnd", tflop, "TFLOP/s", &note, || {
+            up.forward(&x)?;
+            Ok(())
+        })?;
+        let b4 = bias.reshape((1, c, 1, 1))?;
+        self.measure(
+            "ops.upsample_conv3x3.candle",
+            tflop,
+            "TFLOP/s",
+            &note,
+            || {
+                x_nchw
+                    .upsample_nearest2d(2 * side, 2 * side)?
+                    .conv2d(&w, 1, 1, 1, 1)?
+                    .broadcast_add(&b4)?;
+                Ok(())
+            },
+        )
     }
 
     /// N(0, 1) values of `shape` on the bench's device, in its dtype.

@@ -245,37 +245,46 @@ pub(crate) struct CpuUpConv {
     bias: Vec<f32>,
 }
 
+/// The 2x2 filters of the four output phases of nearest 2x upsampling followed by the 3x3
+/// convolution `weight` (`[c_out, c_in, 3, 3]`, row-major), each `[c_out, c_in, 2, 2]`, phase
+/// `2 * py + px`. With padding 1 on the small input, a phase's output row t, column u is output
+/// pixel (2 (t - py) + py, 2 (u - px) + px).
+pub(crate) fn upsample_phase_filters(weight: &[f32], c_out: usize, c_in: usize) -> [Vec<f32>; 4] {
+    assert_eq!(weight.len(), c_out * c_in * 9, "conv weight shape");
+    // Which 3x3 taps land on small-image offset 0 or 1 of the 2x2 window, per phase: even
+    // rows see rows (i-1, i) through taps (0 | 1+2), odd rows (i, i+1) through (0+1 | 2).
+    let taps = |phase: usize, d: usize| -> &'static [usize] {
+        match (phase, d) {
+            (0, 0) => &[0],
+            (0, _) => &[1, 2],
+            (_, 0) => &[0, 1],
+            _ => &[2],
+        }
+    };
+    std::array::from_fn(|ph| {
+        let (py, px) = (ph / 2, ph % 2);
+        let mut w2 = vec![0f32; c_out * c_in * 4];
+        for (o, chunk) in w2.chunks_mut(4).enumerate() {
+            let w3 = &weight[o * 9..o * 9 + 9];
+            for (d, v) in chunk.iter_mut().enumerate() {
+                let (dy, dx) = (d / 2, d % 2);
+                *v = taps(py, dy)
+                    .iter()
+                    .flat_map(|&ky| taps(px, dx).iter().map(move |&kx| w3[ky * 3 + kx]))
+                    .sum();
+            }
+        }
+        w2
+    })
+}
+
 impl CpuUpConv {
     /// `weight` is the 3x3 convolution's `[c_out, c_in, 3, 3]`, row-major.
     pub(crate) fn new(weight: &[f32], bias: Vec<f32>, c_in: usize) -> Self {
         let c_out = bias.len();
-        assert_eq!(weight.len(), c_out * c_in * 9, "conv weight shape");
-        // Which 3x3 taps land on small-image offset 0 or 1 of the 2x2 window, per phase: even
-        // rows see rows (i-1, i) through taps (0 | 1+2), odd rows (i, i+1) through (0+1 | 2).
-        let taps = |phase: usize, d: usize| -> &'static [usize] {
-            match (phase, d) {
-                (0, 0) => &[0],
-                (0, _) => &[1, 2],
-                (_, 0) => &[0, 1],
-                _ => &[2],
-            }
-        };
-        let phases = (0..4)
-            .map(|ph| {
-                let (py, px) = (ph / 2, ph % 2);
-                let mut w2 = vec![0f32; c_out * c_in * 4];
-                for (o, chunk) in w2.chunks_mut(4).enumerate() {
-                    let w3 = &weight[o * 9..o * 9 + 9];
-                    for (d, v) in chunk.iter_mut().enumerate() {
-                        let (dy, dx) = (d / 2, d % 2);
-                        *v = taps(py, dy)
-                            .iter()
-                            .flat_map(|&ky| taps(px, dx).iter().map(move |&kx| w3[ky * 3 + kx]))
-                            .sum();
-                    }
-                }
-                CpuConv::new(w2, vec![0.0; c_out], c_in, 2, 1, 1, false)
-            })
+        let phases = upsample_phase_filters(weight, c_out, c_in)
+            .into_iter()
+            .map(|w2| CpuConv::new(w2, vec![0.0; c_out], c_in, 2, 1, 1, false))
             .collect();
         Self { phases, bias }
     }

@@ -769,6 +769,75 @@ impl Op1 for Upsample2x {
     }
 }
 
+/// Nearest 2x upsampling then a 3x3 convolution, its second half: `phases` `(N, H+1, W+1, 4K)`
+/// holds the four output phases' convolutions of the small input by 2x2 filters (padding 1,
+/// channels-last); returns `(N, 2H, 2W, K)` with each phase in its places and `bias` `(K)`
+/// added, in one pass. (cuDNN builds: the first half is a channels-last cuDNN convolution.)
+#[cfg(feature = "cudnn")]
+pub(crate) fn interleave_phases(phases: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    phases
+        .contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &Cuda2(InterleavePhases))
+}
+
+#[cfg(feature = "cudnn")]
+struct InterleavePhases;
+
+#[cfg(feature = "cudnn")]
+fn interleave_launch<T: CudaDType + DeviceRepr + WithDType>(
+    (x, xl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (n, h1, w1, k4) = xl.shape().dims4()?;
+    let (h, w, k) = (h1 - 1, w1 - 1, k4 / 4);
+    let aligned = xl.start_offset().is_multiple_of(8) && bl.start_offset().is_multiple_of(8);
+    let vec = vec_path::rows_of_eights(T::DTYPE, aligned, k);
+    let x = view::<T>(x, xl, "phases")?;
+    let b = view::<T>(b, bl, "bias")?;
+    let y = output::<T>(dev, n * 4 * h * w * k)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("interleave_phases_nhwc_{}", T::DTYPE.as_str()),
+        MODULE,
+        ptx(dev)?,
+    )?;
+    let (n, h, w, k) = (n as u64, h as u64, w as u64, k as u64);
+    let mut args = func.builder();
+    args.arg(&x)
+        .arg(&b)
+        .arg(&y)
+        .arg(&n)
+        .arg(&h)
+        .arg(&w)
+        .arg(&k)
+        .arg(&vec);
+    // SAFETY: the arguments match interleave_phases_nhwc's signature in kernels.cu.
+    unsafe { args.launch(grid_stride(n * 4 * h * w * k, vec)) }.w()?;
+    Ok(y)
+}
+
+#[cfg(feature = "cudnn")]
+impl Op2 for InterleavePhases {
+    const NAME: &'static str = "dnd-gpu-interleave-phases";
+
+    fn cuda(
+        &self,
+        x: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, h1, w1, k4) = x.1.shape().dims4()?;
+        if h1 < 2 || w1 < 2 || k4 % 4 != 0 || b.1.shape().elem_count() != k4 / 4 {
+            candle_core::bail!(
+                "dnd-gpu-interleave-phases: phases {:?} and bias {:?} do not fit",
+                x.1.dims(),
+                b.1.dims()
+            )
+        }
+        let y = by_dtype!(x.0, interleave_launch(x, b, x.0.device()));
+        Ok((y, Shape::from((n, 2 * (h1 - 1), 2 * (w1 - 1), k4 / 4))))
+    }
+}
+
 /// Max pooling of a CUDA `x` `(N, C, H, W)` held channels-last (NHWC storage, as our cuDNN
 /// convolutions leave it), `window` x `window` at `stride` with `padding` rows and columns of
 /// -inf around, as PyTorch's max_pool2d: one kernel reading the NHWC storage in place. The

@@ -12,6 +12,8 @@
 //   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
+//   emu interleave_phases_nhwc DTYPE GRID BLOCK VEC N H W K x bias out
+//       (x (N, H+1, W+1, 4K), out (N, 2H, 2W, K))
 //       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE D8 B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC ROWS q k v out
 //                  (f16 or bf16; D8: the kernel's head size; QS, KS, VS: batch, head and row
@@ -57,13 +59,14 @@ struct Entry {
     void (*geglu)(const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
     void (*upsample2x)(const T*, T*, u64, u64, int);
+    void (*interleave_phases_nhwc)(const T*, const T*, T*, u64, u64, u64, u64, int);
 };
 
 #define ENTRY(S)                                                                         \
     {group_stats_##S,      group_apply_##S,      bias_act_##S,                           \
      group_stats_nhwc_##S, group_apply_nhwc_##S, upsample2x_nhwc_##S,                    \
      layer_norm_##S,       geglu_##S,            max_pool_nhwc_##S,                      \
-     upsample2x_##S}
+     upsample2x_##S,       interleave_phases_nhwc_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int, int);
@@ -217,6 +220,18 @@ static int run(char** a, Entry<T> k) {
         emu_launch(grid, block,
                    [&] { k.upsample2x((const T*)x.data(), (T*)y.data(), rows, w, vec); });
         write(a[8], y);
+        return 0;
+    }
+    if (kernel == "interleave_phases_nhwc") {
+        u64 d[4];
+        for (int i = 0; i < 4; ++i) d[i] = std::strtoull(a[5 + i], nullptr, 10);
+        auto x = read(a[9]), bias = read(a[10]);
+        std::vector<char> y(d[0] * 4 * d[1] * d[2] * d[3] * sizeof(T));
+        emu_launch(grid, block, [&] {
+            k.interleave_phases_nhwc((const T*)x.data(), (const T*)bias.data(), (T*)y.data(), d[0],
+                                     d[1], d[2], d[3], vec);
+        });
+        write(a[11], y);
         return 0;
     }
     std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());

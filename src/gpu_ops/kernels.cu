@@ -417,6 +417,39 @@ __device__ void upsample2x_nhwc(const typename D::T* x, typename D::T* y, u64 ro
     }
 }
 
+// Nearest 2x upsampling then a 3x3 convolution, computed on the small input (channels-last):
+// one convolution with 2x2 filters and padding 1 makes, for each of the four output phases
+// (even/odd row, even/odd column), its K channels at (H+1) x (W+1) places, `x` (N, H+1, W+1,
+// 4K). This pass puts each phase's values in its places of the (N, 2H, 2W, K) output, adding
+// the bias: y[n, 2i+a, 2j+b, k] = x[n, i+a, j+b, (2a+b)K + k] + bias[k]. `vec` (16-bit types,
+// K a multiple of 8, aligned operands): eight channels a load.
+// `I`: the index type, 32-bit where both tensors' sizes fit.
+template <class D, class I>
+__device__ void interleave_phases_nhwc(const typename D::T* x, const typename D::T* bias,
+                                       typename D::T* y, I n, I h, I w, I k, int vec) {
+    const I stride = (I)gridDim.x * blockDim.x;
+    const I per = vec ? 8 : 1, units = n * (2 * h) * (2 * w) * (k / per);
+    for (I o = (I)blockIdx.x * blockDim.x + threadIdx.x; o < units; o += stride) {
+        const I ch = (o % (k / per)) * per, px = o / (k / per);
+        const I ox = px % (2 * w), oy = (px / (2 * w)) % (2 * h), img = px / (4 * h * w);
+        const I a = oy % 2, b = ox % 2;
+        const I src = ((img * (h + 1) + oy / 2 + a) * (w + 1) + ox / 2 + b) * 4 * k +
+                      (2 * a + b) * k + ch;
+        const I dst = px * k + ch;
+        if constexpr (DND_IS_16BIT(D)) {
+            if (vec) {
+                float v[8], bv[8];
+                load8<D>(x + src, v);
+                load8<D>(bias + ch, bv);
+                for (int j = 0; j < 8; ++j) v[j] += bv[j];
+                store8<D>(y + dst, v);
+                continue;
+            }
+        }
+        y[dst] = D::st(D::ld(x[src]) + D::ld(bias[ch]));
+    }
+}
+
 // LayerNorm with its affine map over rows of `c` elements (the last dimension, contiguous),
 // one warp a row: the mean, then the mean squared deviation from it (a second pass, from
 // cache, exact where E[x^2] - mean^2 would cancel), then the output. candle's kernel takes one
@@ -892,6 +925,14 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     extern "C" __global__ void upsample2x_nhwc_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 w, \
                                                         u64 c, int vec) {                       \
         upsample2x_nhwc<D>(x, y, rows, w, c, vec);                                              \
+    }                                                                                           \
+    extern "C" __global__ void interleave_phases_nhwc_##SUFFIX(                                 \
+        const D::T* x, const D::T* bias, D::T* y, u64 n, u64 h, u64 w, u64 k, int vec) {        \
+        if (fits_u32(n * (h + 1) * (w + 1) * 4 * k))                                            \
+            interleave_phases_nhwc<D, unsigned>(x, bias, y, (unsigned)n, (unsigned)h,           \
+                                                (unsigned)w, (unsigned)k, vec);                 \
+        else                                                                                    \
+            interleave_phases_nhwc<D, u64>(x, bias, y, n, h, w, k, vec);                        \
     }                                                                                           \
     extern "C" __global__ void bias_act_##SUFFIX(const D::T* x, const D::T* bias,               \
                                                  const D::T* residual, D::T* y, u64 n,          \

@@ -13,6 +13,8 @@
 mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
+#[cfg(feature = "cudnn")]
+pub(crate) use cuda::interleave_phases;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
@@ -406,6 +408,74 @@ mod tests {
                 want,
                 "{c} in {groups}"
             );
+        }
+    }
+
+    /// `(N, K, 2H, 2W)` from the phases' convolutions `(N, H+1, W+1, 4K)` (channels-last) and
+    /// `bias`: y[n, 2i+a, 2j+b, k] = phases[n, i+a, j+b, (2a+b)K + k] + bias[k], by candle.
+    fn interleaved(phases: &Tensor, bias: &Tensor) -> Tensor {
+        let (n, h1, w1, k4) = phases.dims4().unwrap();
+        let (h, w, k) = (h1 - 1, w1 - 1, k4 / 4);
+        let part = |a: usize, b: usize| {
+            let p = phases.narrow(1, a, h).unwrap().narrow(2, b, w).unwrap();
+            p.narrow(3, (2 * a + b) * k, k).unwrap()
+        };
+        let row = |a: usize| Tensor::stack(&[part(a, 0), part(a, 1)], 3).unwrap();
+        Tensor::stack(&[row(0), row(1)], 2)
+            .unwrap()
+            .reshape((n, 2 * h, 2 * w, k))
+            .unwrap()
+            .broadcast_add(bias)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+    }
+
+    #[test]
+    fn upsampling_convolution_by_phases_matches_upsample_then_convolve() {
+        // Output channels on the vectorised path (multiples of 8) and off it.
+        for (n, c, h, w, k) in [(2usize, 3, 3, 4, 16), (1, 2, 2, 3, 3)] {
+            let dev = &Device::Cpu;
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (k, c, 3, 3), dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, k, dev).unwrap();
+            let want = x
+                .upsample_nearest2d(2 * h, 2 * w)
+                .unwrap()
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, k, 1, 1)).unwrap())
+                .unwrap();
+            // The phases' convolution as cuDNN makes it on the GPU (`nn`): candle's, by the
+            // stacked 2x2 filters, padding 1, laid out channels-last.
+            let flat = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let stacked = crate::cpu_ops::upsample_phase_filters(&flat, k, c).concat();
+            let filters = Tensor::from_vec(stacked, (4 * k, c, 2, 2), dev).unwrap();
+            let phases = x.conv2d(&filters, 1, 1, 1, 1).unwrap();
+            let phases = phases.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let e = err(&interleaved(&phases, &bias), &want);
+            assert!(
+                e < 1e-4,
+                "{n}x{c}x{h}x{w} -> {k}: the phases give error {e}"
+            );
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let want = interleaved(&rounded(&phases, dt), &rounded(&bias, dt));
+                let vec = super::vec_path::rows_of_eights(dt, true, k);
+                for vec in std::iter::once(0).chain((vec != 0).then_some(vec)) {
+                    let args = [2, 32, vec as usize, n, h, w, k].map(|v| v.to_string());
+                    let got = emulate(
+                        "interleave_phases_nhwc",
+                        dt,
+                        &args,
+                        &[Some(&phases), Some(&bias)],
+                        &[n, 2 * h, 2 * w, k],
+                    )
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                    let e = err(&got, &want);
+                    assert!(e <= tolerance(dt), "{dt:?}, vec {vec}: error {e}");
+                }
+            }
         }
     }
 
