@@ -100,6 +100,16 @@ impl fmt::Display for DTypeSpec {
     }
 }
 
+/// Where GPU builds keep the kernels they compile at run time (NVRTC takes seconds over them
+/// at the first GPU op of every process), for later runs to read; call before the first GPU
+/// op. Nothing on builds without CUDA.
+pub fn keep_kernels_in(dir: std::path::PathBuf) {
+    #[cfg(feature = "cuda")]
+    crate::gpu_ops::keep_kernels_in(dir);
+    #[cfg(not(feature = "cuda"))]
+    let _ = dir;
+}
+
 /// Opens the device. `auto` takes a GPU when this binary was built with one and one is present.
 pub fn open(spec: DeviceSpec) -> Result<Device> {
     let fail = |reason: String| Error::Device {

@@ -270,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
     let loaded = config::load(cli.config.as_deref(), &cli.settings)?;
     let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let settings = &loaded.settings;
+    dnd::device::keep_kernels_in(settings.cache_dir.join("kernels"));
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let Some(command) = cli.command else {
         // The UI owns the screen: logs go to a file.

@@ -47,6 +47,16 @@ fn has_mma(dev: &CudaDevice) -> Result<bool> {
     Ok(major >= 8)
 }
 
+/// Where compiled kernels are kept between runs (`keep_kernels_in`); none: every process
+/// compiles them.
+static KERNEL_CACHE: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// Keep the kernels' PTX in `dir` once compiled, and read it from there in later runs: NVRTC
+/// takes seconds over them, at the first use of a GPU op in every process. The first call wins.
+pub(crate) fn keep_kernels_in(dir: std::path::PathBuf) {
+    let _ = KERNEL_CACHE.set(dir);
+}
+
 /// The kernels as PTX for `dev`: for compute_80 where it has mma (the flash attention kernels
 /// included), for NVRTC's default target before that.
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {
@@ -59,13 +69,20 @@ fn ptx(dev: &CudaDevice) -> Result<&'static str> {
         (&WITHOUT, None)
     };
     cell.get_or_init(|| {
-        let opts = nvrtc::CompileOptions {
-            arch,
-            ..Default::default()
+        let compile = || {
+            let opts = nvrtc::CompileOptions {
+                arch,
+                ..Default::default()
+            };
+            nvrtc::compile_ptx_with_opts(SOURCE, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| e.to_string())
         };
-        nvrtc::compile_ptx_with_opts(SOURCE, opts)
-            .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out-pointers; a failure leaves 0.0, which only weakens the key.
+        let _ = unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        let key = format!("{SOURCE}\0{arch:?}\0NVRTC {major}.{minor}");
+        super::compiled_once(KERNEL_CACHE.get().map(|d| d.as_path()), &key, compile)
     })
     .as_deref()
     .map_err(|e| {

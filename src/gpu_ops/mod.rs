@@ -16,10 +16,44 @@ pub(crate) mod cudnn_conv;
 #[cfg(feature = "cudnn")]
 pub(crate) use cuda::interleave_phases;
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::keep_kernels_in;
+#[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
     max_pool_channels_last, upsample_nearest2x,
 };
+
+/// `compile()`'s text, kept in `dir` under a name drawn from `key` (everything the text
+/// depends on): read from there when an earlier run left it, written there (atomically, a
+/// failure only logged) when not. Without `dir`, compiled.
+#[cfg(any(feature = "cuda", test))]
+fn compiled_once(
+    dir: Option<&std::path::Path>,
+    key: &str,
+    compile: impl FnOnce() -> Result<String, String>,
+) -> Result<String, String> {
+    let Some(dir) = dir else {
+        return compile();
+    };
+    let hash = blake3::hash(key.as_bytes()).to_hex();
+    let path = dir.join(format!("kernels-{}.ptx", &hash[..16]));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(text);
+    }
+    let text = compile()?;
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let kept = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, &text))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(
+            "cannot keep the compiled GPU kernels in {}: {e}",
+            dir.display()
+        );
+    }
+    Ok(text)
+}
 
 /// Which vectorised path the memory-bound kernels of `kernels.cu` take (0: none). Those paths
 /// move eight 16-bit elements with one 16-byte access, so they need a 16-bit type, operands
@@ -409,6 +443,38 @@ mod tests {
                 "{c} in {groups}"
             );
         }
+    }
+
+    #[test]
+    fn compiled_kernels_are_kept_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("kernels");
+        let calls = std::cell::Cell::new(0);
+        let compile = || {
+            calls.set(calls.get() + 1);
+            Ok("ptx".to_string())
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                super::compiled_once(Some(&kept), "A", compile).unwrap(),
+                "ptx"
+            );
+        }
+        assert_eq!(calls.get(), 1, "the second run reads what the first kept");
+        // Another key is compiled anew; without a folder, every time.
+        super::compiled_once(Some(&kept), "B", compile).unwrap();
+        super::compiled_once(None, "A", compile).unwrap();
+        assert_eq!(calls.get(), 3);
+        // A folder that cannot be made (a file in its way) costs only the keeping.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, "").unwrap();
+        let got = super::compiled_once(Some(&blocked.join("sub")), "A", compile).unwrap();
+        assert_eq!(got, "ptx");
+        // A compile error comes back, and nothing is kept.
+        let failed = super::compiled_once(Some(&kept), "C", || Err("bad".into()));
+        assert_eq!(failed.unwrap_err(), "bad");
+        let names: Vec<_> = std::fs::read_dir(&kept).unwrap().collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     /// `(N, K, 2H, 2W)` from the phases' convolutions `(N, H+1, W+1, 4K)` (channels-last) and
