@@ -548,7 +548,7 @@ fn channels_last_conv(
 fn upsample_phase_filters_nhwc(weight: &Tensor) -> candle_core::Result<Tensor> {
     let (k, c, _, _) = weight.dims4()?;
     let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let stacked = crate::cpu_ops::upsample_phase_filters(&w, k, c).concat();
+    let stacked = crate::cpu_ops::upsample_phase_filters(&w, k, c);
     Tensor::from_vec(stacked, (4 * k, c, 2, 2), &Device::Cpu)?
         .permute((0, 2, 3, 1))?
         .contiguous()?

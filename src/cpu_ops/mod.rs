@@ -246,10 +246,10 @@ pub(crate) struct CpuUpConv {
 }
 
 /// The 2x2 filters of the four output phases of nearest 2x upsampling followed by the 3x3
-/// convolution `weight` (`[c_out, c_in, 3, 3]`, row-major), each `[c_out, c_in, 2, 2]`, phase
-/// `2 * py + px`. With padding 1 on the small input, a phase's output row t, column u is output
-/// pixel (2 (t - py) + py, 2 (u - px) + px).
-pub(crate) fn upsample_phase_filters(weight: &[f32], c_out: usize, c_in: usize) -> [Vec<f32>; 4] {
+/// convolution `weight` (`[c_out, c_in, 3, 3]`, row-major), stacked phase by phase as
+/// `[4 * c_out, c_in, 2, 2]`, phase `2 * py + px` first at `py`. With padding 1 on the small
+/// input, a phase's output row t, column u is output pixel (2 (t - py) + py, 2 (u - px) + px).
+pub(crate) fn upsample_phase_filters(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     assert_eq!(weight.len(), c_out * c_in * 9, "conv weight shape");
     // Which 3x3 taps land on small-image offset 0 or 1 of the 2x2 window, per phase: even
     // rows see rows (i-1, i) through taps (0 | 1+2), odd rows (i, i+1) through (0+1 | 2).
@@ -261,9 +261,9 @@ pub(crate) fn upsample_phase_filters(weight: &[f32], c_out: usize, c_in: usize) 
             _ => &[2],
         }
     };
-    std::array::from_fn(|ph| {
+    let mut stacked = vec![0f32; 4 * c_out * c_in * 4];
+    for (ph, w2) in stacked.chunks_mut(c_out * c_in * 4).enumerate() {
         let (py, px) = (ph / 2, ph % 2);
-        let mut w2 = vec![0f32; c_out * c_in * 4];
         for (o, chunk) in w2.chunks_mut(4).enumerate() {
             let w3 = &weight[o * 9..o * 9 + 9];
             for (d, v) in chunk.iter_mut().enumerate() {
@@ -274,8 +274,25 @@ pub(crate) fn upsample_phase_filters(weight: &[f32], c_out: usize, c_in: usize) 
                     .sum();
             }
         }
-        w2
-    })
+    }
+    stacked
+}
+
+/// candle's nearest 2x upsampling of `x`, then its 3x3 convolution by `weight` (padding 1) and
+/// `bias`: what the upsampling convolutions must compute.
+#[cfg(test)]
+pub(crate) fn upsample_then_conv(
+    x: &candle_core::Tensor,
+    weight: &candle_core::Tensor,
+    bias: &candle_core::Tensor,
+) -> candle_core::Tensor {
+    let (_, _, h, w) = x.dims4().unwrap();
+    x.upsample_nearest2d(2 * h, 2 * w)
+        .unwrap()
+        .conv2d(weight, 1, 1, 1, 1)
+        .unwrap()
+        .broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1)).unwrap())
+        .unwrap()
 }
 
 impl CpuUpConv {
@@ -283,8 +300,8 @@ impl CpuUpConv {
     pub(crate) fn new(weight: &[f32], bias: Vec<f32>, c_in: usize) -> Self {
         let c_out = bias.len();
         let phases = upsample_phase_filters(weight, c_out, c_in)
-            .into_iter()
-            .map(|w2| CpuConv::new(w2, vec![0.0; c_out], c_in, 2, 1, 1, false))
+            .chunks(c_out * c_in * 4)
+            .map(|w2| CpuConv::new(w2.to_vec(), vec![0.0; c_out], c_in, 2, 1, 1, false))
             .collect();
         Self { phases, bias }
     }
@@ -795,13 +812,7 @@ pub(crate) mod tests {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
-            let want = x
-                .upsample_nearest2d(2 * h, 2 * w)
-                .unwrap()
-                .conv2d(&wt, 1, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
-                .unwrap();
+            let want = upsample_then_conv(&x, &wt, &bias);
             let op = CpuUpConv::new(
                 &wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 bias.to_vec1().unwrap(),

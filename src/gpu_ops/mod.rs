@@ -505,17 +505,11 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (n, c, h, w), dev).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (k, c, 3, 3), dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, k, dev).unwrap();
-            let want = x
-                .upsample_nearest2d(2 * h, 2 * w)
-                .unwrap()
-                .conv2d(&weight, 1, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, k, 1, 1)).unwrap())
-                .unwrap();
+            let want = crate::cpu_ops::upsample_then_conv(&x, &weight, &bias);
             // The phases' convolution as cuDNN makes it on the GPU (`nn`): candle's, by the
             // stacked 2x2 filters, padding 1, laid out channels-last.
             let flat = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let stacked = crate::cpu_ops::upsample_phase_filters(&flat, k, c).concat();
+            let stacked = crate::cpu_ops::upsample_phase_filters(&flat, k, c);
             let filters = Tensor::from_vec(stacked, (4 * k, c, 2, 2), dev).unwrap();
             let phases = x.conv2d(&filters, 1, 1, 1, 1).unwrap();
             let phases = phases.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
