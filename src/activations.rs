@@ -473,7 +473,7 @@ pub fn extract(
     }
 
     let pre = &target.preprocess;
-    let side = pre.crop as usize;
+    let info = target.net.info();
     // Image-major rows while streaming; transposed to neuron-major at the end.
     let mut rows: Vec<Vec<f32>> = vec![Vec::new(); todo.len()];
     let mut kept: Vec<String> = Vec::with_capacity(probe_set.len());
@@ -487,11 +487,7 @@ pub fn extract(
             skipped.push((probe_set.images[i].rel.clone(), reason));
         }
         if !batch.indices.is_empty() {
-            let x = Tensor::from_vec(
-                batch.pixels,
-                (batch.indices.len(), 3, side, side),
-                &candle_core::Device::Cpu,
-            )?;
+            let x = pre.input(batch.pixels, &info.device, info.dtype)?;
             let outs = target.net.forward(&x, &todo)?;
             for ((out, acc), &l) in outs.iter().zip(rows.iter_mut()).zip(&todo) {
                 let pooled = pool_output(target.layer(l).kind, out, pool)?;
@@ -566,15 +562,11 @@ pub fn neuron_maps(
     if kind == LayerKind::Vector {
         return Ok(Vec::new());
     }
-    let side = target.preprocess.crop as usize;
+    let (pre, info) = (&target.preprocess, target.net.info());
     let mut maps = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch_size.max(1)) {
-        let pixels = probe::load_images(chunk, &target.preprocess)?;
-        let x = Tensor::from_vec(
-            pixels,
-            (chunk.len(), 3, side, side),
-            &candle_core::Device::Cpu,
-        )?;
+        let pixels = probe::load_images(chunk, pre)?;
+        let x = pre.input(pixels, &info.device, info.dtype)?;
         let out = target.net.forward(&x, &[layer])?.remove(0);
         maps.extend(maps_of(kind, &out, neuron)?);
     }

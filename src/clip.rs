@@ -182,6 +182,14 @@ impl ClipVision {
         &self.preprocess
     }
 
+    /// Decoded images as this model's input, on its device in its type.
+    pub fn pixels<I: std::borrow::Borrow<image::RgbImage> + Sync>(
+        &self,
+        images: &[I],
+    ) -> Result<Tensor> {
+        self.preprocess.batch(images, &self.device, self.dtype)
+    }
+
     /// Image embeddings (B, projection_dim) in f32 of preprocessed pixels (B, 3, S, S).
     pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let x = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
@@ -203,7 +211,7 @@ impl ClipVision {
     ) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(images.len());
         for chunk in images.chunks(batch.max(1)) {
-            let px = self.preprocess.batch(chunk)?;
+            let px = self.pixels(chunk)?;
             out.extend(self.embed(&px)?.to_vec2::<f32>()?);
         }
         Ok(out)

@@ -614,7 +614,8 @@ impl Runner<'_> {
             .enumerate()
         {
             check(self.ctx.cancel)?;
-            let x = target.preprocess.batch(chunk)?;
+            let info = target.net.info();
+            let x = target.preprocess.batch(chunk, &info.device, info.dtype)?;
             let out = target.net.forward(&x, &[self.layer])?.remove(0);
             f(i * self.params().batches.target.max(1), &out)?;
         }
@@ -733,7 +734,7 @@ impl Runner<'_> {
             let mut captions = Vec::with_capacity(all.len());
             for chunk in all.chunks(p.batches.caption.max(1)) {
                 check(self.ctx.cancel)?;
-                let px = blip.preprocess().batch(chunk)?;
+                let px = blip.pixels(chunk)?;
                 for ids in blip.generate(&px, &p.caption)? {
                     captions.push(clean_caption(&blip.decode(&ids)?));
                 }

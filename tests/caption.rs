@@ -82,7 +82,7 @@ fn preprocessing_matches_the_pil_image_processor() {
     let refs = reference("models/blip_tiny.reference.safetensors");
     let model = blip(DType::F32);
     let images: Vec<_> = fixture_images().into_iter().map(|(_, i)| i).collect();
-    let ours = model.preprocess().batch(&images).unwrap();
+    let ours = model.pixels(&images).unwrap();
     let err = rel_err(&ours, &refs["pixel_values"]);
     assert!(err < 2e-2, "relative error {err}");
 }

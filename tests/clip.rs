@@ -35,7 +35,7 @@ fn preprocessing_and_embedding_from_decoded_images() {
     let refs = reference("models/clip_tiny.reference.safetensors");
     let model = clip();
     let images: Vec<_> = fixture_images().into_iter().map(|(_, i)| i).collect();
-    let px = model.preprocess().batch(&images).unwrap();
+    let px = model.pixels(&images).unwrap();
     let err = rel_err(&px, &refs["pixel_values"]);
     assert!(err < 2e-2, "pixel relative error {err}");
     let emb = model.embed_images(&images, 3).unwrap();

@@ -25,7 +25,7 @@ fn check_against(key_prefix: &str, pre: &Preprocess, names: &[&str]) {
     let reference = reference("preprocess.safetensors");
     for name in names {
         let img = probe::decode(&fixtures().join("images").join(name)).unwrap();
-        let mut got = vec![0f32; pre.floats_per_image()];
+        let mut got = vec![0f32; pre.values_per_image()];
         pre.apply(&img, &mut got);
         let want = reference[&format!("{key_prefix}/{name}")]
             .flatten_all()
@@ -200,7 +200,7 @@ fn decoding_edge_cases_are_handled_or_skipped_with_a_reason() {
     let pre = Preprocess::imagenet();
     let mut decoded = Vec::new();
     let mut skipped = Vec::new();
-    let per = pre.floats_per_image();
+    let per = pre.values_per_image();
     // Batches of two: bomb.png, skipped, comes before cmyk.jpg in one.
     probe::for_each_batch(&set.images, &pre, 2, &AtomicBool::new(false), |b| {
         assert_eq!(b.pixels.len(), b.indices.len() * per);

@@ -264,6 +264,22 @@ impl Bench<'_> {
             note,
         );
 
+        // A batch of resized, cropped 8-bit images as a network's input: normalised on the
+        // device (our kernel on CUDA) against the CPU's f32 normalisation, every level.
+        let pre = crate::probe::Preprocess::imagenet();
+        let n = if full { 64 } else { 2 };
+        let pixels: Vec<u8> = (0..n * pre.values_per_image())
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let want = pre.input(pixels.clone(), &Device::Cpu, DType::F32)?;
+        let got = pre.input(pixels, dev, dt)?;
+        report(
+            "ops.normalise_pixels".into(),
+            rel_err(&got, &want)?,
+            tol,
+            "8-bit pixels normalised on the device against the CPU's f32",
+        );
+
         // LayerNorm over the UNet's tokens at 64x64 latents, activations far from 0.
         let (tokens, dim) = if full { (4096, 320) } else { (64, 40) };
         let x = ((randn(&[2, tokens, dim], 31)? * 3.0)? + 20.0)?;

@@ -405,6 +405,14 @@ impl Blip {
         &self.preprocess
     }
 
+    /// Decoded images as this model's input, on its device in its type.
+    pub fn pixels<I: std::borrow::Borrow<image::RgbImage> + Sync>(
+        &self,
+        images: &[I],
+    ) -> Result<Tensor> {
+        self.preprocess.batch(images, &self.device, self.dtype)
+    }
+
     /// Greedy token ids (start token first, padded after the end token) for a batch of
     /// preprocessed images (B, 3, S, S), as transformers' `generate` returns them.
     pub fn generate(&self, pixels: &Tensor, gen: &Generation) -> Result<Vec<Vec<u32>>> {

@@ -127,11 +127,15 @@ pub(super) fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<Cuda
     unsafe { dev.alloc::<T>(len) }
 }
 
-/// Runs `$run::<T>(args)` for the dtype of storage `$x`, wrapping the slice it returns.
+/// Runs `$run::<T>(args)` for the dtype of storage `$x` (or for `dtype $dt` on `device $dev`),
+/// wrapping the slice it returns.
 macro_rules! by_dtype {
-    ($x:expr, $run:ident($($arg:expr),*)) => {{
-        let dev = $x.device().clone();
-        let storage = match $x.dtype() {
+    ($x:expr, $run:ident($($arg:expr),*)) => {
+        by_dtype!(dtype $x.dtype(), device $x.device(), $run($($arg),*))
+    };
+    (dtype $dt:expr, device $dev:expr, $run:ident($($arg:expr),*)) => {{
+        let dev = $dev.clone();
+        let storage = match $dt {
             DType::F32 => CudaStorage::wrap_cuda_slice($run::<f32>($($arg),*)?, dev),
             DType::F16 => CudaStorage::wrap_cuda_slice($run::<half::f16>($($arg),*)?, dev),
             DType::BF16 => CudaStorage::wrap_cuda_slice($run::<half::bf16>($($arg),*)?, dev),
@@ -718,6 +722,63 @@ impl Op1 for Geglu {
         }
         let out = by_dtype!(x, geglu_launch((x, xl), x.device()));
         Ok((out, Shape::from(dims)))
+    }
+}
+
+/// Resized, cropped 8-bit images `(N, S, S, 3)` on CUDA as a network's input `(N, 3, S, S)` in
+/// `dtype`: `(v / 255 - mean) / std` per channel, as the CPU computes it, in one kernel.
+pub(crate) fn normalise_pixels(
+    x: &Tensor,
+    mean: [f32; 3],
+    std: [f32; 3],
+    dtype: DType,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&Cuda1(NormalisePixels { mean, std, dtype }))
+}
+
+struct NormalisePixels {
+    mean: [f32; 3],
+    std: [f32; 3],
+    dtype: DType,
+}
+
+fn normalise_launch<T: CudaDType + DeviceRepr + WithDType>(
+    op: &NormalisePixels,
+    (x, xl): (&CudaStorage, &Layout),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let (n, h, w, _) = xl.shape().dims4()?;
+    let x = view::<u8>(x, xl, "pixels")?;
+    let y = output::<T>(dev, x.len())?;
+    let (n, plane) = (n as u64, (h * w) as u64);
+    let name = format!("normalise_pixels_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
+    let mut args = func.builder();
+    args.arg(&x).arg(&y).arg(&n).arg(&plane);
+    for v in op.mean.iter().chain(&op.std) {
+        args.arg(v);
+    }
+    // SAFETY: the arguments match normalise_pixels's signature in kernels.cu.
+    unsafe { args.launch(grid_stride(n * 3 * plane, 0)) }.w()?;
+    Ok(y)
+}
+
+impl Op1 for NormalisePixels {
+    const NAME: &'static str = "dnd-gpu-normalise-pixels";
+
+    fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
+        let (n, h, w, c) = xl.shape().dims4()?;
+        if c != 3 || x.dtype() != DType::U8 {
+            candle_core::bail!(
+                "dnd-gpu-ops: pixels are 8-bit (N, H, W, 3), not {:?} {:?}",
+                x.dtype(),
+                xl.dims()
+            );
+        }
+        let dev = x.device();
+        let y = by_dtype!(dtype self.dtype, device dev, normalise_launch(self, (x, xl), dev));
+        Ok((y, Shape::from((n, 3, h, w))))
     }
 }
 

@@ -14,6 +14,8 @@
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
 //   emu interleave_phases_nhwc DTYPE GRID BLOCK VEC N H W K x bias out
 //       (x (N, H+1, W+1, 4K), out (N, 2H, 2W, K))
+//   emu normalise_pixels DTYPE GRID BLOCK VEC N PLANE MEAN(3) STD(3) x out
+//       (x 8-bit (N, PLANE, 3), out DTYPE (N, 3, PLANE); VEC unused)
 //       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE D8 B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC ROWS q k v out
 //                  (f16 or bf16; D8: the kernel's head size; QS, KS, VS: batch, head and row
@@ -60,13 +62,15 @@ struct Entry {
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
     void (*upsample2x)(const T*, T*, u64, u64, int);
     void (*interleave_phases_nhwc)(const T*, const T*, T*, u64, u64, u64, u64, int);
+    void (*normalise_pixels)(const unsigned char*, T*, u64, u64, float, float, float, float, float,
+                             float);
 };
 
 #define ENTRY(S)                                                                         \
     {group_stats_##S,      group_apply_##S,      bias_act_##S,                           \
      group_stats_nhwc_##S, group_apply_nhwc_##S, upsample2x_nhwc_##S,                    \
      layer_norm_##S,       geglu_##S,            max_pool_nhwc_##S,                      \
-     upsample2x_##S,       interleave_phases_nhwc_##S}
+     upsample2x_##S,       interleave_phases_nhwc_##S, normalise_pixels_##S}
 
 typedef void (*Flash)(const u16*, const u16*, const u16*, u16*, int, int, int, int, float,
                       Strides, Strides, Strides, int, int);
@@ -232,6 +236,19 @@ static int run(char** a, Entry<T> k) {
                                      d[1], d[2], d[3], vec);
         });
         write(a[11], y);
+        return 0;
+    }
+    if (kernel == "normalise_pixels") {
+        const u64 n = std::strtoull(a[5], nullptr, 10), plane = std::strtoull(a[6], nullptr, 10);
+        float ms[6];
+        for (int i = 0; i < 6; ++i) ms[i] = std::strtof(a[7 + i], nullptr);
+        auto x = read(a[13]);
+        std::vector<char> y(x.size() * sizeof(T));
+        emu_launch(grid, block, [&] {
+            k.normalise_pixels((const unsigned char*)x.data(), (T*)y.data(), n, plane, ms[0], ms[1],
+                               ms[2], ms[3], ms[4], ms[5]);
+        });
+        write(a[14], y);
         return 0;
     }
     std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());

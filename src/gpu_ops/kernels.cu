@@ -450,6 +450,21 @@ __device__ void interleave_phases_nhwc(const typename D::T* x, const typename D:
     }
 }
 
+// Resized, cropped 8-bit images (N, S, S, 3), channels last as decoded, to a network's input
+// (N, 3, S, S): (v / 255 - mean[c]) / std[c] in f32, the CPU's arithmetic, rounded once to the
+// storage type. The host sends a quarter of the bytes f32 pixels take, and no f32 pass follows.
+// `I`: the index type, 32-bit where the output's size fits.
+template <class D, class I>
+__device__ void normalise_pixels(const unsigned char* x, typename D::T* y, I n, I plane, float m0,
+                                 float m1, float m2, float s0, float s1, float s2) {
+    const I stride = (I)gridDim.x * blockDim.x, total = n * 3 * plane;
+    for (I o = (I)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += stride) {
+        const I p = o % plane, c = (o / plane) % 3, img = o / (3 * plane);
+        const float m = c == 0 ? m0 : c == 1 ? m1 : m2, s = c == 0 ? s0 : c == 1 ? s1 : s2;
+        y[o] = D::st(((float)x[(img * plane + p) * 3 + c] / 255.f - m) / s);
+    }
+}
+
 // LayerNorm with its affine map over rows of `c` elements (the last dimension, contiguous),
 // one warp a row: the mean, then the mean squared deviation from it (a second pass, from
 // cache, exact where E[x^2] - mean^2 would cancel), then the output. candle's kernel takes one
@@ -952,6 +967,15 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
     extern "C" __global__ void upsample2x_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 w,      \
                                                    int vec) {                                   \
         upsample2x<D>(x, y, rows, w, vec);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void normalise_pixels_##SUFFIX(                                       \
+        const unsigned char* x, D::T* y, u64 n, u64 plane, float m0, float m1, float m2,        \
+        float s0, float s1, float s2) {                                                         \
+        if (fits_u32(n * 3 * plane))                                                            \
+            normalise_pixels<D, unsigned>(x, y, (unsigned)n, (unsigned)plane, m0, m1, m2, s0,   \
+                                          s1, s2);                                              \
+        else                                                                                    \
+            normalise_pixels<D, u64>(x, y, n, plane, m0, m1, m2, s0, s1, s2);                   \
     }                                                                                           \
     extern "C" __global__ void layer_norm_##SUFFIX(const D::T* x, const D::T* gamma,             \
                                                    const D::T* beta, D::T* y, u64 rows, int c,   \

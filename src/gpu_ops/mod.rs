@@ -20,7 +20,7 @@ pub(crate) use cuda::keep_kernels_in;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
     bias_act, enabled, flash_applies, flash_attention, geglu, group_norm, layer_norm,
-    max_pool_channels_last, upsample_nearest2x,
+    max_pool_channels_last, normalise_pixels, upsample_nearest2x,
 };
 
 /// `compile()`'s text, kept in `dir` under a name drawn from `key` (everything the text
@@ -166,8 +166,11 @@ mod tests {
         .1
     }
 
-    /// `t` as the raw little-endian storage of `dt`.
+    /// `t` as the raw little-endian storage of `dt`; 8-bit `t` as it is.
     fn bytes(t: &Tensor, dt: DType) -> Vec<u8> {
+        if t.dtype() == DType::U8 {
+            return t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        }
         let t = t.to_dtype(dt).unwrap().flatten_all().unwrap();
         match dt {
             DType::F32 => t
@@ -536,6 +539,42 @@ mod tests {
                     assert!(e <= tolerance(dt), "{dt:?}, vec {vec}: error {e}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn pixel_normalisation_kernel_is_the_cpu_normalisation() {
+        // Every 8-bit level in every channel; a plane that leaves the last block part-filled.
+        let pre = crate::probe::Preprocess::imagenet();
+        let (n, side) = (3usize, 15usize);
+        let pixels: Vec<u8> = (0..n * side * side * 3)
+            .map(|i| (i * 7 % 256) as u8)
+            .collect();
+        let mut cpu = vec![0f32; pixels.len()];
+        for (out, px) in cpu
+            .chunks_mut(side * side * 3)
+            .zip(pixels.chunks(side * side * 3))
+        {
+            pre.normalise(px, out);
+        }
+        let want = Tensor::from_vec(cpu, (n, 3, side, side), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(pixels, (n, side, side, 3), &Device::Cpu).unwrap();
+        let args: Vec<String> = [2, 64, 0, n, side * side]
+            .map(|v| v.to_string())
+            .into_iter()
+            .chain(pre.mean.iter().chain(&pre.std).map(|v| v.to_string()))
+            .collect();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let got = emulate(
+                "normalise_pixels",
+                dt,
+                &args,
+                &[Some(&x)],
+                &[n, 3, side, side],
+            );
+            // Exactly the CPU's f32 values, rounded once to the storage type.
+            let want = rounded(&want, dt);
+            assert_eq!(err(&got, &want), 0.0, "{dt:?}");
         }
     }
 

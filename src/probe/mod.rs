@@ -7,6 +7,7 @@ use std::time::UNIX_EPOCH;
 
 pub mod fetch;
 
+use candle_core::{DType, Device, Tensor};
 use fast_image_resize as fr;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use rayon::prelude::*;
@@ -339,40 +340,61 @@ impl Preprocess {
         })
     }
 
-    /// Floats per preprocessed image (3 x crop x crop).
-    pub fn floats_per_image(&self) -> usize {
+    /// Values per preprocessed image (3 x crop x crop): its pixels' bytes, or its floats.
+    pub fn values_per_image(&self) -> usize {
         3 * (self.crop as usize).pow(2)
     }
 
-    /// Decoded images as one preprocessed (B, 3, crop, crop) tensor on the CPU.
+    /// Decoded images as the network's input: (B, 3, crop, crop), normalised, on `device` in
+    /// `dtype`. Resized and cropped on every core; normalised where the network runs.
     pub fn batch<I: std::borrow::Borrow<RgbImage> + Sync>(
         &self,
         images: &[I],
-    ) -> Result<candle_core::Tensor> {
-        let n = self.floats_per_image();
-        let s = self.crop as usize;
-        let mut buf = vec![0f32; n * images.len()];
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let n = self.values_per_image();
+        let mut pixels = vec![0u8; n * images.len()];
         images
             .par_iter()
-            .zip(buf.par_chunks_mut(n))
-            .for_each(|(img, out)| self.apply(img.borrow(), out));
-        Ok(candle_core::Tensor::from_vec(
-            buf,
-            (images.len(), 3, s, s),
-            &candle_core::Device::Cpu,
-        )?)
+            .zip(pixels.par_chunks_mut(n))
+            .for_each(|(img, out)| self.resize_crop(img.borrow(), out));
+        self.input(pixels, device, dtype)
     }
 
-    /// Decodes `path` and returns its CHW tensor.
-    pub fn load(&self, path: &Path) -> Result<Vec<f32>, String> {
-        let mut out = vec![0f32; self.floats_per_image()];
+    /// Resized, cropped pixels of whole images ([`Self::resize_crop`]'s, back to back) as the
+    /// network's input on `device` in `dtype`. On CUDA the 8-bit pixels go over, a quarter of
+    /// the bytes of f32 ones, and a kernel of ours normalises them there.
+    pub fn input(&self, pixels: Vec<u8>, device: &Device, dtype: DType) -> Result<Tensor> {
+        let per = self.values_per_image();
+        let (n, s) = (pixels.len() / per, self.crop as usize);
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && crate::gpu_ops::enabled() {
+            let x = Tensor::from_vec(pixels, (n, s, s, 3), &Device::Cpu)?.to_device(device)?;
+            return Ok(crate::gpu_ops::normalise_pixels(
+                &x, self.mean, self.std, dtype,
+            )?);
+        }
+        let mut floats = vec![0f32; pixels.len()];
+        floats
+            .par_chunks_mut(per)
+            .zip(pixels.par_chunks(per))
+            .for_each(|(out, px)| self.normalise(px, out));
+        Ok(Tensor::from_vec(floats, (n, 3, s, s), &Device::Cpu)?
+            .to_device(device)?
+            .to_dtype(dtype)?)
+    }
+
+    /// Decodes `path` and returns its resized, cropped pixels ([`Self::resize_crop`]).
+    pub fn load(&self, path: &Path) -> Result<Vec<u8>, String> {
+        let mut out = vec![0u8; self.values_per_image()];
         self.load_into(path, &mut out)?;
         Ok(out)
     }
 
-    /// [`Self::load`] into `out` (length [`Self::floats_per_image`]).
-    pub fn load_into(&self, path: &Path, out: &mut [f32]) -> Result<(), String> {
-        self.apply(&decode(path)?, out);
+    /// [`Self::load`] into `out` (length [`Self::values_per_image`]).
+    pub fn load_into(&self, path: &Path, out: &mut [u8]) -> Result<(), String> {
+        self.resize_crop(&decode(path)?, out);
         Ok(())
     }
 
@@ -391,19 +413,22 @@ impl Preprocess {
         }
     }
 
-    /// Writes the CHW tensor of `img` into `out` (length [`Self::len`]).
+    /// The whole transform of one image on the CPU: its normalised CHW floats into `out`
+    /// (length [`Self::values_per_image`]).
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
-        assert_eq!(out.len(), self.floats_per_image());
+        let mut pixels = vec![0u8; self.values_per_image()];
+        self.resize_crop(img, &mut pixels);
+        self.normalise(&pixels, out);
+    }
+
+    /// The resize and centre-crop steps: `img` as the `crop x crop` RGB pixels (HWC) that the
+    /// normalisation then maps to floats. A resized image smaller than the crop is padded with
+    /// black (zeros before normalising, as torchvision pads).
+    pub fn resize_crop(&self, img: &RgbImage, out: &mut [u8]) {
+        assert_eq!(out.len(), self.values_per_image());
         let (w, h) = img.dimensions();
         let (nw, nh) = self.resized_size(w, h);
-        let buf = resize_like_pil(
-            img.as_raw(),
-            (w, h),
-            (nw, nh),
-            fr::PixelType::U8x3,
-            self.interpolation,
-        );
-        let crop = self.crop as usize;
+        let crop = self.crop;
         // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even;
         // transformers: (size - crop) // 2.
         let offset = |size: u32| {
@@ -412,25 +437,47 @@ impl Preprocess {
                 Geometry::Torchvision => half.round_ties_even(),
                 _ => half.floor(),
             };
-            half.max(0.0) as usize
+            half.max(0.0) as u32
         };
         let (left, top) = (offset(nw), offset(nh));
-        let plane = crop * crop;
-        for y in 0..crop {
-            let sy = y + top;
-            for x in 0..crop {
-                let sx = x + left;
-                let inside = sy < nh as usize && sx < nw as usize;
-                for c in 0..3 {
-                    let v = if inside {
-                        buf[(sy * nw as usize + sx) * 3 + c] as f32 / 255.0
-                    } else {
-                        0.0 // torchvision pads a too-small image with zeros
-                    };
-                    out[c * plane + y * crop + x] = (v - self.mean[c]) / self.std[c];
-                }
-            }
+        let resized = resize_like_pil(
+            img.as_raw(),
+            (w, h),
+            (nw, nh),
+            fr::PixelType::U8x3,
+            self.interpolation,
+        );
+        // The part of the resized image inside the crop, at the crop's top left.
+        let (cw, ch) = (crop.min(nw - left) as usize, crop.min(nh - top) as usize);
+        let (crop, nw) = (crop as usize, nw as usize);
+        out.fill(0);
+        for (y, dst) in out.chunks_mut(crop * 3).take(ch).enumerate() {
+            let start = ((y + top as usize) * nw + left as usize) * 3;
+            dst[..cw * 3].copy_from_slice(&resized[start..start + cw * 3]);
         }
+    }
+
+    /// The normalisation step: 8-bit HWC pixels (as [`Self::resize_crop`] writes them) to the
+    /// CHW floats `(v / 255 - mean) / std`, by a table of the 256 values per channel (the same
+    /// f32 arithmetic per value, done once).
+    pub fn normalise(&self, pixels: &[u8], out: &mut [f32]) {
+        assert_eq!(out.len(), pixels.len());
+        let table = self.table();
+        let plane = pixels.len() / 3;
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (((px, r), g), b) in pixels.chunks_exact(3).zip(r).zip(g).zip(b) {
+            *r = table[0][px[0] as usize];
+            *g = table[1][px[1] as usize];
+            *b = table[2][px[2] as usize];
+        }
+    }
+
+    /// Per channel, the normalised value of each 8-bit level.
+    pub fn table(&self) -> [[f32; 256]; 3] {
+        std::array::from_fn(|c| {
+            std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
+        })
     }
 }
 
@@ -464,12 +511,13 @@ pub(crate) fn resize_like_pil(
     out.into_vec()
 }
 
-/// One decoded, preprocessed batch: `pixels` holds `indices.len()` images, CHW, back to back.
+/// One decoded, resized and cropped batch: `pixels` holds `indices.len()` images'
+/// [`Preprocess::resize_crop`] pixels back to back, for [`Preprocess::input`].
 #[derive(Debug)]
 pub struct Batch {
     /// Indices into [`ProbeSet::images`] of the images that decoded.
     pub indices: Vec<usize>,
-    pub pixels: Vec<f32>,
+    pub pixels: Vec<u8>,
     /// Images of this chunk that could not be decoded, with the reason.
     pub skipped: Vec<(usize, String)>,
 }
@@ -499,8 +547,8 @@ where
                 // Each image decoded straight into its slot of the batch, in parallel (a
                 // buffer per image, copied into the batch after, cost a page-faulting
                 // allocation and a copy per image).
-                let per = pre.floats_per_image();
-                let mut pixels = vec![0f32; chunk.len() * per];
+                let per = pre.values_per_image();
+                let mut pixels = vec![0u8; chunk.len() * per];
                 let decoded: Vec<Result<(), String>> = pixels
                     .par_chunks_mut(per)
                     .zip(chunk.par_iter())
@@ -556,9 +604,10 @@ where
     })
 }
 
-/// Decodes and preprocesses a few named files (for neuron maps on chosen images).
-pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<f32>> {
-    let per: Vec<Result<Vec<f32>>> = paths
+/// Decodes, resizes and crops a few named files (for neuron maps on chosen images): their
+/// pixels back to back, for [`Preprocess::input`].
+pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<u8>> {
+    let per: Vec<Result<Vec<u8>>> = paths
         .par_iter()
         .map(|p| {
             pre.load(p).map_err(|reason| Error::Probe {
@@ -567,9 +616,29 @@ pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<f32>> {
             })
         })
         .collect();
-    let mut all = Vec::with_capacity(paths.len() * pre.floats_per_image());
+    let mut all = Vec::with_capacity(paths.len() * pre.values_per_image());
     for r in per {
         all.extend(r?);
     }
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_by_table_is_the_per_value_arithmetic() {
+        let pre = Preprocess::imagenet();
+        let pixels: Vec<u8> = (0..=255u8).cycle().take(3 * 16 * 16).collect();
+        let mut out = vec![0f32; pixels.len()];
+        pre.normalise(&pixels, &mut out);
+        let plane = pixels.len() / 3;
+        for (i, px) in pixels.chunks(3).enumerate() {
+            for c in 0..3 {
+                let want = (px[c] as f32 / 255.0 - pre.mean[c]) / pre.std[c];
+                assert_eq!(out[c * plane + i].to_bits(), want.to_bits());
+            }
+        }
+    }
 }
