@@ -47,6 +47,22 @@ fn tokens_and_text_encoder_equal_transformers() {
 }
 
 #[test]
+fn repeated_prompts_are_encoded_as_when_alone() {
+    let model = sd();
+    let alone = model.encode_prompts(&PROMPTS).unwrap();
+    let rows = [PROMPTS[1], PROMPTS[2], PROMPTS[1], PROMPTS[0], PROMPTS[2]];
+    let repeated = model.encode_prompts(&rows).unwrap();
+    assert_eq!(repeated.dim(0).unwrap(), rows.len());
+    for (row, want) in [1, 2, 1, 0, 2].into_iter().enumerate() {
+        let err = rel_err(
+            &repeated.narrow(0, row, 1).unwrap(),
+            &alone.narrow(0, want, 1).unwrap(),
+        );
+        assert!(err < 1e-5, "row {row}: relative error {err}");
+    }
+}
+
+#[test]
 fn unet_noise_prediction_equals_diffusers_at_batch_two_and_one() {
     let refs = reference("models/sd_tiny.reference.safetensors");
     let model = sd();

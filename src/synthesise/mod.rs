@@ -300,12 +300,29 @@ impl StableDiffusion {
         )?)
     }
 
-    /// The text encoder's last hidden state of `prompts`, f32.
+    /// The text encoder's last hidden state of `prompts`, f32. Each distinct prompt is encoded
+    /// once: a batch of images holds Q images per concept, and guidance adds the empty prompt
+    /// for every row.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
-        Ok(self
+        let mut distinct: Vec<&str> = Vec::new();
+        let rows: Vec<u32> = prompts
+            .iter()
+            .map(|p| {
+                let i = distinct.iter().position(|d| d == p).unwrap_or_else(|| {
+                    distinct.push(p);
+                    distinct.len() - 1
+                });
+                i as u32
+            })
+            .collect();
+        let hidden = self
             .text
-            .forward(&self.token_ids(prompts)?)?
-            .to_dtype(DType::F32)?)
+            .forward(&self.token_ids(&distinct)?)?
+            .to_dtype(DType::F32)?;
+        if distinct.len() == prompts.len() {
+            return Ok(hidden); // all distinct: already in order
+        }
+        Ok(hidden.index_select(&Tensor::new(rows, &self.device)?, 0)?)
     }
 
     /// One UNet noise prediction, f32.
