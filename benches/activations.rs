@@ -71,7 +71,7 @@ fn decode_batches(c: &mut Criterion) {
     g.bench_function("batches_128_jpegs_b32", |b| {
         b.iter(|| {
             probe::for_each_batch(&set.images, &pre, 32, &cancel, |batch| {
-                black_box(pre.input(batch.pixels, &Device::Cpu, DType::F32)?);
+                black_box(pre.input(&batch.pixels, &Device::Cpu, DType::F32)?);
                 Ok(())
             })
             .unwrap()

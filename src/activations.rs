@@ -487,7 +487,7 @@ pub fn extract(
             skipped.push((probe_set.images[i].rel.clone(), reason));
         }
         if !batch.indices.is_empty() {
-            let x = pre.input(batch.pixels, &info.device, info.dtype)?;
+            let x = pre.input(&batch.pixels, &info.device, info.dtype)?;
             let outs = target.net.forward(&x, &todo)?;
             for ((out, acc), &l) in outs.iter().zip(rows.iter_mut()).zip(&todo) {
                 let pooled = pool_output(target.layer(l).kind, out, pool)?;
@@ -566,7 +566,7 @@ pub fn neuron_maps(
     let mut maps = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch_size.max(1)) {
         let pixels = probe::load_images(chunk, pre)?;
-        let x = pre.input(pixels, &info.device, info.dtype)?;
+        let x = pre.input(&pixels, &info.device, info.dtype)?;
         let out = target.net.forward(&x, &[layer])?.remove(0);
         maps.extend(maps_of(kind, &out, neuron)?);
     }

@@ -271,8 +271,8 @@ impl Bench<'_> {
         let pixels: Vec<u8> = (0..n * pre.values_per_image())
             .map(|i| (i * 7 % 251) as u8)
             .collect();
-        let want = pre.input(pixels.clone(), &Device::Cpu, DType::F32)?;
-        let got = pre.input(pixels, dev, dt)?;
+        let want = pre.input(&pixels, &Device::Cpu, DType::F32)?;
+        let got = pre.input(&pixels, dev, dt)?;
         report(
             "ops.normalise_pixels".into(),
             rel_err(&got, &want)?,

@@ -55,6 +55,31 @@ impl Bench<'_> {
             },
         )?;
 
+        // A batch of resized, cropped 8-bit images becoming ResNet-50's input on the device: dnd
+        // sends the pixels and normalises them there; candle's path (dnd's before) normalised
+        // to f32 on the CPU's cores, sent those, then converted them.
+        let pre = crate::probe::Preprocess::imagenet();
+        let n = if quick { 4 } else { 256 };
+        let pixels: Vec<u8> = (0..n * pre.values_per_image())
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let note = format!("{n} images of 224x224, 8-bit HWC on the CPU -> normalised NCHW");
+        self.measure("ops.input_pixels.dnd", n as f64, "images/s", &note, || {
+            pre.input(&pixels, &dev, dt)?;
+            Ok(())
+        })?;
+        self.measure(
+            "ops.input_pixels.candle",
+            n as f64,
+            "images/s",
+            &note,
+            || {
+                let cpu = pre.input(&pixels, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+                cpu.to_device(&dev)?.to_dtype(dt)?;
+                Ok(())
+            },
+        )?;
+
         // A resnet block's last 3x3 convolution at 64x64 latents, 16 rows: bias, residual, ReLU.
         let shape = if quick { (2, 16, 16) } else { (16, 320, 64) };
         self.time_conv3x3("ops.conv3x3_residual_relu", shape, true, false)?;

@@ -359,18 +359,18 @@ impl Preprocess {
             .par_iter()
             .zip(pixels.par_chunks_mut(n))
             .for_each(|(img, out)| self.resize_crop(img.borrow(), out));
-        self.input(pixels, device, dtype)
+        self.input(&pixels, device, dtype)
     }
 
     /// Resized, cropped pixels of whole images ([`Self::resize_crop`]'s, back to back) as the
     /// network's input on `device` in `dtype`. On CUDA the 8-bit pixels go over, a quarter of
     /// the bytes of f32 ones, and a kernel of ours normalises them there.
-    pub fn input(&self, pixels: Vec<u8>, device: &Device, dtype: DType) -> Result<Tensor> {
+    pub fn input(&self, pixels: &[u8], device: &Device, dtype: DType) -> Result<Tensor> {
         let per = self.values_per_image();
         let (n, s) = (pixels.len() / per, self.crop as usize);
         #[cfg(feature = "cuda")]
         if device.is_cuda() && crate::gpu_ops::enabled() {
-            let x = Tensor::from_vec(pixels, (n, s, s, 3), &Device::Cpu)?.to_device(device)?;
+            let x = Tensor::from_slice(pixels, (n, s, s, 3), device)?;
             return Ok(crate::gpu_ops::normalise_pixels(
                 &x, self.mean, self.std, dtype,
             )?);
