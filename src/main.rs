@@ -152,6 +152,10 @@ struct BenchArgs {
     /// Neurons of the amortised end-to-end runs (default 64; 2 with --quick)
     #[arg(long)]
     neurons: Option<usize>,
+    /// Seconds each answer of the end-to-end runs' mock LLM takes (0: at once): how much of an
+    /// endpoint's latency the pipeline hides behind the models' work
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    llm_latency: f64,
     /// Scratch folder for configs, tokenizers, JPEGs and stores (default: <cache_dir>/bench)
     #[arg(long, value_name = "DIR")]
     work: Option<PathBuf>,
@@ -564,6 +568,7 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
         budget: std::time::Duration::from_secs_f64(args.budget.max(0.0)),
         only: args.only,
         neurons: args.neurons.unwrap_or(if args.quick { 2 } else { 64 }),
+        llm_latency: std::time::Duration::from_secs_f64(args.llm_latency.max(0.0)),
         work: args.work.unwrap_or_else(|| s.cache_dir.join("bench")),
     };
     if args.check {

@@ -21,6 +21,9 @@ fn quick_bench_measures_every_stage_and_writes_json() {
             // A row whose warm-up takes over a second reports it rather than running again.
             "--budget",
             "1",
+            // Each LLM answer of the end-to-end runs after 50 ms.
+            "--llm-latency",
+            "0.05",
             "--json",
             &json.display().to_string(),
         ],
@@ -59,6 +62,8 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "e2e.fast-taesd.one",
         "e2e.paper.one",
         "e2e.paper.batch2",
+        "ops.input_pixels.dnd",
+        "ops.input_pixels.candle",
         "ops.group_norm_silu.dnd",
         "ops.group_norm_silu.candle",
         "ops.group_norm_silu_channels_last.dnd",
@@ -111,14 +116,29 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     assert!(
         (batch["value"].as_f64().unwrap() * 2.0 - batch["seconds"].as_f64().unwrap()).abs() < 1e-6
     );
-    // Each end-to-end row is split by stage (its one timed run here): the stages take most of
-    // a neuron's time and no more than all of it.
+    // The mock LLM answered after its latency: a neuron's concepts wait for two rounds of calls
+    // (simplifications, then summaries), none cached (each run has a store of its own).
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap();
+    assert!(
+        row("e2e.fast.one")["note"]
+            .as_str()
+            .unwrap()
+            .contains("answering after 0.05 s"),
+        "{}",
+        row("e2e.fast.one")
+    );
+    let concepts = row("e2e.fast.one.concepts")["value"].as_f64().unwrap();
+    assert!(concepts >= 0.09, "concepts took {concepts} s");
+    // Each end-to-end row is split by stage (its one timed run here): the stages of the models'
+    // work take most of a neuron's time and no more than all of it (the LLM's calls overlap
+    // them).
     for e2e in ["e2e.fast.one", "e2e.fast.batch2", "e2e.paper.one"] {
         let per_neuron = rows.iter().find(|r| r["name"] == e2e).unwrap()["value"]
             .as_f64()
             .unwrap();
         let staged: f64 = stage_names
             .iter()
+            .filter(|&&s| s != "concepts")
             .map(|s| {
                 let name = format!("{e2e}.{s}");
                 assert!(out.contains(&name), "{name} missing from the table:\n{out}");
@@ -188,6 +208,7 @@ fn check_compares_every_model_family_from_seeded_weights() {
         "taesd.decode.b3",
         "ops.conv_channels_last",
         "ops.upsample_conv_channels_last",
+        "ops.normalise_pixels",
         "ops.group_norm_silu_channels_last",
         "ops.layer_norm",
         "ops.attention",

@@ -44,6 +44,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Neurons of the amortised end-to-end runs.
     pub neurons: usize,
+    /// How long each answer of the end-to-end runs' mock LLM takes.
+    pub llm_latency: Duration,
     /// Scratch folder: configs, tokenizers, JPEGs, store, caches.
     pub work: PathBuf,
 }
@@ -667,7 +669,10 @@ impl Bench<'_> {
             self.model(Role::TinyVae, "taesd")?,
         ];
         let tiny_vae = tiny.then_some(&resolved[3]);
-        let llm: Arc<dyn Llm> = Arc::new(InstantLlm::default());
+        let llm: Arc<dyn Llm> = Arc::new(MockLlm {
+            calls: Default::default(),
+            latency: self.opts.llm_latency,
+        });
         let models = Models {
             target: self.random_target()?,
             captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
@@ -691,21 +696,11 @@ impl Bench<'_> {
         let settings = self.settings(preset)?;
         let params = Params::from_settings(&settings, Pool::Mean)?;
         let probe = ProbeSet::open(&self.opts.work.join("probe"))?;
-        let store = Arc::new(Store::open(&self.opts.work.join(format!("{key}.sqlite")))?);
         let cache = ActivationCache::new(&self.opts.work.join("cache"));
         let runtime = tokio::runtime::Runtime::new().map_err(io(&self.opts.work))?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = AtomicBool::new(false);
-        let ctx = pipeline::Context {
-            models: &models,
-            probe: &probe,
-            store: &store,
-            llm: &llm,
-            cache: Some(&cache),
-            runtime: runtime.handle(),
-            events: &tx,
-            cancel: &cancel,
-        };
+        let store_path = self.opts.work.join(format!("{key}.sqlite"));
         let neurons = self.opts.neurons.max(1);
         let mut next = 0;
         let mut job = |n: usize| {
@@ -723,6 +718,23 @@ impl Bench<'_> {
         let stages = std::cell::RefCell::new(BTreeMap::<pipeline::Stage, f64>::new());
         // Every neuron must come out described: a failed one would make the time a lie.
         let mut described = |job: Job| -> Result<()> {
+            // A new store each run, as the reference caches nothing: no LLM answer comes from
+            // an earlier run's cache (random captions repeat from neuron to neuron).
+            for part in ["", "-wal", "-shm", ".images"] {
+                let old = PathBuf::from(format!("{}{part}", store_path.display()));
+                let _ = std::fs::remove_file(&old).or_else(|_| std::fs::remove_dir_all(&old));
+            }
+            let store = Arc::new(Store::open(&store_path)?);
+            let ctx = pipeline::Context {
+                models: &models,
+                probe: &probe,
+                store: &store,
+                llm: &llm,
+                cache: Some(&cache),
+                runtime: runtime.handle(),
+                events: &tx,
+                cancel: &cancel,
+            };
             while rx.try_recv().is_ok() {}
             let summary = pipeline::run(&ctx, &job)?;
             let mut last = stages.borrow_mut();
@@ -752,8 +764,12 @@ impl Bench<'_> {
         described(job(1))?;
         stages.take();
         let decoder = if tiny { "TAESD" } else { "VAE" };
+        let llm = match self.opts.llm_latency.as_secs_f64() {
+            0.0 => "an in-process LLM answering at once".to_string(),
+            s => format!("an in-process LLM answering after {s} s"),
+        };
         let note = format!(
-            "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); instant in-process LLM",
+            "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); {llm}",
             settings.steps
         );
         let one = format!("{key}.one");
@@ -773,16 +789,23 @@ impl Bench<'_> {
 
     /// A row per pipeline stage of `row`'s last run, `{row}.{stage}`, in seconds per neuron.
     fn stage_rows(&mut self, row: &str, stages: &BTreeMap<pipeline::Stage, f64>) {
-        for (stage, &seconds) in stages {
-            let stage = stage.name();
+        for (&stage, &seconds) in stages {
+            let name = stage.name();
+            let note = if stage == pipeline::Stage::Concepts {
+                // The LLM runs beside the models (the next wave's crops and captions): only
+                // what they leave uncovered adds to a neuron's time.
+                format!("a neuron's LLM calls in {row}'s last run, overlapping the models' work")
+            } else {
+                format!("the {name} stage's share of {row}'s last run")
+            };
             self.emit(Row {
-                name: format!("{row}.{stage}"),
+                name: format!("{row}.{name}"),
                 value: seconds,
                 unit: "s/neuron",
                 seconds,
                 runs: 1,
                 peak_memory_bytes: None,
-                note: format!("the {stage} stage's share of {row}'s last run"),
+                note,
             });
         }
     }
@@ -893,18 +916,19 @@ fn probe_images(dir: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The LLM of the end-to-end runs: answers every prompt at once, so the figures are the
-/// models' time. Every answer is a concept no other call got, so that each neuron has the
+/// The LLM of the end-to-end runs: answers every prompt after `latency` (by default at once,
+/// so the figures are the models' time; with a latency, what the pipeline leaves of it
+/// unhidden). Every answer is a concept no other call got, so that each neuron has the
 /// reference's five distinct candidates (none that METHOD's clean-up would merge or extend
 /// with a "background" one), and the work timed is the reference's 5 x Q images.
-#[derive(Default)]
-struct InstantLlm {
+struct MockLlm {
     calls: std::sync::atomic::AtomicUsize,
+    latency: Duration,
 }
 
-impl Llm for InstantLlm {
+impl Llm for MockLlm {
     fn model(&self) -> &str {
-        "instant (bench)"
+        "mock (bench)"
     }
 
     fn chat<'a>(
@@ -922,8 +946,14 @@ impl Llm for InstantLlm {
             CONCEPTS[call % CONCEPTS.len()],
             call / CONCEPTS.len()
         );
-        on_text(&text);
-        Box::pin(async move { Ok(text) })
+        let latency = self.latency;
+        Box::pin(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            on_text(&text);
+            Ok(text)
+        })
     }
 }
 
