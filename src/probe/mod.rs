@@ -474,7 +474,7 @@ impl Preprocess {
     }
 
     /// Per channel, the normalised value of each 8-bit level.
-    pub fn table(&self) -> [[f32; 256]; 3] {
+    fn table(&self) -> [[f32; 256]; 3] {
         std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         })
