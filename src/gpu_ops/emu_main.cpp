@@ -14,9 +14,9 @@
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
 //   emu interleave_phases_nhwc DTYPE GRID BLOCK VEC N H W K x bias out
 //       (x (N, H+1, W+1, 4K), out (N, 2H, 2W, K))
+//       (VEC: the kernels' vectorised path, 0 off)
 //   emu normalise_pixels DTYPE GRID BLOCK VEC N PLANE MEAN(3) STD(3) x out
 //       (x 8-bit (N, PLANE, 3), out DTYPE (N, 3, PLANE); VEC unused)
-//       (VEC: the kernels' vectorised path, 0 off)
 //   emu flash      DTYPE D8 B H TQ TK D SCALE_LOG2 QS(3) KS(3) VS(3) VEC ROWS q k v out
 //                  (f16 or bf16; D8: the kernel's head size; QS, KS, VS: batch, head and row
 //                  strides; ROWS: query rows a block, as the launcher reckons; out is
