@@ -116,6 +116,8 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
         spec: spec.to_string(),
         reason,
     };
+    // A misspelt kernel name would otherwise turn nothing off, silently.
+    crate::gpu_ops::kernels_off().map_err(fail)?;
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Auto => {
@@ -173,9 +175,10 @@ pub fn describe(device: &Device) -> String {
 }
 
 /// Which kernels run on `device` in `dtype`, for reports: whose fused ops (convolution
-/// epilogues, GroupNorm, GEGLU): dnd's (f32 on the CPU; on CUDA unless `DND_GPU_KERNELS=0`) or
-/// candle's; and on CUDA with cuDNN, whose cuDNN call convolves (dnd's: f32 accumulation,
-/// algorithms measured per shape, ResNet channels-last; unless `DND_CUDNN_CONV=0`).
+/// epilogues, GroupNorm, GEGLU): dnd's (f32 on the CPU; on CUDA unless `DND_GPU_KERNELS=0`,
+/// with the families `DND_GPU_KERNELS_OFF` names) or candle's; and on CUDA with cuDNN, whose
+/// cuDNN call convolves (dnd's: f32 accumulation, algorithms measured per shape,
+/// channels-last; unless `DND_CUDNN_CONV=0`).
 pub fn kernels(device: &Device, dtype: DType) -> String {
     let ours = match device {
         Device::Cpu => dtype == DType::F32,
@@ -183,10 +186,17 @@ pub fn kernels(device: &Device, dtype: DType) -> String {
         Device::Cuda(_) => crate::gpu_ops::enabled(),
         _ => false,
     };
-    let fused = if ours {
-        "dnd's fused ops"
+    let off = crate::gpu_ops::kernels_off().unwrap_or_default();
+    let fused = if !ours {
+        "candle's ops".to_string()
+    } else if device.is_cuda() && !off.is_empty() {
+        let names: Vec<&str> = off.iter().map(|k| k.name()).collect();
+        format!(
+            "dnd's fused ops but {} (DND_GPU_KERNELS_OFF)",
+            names.join(", ")
+        )
     } else {
-        "candle's ops"
+        "dnd's fused ops".to_string()
     };
     #[cfg(feature = "cudnn")]
     if device.is_cuda() {
@@ -198,7 +208,7 @@ pub fn kernels(device: &Device, dtype: DType) -> String {
         };
         return format!("{fused}, {algos}");
     }
-    fused.into()
+    fused
 }
 
 #[cfg(test)]

@@ -633,19 +633,34 @@ fn check_cmd(
         dnd::device::describe(device),
         dnd::device::kernels(device, dtype),
     );
+    // The JSON is rewritten after every check, so a run that dies on the device (a kernel's
+    // fault can take the process down) still shows which checks came before.
+    let write = |checks: &[dnd::bench::check::Check]| -> Result<()> {
+        if let Some(path) = json {
+            let text = serde_json::to_string_pretty(checks).context("checks to JSON")?;
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    };
+    let mut so_far = Vec::new();
     let checks = dnd::bench::check::run(device, dtype, opts, &mut |c| {
+        let kernel = c.kernel.map_or(String::new(), |k| format!(" [{k}]"));
         eprintln!(
-            "{:<30} {:>10.2e}  tolerance {:.0e}  {:<4}  {}",
+            "{:<38} {:>10.2e}  tolerance {:.0e}  {:<4}  {}{kernel}",
             c.name,
             c.error,
             c.tolerance,
             if c.passed() { "ok" } else { "FAIL" },
             c.note
         );
+        so_far.push(c.clone());
+        if let Err(e) = write(&so_far) {
+            eprintln!("warning: {e:#}");
+        }
     })?;
+    write(&checks)?;
     if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&checks).context("checks to JSON")?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     let failed: Vec<&str> = checks
@@ -654,9 +669,18 @@ fn check_cmd(
         .map(|c| c.name.as_str())
         .collect();
     if !failed.is_empty() {
+        // The first failing check of one kernel family names what to turn off (a fault on
+        // the device can fail every check after it).
+        let hint = checks
+            .iter()
+            .find(|c| !c.passed())
+            .and_then(|c| c.kernel)
+            .map_or(String::new(), |k| {
+                format!(" To run without that kernel family, set DND_GPU_KERNELS_OFF={k}.")
+            });
         bail!(
             "{} of {} checks failed: {}. The device computes something else than the CPU; \
-             please report it with this output",
+             please report it with this output.{hint}",
             failed.len(),
             checks.len(),
             failed.join(", ")

@@ -401,7 +401,7 @@ impl Conv {
         {
             use crate::gpu_ops::cudnn_conv;
             if weight.device().is_cuda() && cudnn_conv::enabled() && cudnn_conv::channels_last() {
-                if *upsample && crate::gpu_ops::enabled() {
+                if *upsample && crate::gpu_ops::on(crate::gpu_ops::Kernel::UpsampleConv) {
                     *phases = Some(upsample_phase_filters_nhwc(weight)?);
                 }
                 *weight = weight.permute((0, 2, 3, 1))?.contiguous()?;
@@ -533,7 +533,7 @@ fn channels_last_conv(
     let rows = |t: Tensor| t.contiguous()?.reshape((n, p * q, k));
     let residual = residual.map(|r| rows(nhwc(r)?)).transpose()?;
     let act = Act::relu_if(relu);
-    let y = if y.device().is_cuda() && crate::gpu_ops::enabled() {
+    let y = if y.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Epilogue) {
         crate::gpu_ops::bias_act(&rows(y)?, bias, residual.as_ref(), act, true)?
     } else {
         let bias = bias.reshape((bias.elem_count() / k, 1, k))?;
@@ -592,7 +592,7 @@ fn candle_conv(
 /// candle's elsewhere.
 pub(crate) fn upsample_nearest(x: &Tensor, scale: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if scale == 2 && x.device().is_cuda() && crate::gpu_ops::enabled() {
+    if scale == 2 && x.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Upsample) {
         return Ok(crate::gpu_ops::upsample_nearest2x(x)?);
     }
     let (_, _, h, w) = x.dims4()?;
@@ -608,7 +608,9 @@ fn epilogue(
     act: Act,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(b) = bias.filter(|_| y.device().is_cuda() && crate::gpu_ops::enabled()) {
+    if let Some(b) = bias
+        .filter(|_| y.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Epilogue))
+    {
         return Ok(crate::gpu_ops::bias_act(&y, b, residual, act, false)?);
     }
     let bias = bias
@@ -684,7 +686,7 @@ impl GroupNorm {
             })?);
         }
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && crate::gpu_ops::enabled() {
+        if x.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::GroupNorm) {
             let (gamma, beta) = &self.affine;
             return Ok(crate::gpu_ops::group_norm(
                 x,
@@ -703,7 +705,7 @@ impl GroupNorm {
 /// one kernel of ours on CUDA, where candle would read both halves strided.
 pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if h.device().is_cuda() && crate::gpu_ops::enabled() {
+    if h.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Geglu) {
         return Ok(crate::gpu_ops::geglu(h)?);
     }
     let half = h.dim(D::Minus1)? / 2;
@@ -732,11 +734,9 @@ impl LayerNorm {
 impl candle_core::Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(beta) = self
-            .inner
-            .bias()
-            .filter(|_| x.device().is_cuda() && crate::gpu_ops::enabled())
-        {
+        if let Some(beta) = self.inner.bias().filter(|_| {
+            x.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::LayerNorm)
+        }) {
             return crate::gpu_ops::layer_norm(x, self.inner.weight(), beta, self.eps);
         }
         self.inner.forward(x)

@@ -214,6 +214,8 @@ fn check_compares_every_model_family_from_seeded_weights() {
         "ops.attention",
         "ops.attention_d64",
         "ops.attention_d160",
+        "ops.max_pool_channels_last",
+        "ops.upsample_nearest2x_channels_last",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
         assert!(err.contains(want), "{want} missing from the lines:\n{err}");
@@ -222,7 +224,17 @@ fn check_compares_every_model_family_from_seeded_weights() {
         let e = c["error"].as_f64().unwrap();
         assert!(e > 0.0 && e <= 2e-2, "{c}");
         assert_eq!(c["tolerance"].as_f64(), Some(2e-2), "{c}");
+        // Each fused op's check names the kernel family it isolates; a model's runs many.
+        let name = c["name"].as_str().unwrap();
+        assert_eq!(c.get("kernel").is_some(), name.starts_with("ops."), "{c}");
     }
+    // The fused ops come first, so the first failure on a device names a kernel family.
+    let first_model = names.iter().position(|n| !n.starts_with("ops.")).unwrap();
+    assert!(
+        names[first_model..].iter().all(|n| !n.starts_with("ops.")),
+        "{names:?}"
+    );
+    assert_eq!(checks[0]["kernel"], "group_norm");
     assert!(
         out.contains(&format!("all {} checks passed", checks.len())),
         "{out}"

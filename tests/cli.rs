@@ -173,6 +173,21 @@ fn bad_inputs_give_one_clear_error() {
             assert!(err.contains(w), "{args:?}: {w:?} missing from: {err}");
         }
     }
+    // A misspelt kernel family would turn nothing off, silently: refused with the names.
+    let o = common::dnd_command(home.path(), &["layers", "--target", &model("resnet_basic")])
+        .env("DND_GPU_KERNELS_OFF", "layer_norm, flash")
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success(), "{err}");
+    for w in [
+        "DND_GPU_KERNELS_OFF",
+        "\"flash\"",
+        "flash_attention",
+        "group_norm",
+    ] {
+        assert!(err.contains(w), "{w:?} missing from: {err}");
+    }
 }
 
 #[test]

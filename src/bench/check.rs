@@ -12,6 +12,7 @@ use super::{Bench, Options};
 use crate::caption::{Blip, Generation};
 use crate::clip::ClipVision;
 use crate::error::Result;
+use crate::gpu_ops::Kernel;
 use crate::hub::{Draw, Role};
 use crate::nn::seeded_randn as randn;
 use crate::synthesise::{StableDiffusion, TinyDecoder};
@@ -23,7 +24,11 @@ pub struct Check {
     /// e.g. `sd-turbo.unet.b3` (device against CPU) or `sd-v1-4.unet.rows.b20` (a batch
     /// against its rows alone).
     pub name: String,
-    /// ||got - want|| / ||want||.
+    /// The family of dnd's kernels this check isolates (`DND_GPU_KERNELS_OFF` takes the
+    /// name); none for the models' checks, which run many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<&'static str>,
+    /// ||got - want|| / ||want||; NaN (`null` in JSON) when it could not run.
     pub error: f64,
     pub tolerance: f64,
     pub note: String,
@@ -61,23 +66,19 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(if e.is_finite() { e } else { f64::NAN })
 }
 
-/// Runs every check, reporting each as it is done.
+/// Runs every check, reporting each as it is done: each fused op alone first, so that the first
+/// failure names the kernel family to blame (`Check::kernel`), then the models. A check that
+/// cannot run (an error on the device) is reported failed with its error, and the rest still
+/// run.
 pub fn run(
     device: &Device,
     dtype: DType,
     opts: &Options,
     on_check: &mut dyn FnMut(&Check),
 ) -> Result<Vec<Check>> {
-    let mut checks = Vec::new();
-    let mut report = |name: String, error: f64, tolerance: f64, note: &str| {
-        let c = Check {
-            name,
-            error,
-            tolerance,
-            note: note.to_string(),
-        };
-        on_check(&c);
-        checks.push(c);
+    let mut sink = Sink {
+        on_check,
+        checks: Vec::new(),
     };
     let bench = |quick: bool, draw: Draw, sub: &str| Bench {
         device: device.clone(),
@@ -93,26 +94,79 @@ pub fn run(
     };
     let mut same = bench(true, Draw::Seeded, "check-quick");
     same.prepare_models()?;
-    same.against_cpu(&mut report)?;
-    same.check_fused_ops(!opts.quick, &mut report)?;
+    same.check_fused_ops(!opts.quick, &mut sink);
+    same.against_cpu(&mut sink);
     if !opts.quick && !device.is_cpu() {
         let mut full = bench(false, Draw::Fast, "check-full");
         full.prepare_models()?;
-        full.rows_alone(&mut report)?;
+        full.rows_alone(&mut sink);
     }
-    Ok(checks)
+    Ok(sink.checks)
 }
 
-type Report<'r> = dyn FnMut(String, f64, f64, &str) + 'r;
+/// Where checks go as they are done.
+struct Sink<'r> {
+    on_check: &'r mut dyn FnMut(&Check),
+    checks: Vec<Check>,
+}
+
+impl Sink<'_> {
+    /// Check `name`: its relative `error`, or failed with the reason it could not run.
+    fn record(
+        &mut self,
+        name: String,
+        kernel: Option<Kernel>,
+        tolerance: f64,
+        note: &str,
+        error: Result<f64>,
+    ) {
+        let (error, note) = match error {
+            Ok(e) => (e, note.to_string()),
+            Err(e) => (f64::NAN, format!("could not run: {e}")),
+        };
+        let c = Check {
+            name,
+            kernel: kernel.map(Kernel::name),
+            error,
+            tolerance,
+            note,
+        };
+        (self.on_check)(&c);
+        self.checks.push(c);
+    }
+
+    /// One fused op of `kernel`'s family against candle's ops on the CPU: `f` returns the
+    /// relative error, and may reword `note`.
+    fn op(
+        &mut self,
+        name: &str,
+        kernel: Kernel,
+        tolerance: f64,
+        note: &str,
+        f: impl FnOnce(&mut String) -> Result<f64>,
+    ) {
+        let mut note = note.to_string();
+        let error = f(&mut note);
+        self.record(name.into(), Some(kernel), tolerance, &note, error);
+    }
+
+    /// A group of model checks; an error ends the group, reported as a failed check named
+    /// after it.
+    fn group(&mut self, name: &str, tolerance: f64, f: impl FnOnce(&mut Self) -> Result<()>) {
+        if let Err(e) = f(self) {
+            self.record(name.into(), None, tolerance, "", Err(e));
+        }
+    }
+}
 
 impl Bench<'_> {
-    /// dnd's fused ops on the device (our CUDA kernels, unless `DND_GPU_KERNELS=0`) against
-    /// candle's plain ops on the CPU in f32, at the shapes SD uses at 512 px when `full`: each
-    /// kernel checked on its own, so a failure of a model check above can be traced to one.
-    fn check_fused_ops(&self, full: bool, report: &mut Report) -> Result<()> {
+    /// dnd's fused ops on the device (our CUDA kernels, unless turned off) against candle's
+    /// plain ops on the CPU in f32, at the shapes SD uses at 512 px when `full`: each kernel
+    /// family checked on its own, so a failure of a model check after can be traced to one.
+    fn check_fused_ops(&self, full: bool, sink: &mut Sink) {
         use candle_core::Module;
         if !self.group("ops") {
-            return Ok(());
+            return;
         }
         let (dev, dt) = (&self.device, self.dtype);
         let tol = tolerance(dt);
@@ -124,187 +178,241 @@ impl Bench<'_> {
                 .collect::<Result<std::collections::HashMap<_, _>>>()?;
             Ok(candle_nn::VarBuilder::from_tensors(map, dt, dev))
         };
-        let note = "dnd's fused op on the device against candle's ops on the CPU in f32";
-
-        // GroupNorm + SiLU as in SD's VAE decoder: 4 planes per group, activations far from 0.
-        let (c, side) = if full { (128, 256) } else { (32, 16) };
-        let x = ((randn(&[2, c, side, side], 11)? * 3.0)? + 20.0)?;
-        let (gamma, beta) = (randn(&[c], 12)?, randn(&[c], 13)?);
-        let want = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 32, 1e-6)?
-            .forward(&x)?
-            .silu()?;
-        let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
-        let norm = crate::nn::GroupNorm::load(&vb, 32, c, 1e-6)?;
-        let got = norm.forward(&on(&x)?, true)?;
-        report(
-            "ops.group_norm_silu".into(),
-            rel_err(&got, &want)?,
-            tol,
-            note,
-        );
-        // The same on a view of channels-last storage, as the VAE's convolutions leave it.
+        // `t` on the device as a view of channels-last storage, as cuDNN's convolutions leave it.
         let nhwc = |t: &Tensor| -> Result<Tensor> {
             Ok(on(t)?
                 .permute((0, 2, 3, 1))?
                 .contiguous()?
                 .permute((0, 3, 1, 2))?)
         };
-        let got = norm.forward(&nhwc(&x)?, true)?;
-        report(
-            "ops.group_norm_silu_channels_last".into(),
-            rel_err(&got, &want)?,
-            tol,
-            note,
-        );
-        // And at the UNet's widths, whose blocks take one row of 320 channels, or 1280 in two
-        // slices.
-        for (c, side) in [
+        let note = "dnd's fused op on the device against candle's ops on the CPU in f32";
+
+        // GroupNorm + SiLU as in SD's VAE decoder (4 planes per group), on NCHW storage and on
+        // channels-last storage; then at the UNet's widths channels-last, whose blocks take one
+        // row of 320 channels, or 1280 in two slices. Activations far from 0.
+        let vae = if full { (128, 256) } else { (32, 16) };
+        let unet = [
             (320, if full { 64 } else { 4 }),
             (1280, if full { 16 } else { 2 }),
-        ] {
-            let x = ((randn(&[2, c, side, side], 34)? * 3.0)? + 20.0)?;
-            let (gamma, beta) = (randn(&[c], 35)?, randn(&[c], 36)?);
-            let want = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 32, 1e-5)?
-                .forward(&x)?
-                .silu()?;
-            let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
-            let got = crate::nn::GroupNorm::load(&vb, 32, c, 1e-5)?.forward(&nhwc(&x)?, true)?;
-            report(
+        ];
+        let cases = [
+            ("ops.group_norm_silu".to_string(), vae, false, 1e-6, 11),
+            (
+                "ops.group_norm_silu_channels_last".into(),
+                vae,
+                true,
+                1e-6,
+                11,
+            ),
+        ]
+        .into_iter()
+        .chain(unet.map(|(c, side)| {
+            (
                 format!("ops.group_norm_silu_channels_last_c{c}"),
-                rel_err(&got, &want)?,
-                tol,
-                note,
-            );
+                (c, side),
+                true,
+                1e-5,
+                34,
+            )
+        }));
+        for (name, (c, side), channels_last, eps, seed) in cases {
+            sink.op(&name, Kernel::GroupNorm, tol, note, |_| {
+                let x = ((randn(&[2, c, side, side], seed)? * 3.0)? + 20.0)?;
+                let (gamma, beta) = (randn(&[c], seed + 1)?, randn(&[c], seed + 2)?);
+                let want = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 32, eps)?
+                    .forward(&x)?
+                    .silu()?;
+                let vb = vars(&[("weight", &gamma), ("bias", &beta)])?;
+                let norm = crate::nn::GroupNorm::load(&vb, 32, c, eps)?;
+                let x = if channels_last { nhwc(&x)? } else { on(&x)? };
+                rel_err(&norm.forward(&x, true)?, &want)
+            });
         }
 
         // A 3x3 convolution with its epilogue: bias + residual + ReLU, and bias + a time
-        // embedding per image, as in SD's resnet blocks.
+        // embedding per image, as in SD's resnet blocks; the latter channels-last too, as the
+        // UNet's resnets run with cuDNN (each image's shift over its NHWC rows).
         let (c, side) = if full { (320, 64) } else { (16, 12) };
-        let x = randn(&[2, c, side, side], 14)?;
-        let w = (randn(&[c, c, 3, 3], 15)? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let (bias, residual, shift) = (
-            randn(&[c], 16)?,
-            randn(&[2, c, side, side], 17)?,
-            randn(&[2, c], 18)?,
-        );
-        let conv = x.conv2d(&w, 1, 1, 1, 1)?;
-        let plus_bias = conv.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        let want = (&plus_bias + &residual)?.relu()?;
-        let op = crate::nn::Conv::new(w.clone(), bias.clone(), (1, 1), true, dev, dt)?;
-        let got = op.forward_residual(&on(&x)?, &on(&residual)?)?;
-        report(
-            "ops.conv_residual_relu".into(),
-            rel_err(&got, &want)?,
+        let conv_case = || -> Result<[Tensor; 5]> {
+            Ok([
+                randn(&[2, c, side, side], 14)?,
+                (randn(&[c, c, 3, 3], 15)? * (1.0 / (9.0 * c as f64).sqrt()))?,
+                randn(&[c], 16)?,
+                randn(&[2, c, side, side], 17)?,
+                randn(&[2, c], 18)?,
+            ])
+        };
+        sink.op(
+            "ops.conv_residual_relu",
+            Kernel::Epilogue,
             tol,
             note,
+            |_| {
+                let [x, w, bias, residual, _] = conv_case()?;
+                let conv = x.conv2d(&w, 1, 1, 1, 1)?;
+                let want =
+                    (conv.broadcast_add(&bias.reshape((1, c, 1, 1))?)? + &residual)?.relu()?;
+                let op = crate::nn::Conv::new(w, bias, (1, 1), true, dev, dt)?;
+                rel_err(&op.forward_residual(&on(&x)?, &on(&residual)?)?, &want)
+            },
         );
-        let want = plus_bias.broadcast_add(&shift.reshape((2, c, 1, 1))?)?;
-        let op = crate::nn::Conv::new(w, bias, (1, 1), false, dev, dt)?;
-        let got = op.forward_shifted(&on(&x)?, &on(&shift)?)?;
-        report(
-            "ops.conv_time_shift".into(),
-            rel_err(&got, &want)?,
-            tol,
-            note,
-        );
-        // The same channels-last, as the UNet's resnets run with cuDNN: each image's shift
-        // over its NHWC rows.
-        let got = op
-            .channels_last()?
-            .forward_shifted(&nhwc(&x)?, &on(&shift)?)?;
-        report(
-            "ops.conv_time_shift_channels_last".into(),
-            rel_err(&got, &want)?,
-            tol,
-            note,
-        );
+        for (name, channels_last) in [
+            ("ops.conv_time_shift", false),
+            ("ops.conv_time_shift_channels_last", true),
+        ] {
+            sink.op(name, Kernel::Epilogue, tol, note, |_| {
+                let [x, w, bias, _, shift] = conv_case()?;
+                let want = x
+                    .conv2d(&w, 1, 1, 1, 1)?
+                    .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
+                    .broadcast_add(&shift.reshape((2, c, 1, 1))?)?;
+                let op = crate::nn::Conv::new(w, bias, (1, 1), false, dev, dt)?;
+                let got = if channels_last {
+                    op.channels_last()?
+                        .forward_shifted(&nhwc(&x)?, &on(&shift)?)?
+                } else {
+                    op.forward_shifted(&on(&x)?, &on(&shift)?)?
+                };
+                rel_err(&got, &want)
+            });
+        }
 
         // ResNet's convolutions channels-last (NHWC through cuDNN where built with it): a 3x3
         // one with residual and ReLU on an NCHW input, then a strided 1x1 one reading the first
         // one's NHWC output in place, as a bottleneck's downsample does.
-        let (c, side) = if full { (256, 28) } else { (16, 10) };
-        let x = randn(&[2, c, side, side], 25)?;
-        let residual = randn(&[2, c, side, side], 26)?;
-        let w3 = (randn(&[c, c, 3, 3], 27)? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let w1 = (randn(&[2 * c, c, 1, 1], 28)? * (1.0 / (c as f64).sqrt()))?;
-        let (b3, b1) = (randn(&[c], 29)?, randn(&[2 * c], 30)?);
-        let h = x
-            .conv2d(&w3, 1, 1, 1, 1)?
-            .broadcast_add(&b3.reshape((1, c, 1, 1))?)?;
-        let h = (h + &residual)?.relu()?;
-        let want = h
-            .conv2d(&w1, 0, 2, 1, 1)?
-            .broadcast_add(&b1.reshape((1, 2 * c, 1, 1))?)?;
-        let conv3 = crate::nn::Conv::new(w3, b3, (1, 1), true, dev, dt)?.channels_last()?;
-        let conv1 = crate::nn::Conv::new(w1, b1, (2, 0), false, dev, dt)?.channels_last()?;
-        let got = conv1.forward(&conv3.forward_residual(&on(&x)?, &on(&residual)?)?)?;
-        report(
-            "ops.conv_channels_last".into(),
-            rel_err(&got, &want)?,
+        sink.op(
+            "ops.conv_channels_last",
+            Kernel::Epilogue,
             tol,
             note,
+            |_| {
+                let (c, side) = if full { (256, 28) } else { (16, 10) };
+                let x = randn(&[2, c, side, side], 25)?;
+                let residual = randn(&[2, c, side, side], 26)?;
+                let w3 = (randn(&[c, c, 3, 3], 27)? * (1.0 / (9.0 * c as f64).sqrt()))?;
+                let w1 = (randn(&[2 * c, c, 1, 1], 28)? * (1.0 / (c as f64).sqrt()))?;
+                let (b3, b1) = (randn(&[c], 29)?, randn(&[2 * c], 30)?);
+                let h = x
+                    .conv2d(&w3, 1, 1, 1, 1)?
+                    .broadcast_add(&b3.reshape((1, c, 1, 1))?)?;
+                let h = (h + &residual)?.relu()?;
+                let want =
+                    h.conv2d(&w1, 0, 2, 1, 1)?
+                        .broadcast_add(&b1.reshape((1, 2 * c, 1, 1))?)?;
+                let conv3 = crate::nn::Conv::new(w3, b3, (1, 1), true, dev, dt)?.channels_last()?;
+                let conv1 =
+                    crate::nn::Conv::new(w1, b1, (2, 0), false, dev, dt)?.channels_last()?;
+                let got = conv1.forward(&conv3.forward_residual(&on(&x)?, &on(&residual)?)?)?;
+                rel_err(&got, &want)
+            },
         );
+
+        // ResNet's stem pool (3x3, stride 2, padding 1) on the stem's channels-last output
+        // after its ReLU, at ResNet-50's 112 x 112 x 64.
+        sink.op(
+            "ops.max_pool_channels_last",
+            Kernel::MaxPool,
+            tol,
+            note,
+            |_| {
+                let (c, side) = if full { (64, 112) } else { (16, 9) };
+                let x = randn(&[2, c, side, side], 40)?.relu()?;
+                let want = x
+                    .pad_with_zeros(2, 1, 1)?
+                    .pad_with_zeros(3, 1, 1)?
+                    .max_pool2d_with_stride(3, 2)?;
+                rel_err(&crate::target::stem_pool(&nhwc(&x)?)?, &want)
+            },
+        );
+
+        // Nearest 2x upsampling as the UNet's upsamplers take it, NCHW and channels-last.
+        for (name, channels_last) in [
+            ("ops.upsample_nearest2x", false),
+            ("ops.upsample_nearest2x_channels_last", true),
+        ] {
+            sink.op(name, Kernel::Upsample, tol, note, |_| {
+                let (c, side) = if full { (1280, 16) } else { (16, 5) };
+                let x = randn(&[2, c, side, side], 41)?;
+                let want = x.upsample_nearest2d(2 * side, 2 * side)?;
+                let x = if channels_last { nhwc(&x)? } else { on(&x)? };
+                rel_err(&crate::nn::upsample_nearest(&x, 2)?, &want)
+            });
+        }
 
         // The VAE's last upsampler channels-last: nearest 2x, then a 3x3 convolution with its
         // bias (on cuDNN computed on the small input, phase by phase).
-        let (c, side) = if full { (256, 128) } else { (16, 6) };
-        let x = randn(&[2, c, side, side], 37)?;
-        let w = (randn(&[c, c, 3, 3], 38)? * (1.0 / (9.0 * c as f64).sqrt()))?;
-        let b = randn(&[c], 39)?;
-        let want = x
-            .upsample_nearest2d(2 * side, 2 * side)?
-            .conv2d(&w, 1, 1, 1, 1)?
-            .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
-        let up = crate::nn::Conv::upsampling(w, b, dev, dt)?.channels_last()?;
-        let got = up.forward(&nhwc(&x)?)?;
-        report(
-            "ops.upsample_conv_channels_last".into(),
-            rel_err(&got, &want)?,
+        sink.op(
+            "ops.upsample_conv_channels_last",
+            Kernel::UpsampleConv,
             tol,
             note,
+            |_| {
+                let (c, side) = if full { (256, 128) } else { (16, 6) };
+                let x = randn(&[2, c, side, side], 37)?;
+                let w = (randn(&[c, c, 3, 3], 38)? * (1.0 / (9.0 * c as f64).sqrt()))?;
+                let b = randn(&[c], 39)?;
+                let want = x
+                    .upsample_nearest2d(2 * side, 2 * side)?
+                    .conv2d(&w, 1, 1, 1, 1)?
+                    .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+                let up = crate::nn::Conv::upsampling(w, b, dev, dt)?.channels_last()?;
+                rel_err(&up.forward(&nhwc(&x)?)?, &want)
+            },
         );
 
         // A batch of resized, cropped 8-bit images as a network's input: normalised on the
         // device (our kernel on CUDA) against the CPU's f32 normalisation, every level.
-        let pre = crate::probe::Preprocess::imagenet();
-        let n = if full { 64 } else { 2 };
-        let pixels: Vec<u8> = (0..n * pre.values_per_image())
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
-        let want = pre.input(&pixels, &Device::Cpu, DType::F32)?;
-        let got = pre.input(&pixels, dev, dt)?;
-        report(
-            "ops.normalise_pixels".into(),
-            rel_err(&got, &want)?,
+        sink.op(
+            "ops.normalise_pixels",
+            Kernel::Pixels,
             tol,
             "8-bit pixels normalised on the device against the CPU's f32",
+            |_| {
+                let pre = crate::probe::Preprocess::imagenet();
+                let n = if full { 64 } else { 2 };
+                let pixels: Vec<u8> = (0..n * pre.values_per_image())
+                    .map(|i| (i * 7 % 251) as u8)
+                    .collect();
+                let want = pre.input(&pixels, &Device::Cpu, DType::F32)?;
+                rel_err(&pre.input(&pixels, dev, dt)?, &want)
+            },
         );
 
         // LayerNorm over the UNet's tokens at 64x64 latents, activations far from 0.
-        let (tokens, dim) = if full { (4096, 320) } else { (64, 40) };
-        let x = ((randn(&[2, tokens, dim], 31)? * 3.0)? + 20.0)?;
-        let (gamma, beta) = (randn(&[dim], 32)?, randn(&[dim], 33)?);
-        let want = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5).forward(&x)?;
-        let got = crate::nn::LayerNorm::new(on(&gamma)?, on(&beta)?, 1e-5).forward(&on(&x)?)?;
-        report("ops.layer_norm".into(), rel_err(&got, &want)?, tol, note);
+        sink.op("ops.layer_norm", Kernel::LayerNorm, tol, note, |_| {
+            let (tokens, dim) = if full { (4096, 320) } else { (64, 40) };
+            let x = ((randn(&[2, tokens, dim], 31)? * 3.0)? + 20.0)?;
+            let (gamma, beta) = (randn(&[dim], 32)?, randn(&[dim], 33)?);
+            let want = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5).forward(&x)?;
+            let norm = crate::nn::LayerNorm::new(on(&gamma)?, on(&beta)?, 1e-5);
+            rel_err(&norm.forward(&on(&x)?)?, &want)
+        });
 
         // The UNet's feed-forward at 64x64 latents: a biased linear layer, then GEGLU.
         let (tokens, dim) = if full { (4096, 320) } else { (64, 32) };
-        let x = randn(&[2, tokens, dim], 19)?;
-        let w = (randn(&[8 * dim, dim], 20)? * (1.0 / (dim as f64).sqrt()))?;
-        let b = randn(&[8 * dim], 21)?;
         // A plain 2-D product (candle's CPU matmul mishandles batched transposed operands).
-        let h = x
-            .reshape((2 * tokens, dim))?
-            .matmul(&w.t()?.contiguous()?)?
-            .broadcast_add(&b)?
-            .reshape((2, tokens, 8 * dim))?;
-        let got = crate::nn::Linear::new(on(&w)?, Some(on(&b)?)).forward(&on(&x)?)?;
-        report("ops.linear_bias".into(), rel_err(&got, &h)?, tol, note);
-        let inner = 4 * dim;
-        let want = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
-        let got = crate::nn::geglu(&on(&h)?)?;
-        report("ops.geglu".into(), rel_err(&got, &want)?, tol, note);
+        let linear = || -> Result<[Tensor; 4]> {
+            let x = randn(&[2, tokens, dim], 19)?;
+            let w = (randn(&[8 * dim, dim], 20)? * (1.0 / (dim as f64).sqrt()))?;
+            let b = randn(&[8 * dim], 21)?;
+            let h = x
+                .reshape((2 * tokens, dim))?
+                .matmul(&w.t()?.contiguous()?)?
+                .broadcast_add(&b)?
+                .reshape((2, tokens, 8 * dim))?;
+            Ok([x, w, b, h])
+        };
+        sink.op("ops.linear_bias", Kernel::Epilogue, tol, note, |_| {
+            let [x, w, b, h] = linear()?;
+            let got = crate::nn::Linear::new(on(&w)?, Some(on(&b)?)).forward(&on(&x)?)?;
+            rel_err(&got, &h)
+        });
+        sink.op("ops.geglu", Kernel::Geglu, tol, note, |_| {
+            let [_, _, _, h] = linear()?;
+            let inner = 4 * dim;
+            let want = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
+            rel_err(&crate::nn::geglu(&on(&h)?)?, &want)
+        });
 
         // Attention as SD 1.x's UNet has it at 64x64 latents (8 heads of 40 over 4096 tokens)
         // and at its deepest level (8 heads of 160 over 64), and as CLIP ViT-B/16 (12 heads of
@@ -324,205 +432,224 @@ impl Bench<'_> {
             ]
         };
         for (seed, (name, [heads, tokens, d])) in (22..).step_by(3).zip(shapes) {
-            let qkv: Vec<Tensor> = (seed..seed + 3)
-                .map(|seed| randn(&[2, heads, tokens, d], seed))
-                .collect::<candle_core::Result<_>>()?;
-            let scale = 1.0 / (d as f64).sqrt();
-            let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
-            let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);
-            let got = crate::nn::attention(&q, &k, &v, scale, None)?;
-            let fused = if crate::nn::attention_is_fused(&q, &k, &v) {
-                "flash attention kernel"
-            } else {
-                "attention in pieces"
-            };
-            report(
-                name.into(),
-                rel_err(&got, &want)?,
-                tol,
-                &format!("{fused} on the device against attention on the CPU in f32"),
-            );
+            sink.op(name, Kernel::FlashAttention, tol, note, |note| {
+                let qkv: Vec<Tensor> = (seed..seed + 3)
+                    .map(|seed| randn(&[2, heads, tokens, d], seed))
+                    .collect::<candle_core::Result<_>>()?;
+                let scale = 1.0 / (d as f64).sqrt();
+                let want = crate::nn::attention(&qkv[0], &qkv[1], &qkv[2], scale, None)?;
+                let (q, k, v) = (on(&qkv[0])?, on(&qkv[1])?, on(&qkv[2])?);
+                let fused = if crate::nn::attention_is_fused(&q, &k, &v) {
+                    "flash attention kernel"
+                } else {
+                    "attention in pieces"
+                };
+                *note = format!("{fused} on the device against attention on the CPU in f32");
+                rel_err(&crate::nn::attention(&q, &k, &v, scale, None)?, &want)
+            });
         }
-        Ok(())
     }
 
     /// The quick models on the CPU in f32 and on the device, same weights, same inputs.
-    fn against_cpu(&mut self, report: &mut Report) -> Result<()> {
+    fn against_cpu(&self, sink: &mut Sink) {
         let cpu = Device::Cpu;
         let (dev, dt) = (self.device.clone(), self.dtype);
         let tol = tolerance(dt);
         let note = "device against the CPU in f32, same weights and inputs";
         if self.group("resnet50") {
-            let weights = Weights::from_tensors(
-                "resnet50 (random)",
-                "memory",
-                random_resnet_weights(50, 1000)?,
-            )?;
-            let (a, b) = (
-                self.target_on(&weights, &cpu, DType::F32)?,
-                self.target_on(&weights, &dev, dt)?,
-            );
-            let last = a.layers().len() - 1;
-            let layer4 = a.layer_index("layer4")?;
-            let x = randn(&[3, 3, 224, 224], 1)?;
-            let want = a.net.forward(&x, &[layer4, last])?;
-            let got = b
-                .net
-                .forward(&x.to_device(&dev)?.to_dtype(dt)?, &[layer4, last])?;
-            for ((w, g), tap) in want.iter().zip(&got).zip(["layer4", "fc"]) {
-                report(format!("resnet50.{tap}.b3"), rel_err(g, w)?, tol, note);
-            }
+            sink.group("resnet50", tol, |sink| {
+                let weights = Weights::from_tensors(
+                    "resnet50 (random)",
+                    "memory",
+                    random_resnet_weights(50, 1000)?,
+                )?;
+                let (a, b) = (
+                    self.target_on(&weights, &cpu, DType::F32)?,
+                    self.target_on(&weights, &dev, dt)?,
+                );
+                let last = a.layers().len() - 1;
+                let layer4 = a.layer_index("layer4")?;
+                let x = randn(&[3, 3, 224, 224], 1)?;
+                let want = a.net.forward(&x, &[layer4, last])?;
+                let got = b
+                    .net
+                    .forward(&x.to_device(&dev)?.to_dtype(dt)?, &[layer4, last])?;
+                for ((w, g), tap) in want.iter().zip(&got).zip(["layer4", "fc"]) {
+                    let name = format!("resnet50.{tap}.b3");
+                    sink.record(name, None, tol, note, rel_err(g, w));
+                }
+                Ok(())
+            });
         }
         if self.group("clip") {
-            let m = self.model(Role::Clip, "clip-vit-b16")?;
-            let (a, b) = (
-                ClipVision::load(&m, &cpu, DType::F32)?,
-                ClipVision::load(&m, &dev, dt)?,
-            );
-            let side = a.preprocess().crop as usize;
-            let x = randn(&[3, 3, side, side], 2)?;
-            let e = rel_err(&b.embed(&x)?, &a.embed(&x)?)?;
-            report("clip-vit-b16.embed.b3".into(), e, tol, note);
+            sink.group("clip-vit-b16", tol, |sink| {
+                let m = self.model(Role::Clip, "clip-vit-b16")?;
+                let (a, b) = (
+                    ClipVision::load(&m, &cpu, DType::F32)?,
+                    ClipVision::load(&m, &dev, dt)?,
+                );
+                let side = a.preprocess().crop as usize;
+                let x = randn(&[3, 3, side, side], 2)?;
+                let e = rel_err(&b.embed(&x)?, &a.embed(&x)?);
+                sink.record("clip-vit-b16.embed.b3".into(), None, tol, note, e);
+                Ok(())
+            });
         }
         for name in ["blip-large", "blip-base"] {
             if !self.group(name) {
                 continue;
             }
-            let m = self.model(Role::Captioner, name)?;
-            let (a, b) = (Blip::load(&m, &cpu, DType::F32)?, Blip::load(&m, &dev, dt)?);
-            let side = a.preprocess().crop as usize;
-            let x = randn(&[3, 3, side, side], 3)?;
-            // Both fed the CPU's greedy tokens: near-ties may pick other words on another
-            // device, the logits they pick from must agree.
-            // The end token banned throughout: every row has all its steps.
-            let gen = Generation {
-                max_new_tokens: 8,
-                min_length: 10,
-            };
-            let ids = a.generate(&x, &gen)?;
-            let e = rel_err(&b.logits(&x, &ids)?, &a.logits(&x, &ids)?)?;
-            report(format!("{name}.logits.b3"), e, tol, note);
+            sink.group(name, tol, |sink| {
+                let m = self.model(Role::Captioner, name)?;
+                let (a, b) = (Blip::load(&m, &cpu, DType::F32)?, Blip::load(&m, &dev, dt)?);
+                let side = a.preprocess().crop as usize;
+                let x = randn(&[3, 3, side, side], 3)?;
+                // Both fed the CPU's greedy tokens: near-ties may pick other words on another
+                // device, the logits they pick from must agree.
+                // The end token banned throughout: every row has all its steps.
+                let gen = Generation {
+                    max_new_tokens: 8,
+                    min_length: 10,
+                };
+                let ids = a.generate(&x, &gen)?;
+                let e = rel_err(&b.logits(&x, &ids)?, &a.logits(&x, &ids)?);
+                sink.record(format!("{name}.logits.b3"), None, tol, note, e);
+                Ok(())
+            });
         }
         for name in ["sd-turbo", "sd-v1-4"] {
             if !self.group(name) {
                 continue;
             }
-            let m = self.model(Role::Synthesiser, name)?;
-            let (a, b) = (
-                StableDiffusion::load(&m, &cpu, DType::F32)?,
-                StableDiffusion::load(&m, &dev, dt)?,
-            );
-            let prompts = ["one realistic image of a dog", "stripes", ""];
-            let text = a.encode_prompts(&prompts)?;
-            let e = rel_err(&b.encode_prompts(&prompts)?, &text)?;
-            report(format!("{name}.text.b3"), e, tol, note);
-            let latents = a.noise(5, &sampling_seed(4))?;
-            let three = latents.narrow(0, 0, 3)?;
-            let e = rel_err(
-                &b.predict_noise(&three, 500.0, &text)?,
-                &a.predict_noise(&three, 500.0, &text)?,
-            )?;
-            report(format!("{name}.unet.b3"), e, tol, note);
-            // Five latents: more than one chunk of the device's VAE decode.
-            let e = rel_err(&b.decode(&latents)?, &a.decode(&latents)?)?;
-            report(format!("{name}.vae.b5"), e, tol, note);
+            sink.group(name, tol, |sink| {
+                let m = self.model(Role::Synthesiser, name)?;
+                let (a, b) = (
+                    StableDiffusion::load(&m, &cpu, DType::F32)?,
+                    StableDiffusion::load(&m, &dev, dt)?,
+                );
+                let prompts = ["one realistic image of a dog", "stripes", ""];
+                let text = a.encode_prompts(&prompts)?;
+                let e = rel_err(&b.encode_prompts(&prompts)?, &text);
+                sink.record(format!("{name}.text.b3"), None, tol, note, e);
+                let latents = a.noise(5, &sampling_seed(4))?;
+                let three = latents.narrow(0, 0, 3)?;
+                let e = rel_err(
+                    &b.predict_noise(&three, 500.0, &text)?,
+                    &a.predict_noise(&three, 500.0, &text)?,
+                );
+                sink.record(format!("{name}.unet.b3"), None, tol, note, e);
+                // Five latents: more than one chunk of the device's VAE decode.
+                let e = rel_err(&b.decode(&latents)?, &a.decode(&latents)?);
+                sink.record(format!("{name}.vae.b5"), None, tol, note, e);
+                Ok(())
+            });
         }
         if self.group("taesd") {
-            let m = self.model(Role::TinyVae, "taesd")?;
-            let (a, b) = (
-                TinyDecoder::load(&m, &cpu, DType::F32)?,
-                TinyDecoder::load(&m, &dev, dt)?,
-            );
-            let z = randn(&[3, 4, 16, 16], 5)?;
-            let e = rel_err(&b.decode(&z)?, &a.decode(&z)?)?;
-            report("taesd.decode.b3".into(), e, tol, note);
+            sink.group("taesd", tol, |sink| {
+                let m = self.model(Role::TinyVae, "taesd")?;
+                let (a, b) = (
+                    TinyDecoder::load(&m, &cpu, DType::F32)?,
+                    TinyDecoder::load(&m, &dev, dt)?,
+                );
+                let z = randn(&[3, 4, 16, 16], 5)?;
+                let e = rel_err(&b.decode(&z)?, &a.decode(&z)?);
+                sink.record("taesd.decode.b3".into(), None, tol, note, e);
+                Ok(())
+            });
         }
-        Ok(())
     }
 
     /// Full-size models on the device: a batch's first and last rows against the same rows
     /// computed alone.
-    fn rows_alone(&mut self, report: &mut Report) -> Result<()> {
+    fn rows_alone(&self, sink: &mut Sink) {
         let (dev, dt) = (self.device.clone(), self.dtype);
         let tol = tolerance(dt);
-        let mut compare = |name: String,
-                           batch: &Tensor,
-                           f: &dyn Fn(usize) -> Result<Tensor>,
-                           note: &str|
-         -> Result<()> {
-            let n = batch.dim(0)?;
-            let mut worst: f64 = 0.0;
-            for i in [0, n - 1] {
-                let e = rel_err(&f(i)?, &batch.i(i..i + 1)?)?;
-                // A NaN anywhere fails the check.
-                worst = if e.is_nan() || worst.is_nan() {
-                    f64::NAN
-                } else {
-                    worst.max(e)
-                };
-            }
-            report(name, worst, tol, note);
-            Ok(())
-        };
         if self.group("resnet50") {
-            let target = self.random_target()?;
-            let last = target.layers().len() - 1;
-            let x = randn(&[64, 3, 224, 224], 6)?
-                .to_device(&dev)?
-                .to_dtype(dt)?;
-            let all = target.net.forward(&x, &[last])?.remove(0);
-            let alone = |i: usize| Ok(target.net.forward(&x.i(i..i + 1)?, &[last])?.remove(0));
-            compare("resnet50.rows.b64".into(), &all, &alone, "fc logits")?;
+            sink.group("resnet50.rows", tol, |sink| {
+                let target = self.random_target()?;
+                let last = target.layers().len() - 1;
+                let x = randn(&[64, 3, 224, 224], 6)?
+                    .to_device(&dev)?
+                    .to_dtype(dt)?;
+                let all = target.net.forward(&x, &[last])?.remove(0);
+                let alone = |i: usize| Ok(target.net.forward(&x.i(i..i + 1)?, &[last])?.remove(0));
+                let e = worst_row(&all, &alone);
+                sink.record("resnet50.rows.b64".into(), None, tol, "fc logits", e);
+                Ok(())
+            });
         }
         if self.group("clip") {
-            let clip = ClipVision::load(&self.model(Role::Clip, "clip-vit-b16")?, &dev, dt)?;
-            let side = clip.preprocess().crop as usize;
-            let x = randn(&[64, 3, side, side], 7)?;
-            let all = clip.embed(&x)?;
-            let alone = |i: usize| clip.embed(&x.i(i..i + 1)?);
-            compare("clip-vit-b16.rows.b64".into(), &all, &alone, "embeddings")?;
+            sink.group("clip-vit-b16.rows", tol, |sink| {
+                let clip = ClipVision::load(&self.model(Role::Clip, "clip-vit-b16")?, &dev, dt)?;
+                let side = clip.preprocess().crop as usize;
+                let x = randn(&[64, 3, side, side], 7)?;
+                let all = clip.embed(&x)?;
+                let e = worst_row(&all, &|i| clip.embed(&x.i(i..i + 1)?));
+                sink.record("clip-vit-b16.rows.b64".into(), None, tol, "embeddings", e);
+                Ok(())
+            });
         }
         if self.group("blip-large") {
-            let blip = Blip::load(&self.model(Role::Captioner, "blip-large")?, &dev, dt)?;
-            let side = blip.preprocess().crop as usize;
-            let x = randn(&[10, 3, side, side], 8)?;
-            let gen = Generation {
-                max_new_tokens: 32,
-                min_length: 34,
-            };
-            let ids = blip.generate(&x, &gen)?;
-            let all = blip.logits(&x, &ids)?;
-            let alone = |i: usize| blip.logits(&x.i(i..i + 1)?, &ids[i..i + 1]);
-            compare(
-                "blip-large.logits.rows.b10".into(),
-                &all,
-                &alone,
-                "32 teacher-forced steps",
-            )?;
+            sink.group("blip-large.rows", tol, |sink| {
+                let blip = Blip::load(&self.model(Role::Captioner, "blip-large")?, &dev, dt)?;
+                let side = blip.preprocess().crop as usize;
+                let x = randn(&[10, 3, side, side], 8)?;
+                let gen = Generation {
+                    max_new_tokens: 32,
+                    min_length: 34,
+                };
+                let ids = blip.generate(&x, &gen)?;
+                let all = blip.logits(&x, &ids)?;
+                let e = worst_row(&all, &|i| blip.logits(&x.i(i..i + 1)?, &ids[i..i + 1]));
+                let name = "blip-large.logits.rows.b10".into();
+                sink.record(name, None, tol, "32 teacher-forced steps", e);
+                Ok(())
+            });
         }
         if self.group("sd-v1-4") {
-            let sd = StableDiffusion::load(&self.model(Role::Synthesiser, "sd-v1-4")?, &dev, dt)?;
-            // 20 rows: 20 x 8 heads x 4096^2 scores, past candle's 2^31 softmax limit.
-            let z = sd.noise(20, &sampling_seed(9))?;
-            let text = randn(&[20, 77, 768], 10)?;
-            let all = sd.predict_noise(&z, 500.0, &text)?;
-            let alone = |i: usize| sd.predict_noise(&z.i(i..i + 1)?, 500.0, &text.i(i..i + 1)?);
-            compare(
-                "sd-v1-4.unet.rows.b20".into(),
-                &all,
-                &alone,
-                "512 px; past the 2^31-score softmax limit",
-            )?;
+            sink.group("sd-v1-4.rows", tol, |sink| {
+                let m = self.model(Role::Synthesiser, "sd-v1-4")?;
+                let sd = StableDiffusion::load(&m, &dev, dt)?;
+                // 20 rows: 20 x 8 heads x 4096^2 scores, past candle's 2^31 softmax limit.
+                let z = sd.noise(20, &sampling_seed(9))?;
+                let text = randn(&[20, 77, 768], 10)?;
+                let all = sd.predict_noise(&z, 500.0, &text)?;
+                let e = worst_row(&all, &|i| {
+                    sd.predict_noise(&z.i(i..i + 1)?, 500.0, &text.i(i..i + 1)?)
+                });
+                let note = "512 px; past the 2^31-score softmax limit";
+                sink.record("sd-v1-4.unet.rows.b20".into(), None, tol, note, e);
+                Ok(())
+            });
         }
         if self.group("sd-turbo") {
-            let sd = StableDiffusion::load(&self.model(Role::Synthesiser, "sd-turbo")?, &dev, dt)?;
-            let z = sd.noise(8, &sampling_seed(11))?;
-            let all = sd.decode(&z)?;
-            let alone = |i: usize| sd.decode(&z.i(i..i + 1)?);
-            compare("sd-turbo.vae.rows.b8".into(), &all, &alone, "512 px images")?;
+            sink.group("sd-turbo.rows", tol, |sink| {
+                let m = self.model(Role::Synthesiser, "sd-turbo")?;
+                let sd = StableDiffusion::load(&m, &dev, dt)?;
+                let z = sd.noise(8, &sampling_seed(11))?;
+                let all = sd.decode(&z)?;
+                let e = worst_row(&all, &|i| sd.decode(&z.i(i..i + 1)?));
+                sink.record("sd-turbo.vae.rows.b8".into(), None, tol, "512 px images", e);
+                Ok(())
+            });
         }
-        Ok(())
     }
+}
+
+/// The larger relative error of `batch`'s first and last rows against `alone(i)`, row `i`
+/// computed alone (NaN if either has one).
+fn worst_row(batch: &Tensor, alone: &dyn Fn(usize) -> Result<Tensor>) -> Result<f64> {
+    let n = batch.dim(0)?;
+    let mut worst: f64 = 0.0;
+    for i in [0, n - 1] {
+        let e = rel_err(&alone(i)?, &batch.i(i..i + 1)?)?;
+        worst = if e.is_nan() || worst.is_nan() {
+            f64::NAN
+        } else {
+            worst.max(e)
+        };
+    }
+    Ok(worst)
 }
 
 /// Sampling settings that only fix the noise seed (the rest is unused by `noise`).
@@ -552,6 +679,7 @@ mod tests {
         assert!(rel_err(&t(&[3.0, 4.0, 0.0]), &want).unwrap().is_nan());
         let nan = Check {
             name: "x".into(),
+            kernel: None,
             error: f64::NAN,
             tolerance: 1.0,
             note: String::new(),

@@ -1015,7 +1015,7 @@ pub(crate) fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (Ok((b, h, _, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
         return false;
     };
-    enabled()
+    super::on(super::Kernel::FlashAttention)
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()

@@ -23,6 +23,96 @@ pub(crate) use cuda::{
     max_pool_channels_last, normalise_pixels, upsample_nearest2x,
 };
 
+/// dnd's CUDA kernels by family. `DND_GPU_KERNELS_OFF` names families to hand back to candle's
+/// ops one by one (to step around a kernel that misbehaves on some GPU while keeping the rest);
+/// `DND_GPU_KERNELS=0` hands back all of them. Each `--check` of one fused op names the family it
+/// isolates, so a failing check says what to turn off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// GroupNorm (+ SiLU), on NCHW and channels-last storage.
+    GroupNorm,
+    /// Bias (+ SD's time embedding) + residual + activation after a convolution or linear layer.
+    Epilogue,
+    /// SD's GEGLU.
+    Geglu,
+    LayerNorm,
+    /// Flash attention on tensor cores.
+    FlashAttention,
+    /// Nearest 2x upsampling.
+    Upsample,
+    /// An upsampler's convolution computed on the small input, phase by phase (with cuDNN).
+    UpsampleConv,
+    /// ResNet's stem max pool on channels-last storage.
+    MaxPool,
+    /// 8-bit images normalised into a network's input.
+    Pixels,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 9] = [
+        Kernel::GroupNorm,
+        Kernel::Epilogue,
+        Kernel::Geglu,
+        Kernel::LayerNorm,
+        Kernel::FlashAttention,
+        Kernel::Upsample,
+        Kernel::UpsampleConv,
+        Kernel::MaxPool,
+        Kernel::Pixels,
+    ];
+
+    /// The name `DND_GPU_KERNELS_OFF` and `--check`'s reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::GroupNorm => "group_norm",
+            Kernel::Epilogue => "epilogue",
+            Kernel::Geglu => "geglu",
+            Kernel::LayerNorm => "layer_norm",
+            Kernel::FlashAttention => "flash_attention",
+            Kernel::Upsample => "upsample",
+            Kernel::UpsampleConv => "upsample_conv",
+            Kernel::MaxPool => "max_pool",
+            Kernel::Pixels => "pixels",
+        }
+    }
+}
+
+/// `DND_GPU_KERNELS_OFF`'s comma-separated family names (spaces and empty entries ignored).
+fn parse_off(list: &str) -> Result<Vec<Kernel>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| {
+            Kernel::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();
+                    format!(
+                        "DND_GPU_KERNELS_OFF names {name:?}, which is no kernel of dnd's: use some of {}",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The kernel families `DND_GPU_KERNELS_OFF` turns off (read once), or why it cannot be read.
+pub fn kernels_off() -> Result<&'static [Kernel], String> {
+    static OFF: std::sync::OnceLock<Result<Vec<Kernel>, String>> = std::sync::OnceLock::new();
+    OFF.get_or_init(|| parse_off(&std::env::var("DND_GPU_KERNELS_OFF").unwrap_or_default()))
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+/// Whether `kernel` replaces candle's ops on CUDA: our kernels on (`DND_GPU_KERNELS` not 0) and
+/// this family not named in `DND_GPU_KERNELS_OFF` (`device::open` refuses a list it cannot
+/// read, so a bad one never gets here; should it, nothing is turned off).
+#[cfg(feature = "cuda")]
+pub(crate) fn on(kernel: Kernel) -> bool {
+    cuda::enabled() && kernels_off().map_or(true, |off| !off.contains(&kernel))
+}
+
 /// `compile()`'s text, kept in `dir` under a name drawn from `key` (everything the text
 /// depends on): read from there when an earlier run left it, written there (atomically, a
 /// failure only logged) when not. Without `dir`, compiled.
@@ -138,6 +228,24 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::cpu_ops::CpuGroupNorm;
+
+    #[test]
+    fn kernels_off_reads_family_names_and_refuses_others() {
+        use super::{parse_off, Kernel};
+        assert_eq!(parse_off(""), Ok(vec![]));
+        assert_eq!(
+            parse_off(" flash_attention,,layer_norm "),
+            Ok(vec![Kernel::FlashAttention, Kernel::LayerNorm])
+        );
+        for k in Kernel::ALL {
+            assert_eq!(parse_off(k.name()), Ok(vec![k]));
+        }
+        let e = parse_off("epilogue,attention").unwrap_err();
+        assert!(
+            e.contains("\"attention\"") && e.contains("flash_attention"),
+            "{e}"
+        );
+    }
     use crate::nn::Act;
 
     /// The emulator binary, built once per test run from this folder's sources.

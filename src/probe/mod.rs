@@ -369,7 +369,7 @@ impl Preprocess {
         let per = self.values_per_image();
         let (n, s) = (pixels.len() / per, self.crop as usize);
         #[cfg(feature = "cuda")]
-        if device.is_cuda() && crate::gpu_ops::enabled() {
+        if device.is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Pixels) {
             let x = Tensor::from_slice(pixels, (n, s, s, 3), device)?;
             return Ok(crate::gpu_ops::normalise_pixels(
                 &x, self.mean, self.std, dtype,

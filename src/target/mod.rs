@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::hub::ResolvedModel;
 use crate::probe::Preprocess;
 
+pub(crate) use resnet::stem_pool;
 pub use resnet::{random_resnet_weights, ResNet};
 pub use vit::Vit;
 

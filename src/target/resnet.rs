@@ -298,16 +298,7 @@ impl TargetNetwork for ResNet {
         if rec.record(2, &h) {
             return rec.finish();
         }
-        h = if h.device().is_cpu() && h.dtype() == DType::F32 {
-            h.contiguous()?.apply_op1_no_bwd(&MaxPool3x3s2)?
-        } else if let Some(pooled) = pool_channels_last(&h) {
-            pooled?
-        } else {
-            // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
-            h.pad_with_zeros(2, 1, 1)?
-                .pad_with_zeros(3, 1, 1)?
-                .max_pool2d_with_stride(3, 2)?
-        };
+        h = stem_pool(&h)?;
         if rec.record(3, &h) {
             return rec.finish();
         }
@@ -338,12 +329,26 @@ impl TargetNetwork for ResNet {
     }
 }
 
+/// The stem's 3x3 max pool, stride 2, padding 1, of `h` after its ReLU (values >= 0).
+pub(crate) fn stem_pool(h: &Tensor) -> candle_core::Result<Tensor> {
+    if h.device().is_cpu() && h.dtype() == DType::F32 {
+        h.contiguous()?.apply_op1_no_bwd(&MaxPool3x3s2)
+    } else if let Some(pooled) = pool_channels_last(h) {
+        pooled
+    } else {
+        // Inputs are >= 0 after ReLU, so zero padding equals PyTorch's -inf padding here.
+        h.pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)
+    }
+}
+
 /// The stem's pool by our CUDA kernel where the stem left its output channels-last (cuDNN
 /// builds): read in place, where candle's pool would copy it to NCHW and back. None elsewhere.
 #[cfg(feature = "cuda")]
 fn pool_channels_last(h: &Tensor) -> Option<candle_core::Result<Tensor>> {
     let nhwc = h.rank() == 4 && h.stride()[1] == 1 && h.dim(1).is_ok_and(|c| c > 1);
-    (h.device().is_cuda() && crate::gpu_ops::enabled() && nhwc)
+    (h.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::MaxPool) && nhwc)
         .then(|| crate::gpu_ops::max_pool_channels_last(h, 3, 2, 1))
 }
 
