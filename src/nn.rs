@@ -170,6 +170,13 @@ impl Linear {
         linear_with(x, &self.w, self.b.as_ref(), None, act)
     }
 
+    /// diffusers' GEGLU of `self(x)`: on CUDA the bias is added by the GEGLU kernel as it reads
+    /// the product, which is so written and read once (an epilogue pass would write it whole,
+    /// 2 x inner wide, and the GEGLU read it again).
+    pub(crate) fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        geglu(&linear(x, &self.w, None)?, self.b.as_ref())
+    }
+
     /// `self(x) + residual`, in the product's epilogue on CUDA.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         linear_with(x, &self.w, self.b.as_ref(), Some(residual), Act::None)
@@ -701,13 +708,18 @@ impl GroupNorm {
     }
 }
 
-/// diffusers' GEGLU over the last dimension: the first half times the exact GELU of the second;
-/// one kernel of ours on CUDA, where candle would read both halves strided.
-pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
+/// diffusers' GEGLU over the last dimension of `h` (+ `bias`): the first half times the exact
+/// GELU of the second; one kernel of ours on CUDA, the bias added as it reads, where candle would
+/// add it in a pass of its own and read both halves strided.
+pub(crate) fn geglu(h: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if h.device().is_cuda() && crate::gpu_ops::on(crate::gpu_ops::Kernel::Geglu) {
-        return Ok(crate::gpu_ops::geglu(h)?);
+        return Ok(crate::gpu_ops::geglu(h, bias)?);
     }
+    let h = match bias {
+        Some(b) => h.broadcast_add(b)?,
+        None => h.clone(),
+    };
     let half = h.dim(D::Minus1)? / 2;
     Ok((h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
 }

@@ -77,6 +77,8 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "ops.layer_norm.candle",
         "ops.geglu.dnd",
         "ops.geglu.candle",
+        "ops.linear_geglu.dnd",
+        "ops.linear_geglu.separate",
         "ops.attention.dnd",
         "ops.attention.candle",
         "ops.attention_d64.dnd",

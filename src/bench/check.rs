@@ -407,11 +407,13 @@ impl Bench<'_> {
             let got = crate::nn::Linear::new(on(&w)?, Some(on(&b)?)).forward(&on(&x)?)?;
             rel_err(&got, &h)
         });
+        // GEGLU of the same layer's output, its bias added by the GEGLU kernel on CUDA.
         sink.op("ops.geglu", Kernel::Geglu, tol, note, |_| {
-            let [_, _, _, h] = linear()?;
+            let [x, w, b, h] = linear()?;
             let inner = 4 * dim;
             let want = (h.narrow(2, 0, inner)? * h.narrow(2, inner, inner)?.gelu_erf()?)?;
-            rel_err(&crate::nn::geglu(&on(&h)?)?, &want)
+            let layer = crate::nn::Linear::new(on(&w)?, Some(on(&b)?));
+            rel_err(&layer.forward_geglu(&on(&x)?)?, &want)
         });
 
         // Attention as SD 1.x's UNet has it at 64x64 latents (8 heads of 40 over 4096 tokens)

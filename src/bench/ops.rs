@@ -103,13 +103,37 @@ impl Bench<'_> {
         let gb = 3.0 * (rows * inner) as f64 * bytes / 1e9;
         let note = format!("({rows}, {}) -> ({rows}, {inner}); GB moved", 2 * inner);
         self.measure("ops.geglu.dnd", gb, "GB/s", &note, || {
-            nn::geglu(&h)?;
+            nn::geglu(&h, None)?;
             Ok(())
         })?;
         self.measure("ops.geglu.candle", gb, "GB/s", &note, || {
             (h.narrow(1, 0, inner)? * h.narrow(1, inner, inner)?.gelu_erf()?)?;
             Ok(())
         })?;
+        // The whole first half of that feed-forward: the 2 * inner wide linear layer, its bias
+        // and GEGLU; the bias added by the GEGLU kernel, against its own epilogue pass before
+        // the GEGLU (dnd's path until the former).
+        let dim = inner / 4;
+        let x = self.random(&[rows, dim])?;
+        let layer = nn::Linear::new(
+            self.random(&[2 * inner, dim])?,
+            Some(self.random(&[2 * inner])?),
+        );
+        let note = format!("({rows}, {dim}) -> ({rows}, {inner}); rows/s");
+        self.measure("ops.linear_geglu.dnd", rows as f64, "rows/s", &note, || {
+            layer.forward_geglu(&x)?;
+            Ok(())
+        })?;
+        self.measure(
+            "ops.linear_geglu.separate",
+            rows as f64,
+            "rows/s",
+            &note,
+            || {
+                nn::geglu(&layer.forward(&x)?, None)?;
+                Ok(())
+            },
+        )?;
 
         // CLIP ViT-B/16's LayerNorm at batch 64: 64 x 197 rows of 768.
         let (rows, c) = if quick { (64, 768) } else { (64 * 197, 768) };

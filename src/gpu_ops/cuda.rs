@@ -684,44 +684,90 @@ impl Op3 for LayerNormOp {
 }
 
 /// diffusers' GEGLU over the last dimension of a CUDA `x` `(..., 2 * inner)`: the first half
-/// times the exact GELU of the second, in one kernel.
-pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Cuda1(Geglu))
+/// times the exact GELU of the second, in one kernel; `bias` (`2 * inner`, the linear layer's
+/// that made `x`) added on the way in.
+pub(crate) fn geglu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op2_no_bwd(&b.contiguous()?, &Cuda2(Geglu)),
+        None => x.apply_op1_no_bwd(&Cuda1(Geglu)),
+    }
 }
 
 struct Geglu;
 
 fn geglu_launch<T: CudaDType + DeviceRepr + WithDType>(
     (x, xl): (&CudaStorage, &Layout),
+    bias: Option<(&CudaStorage, &Layout)>,
     dev: &CudaDevice,
 ) -> Result<CudaSlice<T>> {
     let last = xl.dims().last().copied().unwrap_or(0);
-    let aligned = xl.start_offset().is_multiple_of(8);
+    if let Some((_, bl)) = bias {
+        if bl.shape().elem_count() != last {
+            candle_core::bail!(
+                "dnd-gpu-geglu: a bias of {} for rows of {last}",
+                bl.shape().elem_count()
+            );
+        }
+    }
+    let aligned = [Some(xl), bias.map(|(_, bl)| bl)]
+        .into_iter()
+        .flatten()
+        .all(|l| l.start_offset().is_multiple_of(8));
     let vec = vec_path::rows_of_eights(T::DTYPE, aligned, last / 2);
     let x = view::<T>(x, xl, "input")?;
+    let b = bias.map(|(b, bl)| view::<T>(b, bl, "bias")).transpose()?;
     let (rows, inner) = ((x.len() / last.max(1)) as u64, (last / 2) as u64);
     let name = format!("geglu_{}", T::DTYPE.as_str());
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let y = output::<T>(dev, x.len() / 2)?;
+    let null = 0u64;
     let mut args = func.builder();
-    args.arg(&x).arg(&y).arg(&rows).arg(&inner).arg(&vec);
+    args.arg(&x);
+    match &b {
+        Some(b) => args.arg(b),
+        None => args.arg(&null),
+    };
+    args.arg(&y).arg(&rows).arg(&inner).arg(&vec);
     let cfg = grid_stride(rows * inner, vec);
-    // SAFETY: the arguments match geglu's signature in kernels.cu.
+    // SAFETY: the arguments match geglu's signature in kernels.cu (a null bias is none).
     unsafe { args.launch(cfg) }.w()?;
     Ok(y)
 }
 
-impl Op1 for Geglu {
-    const NAME: &'static str = "dnd-gpu-geglu";
-
-    fn cuda(&self, (x, xl): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
+impl Geglu {
+    fn run(
+        &self,
+        (x, xl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
         let mut dims = xl.dims().to_vec();
         match dims.last_mut() {
             Some(last) if *last % 2 == 0 => *last /= 2,
             _ => candle_core::bail!("dnd-gpu-geglu: the last dimension of {dims:?} must be even"),
         }
-        let out = by_dtype!(x, geglu_launch((x, xl), x.device()));
+        let out = by_dtype!(x, geglu_launch((x, xl), bias, x.device()));
         Ok((out, Shape::from(dims)))
+    }
+}
+
+impl Op1 for Geglu {
+    const NAME: &'static str = "dnd-gpu-geglu";
+
+    fn cuda(&self, x: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
+        self.run(x, None)
+    }
+}
+
+impl Op2 for Geglu {
+    const NAME: &'static str = "dnd-gpu-geglu-bias";
+
+    fn cuda(
+        &self,
+        x: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run(x, Some(bias))
     }
 }
 

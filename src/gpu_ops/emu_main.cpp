@@ -9,7 +9,7 @@
 //       (x and out channels-last; GRID: blocks of the apply kernel)
 //   emu upsample2x_nhwc DTYPE GRID BLOCK VEC ROWS W C x out
 //   emu layer_norm DTYPE GRID BLOCK VEC ROWS C EPS x gamma beta out
-//   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x out
+//   emu geglu      DTYPE GRID BLOCK VEC ROWS INNER x bias out   (bias may be -)
 //   emu max_pool   DTYPE GRID BLOCK VEC N H W C P Q K STRIDE PAD x out   (x NHWC, out NPQC)
 //   emu upsample2x DTYPE GRID BLOCK VEC ROWS W x out
 //   emu interleave_phases_nhwc DTYPE GRID BLOCK VEC N H W K x bias out
@@ -58,7 +58,7 @@ struct Entry {
                              int, int);
     void (*upsample2x_nhwc)(const T*, T*, u64, u64, u64, int);
     void (*layer_norm)(const T*, const T*, const T*, T*, u64, int, float, int);
-    void (*geglu)(const T*, T*, u64, u64, int);
+    void (*geglu)(const T*, const T*, T*, u64, u64, int);
     void (*max_pool)(const T*, T*, int, int, int, int, int, int, int, int, int, int);
     void (*upsample2x)(const T*, T*, u64, u64, int);
     void (*interleave_phases_nhwc)(const T*, const T*, T*, u64, u64, u64, u64, int);
@@ -199,10 +199,13 @@ static int run(char** a, Entry<T> k) {
     if (kernel == "geglu") {
         const u64 rows = std::strtoull(a[5], nullptr, 10), inner = std::strtoull(a[6], nullptr, 10);
         auto x = read(a[7]);
+        std::vector<char> bias = std::string(a[8]) == "-" ? std::vector<char>() : read(a[8]);
         std::vector<char> y(x.size() / 2);
-        emu_launch(grid, block,
-                   [&] { k.geglu((const T*)x.data(), (T*)y.data(), rows, inner, vec); });
-        write(a[8], y);
+        emu_launch(grid, block, [&] {
+            k.geglu((const T*)x.data(), bias.empty() ? nullptr : (const T*)bias.data(),
+                    (T*)y.data(), rows, inner, vec);
+        });
+        write(a[9], y);
         return 0;
     }
     if (kernel == "max_pool") {

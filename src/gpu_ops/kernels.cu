@@ -561,11 +561,16 @@ __device__ void bias_act(const typename D::T* x, const typename D::T* bias,
     }
 }
 
-// GEGLU over rows of 2 * inner: y[r, j] = x[r, j] * gelu(x[r, inner + j]), GELU the exact (erf)
-// one, as diffusers' feed-forward computes it. Grid-stride over the rows * inner outputs, with
-// indices of type I as above; with `vec` (inner a multiple of 8), eight at a time.
+// GEGLU over rows of 2 * inner: y[r, j] = a * gelu(g), a = x[r, j] (+ bias[j]),
+// g = x[r, inner + j] (+ bias[inner + j]), GELU the exact (erf) one, as diffusers' feed-forward
+// computes it. `bias` (2 * inner values, or null) is the feed-forward's first linear layer's:
+// added here, in f32, the product's output is read once where an epilogue pass would write it
+// and read it again (at SD 1.x's 64 x 64 latents a 2560-wide row a token). Grid-stride over the
+// rows * inner outputs, with indices of type I as above; with `vec` (inner a multiple of 8),
+// eight at a time.
 template <class D, class I>
-__device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner, int vec) {
+__device__ void geglu(const typename D::T* x, const typename D::T* bias, typename D::T* y, I rows,
+                      I inner, int vec) {
     const I n = rows * inner;
     const I stride = (I)gridDim.x * blockDim.x;
     if constexpr (DND_IS_16BIT(D)) {
@@ -575,6 +580,12 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner,
                 float a[8], g[8];
                 load8<D>(x + 2 * inner * r + j, a);
                 load8<D>(x + 2 * inner * r + inner + j, g);
+                if (bias) {
+                    float ba[8], bg[8];
+                    load8<D>(bias + j, ba);
+                    load8<D>(bias + inner + j, bg);
+                    for (int k = 0; k < 8; ++k) a[k] += ba[k], g[k] += bg[k];
+                }
                 for (int k = 0; k < 8; ++k) a[k] *= gelu(g[k]);
                 store8<D>(y + 8 * o, a);
             }
@@ -583,8 +594,9 @@ __device__ void geglu(const typename D::T* x, typename D::T* y, I rows, I inner,
     }
     for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const I r = i / inner, j = i % inner;
-        const float a = D::ld(x[2 * inner * r + j]);
-        const float g = D::ld(x[2 * inner * r + inner + j]);
+        float a = D::ld(x[2 * inner * r + j]);
+        float g = D::ld(x[2 * inner * r + inner + j]);
+        if (bias) a += D::ld(bias[j]), g += D::ld(bias[inner + j]);
         y[i] = D::st(a * gelu(g));
     }
 }
@@ -982,12 +994,12 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* o
                                                    float eps, int vec) {                         \
         layer_norm<D>(x, gamma, beta, y, rows, c, eps, vec);                                    \
     }                                                                                           \
-    extern "C" __global__ void geglu_##SUFFIX(const D::T* x, D::T* y, u64 rows, u64 inner,      \
-                                              int vec) {                                        \
+    extern "C" __global__ void geglu_##SUFFIX(const D::T* x, const D::T* bias, D::T* y,         \
+                                              u64 rows, u64 inner, int vec) {                   \
         if (fits_u32(rows * inner))                                                             \
-            geglu<D, unsigned>(x, y, (unsigned)rows, (unsigned)inner, vec);                     \
+            geglu<D, unsigned>(x, bias, y, (unsigned)rows, (unsigned)inner, vec);               \
         else                                                                                    \
-            geglu<D, u64>(x, y, rows, inner, vec);                                              \
+            geglu<D, u64>(x, bias, y, rows, inner, vec);                                        \
     }
 
 // GroupNorm's middle kernel, whatever the storage type (the statistics are f32).

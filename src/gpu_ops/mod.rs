@@ -846,20 +846,29 @@ mod tests {
 
     #[test]
     fn geglu_kernel_matches_candle_ops() {
+        // With the linear layer's bias added in the kernel and without; inner on the vectorised
+        // path (a multiple of 8) and off it.
         for (rows, inner) in [(13usize, 10usize), (7, 24)] {
             let x = Tensor::randn(0f32, 2.0, (rows, 2 * inner), &Device::Cpu).unwrap();
+            let bias = (Tensor::randn(0f32, 1.0, 2 * inner, &Device::Cpu).unwrap() + 3.0).unwrap();
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                let xr = rounded(&x, dt);
-                let gate = xr.narrow(1, inner, inner).unwrap().gelu_erf().unwrap();
-                let want = (xr.narrow(1, 0, inner).unwrap() * gate).unwrap();
-                let vec = super::vec_path::rows_of_eights(dt, true, inner) as usize;
-                let args = [2, 32, vec, rows, inner].map(|v| v.to_string());
-                let got = emulate("geglu", dt, &args, &[Some(&x)], &[rows, inner]);
-                let e = err(&got, &want);
-                assert!(
-                    e <= tolerance(dt),
-                    "{rows}x{inner}, {dt:?}, vec {vec}: error {e}"
-                );
+                for b in [None, Some(&bias)] {
+                    let mut h = rounded(&x, dt);
+                    if let Some(b) = b {
+                        h = h.broadcast_add(&rounded(b, dt)).unwrap();
+                    }
+                    let gate = h.narrow(1, inner, inner).unwrap().gelu_erf().unwrap();
+                    let want = (h.narrow(1, 0, inner).unwrap() * gate).unwrap();
+                    let vec = super::vec_path::rows_of_eights(dt, true, inner) as usize;
+                    let args = [2, 32, vec, rows, inner].map(|v| v.to_string());
+                    let got = emulate("geglu", dt, &args, &[Some(&x), b], &[rows, inner]);
+                    let e = err(&got, &want);
+                    assert!(
+                        e <= tolerance(dt),
+                        "{rows}x{inner}, {dt:?}, vec {vec}, bias {}: error {e}",
+                        b.is_some()
+                    );
+                }
             }
         }
     }

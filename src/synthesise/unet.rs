@@ -336,7 +336,7 @@ impl TransformerBlock {
         let h = self.norm1.forward(x)?;
         let x = self.attn1.forward(&h, &h, x)?;
         let x = self.attn2.forward(&self.norm2.forward(&x)?, context, &x)?;
-        let h = nn::geglu(&self.geglu.forward(&self.norm3.forward(&x)?)?)?;
+        let h = self.geglu.forward_geglu(&self.norm3.forward(&x)?)?;
         self.ff_out.forward_residual(&h, &x)
     }
 }
