@@ -215,6 +215,15 @@ impl Preset {
             Preset::Paper => "dpm-solver++".into(),
         }
     }
+    /// Images per Stable Diffusion batch. Paper: one candidate's 10 images, 20 UNet rows with
+    /// guidance, as the reference's pipeline batches them, so a neuron's 50 images make 5 whole
+    /// batches (8 left a batch of 2 whose 50 steps kept the GPU half idle).
+    fn synthesis_batch(self) -> usize {
+        match self {
+            Preset::Fast => 8,
+            Preset::Paper => 10,
+        }
+    }
 }
 
 /// Platform folders for dnd (XDG on Linux, ~/Library on macOS, AppData on Windows).
@@ -425,7 +434,7 @@ settings! {
     /// Images per BLIP batch [env: DND_CAPTION_BATCH]
     caption_batch: usize = 16;
     /// Images per Stable Diffusion batch (with guidance, each takes two rows of the UNet) [env: DND_SYNTHESIS_BATCH]
-    synthesis_batch: usize = 8;
+    synthesis_batch: usize = preset.synthesis_batch();
     /// Neurons whose model work is batched together in `describe` [env: DND_WAVE]
     wave: usize = 4;
     /// LLM for candidate concepts: api (the endpoint below), local (llm_local, no key, no
@@ -692,6 +701,7 @@ mod tests {
         assert_eq!(s.synthesiser.to_string(), "CompVis/stable-diffusion-v1-4");
         assert_eq!(s.scheduler, "dpm-solver++");
         assert_eq!((s.steps, s.guidance), (20, 3.0));
+        assert_eq!(s.synthesis_batch, 10);
         let fast = load_with_env(
             Some(&file),
             &SettingsArgs::default(),
@@ -703,6 +713,7 @@ mod tests {
             "stabilityai/sd-turbo"
         );
         assert_eq!((fast.settings.steps, fast.settings.guidance), (1, 3.0));
+        assert_eq!(fast.settings.synthesis_batch, 8);
     }
 
     #[test]
