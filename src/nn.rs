@@ -238,6 +238,18 @@ pub(crate) fn channels_last_storage(x: &Tensor) -> candle_core::Result<Option<Te
     Ok(rows.is_contiguous().then_some(rows))
 }
 
+/// `x` `(N, ...)` stacked `times` over along the first dimension (`(times * N, ...)`: all of
+/// `x`, then all of it again), keeping channels-last storage where `x` is a view of it.
+pub(crate) fn repeat_rows(x: &Tensor, times: usize) -> Result<Tensor> {
+    if times == 1 {
+        return Ok(x.clone());
+    }
+    match channels_last_storage(x)? {
+        Some(rows) => Ok(Tensor::cat(&vec![&rows; times], 0)?.permute((0, 3, 1, 2))?),
+        None => Ok(Tensor::cat(&vec![x; times], 0)?),
+    }
+}
+
 /// `parts` `(N, C_i, H, W)` side by side along the channels. Where any part is a view of
 /// channels-last storage (the UNet's feature maps meeting their skips) so is the result: each
 /// part's NHWC rows copied once into the output's; `Tensor::cat` otherwise, which would lay a

@@ -56,6 +56,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "sd-turbo.generate.steps50.b4",
         "sd-v1-4.unet.b16",
         "sd-v1-4.unet.b20",
+        "sd-v1-4.unet.b20.unshared",
         "sd-v1-4.generate.steps50.b2",
         "clip-vit-b16.embed.b4",
         "e2e.fast.one",

@@ -86,6 +86,40 @@ fn unet_noise_prediction_equals_diffusers_at_batch_two_and_one() {
 }
 
 #[test]
+fn guided_pairs_share_their_latent_up_to_the_first_cross_attention() {
+    // One latent for two text rows (classifier-free guidance's pair): the UNet runs its input
+    // convolution, first resnet and first self-attention on the latent once. Equal to both
+    // rows computed in full, and row 0 to diffusers'.
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let model = sd();
+    let text = refs["text_hidden"].narrow(0, 0, 2).unwrap();
+    let latent = refs["init_latents"].narrow(0, 0, 1).unwrap();
+    let shared = model.predict_noise(&latent, 500.0, &text).unwrap();
+    assert_eq!(shared.dim(0).unwrap(), 2);
+    assert_eq!(shared.dims()[1..], latent.dims()[1..]);
+    let pair = Tensor::cat(&[&latent, &latent], 0).unwrap();
+    let full = model.predict_noise(&pair, 500.0, &text).unwrap();
+    let err = rel_err(&shared, &full);
+    assert!(err < 1e-5, "shared against full rows: relative error {err}");
+    let want = refs["unet_noise"].narrow(0, 0, 1).unwrap();
+    let err = rel_err(&shared.narrow(0, 0, 1).unwrap(), &want);
+    assert!(err < 1e-4, "row 0 against diffusers: relative error {err}");
+    // Two latents, their rows in two blocks (all the empty prompt's, then all the prompts').
+    let text = Tensor::cat(&[&text, &text], 0).unwrap();
+    let latents = &refs["init_latents"];
+    let shared = model.predict_noise(latents, 500.0, &text).unwrap();
+    let full = model
+        .predict_noise(&Tensor::cat(&[latents, latents], 0).unwrap(), 500.0, &text)
+        .unwrap();
+    let err = rel_err(&shared, &full);
+    assert!(err < 1e-5, "two latents: relative error {err}");
+    // Context rows that are no whole number of blocks are refused.
+    let three = refs["text_hidden"].narrow(0, 0, 3).unwrap();
+    let e = model.predict_noise(latents, 500.0, &three).unwrap_err();
+    assert!(e.to_string().contains("blocks"), "{e}");
+}
+
+#[test]
 fn vae_decode_equals_diffusers() {
     let refs = reference("models/sd_tiny.reference.safetensors");
     let img = sd().decode(&refs["init_latents"]).unwrap();

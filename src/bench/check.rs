@@ -621,6 +621,14 @@ impl Bench<'_> {
                 });
                 let note = "512 px; past the 2^31-score softmax limit";
                 sink.record("sd-v1-4.unet.rows.b20".into(), None, tol, note, e);
+                // Guidance's pairs: 2 latents for 4 text rows, shared up to the first
+                // cross-attention, against the 4 rows in full.
+                let (z, text) = (z.narrow(0, 0, 2)?, text.narrow(0, 0, 4)?);
+                let shared = sd.predict_noise(&z, 500.0, &text)?;
+                let full = sd.predict_noise(&Tensor::cat(&[&z, &z], 0)?, 500.0, &text)?;
+                let note = "2 latents for 4 text rows against every row in full";
+                let e = rel_err(&shared, &full);
+                sink.record("sd-v1-4.unet.shared.b4".into(), None, tol, note, e);
                 Ok(())
             });
         }

@@ -527,32 +527,49 @@ impl Bench<'_> {
             Preset::Paper
         })?;
         // The model rows at 8 images (with guidance, SD 1.x's UNet at the 16 rows of PyTorch's
-        // side); whole generations in the preset's batches.
+        // side, every row its own latent); whole generations in the preset's batches.
         let chunk = 8;
         let batch = settings.synthesis_batch.max(1);
         // The preset's guidance: classifier-free guidance doubles the UNet's batch.
         let guidance = settings.guidance;
         let double = if guidance > 1.0 { 2 } else { 1 };
-        let noise = sd.noise(chunk.max(batch), &sampling(&settings, 1))?;
-        // Also the paper preset's batch (10 images: 20 rows, the reference's batch a step).
-        let mut images = vec![chunk];
-        if batch != chunk {
-            images.push(batch);
-        }
-        for n in images {
-            let rows = double * n;
+        let noise = sd.noise(chunk.max(batch) * double, &sampling(&settings, 1))?;
+        let rows = double * chunk;
+        let text = sd.encode_prompts(&vec!["one realistic image of a dog"; rows])?;
+        let latents = noise.narrow(0, 0, rows)?;
+        self.measure(
+            &format!("{name}.unet.b{rows}"),
+            rows as f64,
+            "rows/s",
+            "one UNet step, a latent a row",
+            || {
+                sd.predict_noise(&latents, 500.0, &text)?;
+                Ok(())
+            },
+        )?;
+        // With guidance, a step of the preset's batch as the pipeline runs it (each latent
+        // with its prompt's and the empty prompt's rows: the first resnet and self-attention
+        // once a latent), then with every row computed in full, as the reference does.
+        if double == 2 {
+            let rows = 2 * batch;
             let text = sd.encode_prompts(&vec!["one realistic image of a dog"; rows])?;
-            let latents = Tensor::cat(&vec![&noise.narrow(0, 0, n)?; double], 0)?;
-            self.measure(
-                &format!("{name}.unet.b{rows}"),
-                rows as f64,
-                "rows/s",
-                "one UNet step (rows = images x2 with guidance)",
-                || {
-                    sd.predict_noise(&latents, 500.0, &text)?;
-                    Ok(())
-                },
-            )?;
+            let latents = noise.narrow(0, 0, batch)?;
+            let pairs = Tensor::cat(&[&latents, &latents], 0)?;
+            for (key, x, how) in [
+                ("", &latents, "shared before the first cross-attention"),
+                (".unshared", &pairs, "every row in full"),
+            ] {
+                self.measure(
+                    &format!("{name}.unet.b{rows}{key}"),
+                    rows as f64,
+                    "rows/s",
+                    &format!("one guided UNet step of {batch} latents, {how}"),
+                    || {
+                        sd.predict_noise(x, 500.0, &text)?;
+                        Ok(())
+                    },
+                )?;
+            }
         }
         let noise = noise.narrow(0, 0, chunk)?;
         // As PyTorch's side: latents in, images out, on the device.

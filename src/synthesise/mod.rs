@@ -325,7 +325,9 @@ impl StableDiffusion {
         Ok(hidden.index_select(&Tensor::new(rows, &self.device)?, 0)?)
     }
 
-    /// One UNet noise prediction, f32.
+    /// One UNet noise prediction, f32: for `latents` (B, ...) and `text` (R x B, ...), each
+    /// block of B text rows with all the latents (R = 2: classifier-free guidance's pairs),
+    /// giving R x B rows.
     pub fn predict_noise(&self, latents: &Tensor, t: f64, text: &Tensor) -> Result<Tensor> {
         let x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let c = text.to_device(&self.device)?.to_dtype(self.dtype)?;
@@ -359,12 +361,8 @@ impl StableDiffusion {
             (noise.to_device(&self.device)?.to_dtype(DType::F32)? * sched.init_noise_sigma())?;
         let timesteps = sched.timesteps().to_vec();
         for t in timesteps {
+            // With guidance, each latent goes in once for its two rows of `text`.
             let input = sched.scale_model_input(&latents)?;
-            let input = if guided {
-                Tensor::cat(&[&input, &input], 0)?
-            } else {
-                input
-            };
             let noise_pred = self.predict_noise(&input, t, &text)?;
             let noise_pred = if guided {
                 let b = prompts.len();

@@ -331,10 +331,13 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// With `expand` > 1, `x` holds the rows that `context`'s blocks of rows share: the
+    /// self-attention, which sees no context, runs on them once, and its output is repeated
+    /// `expand` times before the cross-attention.
+    fn forward(&self, x: &Tensor, context: &Tensor, expand: usize) -> Result<Tensor> {
         use candle_core::Module;
         let h = self.norm1.forward(x)?;
-        let x = self.attn1.forward(&h, &h, x)?;
+        let x = nn::repeat_rows(&self.attn1.forward(&h, &h, x)?, expand)?;
         let x = self.attn2.forward(&self.norm2.forward(&x)?, context, &x)?;
         let h = self.geglu.forward_geglu(&self.norm3.forward(&x)?)?;
         self.ff_out.forward_residual(&h, &x)
@@ -381,15 +384,18 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `expand` as `TransformerBlock::forward`'s (the first block's), the map's residual
+    /// repeated to match.
+    fn forward(&self, x: &Tensor, context: &Tensor, expand: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let mut t = self
             .proj_in
             .forward_map_to_tokens(&self.norm.forward(x, false)?)?;
-        for block in &self.blocks {
-            t = block.forward(&t, context)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            t = block.forward(&t, context, if i == 0 { expand } else { 1 })?;
         }
-        self.proj_out.forward_tokens_to_map(&t, (h, w), x)
+        let x = nn::repeat_rows(x, expand)?;
+        self.proj_out.forward_tokens_to_map(&t, (h, w), &x)
     }
 }
 
@@ -402,10 +408,19 @@ struct Level {
 }
 
 impl Level {
-    fn step(&self, i: usize, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Resnet `i` and its transformer; `expand` as `SpatialTransformer::forward`'s, `temb`
+    /// the rows of `x`.
+    fn step(
+        &self,
+        i: usize,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        expand: usize,
+    ) -> Result<Tensor> {
         let x = self.resnets[i].forward(x, Some(temb))?;
         match self.attentions.get(i) {
-            Some(a) => a.forward(&x, context),
+            Some(a) => a.forward(&x, context, expand),
             None => Ok(x),
         }
     }
@@ -568,11 +583,30 @@ impl Unet {
     }
 
     /// The noise prediction for `x` (B, C, h, w) at timestep `t`, conditioned on `context`
-    /// (B, tokens, cross_attention_dim), in the weights' dtype.
+    /// (R x B, tokens, cross_attention_dim): each block of B context rows with all of `x`, as
+    /// classifier-free guidance pairs each latent with the empty prompt and its own (R = 2).
+    /// Returns (R x B, C, h, w) in the weights' dtype. Everything before the first
+    /// cross-attention sees no context, so where the first level opens with one (SD 1.x and
+    /// 2.x), it runs on the B rows once: the input convolution, the first resnet and the first
+    /// self-attention (41 of SD 1.x's 804 GFLOP a row at 512 px; more of its time, as attention
+    /// at 4096 tokens runs below the convolutions' rate).
     pub(super) fn forward(&self, x: &Tensor, t: f64, context: &Tensor) -> Result<Tensor> {
-        let b = x.dim(0)?;
+        let (b, rows) = (x.dim(0)?, context.dim(0)?);
+        if b == 0 || rows % b != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "the UNet takes context rows in whole blocks of its {b} latents, not {rows}"
+            ))
+            .into());
+        }
+        let times = rows / b;
+        let share = times > 1 && self.down.first().is_some_and(|l| !l.attentions.is_empty());
+        let x = if share {
+            x.clone()
+        } else {
+            nn::repeat_rows(x, times)?
+        };
         let features = self
-            .time_features(t, b)?
+            .time_features(t, rows)?
             .to_device(x.device())?
             .to_dtype(x.dtype())?;
         let temb = self
@@ -582,13 +616,20 @@ impl Unet {
         let x = if self.center_input {
             ((x * 2.0)? - 1.0)?
         } else {
-            x.clone()
+            x
         };
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
-        for level in &self.down {
+        for (l, level) in self.down.iter().enumerate() {
             for i in 0..level.resnets.len() {
-                h = level.step(i, &h, &temb, context)?;
+                h = if share && (l, i) == (0, 0) {
+                    // Every row's time embedding is the same: the first b serve the shared rows.
+                    let h = level.step(i, &h, &temb.narrow(0, 0, b)?, context, times)?;
+                    skips[0] = nn::repeat_rows(&skips[0], times)?;
+                    h
+                } else {
+                    level.step(i, &h, &temb, context, 1)?
+                };
                 skips.push(h.clone());
             }
             if let Some(conv) = &level.resample {
@@ -601,13 +642,13 @@ impl Unet {
             }
         }
         h = self.mid.0.forward(&h, Some(&temb))?;
-        h = self.mid.1.forward(&h, context)?;
+        h = self.mid.1.forward(&h, context, 1)?;
         h = self.mid.2.forward(&h, Some(&temb))?;
         for level in &self.up {
             for i in 0..level.resnets.len() {
                 let skip = skips.pop().expect("one skip per up resnet");
                 h = nn::cat_channels(&[&h, &skip])?;
-                h = level.step(i, &h, &temb, context)?;
+                h = level.step(i, &h, &temb, context, 1)?;
             }
             if let Some(conv) = &level.resample {
                 // To the size of the skip it meets next (2x unless the input was odd-sized).
