@@ -123,7 +123,7 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
         DeviceSpec::Auto => {
             if candle_core::utils::cuda_is_available() {
                 if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
+                    return Ok(prepared(d));
                 }
             }
             if candle_core::utils::metal_is_available() {
@@ -139,7 +139,9 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
                     "this dnd was built without CUDA: rebuild with `cargo build --release --features cuda`, or use --device cpu".into(),
                 ));
             }
-            Device::new_cuda(n).map_err(|e| fail(format!("cannot open GPU {n}: {e}")))
+            Device::new_cuda(n)
+                .map(prepared)
+                .map_err(|e| fail(format!("cannot open GPU {n}: {e}")))
         }
         DeviceSpec::Metal => {
             if !candle_core::utils::metal_is_available() {
@@ -150,6 +152,31 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
             Device::new_metal(0).map_err(|e| fail(format!("cannot open the Metal device: {e}")))
         }
     }
+}
+
+/// `device` set up before its first allocation (`gpu_ops::setup`); where that fails it runs
+/// at cudarc's defaults, a little slower, and the log says why.
+fn prepared(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        if let Err(e) = crate::gpu_ops::setup::prepare(d) {
+            tracing::warn!("cannot set up the GPU's memory pool, left at its defaults: {e}");
+        }
+    }
+    device
+}
+
+/// Gives the memory a GPU keeps for later allocations back to the driver, for other
+/// processes while dnd idles; nothing on the CPU. A failure is only logged.
+pub fn release_cached_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if let Err(e) = crate::gpu_ops::setup::release_cached(d) {
+            tracing::warn!("cannot release the GPU's cached memory: {e}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// f32 on the CPU (candle's CPU matmul has no bf16), f16 on a GPU unless asked otherwise.

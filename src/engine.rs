@@ -73,6 +73,8 @@ impl Engine {
                         cancel: &cancel,
                     };
                     let result = pipeline::run(&ctx, &job).map_err(|e| e.to_string());
+                    // Idle until the next job: the GPU memory kept for reuse goes back.
+                    crate::device::release_cached_memory(&res.models.target.net.info().device);
                     if events.send(Event::JobFinished(result)).is_err() {
                         return; // nobody listens any more
                     }

@@ -998,6 +998,9 @@ impl Peak {
         if device.is_cpu() {
             // Linux: "5" resets the peak resident set to the current one.
             let _ = std::fs::write("/proc/self/clear_refs", "5");
+        } else {
+            // The memory earlier rows left in the GPU's pool would count as this row's.
+            crate::device::release_cached_memory(device);
         }
         Self {
             #[cfg(feature = "cuda")]

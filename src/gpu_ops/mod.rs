@@ -13,6 +13,8 @@
 mod cuda;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn_conv;
+#[cfg(feature = "cuda")]
+pub(crate) mod setup;
 #[cfg(feature = "cudnn")]
 pub(crate) use cuda::interleave_phases;
 #[cfg(feature = "cuda")]

@@ -111,6 +111,10 @@ ROWS=resnet50.forward,sd-turbo.unet,sd-turbo.vae
 # Our cuDNN op with every map NCHW: what channels-last buys ResNet, the UNet and the VAE.
 [ $OURS = 1 ] && [ $V = cudnn ] && ( export DND_CHANNELS_LAST=0
   bench $V bench-nchw 60 --runs 3 --budget 5 --only $ROWS,sd-v1-4.unet )
+# cudarc's defaults (an event pair made per allocation, the memory pool emptied at every
+# synchronisation) against dnd's setup of the device, on rows with many small kernels.
+( export DND_CUDA_SETUP=0; bench $V bench-cuda-defaults 60 --runs 3 --budget 5 \
+  --only resnet50.forward.b256,clip,blip-large.captions.b10,sd-turbo.unet )
 # The plain CUDA build (no cuDNN) on the convolution-heavy rows, to see what cuDNN buys.
 [ $V = cudnn ] && bench cuda bench-nocudnn 60 --runs 3 --budget 5 --only resnet50.forward,sd-turbo.vae,sd-v1-4.unet
 OUT=$RES part reference_dnd_bench 150 python3 "$HERE/reference_dnd_bench.py" --budget-seconds 120
