@@ -152,7 +152,7 @@ impl Sink<'_> {
 
     /// A group of model checks; an error ends the group, reported as a failed check named
     /// after it.
-    fn group(&mut self, name: &str, tolerance: f64, f: impl FnOnce(&mut Self) -> Result<()>) {
+    fn guard(&mut self, name: &str, tolerance: f64, f: impl FnOnce(&mut Self) -> Result<()>) {
         if let Err(e) = f(self) {
             self.record(name.into(), None, tolerance, "", Err(e));
         }
@@ -459,7 +459,7 @@ impl Bench<'_> {
         let tol = tolerance(dt);
         let note = "device against the CPU in f32, same weights and inputs";
         if self.group("resnet50") {
-            sink.group("resnet50", tol, |sink| {
+            sink.guard("resnet50", tol, |sink| {
                 let weights = Weights::from_tensors(
                     "resnet50 (random)",
                     "memory",
@@ -484,7 +484,7 @@ impl Bench<'_> {
             });
         }
         if self.group("clip") {
-            sink.group("clip-vit-b16", tol, |sink| {
+            sink.guard("clip-vit-b16", tol, |sink| {
                 let m = self.model(Role::Clip, "clip-vit-b16")?;
                 let (a, b) = (
                     ClipVision::load(&m, &cpu, DType::F32)?,
@@ -501,7 +501,7 @@ impl Bench<'_> {
             if !self.group(name) {
                 continue;
             }
-            sink.group(name, tol, |sink| {
+            sink.guard(name, tol, |sink| {
                 let m = self.model(Role::Captioner, name)?;
                 let (a, b) = (Blip::load(&m, &cpu, DType::F32)?, Blip::load(&m, &dev, dt)?);
                 let side = a.preprocess().crop as usize;
@@ -523,7 +523,7 @@ impl Bench<'_> {
             if !self.group(name) {
                 continue;
             }
-            sink.group(name, tol, |sink| {
+            sink.guard(name, tol, |sink| {
                 let m = self.model(Role::Synthesiser, name)?;
                 let (a, b) = (
                     StableDiffusion::load(&m, &cpu, DType::F32)?,
@@ -547,7 +547,7 @@ impl Bench<'_> {
             });
         }
         if self.group("taesd") {
-            sink.group("taesd", tol, |sink| {
+            sink.guard("taesd", tol, |sink| {
                 let m = self.model(Role::TinyVae, "taesd")?;
                 let (a, b) = (
                     TinyDecoder::load(&m, &cpu, DType::F32)?,
@@ -567,7 +567,7 @@ impl Bench<'_> {
         let (dev, dt) = (self.device.clone(), self.dtype);
         let tol = tolerance(dt);
         if self.group("resnet50") {
-            sink.group("resnet50.rows", tol, |sink| {
+            sink.guard("resnet50.rows", tol, |sink| {
                 let target = self.random_target()?;
                 let last = target.layers().len() - 1;
                 let x = randn(&[64, 3, 224, 224], 6)?
@@ -581,7 +581,7 @@ impl Bench<'_> {
             });
         }
         if self.group("clip") {
-            sink.group("clip-vit-b16.rows", tol, |sink| {
+            sink.guard("clip-vit-b16.rows", tol, |sink| {
                 let clip = ClipVision::load(&self.model(Role::Clip, "clip-vit-b16")?, &dev, dt)?;
                 let side = clip.preprocess().crop as usize;
                 let x = randn(&[64, 3, side, side], 7)?;
@@ -592,7 +592,7 @@ impl Bench<'_> {
             });
         }
         if self.group("blip-large") {
-            sink.group("blip-large.rows", tol, |sink| {
+            sink.guard("blip-large.rows", tol, |sink| {
                 let blip = Blip::load(&self.model(Role::Captioner, "blip-large")?, &dev, dt)?;
                 let side = blip.preprocess().crop as usize;
                 let x = randn(&[10, 3, side, side], 8)?;
@@ -609,7 +609,7 @@ impl Bench<'_> {
             });
         }
         if self.group("sd-v1-4") {
-            sink.group("sd-v1-4.rows", tol, |sink| {
+            sink.guard("sd-v1-4.rows", tol, |sink| {
                 let m = self.model(Role::Synthesiser, "sd-v1-4")?;
                 let sd = StableDiffusion::load(&m, &dev, dt)?;
                 // 20 rows: 20 x 8 heads x 4096^2 scores, past candle's 2^31 softmax limit.
@@ -633,7 +633,7 @@ impl Bench<'_> {
             });
         }
         if self.group("sd-turbo") {
-            sink.group("sd-turbo.rows", tol, |sink| {
+            sink.guard("sd-turbo.rows", tol, |sink| {
                 let m = self.model(Role::Synthesiser, "sd-turbo")?;
                 let sd = StableDiffusion::load(&m, &dev, dt)?;
                 let z = sd.noise(8, &sampling_seed(11))?;
