@@ -180,6 +180,9 @@ choice! {
         Vae = "vae",
         /// A tiny autoencoder (`tiny_vae`, TAESD): far cheaper, close but not equal images.
         Tiny = "tiny",
+        /// The tiny autoencoder for every image, which the target ranks; the VAE again for the
+        /// images in the ranking's CLIP top, the only ones CLIP sees.
+        Hybrid = "hybrid",
     }
 }
 
@@ -372,11 +375,12 @@ settings! {
     /// Stable Diffusion (diffusers layout): local folder or Hub id[@revision] [env: DND_SYNTHESISER]
     #[arg(alias = "synthesizer")]
     synthesiser: ModelSource = preset.synthesiser();
-    /// What decodes SD's latents into images: vae (the model's own, as the reference) or tiny
-    /// (the tiny autoencoder below: much cheaper, close but not equal images) [env: DND_DECODER]
-    #[arg(value_name = "vae|tiny")]
+    /// What decodes SD's latents into images: vae (the model's own, as the reference), tiny
+    /// (the tiny autoencoder below: much cheaper, close but not equal images) or hybrid (tiny
+    /// for the ranking, the VAE again for the clip_top images CLIP compares) [env: DND_DECODER]
+    #[arg(value_name = "vae|tiny|hybrid")]
     decoder: Decoder = Decoder::Vae;
-    /// Tiny autoencoder for --decoder tiny (diffusers AutoencoderTiny): folder or Hub id [env: DND_TINY_VAE]
+    /// Tiny autoencoder for --decoder tiny or hybrid (diffusers AutoencoderTiny): folder or Hub id [env: DND_TINY_VAE]
     tiny_vae: ModelSource = ModelSource::hub("madebyollin/taesd");
     /// CLIP model for image-similarity weights: local folder or Hub id[@revision] [env: DND_CLIP]
     clip: ModelSource = ModelSource::hub("openai/clip-vit-base-patch16");
@@ -485,7 +489,7 @@ impl Settings {
             .into_iter()
             .filter(|&r| match r {
                 Role::Llm => local_llm,
-                Role::TinyVae => self.decoder == Decoder::Tiny,
+                Role::TinyVae => self.decoder != Decoder::Vae,
                 _ => true,
             })
             .collect()

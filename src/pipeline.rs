@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::activations::{self, LayerActivations, Pool};
 use crate::caption::{clean_caption, Blip, Generation};
 use crate::clip::ClipVision;
-use crate::config::Settings;
+use crate::config::{Decoder, Settings};
 use crate::crops::{self, CropRules};
 use crate::error::{Error, Result};
 use crate::hub::ResolvedModel;
@@ -59,6 +59,44 @@ pub struct ModelIds {
     /// from settings keys without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiny_vae: Option<ModelId>,
+    /// `--decoder hybrid`: the VAE decodes again the images CLIP embeds (absent otherwise, so
+    /// the keys of the other decoders stay as they were).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hybrid: bool,
+}
+
+/// What turns the synthesiser's latents into images, and which images.
+pub enum Decoding {
+    /// The synthesiser's VAE, as the reference.
+    Vae,
+    /// The tiny decoder for every image.
+    Tiny(TinyDecoder),
+    /// The tiny decoder for every image, the VAE again for those in each neuron's CLIP top:
+    /// only they reach CLIP, so only they pay for the VAE.
+    Hybrid(TinyDecoder),
+}
+
+impl Decoding {
+    /// `decoder`'s decoding, loading the tiny decoder from `tiny_vae` where it takes part.
+    pub fn load(
+        decoder: Decoder,
+        tiny_vae: Option<&ResolvedModel>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let tiny = || match tiny_vae {
+            Some(m) => TinyDecoder::load(m, device, dtype),
+            None => Err(Error::Setting {
+                key: "tiny_vae".into(),
+                reason: format!("--decoder {decoder} needs the tiny decoder's folder or Hub id"),
+            }),
+        };
+        Ok(match decoder {
+            Decoder::Vae => Decoding::Vae,
+            Decoder::Tiny => Decoding::Tiny(tiny()?),
+            Decoder::Hybrid => Decoding::Hybrid(tiny()?),
+        })
+    }
 }
 
 /// Every model of the pipeline, loaded once and used for every neuron.
@@ -67,8 +105,7 @@ pub struct Models {
     pub captioner: Blip,
     pub synthesiser: StableDiffusion,
     pub clip: ClipVision,
-    /// Decodes in place of the synthesiser's VAE when present.
-    pub tiny_vae: Option<TinyDecoder>,
+    pub decoding: Decoding,
     pub ids: ModelIds,
 }
 
@@ -190,23 +227,25 @@ impl Params {
 }
 
 impl Models {
-    /// Loads every model of the pipeline on `device`.
+    /// Loads every model of the pipeline on `device`; `tiny_vae` is the tiny decoder's folder,
+    /// which `decoder` tiny and hybrid need.
     pub fn load(
         resolved: &[ResolvedModel; 4],
         tiny_vae: Option<&ResolvedModel>,
+        decoder: Decoder,
         llm: &str,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
         let [target, captioner, synthesiser, clip] = resolved;
+        let decoding = Decoding::load(decoder, tiny_vae, device, dtype)?;
+        let tiny_vae = tiny_vae.filter(|_| decoder != Decoder::Vae);
         Ok(Self {
             target: Target::load(target, device, dtype)?,
             captioner: Blip::load(captioner, device, dtype)?,
             synthesiser: StableDiffusion::load(synthesiser, device, dtype)?,
             clip: ClipVision::load(clip, device, dtype)?,
-            tiny_vae: tiny_vae
-                .map(|m| TinyDecoder::load(m, device, dtype))
-                .transpose()?,
+            decoding,
             ids: ModelIds {
                 target: ModelId::of(target),
                 captioner: ModelId::of(captioner),
@@ -214,16 +253,17 @@ impl Models {
                 clip: ModelId::of(clip),
                 llm: llm.to_string(),
                 tiny_vae: tiny_vae.map(ModelId::of),
+                hybrid: decoder == Decoder::Hybrid,
             },
         })
     }
 
     /// Latents to images in [0, 1] (B, 3, H, W), f32, left on the models' device: the tiny
-    /// decoder when loaded, else the synthesiser's VAE.
+    /// decoder when it decodes, else the synthesiser's VAE.
     pub fn decode_on_device(&self, latents: &Tensor) -> Result<Tensor> {
-        match &self.tiny_vae {
-            Some(tiny) => tiny.decode_on_device(latents),
-            None => self.synthesiser.decode_on_device(latents),
+        match &self.decoding {
+            Decoding::Tiny(tiny) | Decoding::Hybrid(tiny) => tiny.decode_on_device(latents),
+            Decoding::Vae => self.synthesiser.decode_on_device(latents),
         }
     }
 }
@@ -311,6 +351,11 @@ pub struct SyntheticSet {
     /// Relative to the store's image folder.
     pub files: Vec<String>,
     pub activations: Vec<f32>,
+    /// `--decoder hybrid`: by index into `files` (the tiny decoder's images, which the target
+    /// ranked), the VAE's decode of each of this set's images in the CLIP top, which CLIP
+    /// embedded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vae_files: BTreeMap<usize, String>,
 }
 
 /// Everything known about one neuron: the `describe --format json` line and the stored record.
@@ -1070,8 +1115,10 @@ impl Runner<'_> {
                                 concept: concept.clone(),
                                 files: Vec::new(),
                                 activations: Vec::new(),
+                                vae_files: BTreeMap::new(),
                             },
                             images: Vec::new(),
+                            latents: Vec::new(),
                         })
                         .collect()
                 })
@@ -1099,17 +1146,17 @@ impl Runner<'_> {
                             .join(format!("{ci}_{j:02}.png"))
                     })
                     .collect();
-                // PNG encoding on every core: one at a time (1.3 ms for a 512 px image on a
-                // 2-core EPYC) it holds the device up some 65 ms a neuron at 50 images.
-                let store = self.ctx.store;
-                files
-                    .par_iter()
-                    .zip(images.par_iter())
-                    .try_for_each(|(file, img)| store.save_image(file, img))?;
-                for ((&(w, ci, _), img), file) in chunk.iter().zip(images).zip(files) {
+                self.save_images(&files, &images)?;
+                let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
+                for (i, ((&(w, ci, _), img), file)) in
+                    chunk.iter().zip(images).zip(files).enumerate()
+                {
                     let s = &mut sets[w][ci];
                     s.set.files.push(file.to_string_lossy().into_owned());
                     s.images.push(img);
+                    if hybrid {
+                        s.latents.push(out.narrow(0, i, 1)?);
+                    }
                 }
             }
             Ok(sets)
@@ -1124,6 +1171,63 @@ impl Runner<'_> {
             }
         }
         Ok((sets, secs))
+    }
+
+    /// Writes synthetic images as PNG files under the store, on every core: one at a time (1.3
+    /// ms for a 512 px image on a 2-core EPYC) they held the device up some 65 ms a neuron at
+    /// 50 images.
+    fn save_images(&self, files: &[PathBuf], images: &[RgbImage]) -> Result<()> {
+        let store = self.ctx.store;
+        files
+            .par_iter()
+            .zip(images.par_iter())
+            .try_for_each(|(file, img)| store.save_image(file, img))
+    }
+
+    /// `--decoder hybrid`, once the target has ranked the tiny decoder's images: the VAE decodes
+    /// again those in each neuron's CLIP top (`tops[w][c]`: indices into `sets[w][c]`), which
+    /// take their place for CLIP. Saved beside the tiny decoder's (`<name>.vae.png`), which
+    /// stay what the target ranked.
+    fn decode_top_again(
+        &self,
+        sets: &mut [Vec<Synthesised>],
+        tops: &[&[Vec<usize>]],
+    ) -> Result<()> {
+        let picks: Vec<(usize, usize, usize)> = tops
+            .iter()
+            .enumerate()
+            .flat_map(|(w, top)| {
+                top.iter()
+                    .enumerate()
+                    .flat_map(move |(c, js)| js.iter().map(move |&j| (w, c, j)))
+            })
+            .collect();
+        for chunk in picks.chunks(self.params().batches.synthesis.max(1)) {
+            check(self.ctx.cancel)?;
+            let latents: Vec<&Tensor> = chunk
+                .iter()
+                .map(|&(w, c, j)| &sets[w][c].latents[j])
+                .collect();
+            let decoded = self
+                .ctx
+                .models
+                .synthesiser
+                .decode_on_device(&Tensor::cat(&latents, 0)?)?;
+            let images = crate::synthesise::to_rgb(&decoded)?;
+            let files: Vec<PathBuf> = chunk
+                .iter()
+                .map(|&(w, c, j)| Path::new(&sets[w][c].set.files[j]).with_extension("vae.png"))
+                .collect();
+            self.save_images(&files, &images)?;
+            for ((&(w, c, j), img), file) in chunk.iter().zip(images).zip(files) {
+                let s = &mut sets[w][c];
+                s.images[j] = img;
+                s.set
+                    .vae_files
+                    .insert(j, file.to_string_lossy().into_owned());
+            }
+        }
+        Ok(())
     }
 
     /// Step 3.2-3.5 for every neuron of the wave, then one stored row per neuron.
@@ -1154,6 +1258,10 @@ impl Runner<'_> {
                 let per: Vec<Vec<f32>> = s.iter().map(|x| x.set.activations.clone()).collect();
                 let ranking = score::rank(&per, p.clip_top);
                 ranked.push((per, ranking));
+            }
+            if matches!(self.ctx.models.decoding, Decoding::Hybrid(_)) {
+                let tops: Vec<&[Vec<usize>]> = ranked.iter().map(|(_, r)| &r.in_top[..]).collect();
+                self.decode_top_again(&mut sets, &tops)?;
             }
             // CLIP on the whole wave in one pass: each neuron's probing images, then each of its
             // candidates' images in the top (a pass per neuron and candidate was six small
@@ -1219,4 +1327,6 @@ impl Runner<'_> {
 struct Synthesised {
     set: SyntheticSet,
     images: Vec<RgbImage>,
+    /// Each image's latents (1, C, h, w) on the device, kept for `--decoder hybrid` only.
+    latents: Vec<Tensor>,
 }

@@ -71,7 +71,9 @@ impl Workspace {
             models.push(rt.block_on(hub::resolve(role, s.model(role), opts))?);
         }
         let tiny_vae = match s.decoder {
-            Decoder::Tiny => Some(rt.block_on(hub::resolve(Role::TinyVae, &s.tiny_vae, opts))?),
+            Decoder::Tiny | Decoder::Hybrid => {
+                Some(rt.block_on(hub::resolve(Role::TinyVae, &s.tiny_vae, opts))?)
+            }
             Decoder::Vae => None,
         };
         Ok(Resolved {
@@ -103,6 +105,7 @@ impl Resolved {
         let models = Models::load(
             &self.models,
             self.tiny_vae.as_ref(),
+            s.decoder,
             llm.model(),
             device,
             dtype,

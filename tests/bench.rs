@@ -62,6 +62,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         "e2e.fast.one",
         "e2e.fast.batch2",
         "e2e.fast-taesd.one",
+        "e2e.fast-hybrid.one",
         "e2e.paper.one",
         "e2e.paper.batch2",
         "ops.input_pixels.dnd",

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
@@ -457,4 +458,90 @@ fn tiny_decoder_decodes_in_place_of_the_vae_and_is_part_of_the_key() {
     let file = line["synthetic"][0]["files"][0].as_str().unwrap();
     let img = image::open(home.path().join("out/dnd.sqlite.images").join(file)).unwrap();
     assert_eq!(img.width(), 32);
+}
+
+#[test]
+fn hybrid_decoder_ranks_the_tiny_decoders_images_and_shows_clip_the_vaes_of_the_top() {
+    let home = tempfile::tempdir().unwrap();
+    let llm = MockLlm::start(&[], None, Duration::ZERO);
+    let taesd = fixture_model("taesd_tiny");
+    let mut args = vec![
+        "--layer",
+        "layer4",
+        "--neurons",
+        "0",
+        "--format",
+        "json",
+        "--tiny-vae",
+        &taesd,
+        "--clip-top",
+        "3",
+        "--decoder",
+        "hybrid",
+    ];
+    let o = describe(home.path(), &llm.url(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let hybrid = json_lines(&out).remove(0);
+    assert_eq!(hybrid["models"]["tiny_vae"]["source"], taesd.as_str());
+    assert_eq!(hybrid["models"]["hybrid"], true);
+    let root = home.path().join("out/dnd.sqlite.images");
+    let width = |f: &serde_json::Value| {
+        let f = f.as_str().unwrap();
+        image::open(root.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .width()
+    };
+    // Every image the target ranked is the tiny decoder's (8x upsampling: 128 px); the VAE
+    // (2x: 32 px) decoded again exactly the overall top 3 by activation.
+    let sets = hybrid["synthetic"].as_array().unwrap();
+    let mut all = Vec::new();
+    let mut again = Vec::new();
+    for (c, set) in sets.iter().enumerate() {
+        let files = set["files"].as_array().unwrap();
+        assert!(files.iter().all(|f| width(f) == 128), "{set}");
+        for (i, a) in set["activations"].as_array().unwrap().iter().enumerate() {
+            all.push((a.as_f64().unwrap(), c, i));
+        }
+        for (i, f) in set
+            .get("vae_files")
+            .and_then(|v| v.as_object())
+            .into_iter()
+            .flatten()
+        {
+            let i: usize = i.parse().unwrap();
+            assert!(f.as_str().unwrap().ends_with(".vae.png"), "{f}");
+            assert_eq!(width(f), 32, "{f}");
+            assert!(files[i].as_str().unwrap() != f.as_str().unwrap());
+            again.push((c, i));
+        }
+    }
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut top: Vec<(usize, usize)> = all[..3].iter().map(|&(_, c, i)| (c, i)).collect();
+    top.sort();
+    again.sort();
+    assert_eq!(again, top, "{hybrid}");
+
+    // The tiny decoder alone is another setting (described again, not skipped): the same
+    // images ranked the same, but CLIP saw the tiny decoder's images, so weights differ.
+    args.pop();
+    args.push("tiny");
+    let o = describe(home.path(), &llm.url(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let tiny = json_lines(&out).remove(0);
+    assert!(tiny["models"].get("hybrid").is_none(), "{tiny}");
+    // `field` of each of `list`'s entries, by concept.
+    let by_concept = |d: &serde_json::Value, list: &str, field: &str| {
+        d[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["concept"].as_str().unwrap().to_string(), c[field].clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let acts = |d| by_concept(d, "synthetic", "activations");
+    let weights = |d| by_concept(d, "candidates", "weight");
+    assert_eq!(acts(&hybrid), acts(&tiny));
+    assert_ne!(weights(&hybrid), weights(&tiny));
 }

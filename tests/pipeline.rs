@@ -10,7 +10,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use common::llm::MockLlm;
 use common::{fixtures, resolve_fixture};
-use dnd::config::Secret;
+use dnd::config::{Decoder, Secret};
 use dnd::hub::Role;
 use dnd::pipeline::{self, Context, Event, Job, Models, Params, Stage};
 use dnd::probe::ProbeSet;
@@ -24,7 +24,15 @@ fn models() -> Models {
         resolve_fixture(Role::Synthesiser, "sd_tiny"),
         resolve_fixture(Role::Clip, "clip_tiny"),
     ];
-    Models::load(&resolved, None, "mock", &Device::Cpu, DType::F32).unwrap()
+    Models::load(
+        &resolved,
+        None,
+        Decoder::Vae,
+        "mock",
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
 }
 
 fn params() -> Params {

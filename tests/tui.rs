@@ -131,6 +131,7 @@ fn description(neuron: usize) -> Description {
             clip: id("clip"),
             llm: "gpt".into(),
             tiny_vae: None,
+            hybrid: false,
         },
         seed: 0,
         error: None,

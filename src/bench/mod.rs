@@ -18,10 +18,10 @@ use serde::Serialize;
 use crate::activations::{extract, ActivationCache, ExtractOptions, Pool};
 use crate::caption::{Blip, Generation};
 use crate::clip::ClipVision;
-use crate::config::{self, Preset, Settings, SettingsArgs};
+use crate::config::{self, Decoder, Preset, Settings, SettingsArgs};
 use crate::error::{Error, Result};
 use crate::hub::{Draw, ResolvedModel, Role};
-use crate::pipeline::{self, Job, ModelId, ModelIds, Models, Params};
+use crate::pipeline::{self, Decoding, Job, ModelId, ModelIds, Models, Params};
 use crate::probe::ProbeSet;
 use crate::store::Store;
 use crate::summarise::{BoxFuture, Llm, LlmError, Message};
@@ -118,9 +118,10 @@ pub fn run(
     b.synthesiser("sd-v1-4")?;
     b.clip()?;
     b.time_fused_ops()?;
-    b.end_to_end(Preset::Fast, false)?;
-    b.end_to_end(Preset::Fast, true)?;
-    b.end_to_end(Preset::Paper, false)?;
+    b.end_to_end(Preset::Fast, Decoder::Vae)?;
+    b.end_to_end(Preset::Fast, Decoder::Tiny)?;
+    b.end_to_end(Preset::Fast, Decoder::Hybrid)?;
+    b.end_to_end(Preset::Paper, Decoder::Vae)?;
     Ok(Report {
         rows: b.rows,
         ..Report::new(device, dtype, opts.quick)
@@ -679,11 +680,14 @@ impl Bench<'_> {
         Ok(config::load_with_env(Some(&empty), &args, &|_| None)?.settings)
     }
 
-    /// Seconds per neuron of the whole pipeline with the preset's models and parameters (and
-    /// the tiny decoder when `tiny`), the layer's activations already cached: one neuron
-    /// alone, then a batch.
-    fn end_to_end(&mut self, preset: Preset, tiny: bool) -> Result<()> {
-        let key = format!("e2e.{preset}{}", if tiny { "-taesd" } else { "" });
+    /// Seconds per neuron of the whole pipeline with the preset's models and parameters and
+    /// `decoder`, the layer's activations already cached: one neuron alone, then a batch.
+    fn end_to_end(&mut self, preset: Preset, decoder: Decoder) -> Result<()> {
+        let key = match decoder {
+            Decoder::Vae => format!("e2e.{preset}"),
+            Decoder::Tiny => format!("e2e.{preset}-taesd"),
+            Decoder::Hybrid => format!("e2e.{preset}-hybrid"),
+        };
         if !self.group(&key) {
             return Ok(());
         }
@@ -697,7 +701,7 @@ impl Bench<'_> {
             self.model(Role::Clip, "clip-vit-b16")?,
             self.model(Role::TinyVae, "taesd")?,
         ];
-        let tiny_vae = tiny.then_some(&resolved[3]);
+        let tiny_vae = (decoder != Decoder::Vae).then_some(&resolved[3]);
         let llm: Arc<dyn Llm> = Arc::new(MockLlm {
             calls: Default::default(),
             latency: self.opts.llm_latency,
@@ -707,9 +711,7 @@ impl Bench<'_> {
             captioner: Blip::load(&resolved[0], &self.device, self.dtype)?,
             synthesiser: StableDiffusion::load(&resolved[1], &self.device, self.dtype)?,
             clip: ClipVision::load(&resolved[2], &self.device, self.dtype)?,
-            tiny_vae: tiny_vae
-                .map(|m| TinyDecoder::load(m, &self.device, self.dtype))
-                .transpose()?,
+            decoding: Decoding::load(decoder, tiny_vae, &self.device, self.dtype)?,
             ids: ModelIds {
                 target: ModelId {
                     source: "resnet50 (random)".into(),
@@ -720,6 +722,7 @@ impl Bench<'_> {
                 clip: ModelId::of(&resolved[2]),
                 llm: llm.model().to_string(),
                 tiny_vae: tiny_vae.map(ModelId::of),
+                hybrid: decoder == Decoder::Hybrid,
             },
         };
         let settings = self.settings(preset)?;
@@ -792,7 +795,11 @@ impl Bench<'_> {
         // The layer's activation pass happens once per layer: done (and cached) before timing.
         described(job(1))?;
         stages.take();
-        let decoder = if tiny { "TAESD" } else { "VAE" };
+        let decoder = match decoder {
+            Decoder::Vae => "VAE",
+            Decoder::Tiny => "TAESD",
+            Decoder::Hybrid => "TAESD, the VAE for CLIP's top images",
+        };
         let llm = match self.opts.llm_latency.as_secs_f64() {
             0.0 => "an in-process LLM answering at once".to_string(),
             s => format!("an in-process LLM answering after {s} s"),
