@@ -463,8 +463,8 @@ settings! {
     llm_timeout: f64 = 60.0;
     /// Retries of an LLM call after 429, 5xx, timeouts and unusable answers [env: DND_LLM_RETRIES]
     llm_retries: u32 = 4;
-    /// LLM calls in flight at once [env: DND_LLM_CONCURRENCY]
-    llm_concurrency: usize = 8;
+    /// LLM calls in flight at once, at most (halved while the endpoint answers 429, grown back as it keeps up) [env: DND_LLM_CONCURRENCY]
+    llm_concurrency: usize = 32;
     /// Seconds before the first retry (doubled each time, with jitter) [env: DND_LLM_BACKOFF]
     llm_backoff: f64 = 1.0;
 }

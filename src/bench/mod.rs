@@ -24,6 +24,7 @@ use crate::hub::{Draw, ResolvedModel, Role};
 use crate::pipeline::{self, Decoding, Job, ModelId, ModelIds, Models, Params};
 use crate::probe::ProbeSet;
 use crate::store::Store;
+use crate::summarise::window::Window;
 use crate::summarise::{BoxFuture, Llm, LlmError, Message};
 use crate::synthesise::{Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{random_resnet_weights, ResNet, Target, Weights};
@@ -702,9 +703,11 @@ impl Bench<'_> {
             self.model(Role::TinyVae, "taesd")?,
         ];
         let tiny_vae = (decoder != Decoder::Vae).then_some(&resolved[3]);
+        let settings = self.settings(preset)?;
         let llm: Arc<dyn Llm> = Arc::new(MockLlm {
             calls: Default::default(),
             latency: self.opts.llm_latency,
+            window: Window::new(settings.llm_concurrency),
         });
         let models = Models {
             target: self.random_target()?,
@@ -725,7 +728,6 @@ impl Bench<'_> {
                 hybrid: decoder == Decoder::Hybrid,
             },
         };
-        let settings = self.settings(preset)?;
         let params = Params::from_settings(&settings, Pool::Mean)?;
         let probe = ProbeSet::open(&self.opts.work.join("probe"))?;
         let cache = ActivationCache::new(&self.opts.work.join("cache"));
@@ -802,7 +804,10 @@ impl Bench<'_> {
         };
         let llm = match self.opts.llm_latency.as_secs_f64() {
             0.0 => "an in-process LLM answering at once".to_string(),
-            s => format!("an in-process LLM answering after {s} s"),
+            s => format!(
+                "an in-process LLM answering after {s} s, {} calls at once",
+                settings.llm_concurrency
+            ),
         };
         let note = format!(
             "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); {llm}",
@@ -954,12 +959,13 @@ fn probe_images(dir: &Path, n: usize) -> Result<()> {
 
 /// The LLM of the end-to-end runs: answers every prompt after `latency` (by default at once,
 /// so the figures are the models' time; with a latency, what the pipeline leaves of it
-/// unhidden). Every answer is a concept no other call got, so that each neuron has the
+/// unhidden), at most `llm_concurrency` at once as the endpoint client. Every answer is a concept no other call got, so that each neuron has the
 /// reference's five distinct candidates (none that METHOD's clean-up would merge or extend
 /// with a "background" one), and the work timed is the reference's 5 x Q images.
 struct MockLlm {
     calls: std::sync::atomic::AtomicUsize,
     latency: Duration,
+    window: Window,
 }
 
 impl Llm for MockLlm {
@@ -985,6 +991,7 @@ impl Llm for MockLlm {
         let latency = self.latency;
         Box::pin(async move {
             if !latency.is_zero() {
+                let _slot = self.window.enter().await.map_err(|_| LlmError::Cancelled)?;
                 tokio::time::sleep(latency).await;
             }
             on_text(&text);

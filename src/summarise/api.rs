@@ -17,8 +17,8 @@ use async_openai::types::chat::{
 };
 use async_openai::Client;
 use rand::Rng;
-use tokio::sync::Semaphore;
 
+use super::window::Window;
 use super::{BoxFuture, Llm, LlmError, Message, Speaker};
 use crate::config::Secret;
 
@@ -36,7 +36,7 @@ pub struct ApiOptions {
     pub retries: u32,
     /// First backoff; doubled per attempt, with jitter, capped at 30 s.
     pub backoff: Duration,
-    /// Calls in flight at once.
+    /// Calls in flight at once, at most: fewer for a while after a rate-limit answer.
     pub concurrency: usize,
 }
 
@@ -52,7 +52,7 @@ struct Transient {
 pub struct ApiLlm {
     client: Client<OpenAIConfig>,
     opts: ApiOptions,
-    slots: Semaphore,
+    window: Window,
 }
 
 /// What one attempt came to.
@@ -138,7 +138,7 @@ impl ApiLlm {
         config = config.with_api_key(opts.api_key.expose().unwrap_or(""));
         Ok(Self {
             client: Client::with_config(config).with_http_service(transport),
-            slots: Semaphore::new(opts.concurrency.max(1)),
+            window: Window::new(opts.concurrency),
             opts,
         })
     }
@@ -168,9 +168,9 @@ impl ApiLlm {
 
     async fn attempt(&self, req: &CreateChatCompletionRequest) -> Result<String, Attempt> {
         let url = &self.opts.url;
-        let _slot = self
-            .slots
-            .acquire()
+        let slot = self
+            .window
+            .enter()
             .await
             .map_err(|_| Attempt::Fatal(LlmError::Cancelled))?;
         let chat = self.client.chat();
@@ -202,21 +202,32 @@ impl ApiLlm {
                         after: None,
                     });
                 }
+                slot.answered();
                 return Ok(text);
             }
             Err(e) => e,
         };
         Err(match error {
             OpenAIError::Boxed(b) => match b.downcast::<Transient>() {
-                Ok(t) => Attempt::Retry {
-                    after: t.retry_after,
-                    error: LlmError::Busy {
-                        url: url.clone(),
-                        status: t.status,
-                        attempts: 0,
-                        message: t.body,
-                    },
-                },
+                Ok(t) => {
+                    if t.status == 429 {
+                        if let Some(size) = slot.rate_limited() {
+                            tracing::warn!(
+                                "the LLM endpoint {url} is rate-limiting: at most {size} calls in flight for now (of --llm-concurrency {})",
+                                self.opts.concurrency
+                            );
+                        }
+                    }
+                    Attempt::Retry {
+                        after: t.retry_after,
+                        error: LlmError::Busy {
+                            url: url.clone(),
+                            status: t.status,
+                            attempts: 0,
+                            message: t.body,
+                        },
+                    }
+                }
                 Err(other) => Attempt::Retry {
                     error: self.unreachable(other.to_string()),
                     after: None,

@@ -8,6 +8,7 @@
 
 mod api;
 mod local;
+pub(crate) mod window;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -99,7 +99,8 @@ fi
 OUT=$RES part torch_same_shapes 90 python3 "$HERE/torch_same_shapes.py"
 # MODELS=row,row,... narrows this part (a second call that measures what changed).
 bench $V bench-models 200 --runs 5 --budget 10 --only "${MODELS:-ops,resnet50,blip-large.vision,blip-large.captions,sd-turbo.unet,sd-turbo.vae,taesd,sd-v1-4.unet,sd-v1-4.vae,clip,sd-turbo.generate.steps1,sd-turbo.generate.steps4}"
-bench $V bench-e2e-fast 120 --runs 3 --budget 20 --neurons 8 --only e2e.fast
+# The fast preset with the VAE, TAESD, and TAESD with the VAE for CLIP's top (--decoder hybrid).
+bench $V bench-e2e-fast 150 --runs 2 --budget 20 --neurons 8 --only e2e.fast
 # f32 (TF32 where cuDNN and cuBLAS take it), beside PyTorch's f32 row.
 bench $V bench-f32 60 --runs 5 --budget 5 --dtype f32 --only resnet50.forward,clip
 # Before/after of each lever on the rows they touch: candle's own path, then our kernels with
