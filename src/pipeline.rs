@@ -3,10 +3,11 @@
 //! reported as typed [`Event`]s.
 //!
 //! Neurons go through in waves. The model work of a wave is batched across its neurons; the
-//! LLM calls of wave n run on the async runtime while the models work on wave n+1. The run
-//! can be cancelled between any two batches; finished neurons are already stored.
+//! LLM calls of wave n run on the async runtime while the models work on the waves after it
+//! (up to three waves wait for answers). The run can be cancelled between any two batches;
+//! finished neurons are already stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -588,20 +589,44 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         key,
     };
 
-    let mut pending: Option<(Vec<Neuron>, LlmTask)> = None;
-    for wave in todo.chunks(job.params.batches.neurons.max(1)) {
-        check(ctx.cancel)?;
-        let ready = runner.images_and_captions(&acts, wave)?;
-        let task = runner.spawn_concepts(&ready);
-        if let Some((prev, prev_task)) = pending.take() {
-            runner.finish(prev, prev_task, &mut summary)?;
+    // Waves go through stage A (images, crops, captions), then wait for their LLM answers
+    // before stage B (synthesis, scores), in order. While the oldest wave's answers are not in,
+    // the models do the next wave's stage A rather than wait, up to MAX_WAITING waves: a slow
+    // endpoint is then hidden behind that many waves of model work, not one.
+    const MAX_WAITING: usize = 3;
+    let mut waves = todo.chunks(job.params.batches.neurons.max(1));
+    let mut waiting = Waiting(VecDeque::new());
+    loop {
+        let answered = waiting
+            .0
+            .front()
+            .is_some_and(|(_, task)| task.is_finished());
+        if !answered && waiting.0.len() < MAX_WAITING {
+            if let Some(wave) = waves.next() {
+                check(ctx.cancel)?;
+                let ready = runner.images_and_captions(&acts, wave)?;
+                let task = runner.spawn_concepts(&ready);
+                waiting.0.push_back((ready, task));
+                continue;
+            }
         }
-        pending = Some((ready, task));
+        match waiting.0.pop_front() {
+            Some((wave, task)) => runner.finish(wave, task, &mut summary)?,
+            None => return Ok(summary),
+        }
     }
-    if let Some((prev, prev_task)) = pending {
-        runner.finish(prev, prev_task, &mut summary)?;
+}
+
+/// Waves waiting for their LLM answers, oldest first. A run that ends early (cancelled, or a
+/// model error) stops their calls.
+struct Waiting(VecDeque<(Vec<Neuron>, LlmTask)>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        for (_, task) in &self.0 {
+            task.abort();
+        }
     }
-    Ok(summary)
 }
 
 /// Per neuron of a wave: its concepts or why there are none, and the seconds it took.

@@ -168,6 +168,32 @@ fn llm_of_one_wave_overlaps_model_work_of_the_next() {
 }
 
 #[test]
+fn a_slow_llm_is_hidden_behind_more_waves_of_model_work() {
+    // Each answer takes 0.8 s and a neuron's concepts take two rounds of calls: far longer
+    // than the tiny models' stage A. So the models prepare the next waves (up to three waiting)
+    // before the first wave's answers are in.
+    let cancel = AtomicBool::new(false);
+    let mut log = Vec::new();
+    let (r, _) = run(vec![0, 1, 2, 3], Duration::from_millis(800), &cancel, |e| {
+        log.push(e.clone())
+    });
+    assert_eq!(r.unwrap().described, vec![0, 1, 2, 3]);
+    let pos = |f: &dyn Fn(&Event) -> bool| log.iter().position(f).unwrap();
+    let started = |n: usize, s: Stage| {
+        pos(&|e| matches!(e, Event::StageStarted { neuron, stage } if *neuron == n && *stage == s))
+    };
+    let finished = |n: usize| pos(&|e| matches!(e, Event::Finished { neuron, .. } if *neuron == n));
+    assert!(
+        started(2, Stage::Captions) < finished(0),
+        "neuron 2's captions should run while neuron 0 waits for the LLM"
+    );
+    // Three waves at most wait for answers: the fourth's stage A comes after the first is done.
+    assert!(started(3, Stage::Crops) > finished(0));
+    // Waves still finish in order.
+    assert!(finished(0) < finished(1) && finished(1) < finished(2) && finished(2) < finished(3));
+}
+
+#[test]
 fn cancelling_stops_between_batches_and_keeps_finished_neurons() {
     let cancel = AtomicBool::new(false);
     let (r, store) = run(vec![0, 1, 2, 3], Duration::from_millis(200), &cancel, |e| {
