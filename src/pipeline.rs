@@ -590,9 +590,10 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
     };
 
     // Waves go through stage A (images, crops, captions), then wait for their LLM answers
-    // before stage B (synthesis, scores), in order. While the oldest wave's answers are not in,
-    // the models do the next wave's stage A rather than wait, up to MAX_WAITING waves: a slow
-    // endpoint is then hidden behind that many waves of model work, not one.
+    // before stage B (synthesis, scores), in order. A wave's stage B starts only once the next
+    // wave's stage A is done, so that wave's LLM calls run during it; and while the oldest
+    // wave's answers are not in, the models do further waves' stage A rather than wait, up to
+    // MAX_WAITING waves, so a slow endpoint hides behind more than one wave of model work.
     const MAX_WAITING: usize = 3;
     let mut waves = todo.chunks(job.params.batches.neurons.max(1));
     let mut waiting = Waiting(VecDeque::new());
@@ -601,7 +602,7 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
             .0
             .front()
             .is_some_and(|(_, task)| task.is_finished());
-        if !answered && waiting.0.len() < MAX_WAITING {
+        if waiting.0.len() < 2 || (!answered && waiting.0.len() < MAX_WAITING) {
             if let Some(wave) = waves.next() {
                 check(ctx.cancel)?;
                 let ready = runner.images_and_captions(&acts, wave)?;
