@@ -29,7 +29,9 @@ use crate::hub::ResolvedModel;
 use crate::probe::{self, ProbeSet};
 use crate::score::{self, RankScore};
 use crate::store::{Row, Status, Store};
-use crate::summarise::{self, Call, ConceptEvent, ConceptOptions, Concepts, Llm, Summariser};
+use crate::summarise::{
+    self, Call, ConceptEvent, ConceptOptions, Concepts, InFlight, Llm, Summariser,
+};
 use crate::synthesise::{Kind, Sampling, StableDiffusion, TinyDecoder};
 use crate::target::{LayerKind, Target};
 
@@ -587,6 +589,7 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         job,
         layer,
         key,
+        in_flight: Arc::default(),
     };
 
     // Waves go through stage A (images, crops, captions), then wait for their LLM answers
@@ -639,6 +642,8 @@ struct Runner<'a> {
     job: &'a Job,
     layer: usize,
     key: String,
+    /// The LLM prompts of the run being asked now (waves overlap).
+    in_flight: Arc<InFlight>,
 }
 
 impl Runner<'_> {
@@ -946,10 +951,12 @@ impl Runner<'_> {
                 stage: Stage::Concepts,
             });
         }
+        let in_flight = self.in_flight.clone();
         self.ctx.runtime.spawn(async move {
             let s = Summariser {
                 llm: &*llm,
                 cache: &*store,
+                in_flight: &in_flight,
             };
             let calls = jobs.iter().map(|(n, captions)| {
                 let events = events.clone();

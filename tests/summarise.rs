@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use common::llm::{Fault, MockLlm};
 use dnd::config::Secret;
 use dnd::summarise::{
-    self, AnswerCache, ApiLlm, ApiOptions, ConceptEvent, ConceptOptions, Llm, LlmError, Summariser,
+    self, AnswerCache, ApiLlm, ApiOptions, ConceptEvent, ConceptOptions, InFlight, Llm, LlmError,
+    Summariser,
 };
 
 fn api(url: String, retries: u32) -> ApiLlm {
@@ -121,9 +122,11 @@ fn concepts_are_cleaned_and_answers_cached() {
     let mock = MockLlm::start(&[], None, Duration::ZERO);
     let llm = api(mock.url(), 0);
     let cache = MemoryCache::default();
+    let in_flight = InFlight::default();
     let s = Summariser {
         llm: &llm,
         cache: &cache,
+        in_flight: &in_flight,
     };
     let captions: Vec<String> = [
         "a red car on a road",
@@ -166,4 +169,45 @@ fn concepts_are_cleaned_and_answers_cached() {
     let second = block_on(summarise::concepts(&s, &captions, &opts, &|_| {})).unwrap();
     assert_eq!(second, first);
     assert_eq!(mock.requests(), asked, "a rerun asks nothing");
+}
+
+#[test]
+fn a_prompt_asked_again_while_in_flight_waits_for_that_answer() {
+    let prompt = summarise::simplify_prompt("a dog on grass");
+    let asked = |mock: &MockLlm, callers: usize| {
+        let llm = api(mock.url(), 0);
+        let cache = MemoryCache::default();
+        let in_flight = InFlight::default();
+        let s = Summariser {
+            llm: &llm,
+            cache: &cache,
+            in_flight: &in_flight,
+        };
+        let seen = Mutex::new(Vec::new());
+        let on_text = |t: &str| seen.lock().unwrap().push(t.to_string());
+        let answers = block_on(futures::future::join_all(
+            (0..callers).map(|_| s.ask(&prompt, 0.3, &on_text)),
+        ));
+        (answers, seen.into_inner().unwrap())
+    };
+    // Three at once: one call, three answers, each streamed to its caller.
+    let mock = MockLlm::start(&[], None, Duration::from_millis(200));
+    let (answers, seen) = asked(&mock, 3);
+    assert_eq!(mock.requests(), 1);
+    let first = answers[0].as_ref().unwrap();
+    assert!(answers.iter().all(|a| a.as_ref().ok() == Some(first)));
+    assert_eq!(seen, vec![first.clone(); 3]);
+    // The first call refused: the one waiting asks in its turn and gets its answer.
+    let mock = MockLlm::start(
+        &[(0, Fault::Unauthorized)],
+        None,
+        Duration::from_millis(200),
+    );
+    let (answers, _) = asked(&mock, 2);
+    assert_eq!(mock.requests(), 2);
+    assert!(
+        matches!(answers[0], Err(LlmError::Refused { .. })),
+        "{answers:?}"
+    );
+    assert!(answers[1].is_ok(), "{answers:?}");
 }

@@ -10,8 +10,11 @@ mod api;
 mod local;
 pub(crate) mod window;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -179,24 +182,63 @@ pub enum ConceptEvent {
 pub struct Summariser<'a> {
     pub llm: &'a dyn Llm,
     pub cache: &'a dyn AnswerCache,
+    pub in_flight: &'a InFlight,
+}
+
+/// Prompts being asked and not yet answered, shared by the summarisers of one run: a prompt
+/// asked again meanwhile (a caption two neurons share, or one in two waves in flight) waits
+/// for the first call's answer, as it would find it in the cache a moment later, instead of
+/// paying for a second call. When that call fails, a waiting one asks in its turn.
+#[derive(Default)]
+pub struct InFlight(std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<String>>>>);
+
+impl InFlight {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::OnceCell<String>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Summariser<'_> {
-    /// One answer, from the cache when this exact prompt was asked of this model before.
+    /// One answer, from the cache when this exact prompt was asked of this model before, or
+    /// from the call asking it now.
     pub async fn ask(
         &self,
         messages: &[Message],
         temperature: f32,
         on_text: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<String, LlmError> {
+        let model = self.llm.model();
         let key =
             serde_json::json!({ "messages": messages, "temperature": temperature }).to_string();
-        if let Some(hit) = self.cache.get(self.llm.model(), &key) {
+        if let Some(hit) = self.cache.get(model, &key) {
             on_text(&hit);
             return Ok(hit);
         }
-        let answer = self.llm.chat(messages, temperature, on_text).await?;
-        self.cache.put(self.llm.model(), &key, &answer);
+        let slot = format!("{model}\n{key}");
+        let cell = self
+            .in_flight
+            .map()
+            .entry(slot.clone())
+            .or_default()
+            .clone();
+        let asked = AtomicBool::new(false);
+        let answer = cell
+            .get_or_try_init(|| async {
+                asked.store(true, Ordering::Relaxed);
+                let answer = self.llm.chat(messages, temperature, on_text).await?;
+                self.cache.put(model, &key, &answer);
+                Ok::<_, LlmError>(answer)
+            })
+            .await?
+            .clone();
+        if asked.load(Ordering::Relaxed) {
+            // Answered and cached: later askers find it there.
+            self.in_flight.map().remove(&slot);
+        } else {
+            on_text(&answer);
+        }
         Ok(answer)
     }
 }
