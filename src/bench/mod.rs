@@ -959,9 +959,10 @@ fn probe_images(dir: &Path, n: usize) -> Result<()> {
 
 /// The LLM of the end-to-end runs: answers every prompt after `latency` (by default at once,
 /// so the figures are the models' time; with a latency, what the pipeline leaves of it
-/// unhidden), at most `llm_concurrency` at once as the endpoint client. Every answer is a concept no other call got, so that each neuron has the
-/// reference's five distinct candidates (none that METHOD's clean-up would merge or extend
-/// with a "background" one), and the work timed is the reference's 5 x Q images.
+/// unhidden), at most `llm_concurrency` at once, as the endpoint client. Every answer is a
+/// concept no other call got, so that each neuron has the reference's five distinct
+/// candidates (none that METHOD's clean-up would merge or extend with a "background" one),
+/// and the work timed is the reference's 5 x Q images.
 struct MockLlm {
     calls: std::sync::atomic::AtomicUsize,
     latency: Duration,
