@@ -423,37 +423,33 @@ fn kill_mid_batch_then_rerun_loses_and_duplicates_nothing() {
         .all(|r| r.status == Status::Described && r.label.is_some()));
 }
 
+/// Neuron 0 of layer4 described with `extra` flags: its JSON line.
+fn describe_neuron_0(home: &Path, llm: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--layer", "layer4", "--neurons", "0", "--format", "json"];
+    args.extend_from_slice(extra);
+    let o = describe(home, llm, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    json_lines(&out).remove(0)
+}
+
 #[test]
 fn tiny_decoder_decodes_in_place_of_the_vae_and_is_part_of_the_key() {
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     let taesd = fixture_model("taesd_tiny");
-    let args = [
-        "--layer",
-        "layer4",
-        "--neurons",
-        "0",
-        "--format",
-        "json",
-        "--decoder",
-        "tiny",
-        "--tiny-vae",
-        &taesd,
-    ];
-    let o = describe(home.path(), &llm.url(), &args);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let line = &json_lines(&out)[0];
+    let line = describe_neuron_0(
+        home.path(),
+        &llm.url(),
+        &["--decoder", "tiny", "--tiny-vae", &taesd],
+    );
     assert_eq!(line["models"]["tiny_vae"]["source"], taesd.as_str());
     // The tiny decoder upsamples 8x where the fixture's VAE does 2x: its images are its own.
     let file = line["synthetic"][0]["files"][0].as_str().unwrap();
     let img = image::open(home.path().join("out/dnd.sqlite.images").join(file)).unwrap();
     assert_eq!(img.width(), 128, "{file}");
     // The same neuron with the VAE is another setting: described again, not skipped.
-    let o = describe(home.path(), &llm.url(), &args[..6]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let line = &json_lines(&out)[0];
+    let line = describe_neuron_0(home.path(), &llm.url(), &[]);
     assert!(line["models"].get("tiny_vae").is_none(), "{line}");
     let file = line["synthetic"][0]["files"][0].as_str().unwrap();
     let img = image::open(home.path().join("out/dnd.sqlite.images").join(file)).unwrap();
@@ -465,24 +461,17 @@ fn hybrid_decoder_ranks_the_tiny_decoders_images_and_shows_clip_the_vaes_of_the_
     let home = tempfile::tempdir().unwrap();
     let llm = MockLlm::start(&[], None, Duration::ZERO);
     let taesd = fixture_model("taesd_tiny");
-    let mut args = vec![
-        "--layer",
-        "layer4",
-        "--neurons",
-        "0",
-        "--format",
-        "json",
-        "--tiny-vae",
-        &taesd,
-        "--clip-top",
-        "3",
-        "--decoder",
-        "hybrid",
-    ];
-    let o = describe(home.path(), &llm.url(), &args);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let hybrid = json_lines(&out).remove(0);
+    let flags = |decoder| {
+        [
+            "--tiny-vae",
+            &taesd,
+            "--clip-top",
+            "3",
+            "--decoder",
+            decoder,
+        ]
+    };
+    let hybrid = describe_neuron_0(home.path(), &llm.url(), &flags("hybrid"));
     assert_eq!(hybrid["models"]["tiny_vae"]["source"], taesd.as_str());
     assert_eq!(hybrid["models"]["hybrid"], true);
     let root = home.path().join("out/dnd.sqlite.images");
@@ -524,12 +513,7 @@ fn hybrid_decoder_ranks_the_tiny_decoders_images_and_shows_clip_the_vaes_of_the_
 
     // The tiny decoder alone is another setting (described again, not skipped): the same
     // images ranked the same, but CLIP saw the tiny decoder's images, so weights differ.
-    args.pop();
-    args.push("tiny");
-    let o = describe(home.path(), &llm.url(), &args);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let tiny = json_lines(&out).remove(0);
+    let tiny = describe_neuron_0(home.path(), &llm.url(), &flags("tiny"));
     assert!(tiny["models"].get("hybrid").is_none(), "{tiny}");
     // `field` of each of `list`'s entries, by concept.
     let by_concept = |d: &serde_json::Value, list: &str, field: &str| {

@@ -44,6 +44,32 @@ impl AnswerCache for MemoryCache {
     }
 }
 
+/// What a summariser borrows: the endpoint at `url` (no retries), an empty cache, no prompt
+/// in flight.
+struct Parts {
+    llm: ApiLlm,
+    cache: MemoryCache,
+    in_flight: InFlight,
+}
+
+impl Parts {
+    fn new(url: String) -> Self {
+        Self {
+            llm: api(url, 0),
+            cache: MemoryCache::default(),
+            in_flight: InFlight::default(),
+        }
+    }
+
+    fn summariser(&self) -> Summariser<'_> {
+        Summariser {
+            llm: &self.llm,
+            cache: &self.cache,
+            in_flight: &self.in_flight,
+        }
+    }
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Runtime::new().unwrap().block_on(f)
 }
@@ -120,14 +146,8 @@ fn failures_say_what_to_fix_and_only_transient_ones_are_retried() {
 #[test]
 fn concepts_are_cleaned_and_answers_cached() {
     let mock = MockLlm::start(&[], None, Duration::ZERO);
-    let llm = api(mock.url(), 0);
-    let cache = MemoryCache::default();
-    let in_flight = InFlight::default();
-    let s = Summariser {
-        llm: &llm,
-        cache: &cache,
-        in_flight: &in_flight,
-    };
+    let parts = Parts::new(mock.url());
+    let s = parts.summariser();
     let captions: Vec<String> = [
         "a red car on a road",
         "a striped shirt",
@@ -175,14 +195,8 @@ fn concepts_are_cleaned_and_answers_cached() {
 fn a_prompt_asked_again_while_in_flight_waits_for_that_answer() {
     let prompt = summarise::simplify_prompt("a dog on grass");
     let asked = |mock: &MockLlm, callers: usize| {
-        let llm = api(mock.url(), 0);
-        let cache = MemoryCache::default();
-        let in_flight = InFlight::default();
-        let s = Summariser {
-            llm: &llm,
-            cache: &cache,
-            in_flight: &in_flight,
-        };
+        let parts = Parts::new(mock.url());
+        let s = parts.summariser();
         let seen = Mutex::new(Vec::new());
         let on_text = |t: &str| seen.lock().unwrap().push(t.to_string());
         let answers = block_on(futures::future::join_all(
