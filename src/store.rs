@@ -230,12 +230,39 @@ impl Store {
 
     /// Writes `img` as PNG at `rel` under [`Store::images_root`], atomically (temp + rename).
     pub fn save_image(&self, rel: &Path, img: &image::RgbImage) -> Result<()> {
+        self.write_image(rel, |tmp| {
+            img.save_with_format(tmp, image::ImageFormat::Png)
+                .map_err(|e| self.error(format!("cannot write {}: {e}", tmp.display())))
+        })
+    }
+
+    /// Copies the image at `from` to `to` (both relative to [`Store::images_root`]), atomically
+    /// as [`Store::save_image`] writes.
+    pub fn copy_image(&self, from: &Path, to: &Path) -> Result<()> {
+        let src = self.images.join(from);
+        self.write_image(to, |tmp| {
+            std::fs::copy(&src, tmp)
+                .map(drop)
+                .map_err(|e| Error::io(&src, e))
+        })
+    }
+
+    /// Reads back an image written under [`Store::images_root`].
+    pub fn load_image(&self, rel: &Path) -> Result<image::RgbImage> {
+        let path = self.images.join(rel);
+        image::open(&path)
+            .map(|i| i.into_rgb8())
+            .map_err(|e| self.error(format!("cannot read {}: {e}", path.display())))
+    }
+
+    /// Creates `rel`'s folder, has `write` fill a temporary file beside it, then renames that
+    /// into place, so a reader never sees half an image.
+    fn write_image(&self, rel: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let path = self.images.join(rel);
         let dir = path.parent().expect("image paths have a folder");
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tmp = path.with_extension("png.tmp");
-        img.save_with_format(&tmp, image::ImageFormat::Png)
-            .map_err(|e| self.error(format!("cannot write {}: {e}", tmp.display())))?;
+        write(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
