@@ -156,6 +156,12 @@ pub(crate) fn describe(
         started.elapsed().as_secs_f64(),
         store.path().display()
     );
+    if summary.images_reused > 0 {
+        eprintln!(
+            "{} synthetic images generated, {} copied from those of a concept already made in this run",
+            summary.images_made, summary.images_reused
+        );
+    }
     if !summary.failed.is_empty() {
         bail!(
             "{} neuron(s) failed: {:?} (reasons above). Rerun the same command to retry them; described neurons are kept",

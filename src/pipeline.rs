@@ -7,10 +7,10 @@
 //! (up to three waves wait for answers). The run can be cancelled between any two batches;
 //! finished neurons are already stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -480,6 +480,11 @@ pub struct Summary {
     pub described: Vec<usize>,
     pub failed: Vec<usize>,
     pub skipped: Vec<usize>,
+    /// Synthetic images generated.
+    pub images_made: usize,
+    /// Synthetic images copied from those made for the same concept earlier in the job,
+    /// rather than generated again.
+    pub images_reused: usize,
 }
 
 /// What a run needs besides the job.
@@ -590,6 +595,7 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         layer,
         key,
         in_flight: Arc::default(),
+        gallery: Mutex::new(lru::LruCache::new(GALLERY_PROMPTS)),
     };
 
     // Waves go through stage A (images, crops, captions), then wait for their LLM answers
@@ -644,6 +650,20 @@ struct Runner<'a> {
     key: String,
     /// The LLM prompts of the run being asked now (waves overlap).
     in_flight: Arc<InFlight>,
+    /// The synthetic images this run has made, by prompt, the most recently used kept.
+    gallery: Mutex<lru::LruCache<String, Made>>,
+}
+
+/// How many prompts' images a run remembers for reuse. Only their file names, or with
+/// `--decoder hybrid` also their latents: 0.3 MB of device memory a prompt at 512 px in f16.
+const GALLERY_PROMPTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
+
+/// One prompt's synthetic images as first made in a run: their files (relative to the store's
+/// images) and, with `--decoder hybrid`, their latents on the device.
+#[derive(Clone)]
+struct Made {
+    files: Vec<String>,
+    latents: Vec<Tensor>,
 }
 
 impl Runner<'_> {
@@ -1030,7 +1050,7 @@ impl Runner<'_> {
         if ready.is_empty() {
             return Ok(());
         }
-        let (sets, secs) = self.synthesise(&ready)?;
+        let (sets, secs) = self.synthesise(&ready, summary)?;
         for (nr, _) in &mut ready {
             nr.timings.insert(Stage::Synthesis.name().into(), secs);
         }
@@ -1122,20 +1142,24 @@ impl Runner<'_> {
     }
 
     /// Q images per candidate of every neuron of the wave, batched across neurons. Every
-    /// candidate starts from the same seeded noise, so candidates differ only by prompt.
-    fn synthesise(&self, ready: &[(Neuron, Concepts)]) -> Result<(Vec<Vec<Synthesised>>, f64)> {
+    /// candidate starts from the same seeded noise, so candidates differ only by prompt, and a
+    /// prompt gives the same images whichever neuron asks: a concept already made in this run
+    /// (neurons of a layer can share one) takes copies of those images rather than going
+    /// through Stable Diffusion again. Both are counted in `summary`.
+    fn synthesise(
+        &self,
+        ready: &[(Neuron, Concepts)],
+        summary: &mut Summary,
+    ) -> Result<(Vec<Vec<Synthesised>>, f64)> {
         let p = self.params();
+        let q = p.images_per_concept;
         let ids: Vec<usize> = ready.iter().map(|(n, _)| n.n).collect();
-        let sd = &self.ctx.models.synthesiser;
         let (sets, secs) = self.timed(&ids, Stage::Synthesis, || {
-            let q = p.images_per_concept;
-            let noise = sd.noise(q, &p.sampling)?;
-            // (wave index, candidate index, image index) of every image to make.
-            let items: Vec<(usize, usize, usize)> = ready
+            let prompts: Vec<Vec<String>> = ready
                 .iter()
-                .enumerate()
-                .flat_map(|(w, (_, c))| {
-                    (0..c.candidates.len()).flat_map(move |ci| (0..q).map(move |j| (w, ci, j)))
+                .map(|(_, c)| {
+                    let fill = |concept: &String| p.prompt.replace("{}", concept);
+                    c.candidates.iter().map(fill).collect()
                 })
                 .collect();
             let mut sets: Vec<Vec<Synthesised>> = ready
@@ -1156,41 +1180,45 @@ impl Runner<'_> {
                         .collect()
                 })
                 .collect();
-            for chunk in items.chunks(p.batches.synthesis.max(1)) {
-                check(self.ctx.cancel)?;
-                let prompts: Vec<String> = chunk
-                    .iter()
-                    .map(|&(w, ci, _)| p.prompt.replace("{}", &ready[w].1.candidates[ci]))
-                    .collect();
-                let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let rows: Vec<Tensor> = chunk
-                    .iter()
-                    .map(|&(_, _, j)| noise.narrow(0, j, 1))
-                    .collect::<candle_core::Result<_>>()?;
-                let latents = Tensor::cat(&rows, 0)?;
-                let mut sched = sd.scheduler(&p.sampling)?;
-                let out = sd.denoise(&latents, &prompt_refs, &mut sched, p.sampling.guidance)?;
-                let images = crate::synthesise::to_rgb(&self.ctx.models.decode_on_device(&out)?)?;
-                let files: Vec<PathBuf> = chunk
-                    .iter()
-                    .map(|&(w, ci, j)| {
-                        self.neuron_dir(ready[w].0.n)
-                            .join("synthetic")
-                            .join(format!("{ci}_{j:02}.png"))
-                    })
-                    .collect();
-                self.save_images(&files, &images)?;
-                let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
-                for (i, ((&(w, ci, _), img), file)) in
-                    chunk.iter().zip(images).zip(files).enumerate()
-                {
-                    let s = &mut sets[w][ci];
-                    s.set.files.push(file.to_string_lossy().into_owned());
-                    s.images.push(img);
-                    if hybrid {
-                        s.latents.push(out.narrow(0, i, 1)?);
+            // Each (wave index, candidate index) is made here, recalled from an earlier wave,
+            // or repeats a candidate of this wave with the same prompt (`repeats`: to, from).
+            let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
+            let (mut to_make, mut repeats) = (Vec::new(), Vec::new());
+            for (w, ps) in prompts.iter().enumerate() {
+                for (ci, prompt) in ps.iter().enumerate() {
+                    if let Some(&from) = first.get(prompt.as_str()) {
+                        repeats.push(((w, ci), from));
+                    } else {
+                        first.insert(prompt, (w, ci));
+                        if self.recall(prompt, ready[w].0.n, ci, &mut sets[w][ci])? {
+                            summary.images_reused += q;
+                        } else {
+                            to_make.push((w, ci));
+                        }
                     }
                 }
+            }
+            self.make(ready, &prompts, &to_make, &mut sets)?;
+            summary.images_made += to_make.len() * q;
+            let mut gallery = self.gallery.lock().unwrap_or_else(|e| e.into_inner());
+            for &(w, ci) in &to_make {
+                let s = &sets[w][ci];
+                let made = Made {
+                    files: s.set.files.clone(),
+                    latents: s.latents.clone(),
+                };
+                gallery.put(prompts[w][ci].clone(), made);
+            }
+            drop(gallery);
+            for &((w, ci), (w0, ci0)) in &repeats {
+                let from = &sets[w0][ci0];
+                let (files, images, latents) = (
+                    from.set.files.clone(),
+                    from.images.clone(),
+                    from.latents.clone(),
+                );
+                self.take_copies(&mut sets[w][ci], ready[w].0.n, ci, &files, images, latents)?;
+                summary.images_reused += q;
             }
             Ok(sets)
         })?;
@@ -1204,6 +1232,125 @@ impl Runner<'_> {
             }
         }
         Ok((sets, secs))
+    }
+
+    /// Runs Stable Diffusion for the candidates `to_make` (wave index, candidate index) of the
+    /// wave, in batches across neurons, and saves their images.
+    fn make(
+        &self,
+        ready: &[(Neuron, Concepts)],
+        prompts: &[Vec<String>],
+        to_make: &[(usize, usize)],
+        sets: &mut [Vec<Synthesised>],
+    ) -> Result<()> {
+        let p = self.params();
+        let q = p.images_per_concept;
+        let sd = &self.ctx.models.synthesiser;
+        let noise = sd.noise(q, &p.sampling)?;
+        // (wave index, candidate index, image index) of every image to make.
+        let items: Vec<(usize, usize, usize)> = to_make
+            .iter()
+            .flat_map(|&(w, ci)| (0..q).map(move |j| (w, ci, j)))
+            .collect();
+        let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
+        for chunk in items.chunks(p.batches.synthesis.max(1)) {
+            check(self.ctx.cancel)?;
+            let prompt_refs: Vec<&str> = chunk
+                .iter()
+                .map(|&(w, ci, _)| prompts[w][ci].as_str())
+                .collect();
+            let rows: Vec<Tensor> = chunk
+                .iter()
+                .map(|&(_, _, j)| noise.narrow(0, j, 1))
+                .collect::<candle_core::Result<_>>()?;
+            let latents = Tensor::cat(&rows, 0)?;
+            let mut sched = sd.scheduler(&p.sampling)?;
+            let out = sd.denoise(&latents, &prompt_refs, &mut sched, p.sampling.guidance)?;
+            let images = crate::synthesise::to_rgb(&self.ctx.models.decode_on_device(&out)?)?;
+            let files: Vec<PathBuf> = chunk
+                .iter()
+                .map(|&(w, ci, j)| self.synthetic_file(ready[w].0.n, ci, j))
+                .collect();
+            self.save_images(&files, &images)?;
+            for (i, ((&(w, ci, _), img), file)) in chunk.iter().zip(images).zip(files).enumerate() {
+                let s = &mut sets[w][ci];
+                s.set.files.push(file.to_string_lossy().into_owned());
+                s.images.push(img);
+                if hybrid {
+                    s.latents.push(out.narrow(0, i, 1)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where neuron `n`'s image `j` of candidate `ci` is saved.
+    fn synthetic_file(&self, n: usize, ci: usize, j: usize) -> PathBuf {
+        self.neuron_dir(n)
+            .join("synthetic")
+            .join(format!("{ci}_{j:02}.png"))
+    }
+
+    /// Fills `s` with the images an earlier wave of the run made for `prompt`, if the run still
+    /// holds them and they read back; false when they are to be made.
+    fn recall(&self, prompt: &str, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
+        let gallery = &self.gallery;
+        let Some(made) = gallery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(prompt)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let store = self.ctx.store;
+        let images: Result<Vec<RgbImage>> = made
+            .files
+            .par_iter()
+            .map(|f| store.load_image(Path::new(f)))
+            .collect();
+        match images {
+            Ok(images) => {
+                self.take_copies(s, n, ci, &made.files, images, made.latents)?;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!("making the images of {prompt:?} again: {e}");
+                gallery
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop(prompt);
+                Ok(false)
+            }
+        }
+    }
+
+    /// `s` (neuron `n`'s candidate `ci`) takes `images` and their `latents`, made for another
+    /// candidate with the same prompt and saved as `from`; the files are copied to the neuron's
+    /// own, so every record owns the files it lists.
+    fn take_copies(
+        &self,
+        s: &mut Synthesised,
+        n: usize,
+        ci: usize,
+        from: &[String],
+        images: Vec<RgbImage>,
+        latents: Vec<Tensor>,
+    ) -> Result<()> {
+        let files: Vec<PathBuf> = (0..from.len())
+            .map(|j| self.synthetic_file(n, ci, j))
+            .collect();
+        let store = self.ctx.store;
+        from.par_iter()
+            .zip(files.par_iter())
+            .try_for_each(|(a, b)| store.copy_image(Path::new(a), b))?;
+        s.set.files = files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        s.images = images;
+        s.latents = latents;
+        Ok(())
     }
 
     /// Writes synthetic images as PNG files under the store, on every core: one at a time (1.3

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use common::llm::MockLlm;
 use common::{fixtures, resolve_fixture};
 use dnd::config::{Decoder, Secret};
 use dnd::hub::Role;
-use dnd::pipeline::{self, Context, Event, Job, Models, Params, Stage};
+use dnd::pipeline::{self, Context, Description, Event, Job, Models, Params, Stage};
 use dnd::probe::ProbeSet;
 use dnd::store::Store;
 use dnd::summarise::{ApiLlm, ApiOptions, Llm};
@@ -67,8 +68,24 @@ fn run(
     neurons: Vec<usize>,
     delay: Duration,
     cancel: &AtomicBool,
-    mut on_event: impl FnMut(&Event),
+    on_event: impl FnMut(&Event),
 ) -> (dnd::Result<pipeline::Summary>, Arc<Store>) {
+    let (r, store, _) = run_with(params(), neurons, delay, cancel, on_event);
+    (r, store)
+}
+
+/// `run` with these parameters, also returning the store's folder (its images go with it).
+fn run_with(
+    params: Params,
+    neurons: Vec<usize>,
+    delay: Duration,
+    cancel: &AtomicBool,
+    mut on_event: impl FnMut(&Event),
+) -> (
+    dnd::Result<pipeline::Summary>,
+    Arc<Store>,
+    tempfile::TempDir,
+) {
     let mock = MockLlm::start(&[], None, delay);
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("dnd.sqlite")).unwrap());
@@ -80,7 +97,7 @@ fn run(
     let job = Job {
         layer: "layer4".into(),
         neurons,
-        params: params(),
+        params,
         force: false,
     };
     let result = std::thread::scope(|s| {
@@ -104,7 +121,7 @@ fn run(
         }
         worker.join().unwrap()
     });
-    (result, store)
+    (result, store, dir)
 }
 
 #[test]
@@ -191,6 +208,95 @@ fn a_slow_llm_is_hidden_behind_more_waves_of_model_work() {
     assert!(started(3, Stage::Crops) > finished(0));
     // Waves still finish in order.
     assert!(finished(0) < finished(1) && finished(1) < finished(2) && finished(2) < finished(3));
+}
+
+/// Each stored neuron's description.
+fn descriptions(store: &Store) -> Vec<Description> {
+    let rows = store.rows(None, None).unwrap();
+    let of = |r: dnd::store::Row| serde_json::from_value(r.record).unwrap();
+    rows.into_iter().map(of).collect()
+}
+
+#[test]
+fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
+    // The mock LLM answers from a handful of concepts, so the neurons share candidates: with
+    // one neuron a wave the repeats are recalled from earlier waves' files, with four from
+    // the same wave.
+    let cancel = AtomicBool::new(false);
+    let neurons = vec![0, 1, 2, 3];
+    let q = params().images_per_concept;
+    for wave in [1, 4] {
+        let mut p = params();
+        p.batches.neurons = wave;
+        let (r, store, _dir) = run_with(p, neurons.clone(), Duration::ZERO, &cancel, |_| {});
+        let summary = r.unwrap();
+        assert_eq!(summary.described, neurons);
+        let described = descriptions(&store);
+        let mut by_concept: HashMap<String, Vec<Vec<image::RgbImage>>> = HashMap::new();
+        let mut files = HashSet::new();
+        for d in &described {
+            for set in &d.synthetic {
+                assert_eq!(set.files.len(), q);
+                let images = set.files.iter().map(|f| {
+                    assert!(files.insert(f.clone()), "{f} is listed twice");
+                    image::open(store.images_root().join(f))
+                        .unwrap()
+                        .into_rgb8()
+                });
+                let images = images.collect();
+                by_concept
+                    .entry(set.concept.clone())
+                    .or_default()
+                    .push(images);
+            }
+        }
+        let sets: usize = by_concept.values().map(Vec::len).sum();
+        assert!(
+            sets > by_concept.len(),
+            "no concept repeats: {by_concept:?}"
+        );
+        assert_eq!(summary.images_made, by_concept.len() * q);
+        assert_eq!(summary.images_reused, (sets - by_concept.len()) * q);
+        for (concept, sets) in &by_concept {
+            assert!(
+                sets.iter().all(|s| s == &sets[0]),
+                "{concept}: images differ"
+            );
+        }
+        // And the copies are what each neuron makes on its own, but for rounding: an image's
+        // batch companions change the float order of some sums, so a value may land one
+        // level off.
+        for d in &described {
+            let alone = run_with(params(), vec![d.neuron], Duration::ZERO, &cancel, |_| {});
+            let (r, alone, _dir) = alone;
+            assert_eq!(r.unwrap().images_reused, 0);
+            let root = alone.images_root().to_path_buf();
+            let alone = descriptions(&alone).remove(0);
+            assert_eq!(alone.synthetic.len(), d.synthetic.len());
+            for (a, b) in alone.synthetic.iter().zip(&d.synthetic) {
+                assert_eq!(a.concept, b.concept);
+                for (x, y) in a.activations.iter().zip(&b.activations) {
+                    let n = d.neuron;
+                    assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{n}: {x} vs {y}");
+                }
+                for (fa, fb) in a.files.iter().zip(&b.files) {
+                    let ia = image::open(root.join(fa)).unwrap().into_rgb8().into_raw();
+                    let ib = image::open(store.images_root().join(fb)).unwrap();
+                    let pairs = ia.iter().zip(ib.into_rgb8().into_raw());
+                    let off: Vec<u8> = pairs
+                        .map(|(x, y)| x.abs_diff(y))
+                        .filter(|&d| d > 0)
+                        .collect();
+                    assert!(
+                        off.iter().all(|&d| d == 1) && off.len() * 1000 < ia.len(),
+                        "{fb}: {} values differ from the neuron's own, by up to {:?}",
+                        off.len(),
+                        off.iter().max()
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
