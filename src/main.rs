@@ -156,6 +156,11 @@ struct BenchArgs {
     /// endpoint's latency the pipeline hides behind the models' work
     #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
     llm_latency: f64,
+    /// Distinct concepts the end-to-end runs' mock LLM answers with, in turn (0: a new one every
+    /// answer). Neurons of a real layer share concepts, and a job copies the images of a
+    /// concept it has made rather than generating them again: this measures what that saves
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    llm_concepts: usize,
     /// Scratch folder for configs, tokenizers, JPEGs and stores (default: <cache_dir>/bench)
     #[arg(long, value_name = "DIR")]
     work: Option<PathBuf>,
@@ -569,6 +574,7 @@ fn bench_cmd(s: &Settings, args: BenchArgs) -> Result<()> {
         only: args.only,
         neurons: args.neurons.unwrap_or(if args.quick { 2 } else { 64 }),
         llm_latency: std::time::Duration::from_secs_f64(args.llm_latency.max(0.0)),
+        llm_concepts: args.llm_concepts,
         work: args.work.unwrap_or_else(|| s.cache_dir.join("bench")),
     };
     if args.check {

@@ -24,6 +24,9 @@ fn quick_bench_measures_every_stage_and_writes_json() {
             // Each LLM answer of the end-to-end runs after 50 ms.
             "--llm-latency",
             "0.05",
+            // ... always with the same concept, so the batch's second neuron repeats the first's.
+            "--llm-concepts",
+            "1",
             "--json",
             &json.display().to_string(),
         ],
@@ -103,7 +106,10 @@ fn quick_bench_measures_every_stage_and_writes_json() {
         let v = r["value"].as_f64().unwrap();
         assert!(v.is_finite() && v > 0.0, "{r}");
         assert_eq!(r["runs"], 1, "{r}");
-        if !is_stage(r["name"].as_str().unwrap()) {
+        let name = r["name"].as_str().unwrap();
+        if name.ends_with(".reused") {
+            assert!(v <= 1.0 && r["unit"] == "share", "{r}");
+        } else if !is_stage(name) {
             assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
         }
     }
@@ -121,9 +127,13 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     assert!(
         (batch["value"].as_f64().unwrap() * 2.0 - batch["seconds"].as_f64().unwrap()).abs() < 1e-6
     );
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap();
+    // A batch whose neurons share a concept copies its images rather than generating them
+    // again: the second neuron's are all copies.
+    let reused = row("e2e.fast.batch2.reused")["value"].as_f64().unwrap();
+    assert_eq!(reused, 0.5, "{}", row("e2e.fast.batch2.reused"));
     // The mock LLM answered after its latency: a neuron's concepts wait for two rounds of calls
     // (simplifications, then summaries), none cached (each run has a store of its own).
-    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap();
     assert!(
         row("e2e.fast.one")["note"]
             .as_str()

@@ -47,6 +47,9 @@ pub struct Options {
     pub neurons: usize,
     /// How long each answer of the end-to-end runs' mock LLM takes.
     pub llm_latency: Duration,
+    /// Distinct concepts the end-to-end runs' mock LLM answers with, in turn (0: a new one at
+    /// every call).
+    pub llm_concepts: usize,
     /// Scratch folder: configs, tokenizers, JPEGs, store, caches.
     pub work: PathBuf,
 }
@@ -707,6 +710,7 @@ impl Bench<'_> {
         let llm: Arc<dyn Llm> = Arc::new(MockLlm {
             calls: Default::default(),
             latency: self.opts.llm_latency,
+            concepts: self.opts.llm_concepts,
             window: Window::new(settings.llm_concurrency),
         });
         let models = Models {
@@ -750,6 +754,8 @@ impl Bench<'_> {
         // Seconds per neuron of each stage in the last run, from the pipeline's own events
         // (a wave's batched work charged to its neurons in equal shares): where the time goes.
         let stages = std::cell::RefCell::new(BTreeMap::<pipeline::Stage, f64>::new());
+        // The last run's synthetic images: (generated, copied from a concept made before).
+        let images = std::cell::Cell::new((0, 0));
         // Every neuron must come out described: a failed one would make the time a lie.
         let mut described = |job: Job| -> Result<()> {
             // A new store each run, as the reference caches nothing: no LLM answer comes from
@@ -771,6 +777,7 @@ impl Bench<'_> {
             };
             while rx.try_recv().is_ok() {}
             let summary = pipeline::run(&ctx, &job)?;
+            images.set((summary.images_made, summary.images_reused));
             let mut last = stages.borrow_mut();
             last.clear();
             let n = job.neurons.len() as f64;
@@ -809,6 +816,10 @@ impl Bench<'_> {
                 settings.llm_concurrency
             ),
         };
+        let llm = match self.opts.llm_concepts {
+            0 => llm,
+            n => format!("{llm}, from {n} concepts in turn"),
+        };
         let note = format!(
             "{preset} preset ({captioner}, {synthesiser}, {} steps, {decoder}); {llm}",
             settings.steps
@@ -825,6 +836,22 @@ impl Bench<'_> {
             || described(job(neurons)),
         )?;
         self.stage_rows(&batch, &stages.take());
+        let (made, reused) = images.get();
+        if reused > 0 {
+            let share = reused as f64 / (made + reused) as f64;
+            self.emit(Row {
+                name: format!("{batch}.reused"),
+                value: share,
+                unit: "share",
+                seconds: 0.0,
+                runs: 1,
+                peak_memory_bytes: None,
+                note: format!(
+                    "synthetic images of {batch}'s last run copied from a concept made before in the job ({reused} of {}) rather than generated",
+                    made + reused
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -966,6 +993,7 @@ fn probe_images(dir: &Path, n: usize) -> Result<()> {
 struct MockLlm {
     calls: std::sync::atomic::AtomicUsize,
     latency: Duration,
+    concepts: usize,
     window: Window,
 }
 
@@ -981,9 +1009,12 @@ impl Llm for MockLlm {
         on_text: &'a (dyn Fn(&str) + Send + Sync),
     ) -> BoxFuture<'a, std::result::Result<String, LlmError>> {
         const CONCEPTS: [&str; 5] = ["red stripes", "blue sky", "dogs", "wheels", "brick walls"];
-        let call = self
+        let mut call = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.concepts > 0 {
+            call %= self.concepts;
+        }
         let text = format!(
             "{} {}",
             CONCEPTS[call % CONCEPTS.len()],

@@ -136,6 +136,10 @@ done
 # of it the pipeline hides behind the models; 16 neurons, as the first and last waves' waits
 # cannot be hidden), then the slow rows.
 bench $V bench-e2e-llm 80 --runs 2 --budget 20 --neurons 16 --llm-latency 1 --only e2e.fast.batch
+# A layer's neurons can share concepts, and a job copies the images of a concept it has made rather
+# than generating them again: the fast preset amortised with the mock answering from 40
+# concepts in turn (the `.reused` row: the share of images copied).
+bench $V bench-e2e-reuse 70 --runs 2 --budget 20 --neurons 16 --llm-concepts 40 --only e2e.fast.batch
 bench $V bench-slow "$(left)" --runs 1 --budget 1 --neurons 2 \
   --only sd-v1-4.generate.steps50.b10,sd-turbo.generate.steps50.b10,blip-base
 echo "done after $(( $(date +%s) - T0 )) s"; pack; ls -la "$OUT" "$RES"
