@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,22 +19,16 @@ use dnd::probe::ProbeSet;
 use dnd::store::Store;
 use dnd::summarise::{ApiLlm, ApiOptions, Llm};
 
-fn models() -> Models {
+fn models(decoder: Decoder) -> Models {
     let resolved = [
         resolve_fixture(Role::Target, "resnet_basic"),
         resolve_fixture(Role::Captioner, "blip_tiny"),
         resolve_fixture(Role::Synthesiser, "sd_tiny"),
         resolve_fixture(Role::Clip, "clip_tiny"),
     ];
-    Models::load(
-        &resolved,
-        None,
-        Decoder::Vae,
-        "mock",
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap()
+    let tiny = resolve_fixture(Role::TinyVae, "taesd_tiny");
+    let tiny = Some(&tiny).filter(|_| decoder != Decoder::Vae);
+    Models::load(&resolved, tiny, decoder, "mock", &Device::Cpu, DType::F32).unwrap()
 }
 
 fn params() -> Params {
@@ -70,13 +65,15 @@ fn run(
     cancel: &AtomicBool,
     on_event: impl FnMut(&Event),
 ) -> (dnd::Result<pipeline::Summary>, Arc<Store>) {
-    let (r, store, _) = run_with(params(), neurons, delay, cancel, on_event);
+    let (r, store, _) = run_with(params(), Decoder::Vae, neurons, delay, cancel, on_event);
     (r, store)
 }
 
-/// `run` with these parameters, also returning the store's folder (its images go with it).
+/// `run` with these parameters and decoder, also returning the store's folder (its images go
+/// with it).
 fn run_with(
     params: Params,
+    decoder: Decoder,
     neurons: Vec<usize>,
     delay: Duration,
     cancel: &AtomicBool,
@@ -89,7 +86,7 @@ fn run_with(
     let mock = MockLlm::start(&[], None, delay);
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("dnd.sqlite")).unwrap());
-    let models = models();
+    let models = models(decoder);
     let probe = ProbeSet::open(&fixtures().join("images")).unwrap();
     let llm = llm(mock.url());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -221,14 +218,22 @@ fn descriptions(store: &Store) -> Vec<Description> {
 fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
     // The mock LLM answers from a handful of concepts, so the neurons share candidates: with
     // one neuron a wave the repeats are recalled from earlier waves' files, with four from
-    // the same wave.
+    // the same wave. With `--decoder hybrid` the copies also carry the latents the VAE decodes
+    // again for each neuron's CLIP top.
     let cancel = AtomicBool::new(false);
     let neurons = vec![0, 1, 2, 3];
     let q = params().images_per_concept;
-    for wave in [1, 4] {
+    let mut vae_compared = 0;
+    for (wave, decoder) in [
+        (1, Decoder::Vae),
+        (4, Decoder::Vae),
+        (1, Decoder::Hybrid),
+        (4, Decoder::Hybrid),
+    ] {
         let mut p = params();
         p.batches.neurons = wave;
-        let (r, store, _dir) = run_with(p, neurons.clone(), Duration::ZERO, &cancel, |_| {});
+        let (r, store, _dir) =
+            run_with(p, decoder, neurons.clone(), Duration::ZERO, &cancel, |_| {});
         let summary = r.unwrap();
         assert_eq!(summary.described, neurons);
         let described = descriptions(&store);
@@ -266,8 +271,32 @@ fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
         // And the copies are what each neuron makes on its own, but for rounding: an image's
         // batch companions change the float order of some sums, so a value may land one
         // level off.
+        // Two images within a level of each other in all but 0.1% of their values.
+        let close = |a: &Path, b: &Path| {
+            let ia = image::open(a).unwrap().into_rgb8().into_raw();
+            let ib = image::open(b).unwrap().into_rgb8().into_raw();
+            let pairs = ia.iter().zip(ib);
+            let off: Vec<u8> = pairs
+                .map(|(x, y)| x.abs_diff(y))
+                .filter(|&d| d > 0)
+                .collect();
+            assert!(
+                off.iter().all(|&d| d == 1) && off.len() * 1000 < ia.len(),
+                "{}: {} values differ from the neuron's own, by up to {:?}",
+                b.display(),
+                off.len(),
+                off.iter().max()
+            );
+        };
         for d in &described {
-            let alone = run_with(params(), vec![d.neuron], Duration::ZERO, &cancel, |_| {});
+            let alone = run_with(
+                params(),
+                decoder,
+                vec![d.neuron],
+                Duration::ZERO,
+                &cancel,
+                |_| {},
+            );
             let (r, alone, _dir) = alone;
             assert_eq!(r.unwrap().images_reused, 0);
             let root = alone.images_root().to_path_buf();
@@ -280,23 +309,19 @@ fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
                     assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{n}: {x} vs {y}");
                 }
                 for (fa, fb) in a.files.iter().zip(&b.files) {
-                    let ia = image::open(root.join(fa)).unwrap().into_rgb8().into_raw();
-                    let ib = image::open(store.images_root().join(fb)).unwrap();
-                    let pairs = ia.iter().zip(ib.into_rgb8().into_raw());
-                    let off: Vec<u8> = pairs
-                        .map(|(x, y)| x.abs_diff(y))
-                        .filter(|&d| d > 0)
-                        .collect();
-                    assert!(
-                        off.iter().all(|&d| d == 1) && off.len() * 1000 < ia.len(),
-                        "{fb}: {} values differ from the neuron's own, by up to {:?}",
-                        off.len(),
-                        off.iter().max()
-                    );
+                    close(&root.join(fa), &store.images_root().join(fb));
+                }
+                // The VAE's decodes come from the latents the copy carried.
+                for (i, fb) in &b.vae_files {
+                    if let Some(fa) = a.vae_files.get(i) {
+                        close(&root.join(fa), &store.images_root().join(fb));
+                        vae_compared += 1;
+                    }
                 }
             }
         }
     }
+    assert!(vae_compared > 0, "no VAE decode compared");
 }
 
 #[test]
@@ -322,7 +347,7 @@ fn the_engine_runs_submitted_jobs_and_cancels_on_request() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::start(
         Resources {
-            models: models(),
+            models: models(Decoder::Vae),
             probe: ProbeSet::open(&fixtures().join("images")).unwrap(),
             store: store.clone(),
             llm: llm(mock.url()),
