@@ -45,6 +45,8 @@ impl Engine {
         let thread = {
             let queue = queue.clone();
             let cancel = cancel.clone();
+            // Kept across jobs: a concept one neuron's job made is copied for the next's.
+            let gallery = pipeline::Gallery::default();
             std::thread::Builder::new()
                 .name("dnd-engine".into())
                 .spawn(move || loop {
@@ -71,6 +73,7 @@ impl Engine {
                         runtime: &res.runtime,
                         events: &events,
                         cancel: &cancel,
+                        gallery: &gallery,
                     };
                     let result = pipeline::run(&ctx, &job).map_err(|e| e.to_string());
                     // Idle until the next job: the GPU memory kept for reuse goes back.

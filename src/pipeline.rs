@@ -498,6 +498,48 @@ pub struct Context<'a> {
     pub runtime: &'a tokio::runtime::Handle,
     pub events: &'a UnboundedSender<Event>,
     pub cancel: &'a AtomicBool,
+    /// The synthetic images made so far, which the job copies rather than making again.
+    pub gallery: &'a Gallery,
+}
+
+/// The synthetic images made so far, by settings key and prompt, the most recently used kept:
+/// a prompt gives the same images whichever neuron asks, so a job copies them from here rather
+/// than running Stable Diffusion again. The engine keeps one across a session's jobs; `describe`
+/// has one for its job.
+pub struct Gallery(Mutex<lru::LruCache<(String, String), Made>>);
+
+/// How many prompts' images a gallery remembers. Only their file names, or with `--decoder
+/// hybrid` also their latents: 0.3 MB of device memory a prompt at 512 px in f16.
+const GALLERY_PROMPTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
+
+impl Default for Gallery {
+    fn default() -> Self {
+        Self(Mutex::new(lru::LruCache::new(GALLERY_PROMPTS)))
+    }
+}
+
+impl Gallery {
+    fn entries(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(String, String), Made>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One prompt's synthetic images as first made: their files (relative to the store's images),
+/// each file's length and modification time then (a file written again since, as when its
+/// neuron is described again, is not copied), and with `--decoder hybrid` their latents on the
+/// device.
+#[derive(Clone)]
+struct Made {
+    files: Vec<String>,
+    stamps: Vec<Stamp>,
+    latents: Vec<Tensor>,
+}
+
+type Stamp = (u64, std::time::SystemTime);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.len(), m.modified()?))
 }
 
 /// The key under which results of this job are stored: models, probing set and parameters.
@@ -595,7 +637,6 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         layer,
         key,
         in_flight: Arc::default(),
-        gallery: Mutex::new(lru::LruCache::new(GALLERY_PROMPTS)),
     };
 
     // Waves go through stage A (images, crops, captions), then wait for their LLM answers
@@ -650,20 +691,6 @@ struct Runner<'a> {
     key: String,
     /// The LLM prompts of the run being asked now (waves overlap).
     in_flight: Arc<InFlight>,
-    /// The synthetic images this run has made, by prompt, the most recently used kept.
-    gallery: Mutex<lru::LruCache<String, Made>>,
-}
-
-/// How many prompts' images a run remembers for reuse. Only their file names, or with
-/// `--decoder hybrid` also their latents: 0.3 MB of device memory a prompt at 512 px in f16.
-const GALLERY_PROMPTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
-
-/// One prompt's synthetic images as first made in a run: their files (relative to the store's
-/// images) and, with `--decoder hybrid`, their latents on the device.
-#[derive(Clone)]
-struct Made {
-    files: Vec<String>,
-    latents: Vec<Tensor>,
 }
 
 impl Runner<'_> {
@@ -1143,9 +1170,9 @@ impl Runner<'_> {
 
     /// Q images per candidate of every neuron of the wave, batched across neurons. Every
     /// candidate starts from the same seeded noise, so candidates differ only by prompt, and a
-    /// prompt gives the same images whichever neuron asks: a concept already made in this run
-    /// (neurons of a layer can share one) takes copies of those images rather than going
-    /// through Stable Diffusion again. Both are counted in `summary`.
+    /// prompt gives the same images whichever neuron asks: a concept already made (neurons of
+    /// a layer can share one) takes copies of those images from the [`Gallery`] rather than
+    /// going through Stable Diffusion again. Both are counted in `summary`.
     fn synthesise(
         &self,
         ready: &[(Neuron, Concepts)],
@@ -1180,8 +1207,8 @@ impl Runner<'_> {
                         .collect()
                 })
                 .collect();
-            // Each (wave index, candidate index) is made here, recalled from an earlier wave,
-            // or repeats a candidate of this wave with the same prompt (`repeats`: to, from).
+            // Each (wave index, candidate index) is made here, recalled from the gallery, or
+            // repeats a candidate of this wave with the same prompt (`repeats`: to, from).
             let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
             let (mut to_make, mut repeats) = (Vec::new(), Vec::new());
             for (w, ps) in prompts.iter().enumerate() {
@@ -1200,16 +1227,21 @@ impl Runner<'_> {
             }
             self.make(ready, &prompts, &to_make, &mut sets)?;
             summary.images_made += to_make.len() * q;
-            let mut gallery = self.gallery.lock().unwrap_or_else(|e| e.into_inner());
+            let root = self.ctx.store.images_root();
             for &(w, ci) in &to_make {
                 let s = &sets[w][ci];
-                let made = Made {
-                    files: s.set.files.clone(),
-                    latents: s.latents.clone(),
-                };
-                gallery.put(prompts[w][ci].clone(), made);
+                let stamps: std::io::Result<Vec<Stamp>> =
+                    s.set.files.iter().map(|f| stamp(&root.join(f))).collect();
+                if let Ok(stamps) = stamps {
+                    let made = Made {
+                        files: s.set.files.clone(),
+                        stamps,
+                        latents: s.latents.clone(),
+                    };
+                    let key = (self.key.clone(), prompts[w][ci].clone());
+                    self.ctx.gallery.entries().put(key, made);
+                }
             }
-            drop(gallery);
             for &((w, ci), (w0, ci0)) in &repeats {
                 let from = &sets[w0][ci0];
                 let (files, images, latents) = (
@@ -1291,23 +1323,26 @@ impl Runner<'_> {
             .join(format!("{ci}_{j:02}.png"))
     }
 
-    /// Fills `s` with the images an earlier wave of the run made for `prompt`, if the run still
-    /// holds them and they read back; false when they are to be made.
+    /// Fills `s` with the images made earlier (in an earlier wave, or an earlier job of the
+    /// engine) for `prompt` with this job's settings, if the gallery still holds them and their
+    /// files read back as they were written; false when they are to be made.
     fn recall(&self, prompt: &str, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
-        let gallery = &self.gallery;
-        let Some(made) = gallery
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(prompt)
-            .cloned()
-        else {
+        let key = (self.key.clone(), prompt.to_string());
+        let Some(made) = self.ctx.gallery.entries().get(&key).cloned() else {
             return Ok(false);
         };
         let store = self.ctx.store;
-        let images: Result<Vec<RgbImage>> = made
+        let root = store.images_root();
+        let images: std::result::Result<Vec<RgbImage>, String> = made
             .files
             .par_iter()
-            .map(|f| store.load_image(Path::new(f)))
+            .zip(&made.stamps)
+            .map(|(f, was)| {
+                if stamp(&root.join(f)).ok().as_ref() != Some(was) {
+                    return Err(format!("{f} was written again since"));
+                }
+                store.load_image(Path::new(f)).map_err(|e| e.to_string())
+            })
             .collect();
         match images {
             Ok(images) => {
@@ -1316,10 +1351,7 @@ impl Runner<'_> {
             }
             Err(e) => {
                 tracing::warn!("making the images of {prompt:?} again: {e}");
-                gallery
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .pop(prompt);
+                self.ctx.gallery.entries().pop(&key);
                 Ok(false)
             }
         }

@@ -91,6 +91,7 @@ fn run_with(
     let llm = llm(mock.url());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let gallery = pipeline::Gallery::default();
     let job = Job {
         layer: "layer4".into(),
         neurons,
@@ -108,6 +109,7 @@ fn run_with(
                 runtime: rt.handle(),
                 events: &tx,
                 cancel,
+                gallery: &gallery,
             };
             let r = pipeline::run(&ctx, &job);
             drop(tx);
@@ -337,52 +339,136 @@ fn cancelling_stops_between_batches_and_keeps_finished_neurons() {
     assert!(!rows.is_empty() && rows.len() < 4, "{} stored", rows.len());
 }
 
+/// An engine on the fixture models, as the terminal UI runs one, with its store and LLM.
+struct Rig {
+    engine: dnd::engine::Engine,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    store: Arc<Store>,
+    _dir: tempfile::TempDir,
+    _mock: MockLlm,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    fn start(llm_delay: Duration) -> Self {
+        use dnd::engine::{Engine, Resources};
+        let mock = MockLlm::start(&[], None, llm_delay);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("dnd.sqlite")).unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::start(
+            Resources {
+                models: models(Decoder::Vae),
+                probe: ProbeSet::open(&fixtures().join("images")).unwrap(),
+                store: store.clone(),
+                llm: llm(mock.url()),
+                cache: None,
+                runtime: rt.handle().clone(),
+            },
+            tx,
+        );
+        Self {
+            engine,
+            rx,
+            store,
+            _dir: dir,
+            _mock: mock,
+            _rt: rt,
+        }
+    }
+
+    fn submit(&self, neurons: Vec<usize>, force: bool) {
+        self.engine.submit(Job {
+            layer: "layer4".into(),
+            neurons,
+            params: params(),
+            force,
+        });
+    }
+
+    /// The outcome of the running job.
+    fn finished(&mut self) -> Result<pipeline::Summary, String> {
+        loop {
+            if let Event::JobFinished(r) = self.rx.blocking_recv().expect("the engine reports") {
+                return r;
+            }
+        }
+    }
+}
+
 #[test]
 fn the_engine_runs_submitted_jobs_and_cancels_on_request() {
-    use dnd::engine::{Engine, Resources};
-    let mock = MockLlm::start(&[], None, Duration::from_millis(300));
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("dnd.sqlite")).unwrap());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::start(
-        Resources {
-            models: models(Decoder::Vae),
-            probe: ProbeSet::open(&fixtures().join("images")).unwrap(),
-            store: store.clone(),
-            llm: llm(mock.url()),
-            cache: None,
-            runtime: rt.handle().clone(),
-        },
-        tx,
-    );
-    let job = |neurons: Vec<usize>| Job {
-        layer: "layer4".into(),
-        neurons,
-        params: params(),
-        force: false,
-    };
-    let finished = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>| loop {
-        match rx.blocking_recv().expect("the engine reports") {
-            Event::JobFinished(r) => return r,
-            _ => continue,
-        }
-    };
-    engine.submit(job(vec![2]));
-    assert_eq!(finished(&mut rx).unwrap().described, vec![2]);
+    let mut rig = Rig::start(Duration::from_millis(300));
+    rig.submit(vec![2], false);
+    assert_eq!(rig.finished().unwrap().described, vec![2]);
     // The models stay loaded: a second job runs on the same engine, and can be cancelled.
-    engine.submit(job(vec![0, 1, 3]));
+    rig.submit(vec![0, 1, 3], false);
     loop {
         if let Event::StageStarted {
             stage: Stage::Concepts,
             ..
-        } = rx.blocking_recv().unwrap()
+        } = rig.rx.blocking_recv().unwrap()
         {
-            engine.cancel();
+            rig.engine.cancel();
             break;
         }
     }
-    assert_eq!(finished(&mut rx).unwrap_err(), "cancelled");
-    assert_eq!(store.rows(None, None).unwrap().len(), 1);
-    drop(engine);
+    assert_eq!(rig.finished().unwrap_err(), "cancelled");
+    assert_eq!(rig.store.rows(None, None).unwrap().len(), 1);
+}
+
+#[test]
+fn the_engine_copies_a_concept_an_earlier_job_made_unless_its_files_changed() {
+    // One neuron a job, as the terminal UI asks: the second job's concepts made by the first
+    // are copied from its files.
+    let mut rig = Rig::start(Duration::ZERO);
+    let q = params().images_per_concept;
+    let sets = |store: &Store, n: usize| -> Vec<(String, Vec<Vec<u8>>)> {
+        let d = descriptions(store)
+            .into_iter()
+            .find(|d| d.neuron == n)
+            .unwrap();
+        let root = store.images_root();
+        let pixels = |f: &String| image::open(root.join(f)).unwrap().into_rgb8().into_raw();
+        let of = |s: &dnd::pipeline::SyntheticSet| {
+            (s.concept.clone(), s.files.iter().map(pixels).collect())
+        };
+        d.synthetic.iter().map(of).collect()
+    };
+    rig.submit(vec![0], false);
+    rig.finished().unwrap();
+    let first: HashMap<String, Vec<Vec<u8>>> = sets(&rig.store, 0).into_iter().collect();
+    rig.submit(vec![1], false);
+    let summary = rig.finished().unwrap();
+    let second = sets(&rig.store, 1);
+    let shared: Vec<_> = second
+        .iter()
+        .filter(|(c, _)| first.contains_key(c))
+        .collect();
+    assert!(!shared.is_empty(), "neurons 0 and 1 share no concept");
+    assert_eq!(summary.images_reused, shared.len() * q);
+    assert_eq!(summary.images_made, (second.len() - shared.len()) * q);
+    for (concept, images) in shared {
+        assert!(&first[concept] == images, "{concept}: the copies differ");
+    }
+
+    // Every synthetic file written again since (as when its neuron is described again): the
+    // next job makes its images rather than copying what the files now hold.
+    let root = rig.store.images_root().to_path_buf();
+    for d in descriptions(&rig.store) {
+        for f in d.synthetic.iter().flat_map(|s| &s.files) {
+            let img = image::open(root.join(f)).unwrap();
+            image::RgbImage::new(img.width(), img.height())
+                .save(root.join(f))
+                .unwrap();
+        }
+    }
+    rig.submit(vec![0], true);
+    let summary = rig.finished().unwrap();
+    assert_eq!(summary.images_reused, 0);
+    assert_eq!(summary.images_made, first.len() * q);
+    for (concept, images) in sets(&rig.store, 0) {
+        assert!(first[&concept] == images, "{concept}: not made again");
+    }
 }
