@@ -482,8 +482,8 @@ pub struct Summary {
     pub skipped: Vec<usize>,
     /// Synthetic images generated.
     pub images_made: usize,
-    /// Synthetic images copied from those made for the same concept earlier in the job,
-    /// rather than generated again.
+    /// Synthetic images copied from those made for the same concept before (in this job, or
+    /// with the engine in an earlier one), rather than generated again.
     pub images_reused: usize,
 }
 
