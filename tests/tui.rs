@@ -213,6 +213,26 @@ fn finish(a: &mut App, d: Description) {
 }
 
 #[test]
+fn a_run_that_copied_images_says_so() {
+    let mut a = in_layer4();
+    a.on_event(Event::JobFinished(Ok(dnd::pipeline::Summary {
+        described: vec![1],
+        images_made: 10,
+        images_reused: 20,
+        ..Default::default()
+    })));
+    let notice = a.notice.clone().unwrap_or_default();
+    assert!(
+        notice.contains("20 of 30 synthetic images copied"),
+        "{notice}"
+    );
+    // Nothing copied, nothing said.
+    let mut b = in_layer4();
+    b.on_event(Event::JobFinished(Ok(Default::default())));
+    assert_eq!(b.notice, None);
+}
+
+#[test]
 fn layers_screen() {
     insta::assert_snapshot!(render(&app(), 80, 24));
 }

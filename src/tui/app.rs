@@ -814,6 +814,14 @@ impl App {
     pub fn on_event(&mut self, event: Event) {
         if let Event::JobFinished(r) = &event {
             self.busy = false;
+            // Synthesis that took no time is explained: its images were copied.
+            if let Some(s) = r.as_ref().ok().filter(|s| s.images_reused > 0) {
+                self.notice = Some(format!(
+                    "{} of {} synthetic images copied from concepts made earlier this session",
+                    s.images_reused,
+                    s.images_made + s.images_reused
+                ));
+            }
             if let Err(e) = r {
                 self.notice = Some(if e == "cancelled" {
                     "run cancelled".into()
