@@ -100,6 +100,24 @@ fn describe_stores_labels_and_export_reads_them() {
         assert_eq!(d["seed"], 0);
     }
 
+    // A concept two neurons share is generated once; `describe` says how many images it
+    // copied (2 images a concept here).
+    let mut concepts: Vec<&str> = lines
+        .iter()
+        .flat_map(|d| d["synthetic"].as_array().unwrap())
+        .map(|s| s["concept"].as_str().unwrap())
+        .collect();
+    let sets = concepts.len();
+    concepts.sort();
+    concepts.dedup();
+    let (made, copied) = (concepts.len() * 2, (sets - concepts.len()) * 2);
+    assert!(
+        copied > 0,
+        "the mock's concepts for neurons 0-2 no longer repeat"
+    );
+    let said = format!("{made} synthetic images generated, {copied} copied");
+    assert!(err.contains(&said), "{said} not in\n{err}");
+
     // The store has them; a rerun skips them and asks the LLM nothing.
     let asked = llm.requests();
     let again = describe(
