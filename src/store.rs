@@ -241,9 +241,10 @@ impl Store {
     pub fn copy_image(&self, from: &Path, to: &Path) -> Result<()> {
         let src = self.images.join(from);
         self.write_image(to, |tmp| {
-            std::fs::copy(&src, tmp)
-                .map(drop)
-                .map_err(|e| Error::io(&src, e))
+            std::fs::copy(&src, tmp).map(drop).map_err(|e| {
+                let (from, to) = (src.display(), tmp.display());
+                self.error(format!("cannot copy {from} to {to}: {e}"))
+            })
         })
     }
 
