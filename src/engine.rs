@@ -45,7 +45,8 @@ impl Engine {
         let thread = {
             let queue = queue.clone();
             let cancel = cancel.clone();
-            // Kept across jobs: a concept one neuron's job made is copied for the next's.
+            // Kept across jobs: with --decoder hybrid, the latents of a concept one
+            // neuron's job made, which the next one needs to copy its images.
             let gallery = pipeline::Gallery::default();
             std::thread::Builder::new()
                 .name("dnd-engine".into())

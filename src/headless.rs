@@ -160,7 +160,7 @@ pub(crate) fn describe(
     );
     if summary.images_reused > 0 {
         eprintln!(
-            "{} synthetic images generated, {} copied from those of a concept already made in this run",
+            "{} synthetic images generated, {} copied from those made before for the same concept",
             summary.images_made, summary.images_reused
         );
     }

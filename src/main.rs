@@ -217,7 +217,8 @@ struct DescribeArgs {
     /// iTerm2 or Unicode half-blocks; table format only).
     #[arg(long)]
     show: bool,
-    /// Describe again neurons already described with the same settings.
+    /// Describe again neurons already described with the same settings (LLM answers and
+    /// synthetic images the store already has are still copied from it).
     #[arg(long)]
     force: bool,
     /// Recompute the layer's activations even if a cached result exists.

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::hub::ResolvedModel;
 use crate::probe::{self, ProbeSet};
 use crate::score::{self, RankScore};
-use crate::store::{Row, Status, Store};
+use crate::store::{ImageSet, Row, Status, Store};
 use crate::summarise::{
     self, Call, ConceptEvent, ConceptOptions, Concepts, InFlight, Llm, Summariser,
 };
@@ -498,18 +498,19 @@ pub struct Context<'a> {
     pub runtime: &'a tokio::runtime::Handle,
     pub events: &'a UnboundedSender<Event>,
     pub cancel: &'a AtomicBool,
-    /// The synthetic images made so far, which the job copies rather than making again.
+    /// The latents of the synthetic images made so far, for `--decoder hybrid`.
     pub gallery: &'a Gallery,
 }
 
-/// The synthetic images made so far, by settings key and prompt, the most recently used kept:
-/// a prompt gives the same images whichever neuron asks, so a job copies them from here rather
-/// than running Stable Diffusion again. The engine keeps one across a session's jobs; `describe`
-/// has one for its job.
-pub struct Gallery(Mutex<lru::LruCache<(String, String), Made>>);
+/// The latents of the synthetic images made so far, by images key and prompt, the most
+/// recently used kept. A prompt gives the same images whichever neuron asks, so a job copies
+/// the images the store's index lists rather than running Stable Diffusion again; with
+/// `--decoder hybrid` it also needs their latents, which only live here. The engine keeps one
+/// across a session's jobs; `describe` has one for its job.
+pub struct Gallery(Mutex<lru::LruCache<(String, String), Vec<Tensor>>>);
 
-/// How many prompts' images a gallery remembers. Only their file names, or with `--decoder
-/// hybrid` also their latents: 0.3 MB of device memory a prompt at 512 px in f16.
+/// How many prompts' latents a gallery keeps: 0.3 MB of device memory a prompt at 512 px in
+/// f16.
 const GALLERY_PROMPTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
 
 impl Default for Gallery {
@@ -519,27 +520,23 @@ impl Default for Gallery {
 }
 
 impl Gallery {
-    fn entries(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(String, String), Made>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(String, String), Vec<Tensor>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// One prompt's synthetic images as first made: their files (relative to the store's images),
-/// each file's length and modification time then (a file written again since, as when its
-/// neuron is described again, is not copied), and with `--decoder hybrid` their latents on the
-/// device.
-#[derive(Clone)]
-struct Made {
-    files: Vec<String>,
-    stamps: Vec<Stamp>,
-    latents: Vec<Tensor>,
-}
-
-type Stamp = (u64, std::time::SystemTime);
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    let m = std::fs::metadata(path)?;
-    Ok((m.len(), m.modified()?))
+/// What a prompt's synthetic images depend on besides the prompt: the synthesiser, the decoder,
+/// the sampling and Q. Not the target, the probing set or the other parameters, so a concept
+/// made for one layer or network is copied for another.
+pub fn images_key(ids: &ModelIds, params: &Params) -> String {
+    let key = serde_json::json!({
+        "synthesiser": ids.synthesiser,
+        "tiny_vae": ids.tiny_vae,
+        "hybrid": ids.hybrid,
+        "sampling": params.sampling,
+        "images_per_concept": params.images_per_concept,
+    });
+    blake3::hash(key.to_string().as_bytes()).to_hex()[..32].to_string()
 }
 
 /// The key under which results of this job are stored: models, probing set and parameters.
@@ -636,6 +633,7 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         job,
         layer,
         key,
+        images_key: images_key(&ctx.models.ids, &job.params),
         in_flight: Arc::default(),
     };
 
@@ -689,6 +687,8 @@ struct Runner<'a> {
     job: &'a Job,
     layer: usize,
     key: String,
+    /// [`images_key`] of the job.
+    images_key: String,
     /// The LLM prompts of the run being asked now (waves overlap).
     in_flight: Arc<InFlight>,
 }
@@ -1171,8 +1171,9 @@ impl Runner<'_> {
     /// Q images per candidate of every neuron of the wave, batched across neurons. Every
     /// candidate starts from the same seeded noise, so candidates differ only by prompt, and a
     /// prompt gives the same images whichever neuron asks: a concept already made (neurons of
-    /// a layer can share one) takes copies of those images from the [`Gallery`] rather than
-    /// going through Stable Diffusion again. Both are counted in `summary`.
+    /// a layer can share one, and so can layers and networks) takes copies of its images, found
+    /// through the store's index, rather than going through Stable Diffusion again. Both are
+    /// counted in `summary`.
     fn synthesise(
         &self,
         ready: &[(Neuron, Concepts)],
@@ -1202,6 +1203,7 @@ impl Runner<'_> {
                                 vae_files: BTreeMap::new(),
                             },
                             images: Vec::new(),
+                            hashes: Vec::new(),
                             latents: Vec::new(),
                         })
                         .collect()
@@ -1227,29 +1229,12 @@ impl Runner<'_> {
             }
             self.make(ready, &prompts, &to_make, &mut sets)?;
             summary.images_made += to_make.len() * q;
-            let root = self.ctx.store.images_root();
             for &(w, ci) in &to_make {
-                let s = &sets[w][ci];
-                let stamps: std::io::Result<Vec<Stamp>> =
-                    s.set.files.iter().map(|f| stamp(&root.join(f))).collect();
-                if let Ok(stamps) = stamps {
-                    let made = Made {
-                        files: s.set.files.clone(),
-                        stamps,
-                        latents: s.latents.clone(),
-                    };
-                    let key = (self.key.clone(), prompts[w][ci].clone());
-                    self.ctx.gallery.entries().put(key, made);
-                }
+                self.index(&prompts[w][ci], &sets[w][ci]);
             }
             for &((w, ci), (w0, ci0)) in &repeats {
-                let from = &sets[w0][ci0];
-                let (files, images, latents) = (
-                    from.set.files.clone(),
-                    from.images.clone(),
-                    from.latents.clone(),
-                );
-                self.take_copies(&mut sets[w][ci], ready[w].0.n, ci, &files, images, latents)?;
+                let from = sets[w0][ci0].clone();
+                self.take_copies(&mut sets[w][ci], ready[w].0.n, ci, from)?;
                 summary.images_reused += q;
             }
             Ok(sets)
@@ -1303,11 +1288,13 @@ impl Runner<'_> {
                 .iter()
                 .map(|&(w, ci, j)| self.synthetic_file(ready[w].0.n, ci, j))
                 .collect();
-            self.save_images(&files, &images)?;
-            for (i, ((&(w, ci, _), img), file)) in chunk.iter().zip(images).zip(files).enumerate() {
+            let hashes = self.save_images(&files, &images)?;
+            let made = chunk.iter().zip(images).zip(files).zip(hashes);
+            for (i, (((&(w, ci, _), img), file), hash)) in made.enumerate() {
                 let s = &mut sets[w][ci];
                 s.set.files.push(file.to_string_lossy().into_owned());
                 s.images.push(img);
+                s.hashes.push(hash);
                 if hybrid {
                     s.latents.push(out.narrow(0, i, 1)?);
                 }
@@ -1323,77 +1310,106 @@ impl Runner<'_> {
             .join(format!("{ci}_{j:02}.png"))
     }
 
-    /// Fills `s` with the images made earlier (in an earlier wave, or an earlier job of the
-    /// engine) for `prompt` with this job's settings, if the gallery still holds them and their
-    /// files read back as they were written; false when they are to be made.
+    /// Fills `s` (neuron `n`'s candidate `ci`) with copies of the images made before for
+    /// `prompt` with this job's images key (earlier in this job, or in an earlier one on this
+    /// store), if the store's index lists them and their files still hold them; false when they
+    /// are to be made.
     fn recall(&self, prompt: &str, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
-        let key = (self.key.clone(), prompt.to_string());
-        let Some(made) = self.ctx.gallery.entries().get(&key).cloned() else {
+        let store = self.ctx.store;
+        let key = (self.images_key.clone(), prompt.to_string());
+        // `--decoder hybrid` needs the latents too, which only this process's gallery has.
+        let latents = if matches!(self.ctx.models.decoding, Decoding::Hybrid(_)) {
+            match self.ctx.gallery.entries().get(&key) {
+                Some(l) => l.clone(),
+                None => return Ok(false),
+            }
+        } else {
+            Vec::new()
+        };
+        let Some(set) = store.recall_images(&key.0, prompt) else {
             return Ok(false);
         };
-        let store = self.ctx.store;
-        let root = store.images_root();
-        let images: std::result::Result<Vec<RgbImage>, String> = made
-            .files
-            .par_iter()
-            .zip(&made.stamps)
-            .map(|(f, was)| {
-                if stamp(&root.join(f)).ok().as_ref() != Some(was) {
-                    return Err(format!("{f} was written again since"));
-                }
-                store.load_image(Path::new(f)).map_err(|e| e.to_string())
-            })
-            .collect();
-        match images {
-            Ok(images) => {
-                self.take_copies(s, n, ci, &made.files, images, made.latents)?;
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::warn!("making the images of {prompt:?} again: {e}");
-                self.ctx.gallery.entries().pop(&key);
-                Ok(false)
-            }
+        let q = self.params().images_per_concept;
+        let files: Vec<PathBuf> = (0..q).map(|j| self.synthetic_file(n, ci, j)).collect();
+        let taken: Vec<Option<RgbImage>> = if set.files.len() == q && set.hashes.len() == q {
+            set.files
+                .par_iter()
+                .zip(&set.hashes)
+                .zip(&files)
+                .map(|((from, hash), to)| store.take_image(Path::new(from), hash, to))
+                .collect::<Result<_>>()?
+        } else {
+            vec![None]
+        };
+        let Some(images) = taken.into_iter().collect::<Option<Vec<RgbImage>>>() else {
+            // Routine: the neuron that owned them was described again, or its files removed.
+            tracing::info!("the images of {prompt:?} are gone or changed: making them again");
+            store.forget_images(&key.0, prompt);
+            self.ctx.gallery.entries().pop(&key);
+            return Ok(false);
+        };
+        s.set.files = paths(&files);
+        s.images = images;
+        s.hashes = set.hashes;
+        s.latents = latents;
+        // The newest copy is the one indexed: it outlives the older ones longest.
+        self.index(prompt, s);
+        Ok(true)
+    }
+
+    /// Records where `s`'s images for `prompt` are, in the store's index (and its latents in
+    /// the gallery for `--decoder hybrid`), for later candidates with the same prompt.
+    fn index(&self, prompt: &str, s: &Synthesised) {
+        let set = ImageSet {
+            files: s.set.files.clone(),
+            hashes: s.hashes.clone(),
+        };
+        self.ctx
+            .store
+            .remember_images(&self.images_key, prompt, &set);
+        if !s.latents.is_empty() {
+            let key = (self.images_key.clone(), prompt.to_string());
+            self.ctx.gallery.entries().put(key, s.latents.clone());
         }
     }
 
-    /// `s` (neuron `n`'s candidate `ci`) takes `images` and their `latents`, made for another
-    /// candidate with the same prompt and saved as `from`; the files are copied to the neuron's
-    /// own, so every record owns the files it lists.
+    /// `s` (neuron `n`'s candidate `ci`) takes the images of `from`, a candidate of the same
+    /// wave with the same prompt; the files are copied to the neuron's own, so every record
+    /// owns the files it lists.
     fn take_copies(
         &self,
         s: &mut Synthesised,
         n: usize,
         ci: usize,
-        from: &[String],
-        images: Vec<RgbImage>,
-        latents: Vec<Tensor>,
+        from: Synthesised,
     ) -> Result<()> {
-        let files: Vec<PathBuf> = (0..from.len())
+        let files: Vec<PathBuf> = (0..from.set.files.len())
             .map(|j| self.synthetic_file(n, ci, j))
             .collect();
         let store = self.ctx.store;
-        from.par_iter()
+        from.set
+            .files
+            .par_iter()
             .zip(files.par_iter())
             .try_for_each(|(a, b)| store.copy_image(Path::new(a), b))?;
-        s.set.files = files
-            .iter()
-            .map(|f| f.to_string_lossy().into_owned())
-            .collect();
-        s.images = images;
-        s.latents = latents;
+        s.set.files = paths(&files);
+        s.images = from.images;
+        s.hashes = from.hashes;
+        s.latents = from.latents;
         Ok(())
     }
 
     /// Writes synthetic images as PNG files under the store, on every core: one at a time (1.3
     /// ms for a 512 px image on a 2-core EPYC) they held the device up some 65 ms a neuron at
     /// 50 images.
-    fn save_images(&self, files: &[PathBuf], images: &[RgbImage]) -> Result<()> {
+    /// Returns each file's hash ([`Store::save_image`]).
+    fn save_images(&self, files: &[PathBuf], images: &[RgbImage]) -> Result<Vec<String>> {
         let store = self.ctx.store;
         files
             .par_iter()
             .zip(images.par_iter())
-            .try_for_each(|(file, img)| store.save_image(file, img))
+            .map(|(file, img)| store.save_image(file, img))
+            .collect()
     }
 
     /// `--decoder hybrid`, once the target has ranked the tiny decoder's images: the VAE decodes
@@ -1535,10 +1551,86 @@ impl Runner<'_> {
     }
 }
 
+/// Image paths as records list them.
+fn paths(files: &[PathBuf]) -> Vec<String> {
+    files
+        .iter()
+        .map(|f| f.to_string_lossy().into_owned())
+        .collect()
+}
+
 /// A candidate's synthetic images, kept in memory for scoring.
+#[derive(Clone)]
 struct Synthesised {
     set: SyntheticSet,
     images: Vec<RgbImage>,
+    /// The blake3 hash of each image's file, for the store's index.
+    hashes: Vec<String>,
     /// Each image's latents (1, C, h, w) on the device, kept for `--decoder hybrid` only.
     latents: Vec<Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_images_key_holds_what_the_images_depend_on_and_nothing_else() {
+        let settings = crate::config::load_with_env(None, &Default::default(), &|_| None)
+            .unwrap()
+            .settings;
+        let params = Params::from_settings(&settings, Pool::Mean).unwrap();
+        let id = |source: &str| ModelId {
+            source: source.into(),
+            revision: None,
+        };
+        let ids = ModelIds {
+            target: id("resnet"),
+            captioner: id("blip"),
+            synthesiser: id("sd"),
+            clip: id("clip"),
+            llm: "llm".into(),
+            tiny_vae: None,
+            hybrid: false,
+        };
+        let key = images_key(&ids, &params);
+        // Another target, captioner, CLIP, LLM or top-K: the same images.
+        let others = ModelIds {
+            target: id("vit"),
+            captioner: id("blip-large"),
+            clip: id("clip-l"),
+            llm: "other".into(),
+            ..ids.clone()
+        };
+        let mut more_images = params.clone();
+        more_images.top_k += 1;
+        assert_eq!(images_key(&others, &more_images), key);
+        // Another synthesiser, decoder, step count, seed or Q: other images.
+        let mut changed = vec![
+            images_key(
+                &ModelIds {
+                    synthesiser: id("sd2"),
+                    ..ids.clone()
+                },
+                &params,
+            ),
+            images_key(
+                &ModelIds {
+                    tiny_vae: Some(id("taesd")),
+                    ..ids.clone()
+                },
+                &params,
+            ),
+        ];
+        for change in [
+            |p: &mut Params| p.sampling.steps += 1,
+            |p: &mut Params| p.sampling.seed += 1,
+            |p: &mut Params| p.images_per_concept += 1,
+        ] {
+            let mut p = params.clone();
+            change(&mut p);
+            changed.push(images_key(&ids, &p));
+        }
+        assert!(changed.iter().all(|k| k != &key), "{changed:?} vs {key}");
+    }
 }

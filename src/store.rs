@@ -1,5 +1,6 @@
-//! The results store: one SQLite file (WAL) holding each neuron's description and every LLM
-//! answer, with the crops and synthetic images as small PNG files in a folder beside it.
+//! The results store: one SQLite file (WAL) holding each neuron's description, every LLM
+//! answer and an index of the synthetic images made per concept, with the crops and synthetic
+//! images as small PNG files in a folder beside it.
 //!
 //! A neuron's row is written in one transaction after its image files are on disk, so a
 //! kill at any moment loses at most the neuron in flight; its files are simply rewritten by
@@ -15,8 +16,17 @@ use crate::error::{Error, Result};
 use crate::summarise::AnswerCache;
 
 /// Bumped when the tables change; older files are migrated or refused by number.
-/// 2: curation (review state, curated label, history).
+/// 2: curation (review state, curated label, history). The image index (`synthetic`) came
+/// later without a bump: it is a cache, which an older dnd neither reads nor misses.
 const SCHEMA_VERSION: i64 = 2;
+
+/// One concept's synthetic images as the index knows them: their files (relative to
+/// [`Store::images_root`]) and the blake3 hash of each file's bytes as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageSet {
+    pub files: Vec<String>,
+    pub hashes: Vec<String>,
+}
 
 /// Whether a neuron got a label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -182,6 +192,13 @@ impl Store {
                 answer TEXT NOT NULL,
                 created_at INTEGER NOT NULL,
                 PRIMARY KEY (model, prompt)
+            );
+            CREATE TABLE IF NOT EXISTS synthetic (
+                images_key TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                images TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                PRIMARY KEY (images_key, prompt)
             );",
         )
         .map_err(err)?;
@@ -228,43 +245,100 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `img` as PNG at `rel` under [`Store::images_root`], atomically (temp + rename).
-    pub fn save_image(&self, rel: &Path, img: &image::RgbImage) -> Result<()> {
-        self.write_image(rel, |tmp| {
-            img.save_with_format(tmp, image::ImageFormat::Png)
-                .map_err(|e| self.error(format!("cannot write {}: {e}", tmp.display())))
-        })
+    /// Writes `img` as PNG at `rel` under [`Store::images_root`], atomically (temp + rename);
+    /// returns the blake3 hash of the file's bytes, by which [`Store::take_image`] knows them.
+    pub fn save_image(&self, rel: &Path, img: &image::RgbImage) -> Result<String> {
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| self.error(format!("cannot encode {} as PNG: {e}", rel.display())))?;
+        self.write_image(rel, &png)?;
+        Ok(blake3::hash(&png).to_hex().to_string())
     }
 
     /// Copies the image at `from` to `to` (both relative to [`Store::images_root`]), atomically
     /// as [`Store::save_image`] writes.
     pub fn copy_image(&self, from: &Path, to: &Path) -> Result<()> {
         let src = self.images.join(from);
-        self.write_image(to, |tmp| {
-            std::fs::copy(&src, tmp).map(drop).map_err(|e| {
-                let (from, to) = (src.display(), tmp.display());
-                self.error(format!("cannot copy {from} to {to}: {e}"))
-            })
-        })
+        let bytes = std::fs::read(&src).map_err(|e| {
+            let to = self.images.join(to);
+            let (from, to) = (src.display(), to.display());
+            self.error(format!("cannot copy {from} to {to}: {e}"))
+        })?;
+        self.write_image(to, &bytes)
     }
 
-    /// Reads back an image written under [`Store::images_root`].
-    pub fn load_image(&self, rel: &Path) -> Result<image::RgbImage> {
-        let path = self.images.join(rel);
-        image::open(&path)
-            .map(|i| i.into_rgb8())
-            .map_err(|e| self.error(format!("cannot read {}: {e}", path.display())))
+    /// The image at `from` (relative to [`Store::images_root`]), decoded, and a copy of its
+    /// file at `to`, if the file still holds the bytes whose blake3 hash is `hash`; `None` when
+    /// it is gone or was written again since (its neuron described anew).
+    pub fn take_image(
+        &self,
+        from: &Path,
+        hash: &str,
+        to: &Path,
+    ) -> Result<Option<image::RgbImage>> {
+        let Ok(bytes) = std::fs::read(self.images.join(from)) else {
+            return Ok(None);
+        };
+        if blake3::hash(&bytes).to_hex().as_str() != hash {
+            return Ok(None);
+        }
+        let Ok(img) = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png) else {
+            return Ok(None);
+        };
+        self.write_image(to, &bytes)?;
+        Ok(Some(img.into_rgb8()))
     }
 
-    /// Creates `rel`'s folder, has `write` fill a temporary file beside it, then renames that
-    /// into place, so a reader never sees half an image.
-    fn write_image(&self, rel: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    /// Writes `bytes` at `rel` under [`Store::images_root`]: to a temporary file, renamed into
+    /// place, so a reader never sees half an image.
+    fn write_image(&self, rel: &Path, bytes: &[u8]) -> Result<()> {
         let path = self.images.join(rel);
         let dir = path.parent().expect("image paths have a folder");
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tmp = path.with_extension("png.tmp");
-        write(&tmp)?;
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    }
+
+    /// The synthetic images last made (or copied) for `prompt` with images settings `key`, so
+    /// that a later job, in this process or another, copies them rather than making them
+    /// again. The index is a cache: a failure to read it is a miss, logged.
+    pub fn recall_images(&self, key: &str, prompt: &str) -> Option<ImageSet> {
+        let found: String = self
+            .conn()
+            .query_row(
+                "SELECT images FROM synthetic WHERE images_key = ?1 AND prompt = ?2",
+                params![key, prompt],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap_or_else(|e| {
+                tracing::warn!("image index read failed: {e}");
+                None
+            })?;
+        serde_json::from_str(&found).ok()
+    }
+
+    /// Records where the images of `prompt` now are (see [`Store::recall_images`]). A failure
+    /// to write costs only the reuse: it is logged.
+    pub fn remember_images(&self, key: &str, prompt: &str, set: &ImageSet) {
+        let json = serde_json::to_string(set).expect("plain data serialises");
+        if let Err(e) = self.conn().execute(
+            "INSERT OR REPLACE INTO synthetic (images_key, prompt, images, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![key, prompt, json, now()],
+        ) {
+            tracing::warn!("image index write failed (the images are kept, not indexed): {e}");
+        }
+    }
+
+    /// Drops the index entry of `prompt`, whose files no longer hold its images.
+    pub fn forget_images(&self, key: &str, prompt: &str) {
+        if let Err(e) = self.conn().execute(
+            "DELETE FROM synthetic WHERE images_key = ?1 AND prompt = ?2",
+            params![key, prompt],
+        ) {
+            tracing::warn!("image index write failed: {e}");
+        }
     }
 
     /// Whether the neuron is already described with these settings.
@@ -631,6 +705,39 @@ mod tests {
             .unwrap()
             .to_rgb8();
         assert_eq!(back, img);
+    }
+
+    #[test]
+    fn an_indexed_image_is_taken_only_while_its_file_holds_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dnd.sqlite");
+        let store = Store::open(&path).unwrap();
+        let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let hash = store.save_image(Path::new("n1/a.png"), &img).unwrap();
+        let set = ImageSet {
+            files: vec!["n1/a.png".into()],
+            hashes: vec![hash.clone()],
+        };
+        store.remember_images("k", "a cat", &set);
+        // Another process on the same file finds it.
+        let again = Store::open(&path).unwrap();
+        assert_eq!(again.recall_images("k", "a cat"), Some(set));
+        assert_eq!(again.recall_images("k2", "a cat"), None);
+        let (from, to) = (Path::new("n1/a.png"), Path::new("n2/a.png"));
+        assert_eq!(
+            again.take_image(from, &hash, to).unwrap(),
+            Some(img.clone())
+        );
+        let copied = std::fs::read(dir.path().join("dnd.sqlite.images/n2/a.png")).unwrap();
+        assert_eq!(blake3::hash(&copied).to_hex().as_str(), hash);
+        // Written again (its neuron described anew): no longer the indexed image.
+        let other = image::RgbImage::from_pixel(5, 4, image::Rgb([9, 9, 9]));
+        store.save_image(from, &other).unwrap();
+        assert_eq!(again.take_image(from, &hash, to).unwrap(), None);
+        std::fs::remove_file(dir.path().join("dnd.sqlite.images/n1/a.png")).unwrap();
+        assert_eq!(again.take_image(from, &hash, to).unwrap(), None);
+        again.forget_images("k", "a cat");
+        assert_eq!(store.recall_images("k", "a cat"), None);
     }
 
     #[test]

@@ -151,10 +151,26 @@ fn describe_stores_labels_and_export_reads_them() {
         asked,
         "answers are cached by (model, prompt)"
     );
-    let relabelled = json_lines(&text(&forced).0);
+    let (forced_out, forced_err) = text(&forced);
+    let relabelled = json_lines(&forced_out);
     for (a, b) in lines.iter().zip(&relabelled) {
         assert_eq!(a["labels"], b["labels"]);
     }
+    // And every synthetic image from the store's index: a later invocation copies the images
+    // of a concept any earlier one made.
+    let said = format!("0 synthetic images generated, {} copied", sets * 2);
+    assert!(forced_err.contains(&said), "{said} not in\n{forced_err}");
+    // Unless their files are gone: then they are made again.
+    std::fs::remove_dir_all(&images_root).unwrap();
+    let remade = describe(
+        home.path(),
+        &llm.url(),
+        &["--layer", "layer4", "--neurons", "0-2", "--force"],
+    );
+    let remade_err = text(&remade).1;
+    assert!(remade.status.success(), "{remade_err}");
+    let said = format!("{made} synthetic images generated, {copied} copied");
+    assert!(remade_err.contains(&said), "{said} not in\n{remade_err}");
 
     let db = home.path().join("out/dnd.sqlite").display().to_string();
     let csv = dnd(home.path(), &["export", "--db", &db, "--format", "csv"]);

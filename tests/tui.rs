@@ -223,7 +223,7 @@ fn a_run_that_copied_images_says_so() {
     })));
     let notice = a.notice.clone().unwrap_or_default();
     assert!(
-        notice.contains("20 of 30 synthetic images copied"),
+        notice.contains("20 of 30 synthetic images copied from those made before"),
         "{notice}"
     );
     // Nothing copied, nothing said.

@@ -817,7 +817,7 @@ impl App {
             // Synthesis that took no time is explained: its images were copied.
             if let Some(s) = r.as_ref().ok().filter(|s| s.images_reused > 0) {
                 self.notice = Some(format!(
-                    "{} of {} synthetic images copied from concepts made earlier this session",
+                    "{} of {} synthetic images copied from those made before for the same concepts",
                     s.images_reused,
                     s.images_made + s.images_reused
                 ));
