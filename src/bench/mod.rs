@@ -81,6 +81,9 @@ pub struct Report {
     /// Threads decoding and preprocessing on the CPU (rayon's pool: the cores this process
     /// may use, cgroup quotas included), which bound the `resnet50.jpeg` row.
     pub cpu_threads: usize,
+    /// Whether JPEG decoding runs libjpeg-turbo's SIMD code ([`crate::probe::jpeg_simd`]),
+    /// which halves the `resnet50.jpeg` row when missing.
+    pub jpeg_simd: bool,
     pub quick: bool,
     pub rows: Vec<Row>,
 }
@@ -94,6 +97,7 @@ impl Report {
             dtype: format!("{dtype:?}").to_lowercase(),
             kernels: crate::device::kernels(device, dtype),
             cpu_threads: rayon::current_num_threads(),
+            jpeg_simd: crate::probe::jpeg_simd(),
             quick,
             rows: Vec::new(),
         }
@@ -758,14 +762,14 @@ impl Bench<'_> {
         let images = std::cell::Cell::new((0, 0));
         // Every neuron must come out described: a failed one would make the time a lie.
         let mut described = |job: Job| -> Result<()> {
-            // A new store each run, as the reference caches nothing: no LLM answer comes from
-            // an earlier run's cache (random captions repeat from neuron to neuron).
+            // A new store each run, as the reference caches nothing: no LLM answer or synthetic
+            // image comes from an earlier run's (random captions repeat from neuron to neuron).
             for part in ["", "-wal", "-shm", ".images"] {
                 let old = PathBuf::from(format!("{}{part}", store_path.display()));
                 let _ = std::fs::remove_file(&old).or_else(|_| std::fs::remove_dir_all(&old));
             }
             let store = Arc::new(Store::open(&store_path)?);
-            // And a new gallery: no image is copied from an earlier run's.
+            // And a new gallery: no latents either.
             let gallery = pipeline::Gallery::default();
             let ctx = pipeline::Context {
                 models: &models,
