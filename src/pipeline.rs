@@ -1401,8 +1401,7 @@ impl Runner<'_> {
 
     /// Writes synthetic images as PNG files under the store, on every core: one at a time (1.3
     /// ms for a 512 px image on a 2-core EPYC) they held the device up some 65 ms a neuron at
-    /// 50 images.
-    /// Returns each file's hash ([`Store::save_image`]).
+    /// 50 images. Returns each file's hash ([`Store::save_image`]).
     fn save_images(&self, files: &[PathBuf], images: &[RgbImage]) -> Result<Vec<String>> {
         let store = self.ctx.store;
         files

@@ -300,7 +300,7 @@ impl Store {
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
-    /// The synthetic images last made (or copied) for `prompt` with images settings `key`, so
+    /// The synthetic images last made (or copied) for `prompt` under images key `key`, so
     /// that a later job, in this process or another, copies them rather than making them
     /// again. The index is a cache: a failure to read it is a miss, logged.
     pub fn recall_images(&self, key: &str, prompt: &str) -> Option<ImageSet> {

@@ -554,7 +554,8 @@ where
             tracing::warn!(
                 "this dnd was built without libjpeg-turbo's SIMD code (nasm was missing), so \
                  JPEGs decode at about half speed. fix: install nasm (apt-get install nasm, \
-                 brew install nasm), then `cargo clean -p mozjpeg-sys --release` and build again"
+                 brew install nasm), run `cargo clean -p mozjpeg-sys` (with `--release` for a \
+                 release build) and build again"
             )
         });
     }
