@@ -45,9 +45,6 @@ impl Engine {
         let thread = {
             let queue = queue.clone();
             let cancel = cancel.clone();
-            // Kept across jobs: with --decoder hybrid, the latents of a concept one
-            // neuron's job made, which the next one needs to copy its images.
-            let gallery = pipeline::Gallery::default();
             std::thread::Builder::new()
                 .name("dnd-engine".into())
                 .spawn(move || loop {
@@ -74,7 +71,6 @@ impl Engine {
                         runtime: &res.runtime,
                         events: &events,
                         cancel: &cancel,
-                        gallery: &gallery,
                     };
                     let result = pipeline::run(&ctx, &job).map_err(|e| e.to_string());
                     // Idle until the next job: the GPU memory kept for reuse goes back.

@@ -111,7 +111,6 @@ pub(crate) fn describe(
     let cancel = ctrl_c_flag(rt);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
-    let gallery = pipeline::Gallery::default();
     let mut view = Headless::new(progress, &args, &store, &models.target.name, &probe.root);
     let result = std::thread::scope(|scope| {
         let worker = scope.spawn(|| {
@@ -124,7 +123,6 @@ pub(crate) fn describe(
                 runtime: rt.handle(),
                 events: &tx,
                 cancel: &cancel,
-                gallery: &gallery,
             };
             let r = pipeline::run(&ctx, &job);
             drop(tx);

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -498,31 +498,6 @@ pub struct Context<'a> {
     pub runtime: &'a tokio::runtime::Handle,
     pub events: &'a UnboundedSender<Event>,
     pub cancel: &'a AtomicBool,
-    /// The latents of the synthetic images made so far, for `--decoder hybrid`.
-    pub gallery: &'a Gallery,
-}
-
-/// The latents of the synthetic images made so far, by images key and prompt, the most
-/// recently used kept. A prompt gives the same images whichever neuron asks, so a job copies
-/// the images the store's index lists rather than running Stable Diffusion again; with
-/// `--decoder hybrid` it also needs their latents, which only live here. The engine keeps one
-/// across a session's jobs; `describe` has one for its job.
-pub struct Gallery(Mutex<lru::LruCache<(String, String), Vec<Tensor>>>);
-
-/// How many prompts' latents a gallery keeps: 0.3 MB of device memory a prompt at 512 px in
-/// f16.
-const GALLERY_PROMPTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
-
-impl Default for Gallery {
-    fn default() -> Self {
-        Self(Mutex::new(lru::LruCache::new(GALLERY_PROMPTS)))
-    }
-}
-
-impl Gallery {
-    fn entries(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(String, String), Vec<Tensor>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// What a prompt's synthetic images depend on besides the prompt: the synthesiser, the decoder,
@@ -1205,11 +1180,12 @@ impl Runner<'_> {
                             images: Vec::new(),
                             hashes: Vec::new(),
                             latents: Vec::new(),
+                            latents_file: None,
                         })
                         .collect()
                 })
                 .collect();
-            // Each (wave index, candidate index) is made here, recalled from the gallery, or
+            // Each (wave index, candidate index) is made here, recalled through the index, or
             // repeats a candidate of this wave with the same prompt (`repeats`: to, from).
             let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
             let (mut to_make, mut repeats) = (Vec::new(), Vec::new());
@@ -1230,6 +1206,7 @@ impl Runner<'_> {
             self.make(ready, &prompts, &to_make, &mut sets)?;
             summary.images_made += to_make.len() * q;
             for &(w, ci) in &to_make {
+                self.save_latents(ready[w].0.n, ci, &mut sets[w][ci])?;
                 self.index(&prompts[w][ci], &sets[w][ci]);
             }
             for &((w, ci), (w0, ci0)) in &repeats {
@@ -1310,67 +1287,97 @@ impl Runner<'_> {
             .join(format!("{ci}_{j:02}.png"))
     }
 
+    /// Where `--decoder hybrid` keeps the latents of neuron `n`'s candidate `ci`.
+    fn latents_file(&self, n: usize, ci: usize) -> PathBuf {
+        self.neuron_dir(n)
+            .join("synthetic")
+            .join(format!("{ci}.latents.safetensors"))
+    }
+
     /// Fills `s` (neuron `n`'s candidate `ci`) with copies of the images made before for
     /// `prompt` with this job's images key (earlier in this job, or in an earlier one on this
     /// store), if the store's index lists them and their files still hold them; false when they
     /// are to be made.
     fn recall(&self, prompt: &str, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
         let store = self.ctx.store;
-        let key = (self.images_key.clone(), prompt.to_string());
-        // `--decoder hybrid` needs the latents too, which only this process's gallery has.
-        let latents = if matches!(self.ctx.models.decoding, Decoding::Hybrid(_)) {
-            match self.ctx.gallery.entries().get(&key) {
-                Some(l) => l.clone(),
-                None => return Ok(false),
-            }
-        } else {
-            Vec::new()
-        };
-        let Some(set) = store.recall_images(&key.0, prompt) else {
+        let Some(set) = store.recall_images(&self.images_key, prompt) else {
             return Ok(false);
         };
-        let q = self.params().images_per_concept;
-        let files: Vec<PathBuf> = (0..q).map(|j| self.synthetic_file(n, ci, j)).collect();
-        let taken: Vec<Option<RgbImage>> = if set.files.len() == q && set.hashes.len() == q {
-            set.files
-                .par_iter()
-                .zip(&set.hashes)
-                .zip(&files)
-                .map(|((from, hash), to)| store.take_image(Path::new(from), hash, to))
-                .collect::<Result<_>>()?
+        if self.copy_set(set, n, ci, s)? {
+            // The newest copy is the one indexed: it outlives the older ones longest.
+            self.index(prompt, s);
+            Ok(true)
         } else {
-            vec![None]
-        };
-        let Some(images) = taken.into_iter().collect::<Option<Vec<RgbImage>>>() else {
             // Routine: the neuron that owned them was described again, or its files removed.
             tracing::info!("the images of {prompt:?} are gone or changed: making them again");
-            store.forget_images(&key.0, prompt);
-            self.ctx.gallery.entries().pop(&key);
+            store.forget_images(&self.images_key, prompt);
+            Ok(false)
+        }
+    }
+
+    /// Copies the files of `set` to neuron `n`'s candidate `ci` and fills `s` with them: the
+    /// images decoded and, with `--decoder hybrid`, their latents on the device. False when a
+    /// file no longer holds what the index says, or the set is not one this job makes.
+    fn copy_set(&self, set: ImageSet, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
+        let store = self.ctx.store;
+        let q = self.params().images_per_concept;
+        let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
+        if set.files.len() != q || set.hashes.len() != q || set.latents.is_some() != hybrid {
+            return Ok(false);
+        }
+        let files: Vec<PathBuf> = (0..q).map(|j| self.synthetic_file(n, ci, j)).collect();
+        let images: Vec<Option<RgbImage>> = set
+            .files
+            .par_iter()
+            .zip(&set.hashes)
+            .zip(&files)
+            .map(|((from, hash), to)| store.take_image(Path::new(from), hash, to))
+            .collect::<Result<_>>()?;
+        let Some(images) = images.into_iter().collect::<Option<Vec<RgbImage>>>() else {
             return Ok(false);
         };
-        s.set.files = paths(&files);
+        if let Some((from, hash)) = &set.latents {
+            let to = self.latents_file(n, ci);
+            let device = self.ctx.models.synthesiser.device();
+            let bytes = store.take_file(Path::new(from), hash, &to)?;
+            let Some(rows) = bytes.and_then(|b| latent_rows(&b, q, device)) else {
+                return Ok(false);
+            };
+            s.latents = rows;
+            s.latents_file = Some((path_string(&to), hash.clone()));
+        }
+        s.set.files = files.iter().map(|f| path_string(f)).collect();
         s.images = images;
         s.hashes = set.hashes;
-        s.latents = latents;
-        // The newest copy is the one indexed: it outlives the older ones longest.
-        self.index(prompt, s);
         Ok(true)
     }
 
-    /// Records where `s`'s images for `prompt` are, in the store's index (and its latents in
-    /// the gallery for `--decoder hybrid`), for later candidates with the same prompt.
+    /// Records where `s`'s images for `prompt` are in the store's index, for later candidates
+    /// with the same prompt.
     fn index(&self, prompt: &str, s: &Synthesised) {
         let set = ImageSet {
             files: s.set.files.clone(),
             hashes: s.hashes.clone(),
+            latents: s.latents_file.clone(),
         };
         self.ctx
             .store
             .remember_images(&self.images_key, prompt, &set);
-        if !s.latents.is_empty() {
-            let key = (self.images_key.clone(), prompt.to_string());
-            self.ctx.gallery.entries().put(key, s.latents.clone());
+    }
+
+    /// `--decoder hybrid`: saves the latents of `s` (neuron `n`'s candidate `ci`, just made),
+    /// which a later copy of its images needs, as one safetensors file.
+    fn save_latents(&self, n: usize, ci: usize, s: &mut Synthesised) -> Result<()> {
+        if s.latents.is_empty() {
+            return Ok(());
         }
+        let rows = Tensor::cat(&s.latents, 0)?.to_device(&Device::Cpu)?;
+        let bytes =
+            safetensors::serialize([("latents", &rows)], None).map_err(candle_core::Error::wrap)?;
+        let file = self.latents_file(n, ci);
+        let hash = self.ctx.store.save_file(&file, &bytes)?;
+        s.latents_file = Some((path_string(&file), hash));
+        Ok(())
     }
 
     /// `s` (neuron `n`'s candidate `ci`) takes the images of `from`, a candidate of the same
@@ -1392,7 +1399,7 @@ impl Runner<'_> {
             .par_iter()
             .zip(files.par_iter())
             .try_for_each(|(a, b)| store.copy_image(Path::new(a), b))?;
-        s.set.files = paths(&files);
+        s.set.files = files.iter().map(|f| path_string(f)).collect();
         s.images = from.images;
         s.hashes = from.hashes;
         s.latents = from.latents;
@@ -1550,12 +1557,20 @@ impl Runner<'_> {
     }
 }
 
-/// Image paths as records list them.
-fn paths(files: &[PathBuf]) -> Vec<String> {
-    files
-        .iter()
-        .map(|f| f.to_string_lossy().into_owned())
-        .collect()
+/// A path as records list it.
+fn path_string(file: &Path) -> String {
+    file.to_string_lossy().into_owned()
+}
+
+/// The `q` latents (1, C, h, w) of a file [`Runner::save_latents`] wrote, on `device`; `None`
+/// when it does not hold them.
+fn latent_rows(bytes: &[u8], q: usize, device: &Device) -> Option<Vec<Tensor>> {
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, device).ok()?;
+    let rows = tensors.remove("latents")?;
+    if rows.dim(0).ok()? != q {
+        return None;
+    }
+    (0..q).map(|j| rows.narrow(0, j, 1).ok()).collect()
 }
 
 /// A candidate's synthetic images, kept in memory for scoring.
@@ -1567,6 +1582,8 @@ struct Synthesised {
     hashes: Vec<String>,
     /// Each image's latents (1, C, h, w) on the device, kept for `--decoder hybrid` only.
     latents: Vec<Tensor>,
+    /// `--decoder hybrid`: the file `latents` are saved in, and its hash.
+    latents_file: Option<(String, String)>,
 }
 
 #[cfg(test)]

@@ -26,6 +26,9 @@ const SCHEMA_VERSION: i64 = 2;
 pub struct ImageSet {
     pub files: Vec<String>,
     pub hashes: Vec<String>,
+    /// `--decoder hybrid`: the file holding the images' latents, and its hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents: Option<(String, String)>,
 }
 
 /// Whether a neuron got a label.
@@ -245,18 +248,32 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `img` as PNG at `rel` under [`Store::images_root`], atomically (temp + rename);
-    /// returns the blake3 hash of the file's bytes, by which [`Store::take_image`] knows them.
+    /// Writes `img` as PNG at `rel` under [`Store::images_root`] ([`Store::save_file`]);
+    /// returns the hash of the file's bytes.
     pub fn save_image(&self, rel: &Path, img: &image::RgbImage) -> Result<String> {
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .map_err(|e| self.error(format!("cannot encode {} as PNG: {e}", rel.display())))?;
-        self.write_image(rel, &png)?;
-        Ok(blake3::hash(&png).to_hex().to_string())
+        self.save_file(rel, &png)
+    }
+
+    /// Writes `bytes` at `rel` under [`Store::images_root`]: to a temporary file, renamed into
+    /// place, so a reader never sees half a file. Returns their blake3 hash, by which
+    /// [`Store::take_file`] knows them.
+    pub fn save_file(&self, rel: &Path, bytes: &[u8]) -> Result<String> {
+        let path = self.images.join(rel);
+        let dir = path.parent().expect("image paths have a folder");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        Ok(blake3::hash(bytes).to_hex().to_string())
     }
 
     /// Copies the image at `from` to `to` (both relative to [`Store::images_root`]), atomically
-    /// as [`Store::save_image`] writes.
+    /// as [`Store::save_file`] writes.
     pub fn copy_image(&self, from: &Path, to: &Path) -> Result<()> {
         let src = self.images.join(from);
         let bytes = std::fs::read(&src).map_err(|e| {
@@ -264,40 +281,34 @@ impl Store {
             let (from, to) = (src.display(), to.display());
             self.error(format!("cannot copy {from} to {to}: {e}"))
         })?;
-        self.write_image(to, &bytes)
+        self.save_file(to, &bytes).map(drop)
     }
 
-    /// The image at `from` (relative to [`Store::images_root`]), decoded, and a copy of its
-    /// file at `to`, if the file still holds the bytes whose blake3 hash is `hash`; `None` when
-    /// it is gone or was written again since (its neuron described anew).
-    pub fn take_image(
-        &self,
-        from: &Path,
-        hash: &str,
-        to: &Path,
-    ) -> Result<Option<image::RgbImage>> {
+    /// The bytes of the file at `from` (relative to [`Store::images_root`]), copied to `to`, if
+    /// they are still those whose blake3 hash is `hash`; `None` when the file is gone or was
+    /// written again since (its neuron described anew).
+    pub fn take_file(&self, from: &Path, hash: &str, to: &Path) -> Result<Option<Vec<u8>>> {
         let Ok(bytes) = std::fs::read(self.images.join(from)) else {
             return Ok(None);
         };
         if blake3::hash(&bytes).to_hex().as_str() != hash {
             return Ok(None);
         }
-        let Ok(img) = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png) else {
-            return Ok(None);
-        };
-        self.write_image(to, &bytes)?;
-        Ok(Some(img.into_rgb8()))
+        self.save_file(to, &bytes)?;
+        Ok(Some(bytes))
     }
 
-    /// Writes `bytes` at `rel` under [`Store::images_root`]: to a temporary file, renamed into
-    /// place, so a reader never sees half an image.
-    fn write_image(&self, rel: &Path, bytes: &[u8]) -> Result<()> {
-        let path = self.images.join(rel);
-        let dir = path.parent().expect("image paths have a folder");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tmp = path.with_extension("png.tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    /// [`Store::take_file`] of an image, decoded.
+    pub fn take_image(
+        &self,
+        from: &Path,
+        hash: &str,
+        to: &Path,
+    ) -> Result<Option<image::RgbImage>> {
+        let png = self.take_file(from, hash, to)?;
+        Ok(png
+            .and_then(|b| image::load_from_memory_with_format(&b, image::ImageFormat::Png).ok())
+            .map(|img| img.into_rgb8()))
     }
 
     /// The synthetic images last made (or copied) for `prompt` under images key `key`, so
@@ -717,6 +728,7 @@ mod tests {
         let set = ImageSet {
             files: vec!["n1/a.png".into()],
             hashes: vec![hash.clone()],
+            latents: None,
         };
         store.remember_images("k", "a cat", &set);
         // Another process on the same file finds it.

@@ -562,4 +562,33 @@ fn hybrid_decoder_ranks_the_tiny_decoders_images_and_shows_clip_the_vaes_of_the_
     let weights = |d| by_concept(d, "candidates", "weight");
     assert_eq!(acts(&hybrid), acts(&tiny));
     assert_ne!(weights(&hybrid), weights(&tiny));
+
+    // A later invocation copies the hybrid run's images and, from the file kept beside them,
+    // their latents: the VAE decodes them again to the same pixels.
+    let vae_pixels = |d: &serde_json::Value| -> Vec<Vec<u8>> {
+        let files = d["synthetic"].as_array().unwrap().iter();
+        let files = files.flat_map(|s| s["vae_files"].as_object().into_iter().flatten());
+        files
+            .map(|(_, f)| {
+                let img = image::open(root.join(f.as_str().unwrap())).unwrap();
+                img.into_rgb8().into_raw()
+            })
+            .collect()
+    };
+    let before = vae_pixels(&hybrid);
+    let mut args = vec!["--layer", "layer4", "--neurons", "0", "--format", "json"];
+    args.extend_from_slice(&flags("hybrid"));
+    args.push("--force");
+    let o = describe(home.path(), &llm.url(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let images = sets.len() * 2;
+    let said = format!("0 synthetic images generated, {images} copied");
+    assert!(err.contains(&said), "{said} not in\n{err}");
+    let again = json_lines(&out).remove(0);
+    assert_eq!(again["labels"], hybrid["labels"]);
+    assert!(
+        vae_pixels(&again) == before,
+        "the VAE decoded other latents"
+    );
 }

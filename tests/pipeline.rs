@@ -91,7 +91,6 @@ fn run_with(
     let llm = llm(mock.url());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let gallery = pipeline::Gallery::default();
     let job = Job {
         layer: "layer4".into(),
         neurons,
@@ -109,7 +108,6 @@ fn run_with(
                 runtime: rt.handle(),
                 events: &tx,
                 cancel,
-                gallery: &gallery,
             };
             let r = pipeline::run(&ctx, &job);
             drop(tx);

@@ -769,8 +769,6 @@ impl Bench<'_> {
                 let _ = std::fs::remove_file(&old).or_else(|_| std::fs::remove_dir_all(&old));
             }
             let store = Arc::new(Store::open(&store_path)?);
-            // And a new gallery: no latents either.
-            let gallery = pipeline::Gallery::default();
             let ctx = pipeline::Context {
                 models: &models,
                 probe: &probe,
@@ -780,7 +778,6 @@ impl Bench<'_> {
                 runtime: runtime.handle(),
                 events: &tx,
                 cancel: &cancel,
-                gallery: &gallery,
             };
             while rx.try_recv().is_ok() {}
             let summary = pipeline::run(&ctx, &job)?;

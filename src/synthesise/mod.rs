@@ -408,6 +408,11 @@ impl StableDiffusion {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// Where the model runs, and its latents live.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Seeded unit Gaussian latents for `n` images, drawn on the CPU so a seed gives the same
     /// images on every device.
     pub fn noise(&self, n: usize, sampling: &Sampling) -> Result<Tensor> {
