@@ -315,18 +315,8 @@ impl Store {
     /// that a later job, in this process or another, copies them rather than making them
     /// again. The index is a cache: a failure to read it is a miss, logged.
     pub fn recall_images(&self, key: &str, prompt: &str) -> Option<ImageSet> {
-        let found: String = self
-            .conn()
-            .query_row(
-                "SELECT images FROM synthetic WHERE images_key = ?1 AND prompt = ?2",
-                params![key, prompt],
-                |r| r.get(0),
-            )
-            .optional()
-            .unwrap_or_else(|e| {
-                tracing::warn!("image index read failed: {e}");
-                None
-            })?;
+        let sql = "SELECT images FROM synthetic WHERE images_key = ?1 AND prompt = ?2";
+        let found = self.cache_read(sql, [key, prompt], "image index read failed")?;
         serde_json::from_str(&found).ok()
     }
 
@@ -334,21 +324,36 @@ impl Store {
     /// to write costs only the reuse: it is logged.
     pub fn remember_images(&self, key: &str, prompt: &str, set: &ImageSet) {
         let json = serde_json::to_string(set).expect("plain data serialises");
-        if let Err(e) = self.conn().execute(
+        self.cache_write(
             "INSERT OR REPLACE INTO synthetic (images_key, prompt, images, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![key, prompt, json, now()],
-        ) {
-            tracing::warn!("image index write failed (the images are kept, not indexed): {e}");
-        }
+            "image index write failed (the images are kept, not indexed)",
+        );
     }
 
     /// Drops the index entry of `prompt`, whose files no longer hold its images.
     pub fn forget_images(&self, key: &str, prompt: &str) {
-        if let Err(e) = self.conn().execute(
-            "DELETE FROM synthetic WHERE images_key = ?1 AND prompt = ?2",
-            params![key, prompt],
-        ) {
-            tracing::warn!("image index write failed: {e}");
+        let sql = "DELETE FROM synthetic WHERE images_key = ?1 AND prompt = ?2";
+        self.cache_write(sql, params![key, prompt], "image index write failed");
+    }
+
+    /// The text `sql` selects by two keys from a table used as a cache (the LLM answers, the
+    /// image index): a failure to read is a miss, logged with `what`.
+    fn cache_read(&self, sql: &str, keys: [&str; 2], what: &str) -> Option<String> {
+        self.conn()
+            .query_row(sql, keys, |r| r.get(0))
+            .optional()
+            .unwrap_or_else(|e| {
+                tracing::warn!("{what}: {e}");
+                None
+            })
+    }
+
+    /// Runs `sql` on a table used as a cache: a failure costs only the cache, and is logged
+    /// with `what`.
+    fn cache_write(&self, sql: &str, params: impl rusqlite::Params, what: &str) {
+        if let Err(e) = self.conn().execute(sql, params) {
+            tracing::warn!("{what}: {e}");
         }
     }
 
@@ -548,26 +553,16 @@ impl Store {
 
 impl AnswerCache for Store {
     fn get(&self, model: &str, prompt: &str) -> Option<String> {
-        self.conn()
-            .query_row(
-                "SELECT answer FROM llm_cache WHERE model = ?1 AND prompt = ?2",
-                params![model, prompt],
-                |r| r.get(0),
-            )
-            .optional()
-            .unwrap_or_else(|e| {
-                tracing::warn!("LLM cache read failed: {e}");
-                None
-            })
+        let sql = "SELECT answer FROM llm_cache WHERE model = ?1 AND prompt = ?2";
+        self.cache_read(sql, [model, prompt], "LLM cache read failed")
     }
 
     fn put(&self, model: &str, prompt: &str, answer: &str) {
-        if let Err(e) = self.conn().execute(
+        self.cache_write(
             "INSERT OR REPLACE INTO llm_cache (model, prompt, answer, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![model, prompt, answer, now()],
-        ) {
-            tracing::warn!("LLM cache write failed (the answer is used, not remembered): {e}");
-        }
+            "LLM cache write failed (the answer is used, not remembered)",
+        );
     }
 }
 
