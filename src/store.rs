@@ -258,14 +258,15 @@ impl Store {
     }
 
     /// Writes `bytes` at `rel` under [`Store::images_root`]: to a temporary file, renamed into
-    /// place, so a reader never sees half a file. Returns their blake3 hash, by which
-    /// [`Store::take_file`] knows them.
+    /// place, so a reader never sees half a file (the process id in its name keeps two
+    /// processes on one store apart). Returns their blake3 hash, by which [`Store::take_file`]
+    /// knows them.
     pub fn save_file(&self, rel: &Path, bytes: &[u8]) -> Result<String> {
         let path = self.images.join(rel);
         let dir = path.parent().expect("image paths have a folder");
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
+        tmp.push(format!(".{}.tmp", std::process::id()));
         let tmp = PathBuf::from(tmp);
         std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
