@@ -552,10 +552,10 @@ where
     if !jpeg_simd() {
         SAID.call_once(|| {
             tracing::warn!(
-                "this dnd was built without libjpeg-turbo's SIMD code (nasm was missing), so \
-                 JPEGs decode at about half speed. fix: install nasm (apt-get install nasm, \
-                 brew install nasm), run `cargo clean -p mozjpeg-sys` (with `--release` for a \
-                 release build) and build again"
+                "this dnd was built without libjpeg-turbo's SIMD code (on x86-64: nasm was \
+                 missing), so JPEGs decode at about half speed. fix: install nasm (apt-get \
+                 install nasm, brew install nasm), run `cargo clean -p mozjpeg-sys` (with \
+                 `--release` for a release build) and build again"
             )
         });
     }
