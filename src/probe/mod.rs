@@ -232,7 +232,7 @@ pub enum Geometry {
     HfSquare,
 }
 
-/// Evaluation preprocessing: resize, centre crop `crop` x `crop`, to [0,1], normalised per
+/// Evaluation preprocessing: resize, centre crop `crop` x `crop`, to `[0, 1]`, normalised per
 /// channel. With [`Geometry::Torchvision`] identical to torchvision's `Resize, CenterCrop,
 /// ToTensor, Normalize`; the other geometries follow transformers' PIL image processors.
 #[derive(Clone, Debug, PartialEq)]

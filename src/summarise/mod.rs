@@ -305,7 +305,7 @@ fn tidy(answer: &str) -> String {
 }
 
 /// METHOD step 2.4: lowercase, strip, de-duplicate (first seen wins); a candidate ending in
-/// design(s)/graphic(s) also yields "<candidate> background".
+/// design(s)/graphic(s) also yields "`<candidate>` background".
 pub fn clean_candidates(answers: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut push = |c: String| {
