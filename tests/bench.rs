@@ -46,6 +46,7 @@ fn quick_bench_measures_every_stage_and_writes_json() {
     for want in [
         "resnet50.forward.b8",
         "resnet50.jpeg.b8",
+        "resnet50.jpeg.decode.b8",
         "resnet50.first_call.b3",
         "resnet50.first_call.b4",
         "resnet50.forward.b4",

@@ -463,6 +463,20 @@ impl Bench<'_> {
                     Ok(())
                 },
             )?;
+            // The CPU side alone: whether the row above is bound by decoding (too few cores,
+            // a quota, a decoder without SIMD) or by the device.
+            let threads = rayon::current_num_threads();
+            self.measure(
+                &format!("resnet50.jpeg.decode.b{}", s.target_batch),
+                n as f64,
+                "images/s",
+                &format!("the same {n} files decoded, resized and cropped on {threads} threads, nothing else"),
+                || {
+                    let pre = &target.preprocess;
+                    let b = s.target_batch;
+                    crate::probe::for_each_batch(&probe.images, pre, b, &cancel, |_| Ok(()))
+                },
+            )?;
         }
         Ok(())
     }
