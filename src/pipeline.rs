@@ -483,7 +483,7 @@ pub struct Summary {
     /// Synthetic images generated.
     pub images_made: usize,
     /// Synthetic images copied from those made for the same concept before (in this job, or
-    /// with the engine in an earlier one), rather than generated again.
+    /// in an earlier one on the same store), rather than generated again.
     pub images_reused: usize,
 }
 
@@ -511,7 +511,7 @@ pub fn images_key(ids: &ModelIds, params: &Params) -> String {
         "sampling": params.sampling,
         "images_per_concept": params.images_per_concept,
     });
-    blake3::hash(key.to_string().as_bytes()).to_hex()[..32].to_string()
+    hash_key(&key)
 }
 
 /// The key under which results of this job are stored: models, probing set and parameters.
@@ -522,7 +522,12 @@ pub fn settings_key(models: &Models, probe: &ProbeSet, params: &Params) -> Strin
         "probe": probe.fingerprint,
         "params": params,
     });
-    blake3::hash(key.to_string().as_bytes()).to_hex()[..32].to_string()
+    hash_key(&key)
+}
+
+/// A key's fields as 32 hex digits of their blake3 hash.
+fn hash_key(fields: &serde_json::Value) -> String {
+    blake3::hash(fields.to_string().as_bytes()).to_hex()[..32].to_string()
 }
 
 fn check(cancel: &AtomicBool) -> Result<()> {
@@ -676,6 +681,11 @@ impl Runner<'_> {
 
     fn params(&self) -> &Params {
         &self.job.params
+    }
+
+    /// `--decoder hybrid`: the VAE decodes again, from their latents, the images CLIP embeds.
+    fn hybrid(&self) -> bool {
+        matches!(self.ctx.models.decoding, Decoding::Hybrid(_))
     }
 
     fn target(&self) -> &Target {
@@ -1246,7 +1256,7 @@ impl Runner<'_> {
             .iter()
             .flat_map(|&(w, ci)| (0..q).map(move |j| (w, ci, j)))
             .collect();
-        let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
+        let hybrid = self.hybrid();
         for chunk in items.chunks(p.batches.synthesis.max(1)) {
             check(self.ctx.cancel)?;
             let prompt_refs: Vec<&str> = chunk
@@ -1269,7 +1279,7 @@ impl Runner<'_> {
             let made = chunk.iter().zip(images).zip(files).zip(hashes);
             for (i, (((&(w, ci, _), img), file), hash)) in made.enumerate() {
                 let s = &mut sets[w][ci];
-                s.set.files.push(file.to_string_lossy().into_owned());
+                s.set.files.push(path_string(&file));
                 s.images.push(img);
                 s.hashes.push(hash);
                 if hybrid {
@@ -1321,7 +1331,7 @@ impl Runner<'_> {
     fn copy_set(&self, set: ImageSet, n: usize, ci: usize, s: &mut Synthesised) -> Result<bool> {
         let store = self.ctx.store;
         let q = self.params().images_per_concept;
-        let hybrid = matches!(self.ctx.models.decoding, Decoding::Hybrid(_));
+        let hybrid = self.hybrid();
         if set.files.len() != q || set.hashes.len() != q || set.latents.is_some() != hybrid {
             return Ok(false);
         }
@@ -1493,7 +1503,7 @@ impl Runner<'_> {
                 let ranking = score::rank(&per, p.clip_top);
                 ranked.push((per, ranking));
             }
-            if matches!(self.ctx.models.decoding, Decoding::Hybrid(_)) {
+            if self.hybrid() {
                 let tops: Vec<&[Vec<usize>]> = ranked.iter().map(|(_, r)| &r.in_top[..]).collect();
                 self.decode_top_again(&mut sets, &tops)?;
             }

@@ -295,7 +295,10 @@ impl Store {
         if blake3::hash(&bytes).to_hex().as_str() != hash {
             return Ok(None);
         }
-        self.save_file(to, &bytes)?;
+        // A neuron described again may find its own files indexed: they are already in place.
+        if from != to {
+            self.save_file(to, &bytes)?;
+        }
         Ok(Some(bytes))
     }
 
@@ -738,6 +741,8 @@ mod tests {
         );
         let copied = std::fs::read(dir.path().join("dnd.sqlite.images/n2/a.png")).unwrap();
         assert_eq!(blake3::hash(&copied).to_hex().as_str(), hash);
+        // Its own file, for a neuron described again: taken where it is.
+        assert_eq!(again.take_image(to, &hash, to).unwrap(), Some(img.clone()));
         // Written again (its neuron described anew): no longer the indexed image.
         let other = image::RgbImage::from_pixel(5, 4, image::Rgb([9, 9, 9]));
         store.save_image(from, &other).unwrap();
