@@ -357,7 +357,7 @@ impl Llm for ApiLlm {
 
 /// The first line of `s`, at most `max` characters.
 fn first_line(s: &str, max: usize) -> String {
-    let line = s.lines().next().unwrap_or("").trim();
+    let line = super::one_line(s.lines().next().unwrap_or(""));
     match line.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &line[..i]),
         None => line.to_string(),

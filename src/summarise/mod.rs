@@ -214,7 +214,7 @@ impl Summariser<'_> {
             serde_json::json!({ "messages": messages, "temperature": temperature }).to_string();
         if let Some(hit) = self.cache.get(model, &key) {
             on_text(&hit);
-            return Ok(hit);
+            return Ok(one_line(&hit));
         }
         let slot = format!("{model}\n{key}");
         let cell = self
@@ -239,8 +239,19 @@ impl Summariser<'_> {
         } else {
             on_text(&answer);
         }
-        Ok(answer)
+        Ok(one_line(&answer))
     }
+}
+
+/// `text` as one line of plain text: control characters (line breaks, tabs, a terminal's
+/// escape codes) become spaces and runs of whitespace one space. An answer becomes a label
+/// printed to terminals and files, and an endpoint may answer garbage; Stable Diffusion's
+/// tokenizer folds whitespace the same way, so prompts are unchanged.
+pub(crate) fn one_line(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 const SUMMARY_TASK: &str = "State one coherent and concise concept label that is 1-5 words long that can semantically summarize and represent most, not necessarily all, of the conceptual similarities in the following descriptions: ";
@@ -459,6 +470,15 @@ mod tests {
                 "blue sky"
             ]
         );
+    }
+
+    #[test]
+    fn answers_become_one_line_without_control_characters() {
+        assert_eq!(
+            one_line("  red\ncars\x1b[31m\t and\u{7}  dogs \r\n"),
+            "red cars [31m and dogs"
+        );
+        assert_eq!(one_line("striped fabric"), "striped fabric");
     }
 
     #[test]
