@@ -109,19 +109,45 @@ pub enum Role {
 #[derive(Clone, Copy, Debug)]
 pub struct FileSpec {
     pub name: &'static str,
-    pub required: bool,
+    need: Need,
+}
+
+/// When a model folder must have a file.
+#[derive(Clone, Copy, Debug)]
+enum Need {
+    Always,
+    Optional,
+    /// Unless the folder has this other file, which holds the same data in another form.
+    Unless(&'static str),
+}
+
+impl FileSpec {
+    /// Whether the folder must have this file, given which files it has.
+    pub fn required(&self, has: impl Fn(&str) -> bool) -> bool {
+        match self.need {
+            Need::Always => true,
+            Need::Optional => false,
+            Need::Unless(other) => !has(other),
+        }
+    }
 }
 
 const fn req(name: &'static str) -> FileSpec {
     FileSpec {
         name,
-        required: true,
+        need: Need::Always,
     }
 }
 const fn opt(name: &'static str) -> FileSpec {
     FileSpec {
         name,
-        required: false,
+        need: Need::Optional,
+    }
+}
+const fn unless(name: &'static str, other: &'static str) -> FileSpec {
+    FileSpec {
+        name,
+        need: Need::Unless(other),
     }
 }
 
@@ -180,9 +206,11 @@ const SYNTHESISER_FILES: &[FileSpec] = &[
     req("scheduler/scheduler_config.json"),
     req("text_encoder/config.json"),
     req("text_encoder/model.safetensors"),
-    req("tokenizer/vocab.json"),
-    req("tokenizer/merges.txt"),
+    // Hub repos ship CLIP's vocab.json + merges.txt; a pipeline saved by transformers 5
+    // writes tokenizer.json alone.
     opt("tokenizer/tokenizer.json"),
+    unless("tokenizer/vocab.json", "tokenizer/tokenizer.json"),
+    unless("tokenizer/merges.txt", "tokenizer/tokenizer.json"),
     opt("tokenizer/tokenizer_config.json"),
     opt("tokenizer/special_tokens_map.json"),
     req("unet/config.json"),
@@ -277,7 +305,7 @@ impl ResolvedModel {
             let p = dir.join(spec.name);
             if p.is_file() || spec.name.ends_with(".safetensors") {
                 files.insert(spec.name, p);
-            } else if spec.required {
+            } else if spec.required(|o| dir.join(o).is_file()) {
                 return Err(Error::MissingModelFile {
                     model: label(role, &source),
                     file: spec.name.into(),
@@ -321,7 +349,8 @@ impl ResolvedModel {
         parts.next().map(|c| c.into_owned())
     }
 
-    /// Path of a file this role lists as required.
+    /// Path of a file this role requires (of this folder: a file needed unless another is
+    /// present, where that other is absent).
     pub fn required(&self, name: &str) -> &Path {
         self.file(name)
             .unwrap_or_else(|| panic!("{name} is not a required file of {:?}", self.role))
@@ -365,7 +394,7 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                 let p = dir.join(spec.name);
                 if p.is_file() {
                     files.insert(spec.name, p);
-                } else if spec.required {
+                } else if spec.required(|o| dir.join(o).is_file()) {
                     return Err(Error::MissingModelFile {
                         model: label(role, source),
                         file: spec.name.into(),
@@ -393,7 +422,10 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
             }
             // The network is used only when a required file is missing: optional files come
             // along then, and a repo without them is not asked again on every run.
-            if let Some(first) = missing.iter().find(|s| s.required) {
+            if let Some(first) = missing
+                .iter()
+                .find(|s| s.required(|o| files.contains_key(o)))
+            {
                 if opts.offline {
                     return Err(Error::MissingModelFile {
                         model: label(role, source),
@@ -449,9 +481,10 @@ async fn download_missing(
         .iter()
         .map(|s| s.rfilename.as_str())
         .collect();
+    let has = |name: &str| present.contains(&name);
     for spec in missing {
-        if !present.contains(&spec.name) {
-            if spec.required {
+        if !has(spec.name) {
+            if spec.required(|o| has(o) || files.contains_key(o)) {
                 return Err(Error::MissingModelFile {
                     model: label(role, source),
                     file: spec.name.into(),
@@ -488,18 +521,18 @@ pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> Mode
     let mut missing = Vec::new();
     let mut local_bytes = 0;
     let mut not_local = Vec::new();
+    let local = |name: &str| match source {
+        ModelSource::Local(dir) => Some(dir.join(name)).filter(|p| p.is_file()),
+        ModelSource::Hub { repo, revision } => {
+            Cache::from_env().repo(cache_repo(repo, revision)).get(name)
+        }
+    };
     for spec in role.files() {
-        let path = match source {
-            ModelSource::Local(dir) => Some(dir.join(spec.name)).filter(|p| p.is_file()),
-            ModelSource::Hub { repo, revision } => Cache::from_env()
-                .repo(cache_repo(repo, revision))
-                .get(spec.name),
-        };
-        match path.and_then(|p| std::fs::metadata(p).ok()) {
+        match local(spec.name).and_then(|p| std::fs::metadata(p).ok()) {
             Some(m) => local_bytes += m.len(),
             None => {
                 not_local.push(spec.name);
-                if spec.required {
+                if spec.required(|o| local(o).is_some()) {
                     missing.push(spec.name);
                 }
             }

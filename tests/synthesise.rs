@@ -46,6 +46,22 @@ fn tokens_and_text_encoder_equal_transformers() {
     assert!(err < 1e-4, "text encoder relative error {err}");
 }
 
+/// A pipeline saved by transformers 5 has tokenizer/tokenizer.json and no vocab.json or
+/// merges.txt: it loads, and tokenizes as the Hub layout does.
+#[test]
+fn a_tokenizer_json_alone_tokenizes_as_transformers() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let (dir, model) = sd_with("tokenizer", "sd_tokenizer_json");
+    assert!(!dir.path().join("tokenizer/vocab.json").exists());
+    let want: Vec<Vec<u32>> = refs["token_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let ids = model.token_ids(&PROMPTS).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), want);
+}
+
 #[test]
 fn repeated_prompts_are_encoded_as_when_alone() {
     let model = sd();
@@ -225,7 +241,14 @@ fn scheduler_runs_end_at_diffusers_latents() {
         timestep_spacing: Some(s.into()),
         ..base.clone()
     };
-    let runs: [(&str, SchedulerConfig, Option<Kind>, usize, f64); 6] = [
+    // PNDM as SD 1.x's folders set it, which the Euler folder's config does not.
+    let plms = |spacing: Option<&str>, prediction: &str| SchedulerConfig {
+        skip_prk_steps: Some(true),
+        timestep_spacing: spacing.map(String::from).or(base.timestep_spacing.clone()),
+        prediction_type: prediction.into(),
+        ..base.clone()
+    };
+    let runs: [(&str, SchedulerConfig, Option<Kind>, usize, f64); 9] = [
         ("euler_1", base.clone(), None, 1, 0.0),
         ("euler_4", base.clone(), None, 4, 0.0),
         (
@@ -249,6 +272,15 @@ fn scheduler_runs_end_at_diffusers_latents() {
             Some(Kind::Ddim),
             4,
             2.0,
+        ),
+        ("pndm_1", plms(None, "epsilon"), Some(Kind::Pndm), 1, 0.0),
+        ("pndm_4", plms(None, "epsilon"), Some(Kind::Pndm), 4, 7.5),
+        (
+            "pndm_6_leading_v",
+            plms(Some("leading"), "v_prediction"),
+            Some(Kind::Pndm),
+            6,
+            7.5,
         ),
     ];
     for (key, cfg, kind, steps, guidance) in runs {

@@ -202,18 +202,33 @@ def clip_bpe_files(tmp):
 PROMPTS = ["One realistic image of red striped dog", "One realistic image of multicolored textiles", ""]
 
 
+def sd_tokenizer(tmp):
+    from transformers import CLIPTokenizer
+    n_vocab = clip_bpe_files(tmp)
+    return n_vocab, CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="!",
+                                  model_max_length=77)
+
+
+def write_sd_tokenizer_json():
+    """sd_tiny's tokenizer as transformers 5 saves it in a pipeline: tokenizer.json and its config, no
+    vocab.json or merges.txt (the Hub's SD repos have those; a pipeline saved today does not)."""
+    folder = MODELS / "sd_tokenizer_json"
+    shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, tok = sd_tokenizer(tmp)
+        tok.save_pretrained(folder)
+    assert not (folder / "vocab.json").exists(), "transformers wrote vocab.json: the fixture tests nothing"
+
+
 def write_sd(gen):
     from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+                           PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = MODELS / "sd_tiny"
     shutil.rmtree(folder, ignore_errors=True)
     tmp = tempfile.mkdtemp()
-    if True:
-        n_vocab = clip_bpe_files(tmp)
-        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="!",
-                            model_max_length=77)
+    n_vocab, tok = sd_tokenizer(tmp)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                         hidden_act="gelu", projection_dim=32, bos_token_id=n_vocab - 2,
@@ -258,6 +273,11 @@ def write_sd(gen):
                                 6, 7.5),
             "ddim_4": (DDIMScheduler.from_config(euler.config), 4, 7.5),
             "ddim_4_linspace": (DDIMScheduler.from_config(euler.config, timestep_spacing="linspace"), 4, 2.0),
+            # SD 1.x's and 2.x-base's folders: PLMS (skip_prk_steps), which calls the UNet steps + 1 times
+            "pndm_1": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True), 1, 0.0),
+            "pndm_4": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True), 4, 7.5),
+            "pndm_6_leading_v": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True, timestep_spacing="leading",
+                                                           prediction_type="v_prediction"), 6, 7.5),
         }
         for key, (sched, steps, guidance) in runs.items():
             pipe.scheduler = sched
@@ -346,6 +366,7 @@ def main():
     write_blip(gen)
     write_clip(gen)
     write_sd(gen)
+    write_sd_tokenizer_json()
     write_taesd()
     write_vae_widths()
     write_unet_conv()

@@ -116,7 +116,9 @@ impl PromptTokenizer {
             inner.token_to_id(&t).ok_or_else(|| {
                 nn::mismatch(
                     &label,
-                    model.file("tokenizer/vocab.json"),
+                    model
+                        .file("tokenizer/tokenizer.json")
+                        .or(model.file("tokenizer/vocab.json")),
                     &format!("token {t:?} is not in the vocabulary"),
                 )
             })

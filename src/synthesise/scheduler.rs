@@ -1,5 +1,6 @@
-//! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM, and
-//! DPM-Solver++ 2M (what the reference swaps in; candle has none). Built from a folder's
+//! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM,
+//! DPM-Solver++ 2M (what the reference swaps in; candle has none) and PNDM's linear multistep
+//! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders). Built from a folder's
 //! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
 
 use candle_core::Tensor;
@@ -13,6 +14,7 @@ pub enum Kind {
     EulerDiscrete,
     Ddim,
     DpmSolverPlusPlus,
+    Pndm,
 }
 
 impl Kind {
@@ -22,6 +24,7 @@ impl Kind {
             "EulerDiscreteScheduler" | "euler" => Self::EulerDiscrete,
             "DDIMScheduler" | "ddim" => Self::Ddim,
             "DPMSolverMultistepScheduler" | "dpm-solver++" | "dpmpp" => Self::DpmSolverPlusPlus,
+            "PNDMScheduler" | "pndm" => Self::Pndm,
             _ => return None,
         })
     }
@@ -43,7 +46,7 @@ fn d_epsilon() -> String {
     "epsilon".into()
 }
 
-/// The keys of `scheduler_config.json` that any of the three reads.
+/// The keys of `scheduler_config.json` that any of them reads.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name", default)]
@@ -76,6 +79,10 @@ pub struct SchedulerConfig {
     pub algorithm_type: Option<String>,
     #[serde(default)]
     pub solver_order: Option<usize>,
+    /// PNDM only; diffusers defaults it to false (Runge-Kutta warm-up steps), SD's folders set
+    /// it true.
+    #[serde(default)]
+    pub skip_prk_steps: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +113,13 @@ pub struct Scheduler {
     step_index: usize,
     /// DPM-Solver++: the previous data prediction and how many low-order steps ran.
     previous: Option<Tensor>,
+    /// PNDM: the last four noise predictions (newest last), and the sample its second step
+    /// starts again from.
+    outputs: Vec<Tensor>,
+    restart: Option<Tensor>,
     train_steps: usize,
+    /// Inference steps asked for (PNDM calls the UNet once more).
+    steps: usize,
     spacing: Spacing,
 }
 
@@ -128,8 +141,8 @@ impl Scheduler {
                 .and_then(Kind::parse)
                 .ok_or_else(|| {
                     config_error(format!(
-                        "scheduler {:?} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler); pass --scheduler euler|ddim|dpm-solver++",
-                        cfg.class_name
+                        "scheduler {} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler); pass --scheduler euler|ddim|dpm-solver++|pndm",
+                        cfg.class_name.as_deref().unwrap_or("(no _class_name)")
                     ))
                 })?,
         };
@@ -148,6 +161,11 @@ impl Scheduler {
                 "DPM-Solver algorithm {:?} is not supported (dpmsolver++)",
                 cfg.algorithm_type
             )));
+        }
+        if kind == Kind::Pndm && cfg.skip_prk_steps != Some(true) {
+            return Err(config_error(
+                "PNDM's Runge-Kutta warm-up steps (skip_prk_steps false) are not supported: set \"skip_prk_steps\": true in scheduler/scheduler_config.json, as SD's folders do, or pass --scheduler ddim|dpm-solver++".into(),
+            ));
         }
         if kind == Kind::DpmSolverPlusPlus && cfg.solver_order.unwrap_or(2) != 2 {
             return Err(config_error(
@@ -191,7 +209,7 @@ impl Scheduler {
             Some("linspace") => Spacing::Linspace,
             Some("leading") => Spacing::Leading,
             Some("trailing") => Spacing::Trailing,
-            None if kind == Kind::Ddim => Spacing::Leading,
+            None if matches!(kind, Kind::Ddim | Kind::Pndm) => Spacing::Leading,
             None => Spacing::Linspace,
             Some(other) => {
                 return Err(config_error(format!(
@@ -217,7 +235,8 @@ impl Scheduler {
                 }
                 _ => None,
             },
-            final_alpha: if cfg.set_alpha_to_one.unwrap_or(true) {
+            // diffusers' default: true for DDIM, false for PNDM.
+            final_alpha: if cfg.set_alpha_to_one.unwrap_or(kind != Kind::Pndm) {
                 1.0
             } else {
                 alphas_cumprod[0]
@@ -225,7 +244,10 @@ impl Scheduler {
             alphas_cumprod,
             step_index: 0,
             previous: None,
+            outputs: Vec::new(),
+            restart: None,
             train_steps: n,
+            steps,
             spacing,
         })
     }
@@ -267,6 +289,7 @@ impl Scheduler {
             Kind::EulerDiscrete => self.euler(output, sample, i)?,
             Kind::Ddim => self.ddim(output, sample, i)?,
             Kind::DpmSolverPlusPlus => self.dpm(output, sample, i)?,
+            Kind::Pndm => self.plms(output, sample, i)?,
         };
         self.step_index += 1;
         Ok(next)
@@ -284,7 +307,7 @@ impl Scheduler {
 
     fn ddim(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
         let t = self.timesteps[i] as i64;
-        let prev = t - (self.train_steps / self.timesteps.len()) as i64;
+        let prev = t - (self.train_steps / self.steps) as i64;
         let a_t = self.alphas_cumprod[t as usize];
         let a_prev = if prev >= 0 {
             self.alphas_cumprod[prev as usize]
@@ -303,6 +326,55 @@ impl Scheduler {
             x0 = x0.clamp(-r, r)?;
         }
         Ok(((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?)
+    }
+
+    /// diffusers' `PNDMScheduler.step_plms`: Adams-Bashforth over the last noise predictions,
+    /// up to fourth order. Its first step is taken twice: once with the first prediction, then
+    /// again from the same sample with the mean of the first two (the repeated timestep).
+    fn plms(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let ratio = (self.train_steps / self.steps) as i64;
+        let mut t = self.timesteps[i] as i64;
+        let mut prev = t - ratio;
+        if i == 1 {
+            (prev, t) = (t, t + ratio);
+        } else {
+            if self.outputs.len() == 4 {
+                self.outputs.remove(0);
+            }
+            self.outputs.push(output.clone());
+        }
+        let e = &self.outputs;
+        let n = e.len();
+        let mut sample = sample.clone();
+        let combined = match (n, i) {
+            (1, 0) => {
+                self.restart = Some(sample.clone());
+                output.clone()
+            }
+            (1, _) => {
+                sample = self.restart.take().expect("set by the first step");
+                ((output + &e[0])? / 2.0)?
+            }
+            (2, _) => (((&e[1] * 3.0)? - &e[0])? / 2.0)?,
+            (3, _) => ((((&e[2] * 23.0)? - (&e[1] * 16.0)?)? + (&e[0] * 5.0)?)? / 12.0)?,
+            _ => {
+                let s = (((&e[3] * 55.0)? - (&e[2] * 59.0)?)? + (&e[1] * 37.0)?)?;
+                ((s - (&e[0] * 9.0)?)? / 24.0)?
+            }
+        };
+        let a_t = self.alphas_cumprod[t as usize];
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha
+        };
+        let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
+        let eps = match self.prediction {
+            Prediction::Epsilon => combined,
+            Prediction::V => ((combined * a_t.sqrt())? + (&sample * b_t.sqrt())?)?,
+        };
+        let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
+        Ok(((sample * (a_prev / a_t).sqrt())? - (eps * ((a_prev - a_t) / denom))?)?)
     }
 
     fn dpm(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
@@ -397,6 +469,10 @@ fn timesteps(kind: Kind, spacing: Spacing, n: usize, steps: usize, offset: usize
     };
     if points != steps {
         ts.truncate(steps);
+    }
+    if kind == Kind::Pndm && ts.len() > 1 {
+        // PLMS repeats the second-to-last training-order timestep: the UNet runs steps + 1 times.
+        ts.insert(1, ts[1]);
     }
     ts
 }
