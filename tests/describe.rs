@@ -287,6 +287,13 @@ fn without_an_endpoint_the_local_llm_writes_the_concepts() {
         "described" => assert!(o.status.success(), "{err}"),
         _ => assert!(d["error"].as_str().unwrap().contains("empty"), "{d}"),
     }
+    // Its gibberish holds control characters (escape codes, line breaks); none may reach a
+    // label, a candidate or a simplified caption, which terminals and files show.
+    let texts = [&d["labels"], &d["candidates"], &d["simplified"]];
+    for t in texts.iter().flat_map(|v| v.as_array().unwrap()) {
+        let t = t.get("label").unwrap_or(t).as_str().unwrap_or_default();
+        assert!(!t.chars().any(char::is_control), "{t:?}");
+    }
 }
 
 #[test]
