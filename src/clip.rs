@@ -1,5 +1,6 @@
-//! CLIP (transformers' `CLIPModel` layout): the image embeddings that weight candidates
-//! (METHOD step 3.4), and the transformer shared with Stable Diffusion's text encoder.
+//! CLIP (transformers' `CLIPModel` layout, or `CLIPVisionModelWithProjection`'s): the image
+//! embeddings that weight candidates (METHOD step 3.4), and the transformer shared with Stable
+//! Diffusion's text encoder.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -104,12 +105,6 @@ struct VisionConfig {
     patch_size: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
-struct Config {
-    vision_config: VisionConfig,
-    projection_dim: usize,
-}
-
 /// CLIP's image tower and projection: unit-free image embeddings for the similarity weights.
 pub struct ClipVision {
     class: Tensor,
@@ -127,8 +122,18 @@ pub struct ClipVision {
 impl ClipVision {
     pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
         let label = model.label();
-        let cfg: Config = nn::read_json(&label, model.required("config.json"))?;
-        let v = &cfg.vision_config;
+        let cfg_path = model.required("config.json");
+        let raw: serde_json::Value = nn::read_json(&label, cfg_path)?;
+        // A CLIPModel nests its image tower's config; a CLIPVisionModelWithProjection's config
+        // is that config itself. Their weights have the same names.
+        let v: VisionConfig =
+            serde_json::from_value(raw.get("vision_config").unwrap_or(&raw).clone())
+                .map_err(|e| nn::mismatch(&label, Some(cfg_path), &e))?;
+        let projection_dim = raw
+            .get("projection_dim")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| nn::mismatch(&label, Some(cfg_path), &"no projection_dim"))?
+            as usize;
         let preprocess = match model.file("preprocessor_config.json") {
             Some(p) => {
                 let raw: serde_json::Value = nn::read_json(&label, p)?;
@@ -164,12 +169,7 @@ impl ClipVision {
                 pre: nn::layer_norm(&m.pp("pre_layrnorm"), d, v.encoder.layer_norm_eps)?,
                 encoder: Encoder::load(&v.encoder, m.pp("encoder"))?,
                 post: nn::layer_norm(&m.pp("post_layernorm"), d, v.encoder.layer_norm_eps)?,
-                projection: Linear::load(
-                    &vb.pp("visual_projection"),
-                    d,
-                    cfg.projection_dim,
-                    false,
-                )?,
+                projection: Linear::load(&vb.pp("visual_projection"), d, projection_dim, false)?,
                 preprocess: preprocess.clone(),
                 device: device.clone(),
                 dtype,

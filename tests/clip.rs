@@ -30,6 +30,22 @@ fn image_embeddings_equal_transformers() {
     assert!(rel_err(&one, &ours.narrow(0, 2, 1).unwrap()) < 1e-5);
 }
 
+/// The image tower alone, as `CLIPVisionModelWithProjection` saves it: its config.json is the
+/// vision config itself.
+#[test]
+fn a_vision_model_with_projection_folder_embeds_as_transformers() {
+    let pixels = &reference("models/clip_tiny.reference.safetensors")["pixel_values"];
+    let want = &reference("models/clip_vision_tiny.reference.safetensors")["image_embeds"];
+    let model = ClipVision::load(
+        &resolve_fixture(Role::Clip, "clip_vision_tiny"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let err = rel_err(&model.embed(pixels).unwrap(), want);
+    assert!(err < 1e-4, "relative error {err}");
+}
+
 #[test]
 fn preprocessing_and_embedding_from_decoded_images() {
     let refs = reference("models/clip_tiny.reference.safetensors");

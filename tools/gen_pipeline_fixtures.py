@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 MODELS = ROOT / "models"
@@ -163,6 +163,27 @@ def write_clip(gen):
         emb = model.get_image_features(pixel_values=pixels)
         emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
     save(MODELS / "clip_tiny.reference.safetensors", {"pixel_values": pixels, "image_embeds": emb})
+
+
+def write_clip_vision():
+    """clip_tiny's image tower alone, as CLIPVisionModelWithProjection saves it (its config is the
+    vision config, no text tower); the reference is its own output on clip_tiny's pixels."""
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+    folder = MODELS / "clip_vision_tiny"
+    shutil.rmtree(folder, ignore_errors=True)
+    full = CLIPModel.from_pretrained(MODELS / "clip_tiny").eval()
+    cfg = full.config.vision_config
+    cfg.projection_dim = full.config.projection_dim
+    with torch.random.fork_rng():  # the other writers' initialisations stay as they were
+        model = CLIPVisionModelWithProjection(cfg).eval()
+    missing = model.load_state_dict(full.state_dict(), strict=False).missing_keys
+    assert not missing, missing
+    model.save_pretrained(folder, safe_serialization=True)
+    pixels = load_file(MODELS / "clip_tiny.reference.safetensors")["pixel_values"]
+    with torch.no_grad():
+        emb = model(pixel_values=pixels).image_embeds
+    save(MODELS / "clip_vision_tiny.reference.safetensors", {"image_embeds": emb})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +391,7 @@ def main():
     write_taesd()
     write_vae_widths()
     write_unet_conv()
+    write_clip_vision()
     import diffusers
     import transformers
     versions = json.loads((ROOT / "versions.json").read_text())
