@@ -53,11 +53,11 @@ pub enum Error {
     #[error("device {spec}: {reason}")]
     Device { spec: String, reason: String },
 
-    #[error("{path}: {source}")]
+    // The I/O error is part of the message, not a source: chained, it was printed twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("activation cache {path}: {reason}")]
@@ -83,7 +83,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

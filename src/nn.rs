@@ -947,8 +947,18 @@ pub(crate) fn weights<'a>(
     }
     // SAFETY: the files are not modified while mapped; dnd only ever reads model folders.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .map_err(|e| mismatch(&model.label(), Some(path), &e))?;
+        .map_err(|e| unreadable(&model.label(), path, &e))?;
     Ok((vb, path))
+}
+
+/// A weights file that is not safetensors, or is cut short (an interrupted download).
+pub(crate) fn unreadable(label: &str, path: &Path, e: &dyn std::fmt::Display) -> Error {
+    Error::ModelMismatch {
+        model: label.to_string(),
+        file: path.display().to_string(),
+        detail: format!("not a readable safetensors file ({e})"),
+        fix: "re-download it (`dnd models fetch`) or convert the checkpoint to safetensors".into(),
+    }
 }
 
 /// Weights of any name and shape: N(0, 0.02) matrices, unit norm scales, zero biases. Timing

@@ -142,7 +142,13 @@ impl Store {
     /// Opens (creating when needed) the store at `path`; images live in `<path>.images/`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::Store {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "cannot create its folder {}: {e}. fix: point --db at a file in a writable folder",
+                    dir.display()
+                ),
+            })?;
         }
         let err = |e: rusqlite::Error| Error::Store {
             path: path.to_path_buf(),

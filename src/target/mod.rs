@@ -189,15 +189,8 @@ pub struct Weights {
 
 impl Weights {
     pub fn load(label: &str, path: &Path) -> Result<Self> {
-        let raw = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            Error::ModelMismatch {
-                model: label.to_string(),
-                file: path.display().to_string(),
-                detail: format!("not a readable safetensors file ({e})"),
-                fix: "re-download it (`dnd models fetch`) or convert the checkpoint to safetensors"
-                    .into(),
-            }
-        })?;
+        let raw = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| crate::nn::unreadable(label, path, &e))?;
         Self::from_tensors(label, &path.display().to_string(), raw)
     }
 
