@@ -248,7 +248,11 @@ fn scheduler_runs_end_at_diffusers_latents() {
         prediction_type: prediction.into(),
         ..base.clone()
     };
-    let runs: [(&str, SchedulerConfig, Option<Kind>, usize, f64); 9] = [
+    let v = SchedulerConfig {
+        prediction_type: "v_prediction".into(),
+        ..base.clone()
+    };
+    let runs: [(&str, SchedulerConfig, Option<Kind>, usize, f64); 12] = [
         ("euler_1", base.clone(), None, 1, 0.0),
         ("euler_4", base.clone(), None, 4, 0.0),
         (
@@ -273,6 +277,9 @@ fn scheduler_runs_end_at_diffusers_latents() {
             4,
             2.0,
         ),
+        ("euler_4_v", v.clone(), None, 4, 7.5),
+        ("ddim_4_v", v.clone(), Some(Kind::Ddim), 4, 7.5),
+        ("dpmpp_4_v", v, Some(Kind::DpmSolverPlusPlus), 4, 7.5),
         ("pndm_1", plms(None, "epsilon"), Some(Kind::Pndm), 1, 0.0),
         ("pndm_4", plms(None, "epsilon"), Some(Kind::Pndm), 4, 7.5),
         (

@@ -294,6 +294,11 @@ def write_sd(gen):
                                 6, 7.5),
             "ddim_4": (DDIMScheduler.from_config(euler.config), 4, 7.5),
             "ddim_4_linspace": (DDIMScheduler.from_config(euler.config, timestep_spacing="linspace"), 4, 2.0),
+            # v-prediction (SD 2.x at 768 px: DDIM or Euler in its folder)
+            "euler_4_v": (EulerDiscreteScheduler.from_config(euler.config, prediction_type="v_prediction"), 4, 7.5),
+            "ddim_4_v": (DDIMScheduler.from_config(euler.config, prediction_type="v_prediction"), 4, 7.5),
+            "dpmpp_4_v": (DPMSolverMultistepScheduler.from_config(euler.config, prediction_type="v_prediction"), 4,
+                          7.5),
             # SD 1.x's and 2.x-base's folders: PLMS (skip_prk_steps), which calls the UNet steps + 1 times
             "pndm_1": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True), 1, 0.0),
             "pndm_4": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True), 4, 7.5),
