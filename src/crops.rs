@@ -85,6 +85,7 @@ pub fn heatmap(map: &[f32], (map_w, map_h): (u32, u32), (width, height): (u32, u
     let resized = resize_like_pil(
         &bytes,
         (map_w, map_h),
+        0..map_h,
         (width, height),
         fast_image_resize::PixelType::U8,
         Interpolation::Bicubic,

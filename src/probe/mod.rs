@@ -132,7 +132,17 @@ impl ProbeSet {
 /// Decodes any supported image to 8-bit RGB, upright (EXIF orientation applied), first frame of
 /// animations. Errors are one-line reasons; decoder panics on hostile files become errors too.
 pub fn decode(path: &Path) -> Result<RgbImage, String> {
-    let run = || -> Result<RgbImage, String> {
+    decode_rows(path, &|_, h| h).map(|(img, _)| img)
+}
+
+/// [`decode`] where only the first `rows(width, height)` rows of the upright image are used: a
+/// JPEG stored upright stops decoding after them. Returns at least those rows (the image's
+/// pixels, cut short) and the image's full height.
+fn decode_rows(
+    path: &Path,
+    rows: &(dyn Fn(u32, u32) -> u32 + std::panic::RefUnwindSafe),
+) -> Result<(RgbImage, u32), String> {
+    let run = || -> Result<(RgbImage, u32), String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         // The content alone picks the decoder: a file's extension may lie.
         let format = image::guess_format(&bytes)
@@ -148,16 +158,27 @@ pub fn decode(path: &Path) -> Result<RgbImage, String> {
         let orientation = decoder
             .orientation()
             .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let upright = orientation == image::metadata::Orientation::NoTransforms;
         let jpeg = match format {
-            image::ImageFormat::Jpeg => decode_jpeg_like_pil(&bytes)?,
+            // The rows needed are counted in the upright image: a turned one decodes whole.
+            image::ImageFormat::Jpeg => decode_jpeg_like_pil(&bytes, &|w, h| {
+                if upright {
+                    rows(w, h)
+                } else {
+                    h
+                }
+            })?,
             _ => None,
         };
         let mut img = match jpeg {
-            Some(rgb) => DynamicImage::ImageRgb8(rgb),
+            Some(cut) if upright => return Ok(cut),
+            Some((rgb, _)) => DynamicImage::ImageRgb8(rgb),
             None => DynamicImage::from_decoder(decoder).map_err(describe_error)?,
         };
         img.apply_orientation(orientation);
-        Ok(img.into_rgb8())
+        let img = img.into_rgb8();
+        let height = img.height();
+        Ok((img, height))
     };
     std::panic::catch_unwind(run).unwrap_or_else(|_| Err("the decoder crashed on this file".into()))
 }
@@ -175,9 +196,13 @@ pub fn jpeg_simd() -> bool {
 }
 
 /// JPEG through libjpeg-turbo's code (mozjpeg), as PIL decodes it: islow IDCT and fancy chroma
-/// upsampling, so pixels are bit-identical to the reference's. `None` for CMYK/YCCK files,
-/// which libjpeg cannot turn into RGB; the image crate decodes those.
-fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
+/// upsampling, so pixels are bit-identical to the reference's. Decodes the first
+/// `rows(width, height)` rows and returns them with the full height. `None` for CMYK/YCCK
+/// files, which libjpeg cannot turn into RGB; the image crate decodes those.
+fn decode_jpeg_like_pil(
+    bytes: &[u8],
+    rows: &dyn Fn(u32, u32) -> u32,
+) -> Result<Option<(RgbImage, u32)>, String> {
     // libjpeg only warns on a file cut short and fills the rest with grey; PIL refuses such
     // files. In entropy-coded data 0xFF is always stuffed, so an end marker (FF D9) after the
     // first start-of-scan (FF DA) is present exactly when the file is complete.
@@ -195,12 +220,19 @@ fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
         return Ok(None);
     }
     let (w, h) = d.size();
+    let n = (rows(w as u32, h as u32) as usize).min(h);
     let mut started = d.rgb().map_err(fail)?;
-    let pixels = started.read_scanlines::<u8>().map_err(fail)?;
-    started.finish().map_err(fail)?;
-    RgbImage::from_raw(w as u32, h as u32, pixels)
-        .map(Some)
-        .ok_or_else(|| "corrupt image: fewer pixels than its size".to_string())
+    let mut pixels = vec![0u8; w * n * 3];
+    started
+        .read_scanlines_into::<u8>(&mut pixels)
+        .map_err(fail)?;
+    // Rows decode in order and do not depend on those below them, so stopping early changes
+    // none of the rows read. (Damage below them goes unnoticed, where PIL would refuse the file.)
+    if n == h {
+        started.finish().map_err(fail)?;
+    }
+    let img = RgbImage::from_raw(w as u32, n as u32, pixels).expect("w * n RGB pixels");
+    Ok(Some((img, h as u32)))
 }
 
 fn describe_error(e: image::ImageError) -> String {
@@ -406,8 +438,39 @@ impl Preprocess {
 
     /// [`Self::load`] into `out` (length [`Self::values_per_image`]).
     pub fn load_into(&self, path: &Path, out: &mut [u8]) -> Result<(), String> {
-        self.resize_crop(&decode(path)?, out);
+        let (img, height) = decode_rows(path, &|w, h| self.rows_needed(w, h).end)?;
+        self.resize_crop_rows(&img, height, out);
         Ok(())
+    }
+
+    /// The rows of a `w x h` image that the crop's pixels depend on: those the resize filter
+    /// reaches from the crop's rows, and two more each side to spare.
+    fn rows_needed(&self, w: u32, h: u32) -> std::ops::Range<u32> {
+        let (nw, nh) = self.resized_size(w, h);
+        let (_, top) = self.crop_origin(nw, nh);
+        let last = top + self.crop.min(nh - top).max(1) - 1;
+        let scale = h as f64 / nh as f64;
+        let support = match self.interpolation {
+            Interpolation::Bilinear => 1.0,
+            Interpolation::Bicubic => 2.0,
+        } * scale.max(1.0);
+        let first = ((top as f64 + 0.5) * scale - support).floor() - 2.0;
+        let end = ((last as f64 + 0.5) * scale + support).ceil() + 2.0;
+        first.max(0.0) as u32..(end.max(0.0) as u32).min(h)
+    }
+
+    /// Where the crop starts in the resized `nw x nh` image. torchvision: int(round((size -
+    /// crop) / 2)), with Python's round-half-to-even; transformers: (size - crop) // 2.
+    fn crop_origin(&self, nw: u32, nh: u32) -> (u32, u32) {
+        let offset = |size: u32| {
+            let half = (size as f64 - self.crop as f64) / 2.0;
+            let half = match self.geometry {
+                Geometry::Torchvision => half.round_ties_even(),
+                _ => half.floor(),
+            };
+            half.max(0.0) as u32
+        };
+        (offset(nw), offset(nh))
     }
 
     /// Size after the resize step, as torchvision computes it: the shorter side becomes
@@ -437,24 +500,26 @@ impl Preprocess {
     /// normalisation then maps to floats. A resized image smaller than the crop is padded with
     /// black (zeros before normalising, as torchvision pads).
     pub fn resize_crop(&self, img: &RgbImage, out: &mut [u8]) {
+        self.resize_crop_rows(img, img.height(), out)
+    }
+
+    /// [`Self::resize_crop`] of an image `height` rows high of which `img` holds the first
+    /// ones, at least up to the end of [`Self::rows_needed`]; only those are resampled.
+    fn resize_crop_rows(&self, img: &RgbImage, height: u32, out: &mut [u8]) {
         assert_eq!(out.len(), self.values_per_image());
-        let (w, h) = img.dimensions();
+        let (w, h) = (img.width(), height);
         let (nw, nh) = self.resized_size(w, h);
         let crop = self.crop;
-        // torchvision: int(round((size - crop) / 2)), with Python's round-half-to-even;
-        // transformers: (size - crop) // 2.
-        let offset = |size: u32| {
-            let half = (size as f64 - crop as f64) / 2.0;
-            let half = match self.geometry {
-                Geometry::Torchvision => half.round_ties_even(),
-                _ => half.floor(),
-            };
-            half.max(0.0) as u32
-        };
-        let (left, top) = (offset(nw), offset(nh));
+        let (left, top) = self.crop_origin(nw, nh);
+        let rows = self.rows_needed(w, h);
+        assert!(
+            rows.end <= img.height(),
+            "the rows the crop needs are decoded"
+        );
         let resized = resize_like_pil(
             img.as_raw(),
             (w, h),
+            rows,
             (nw, nh),
             fr::PixelType::U8x3,
             self.interpolation,
@@ -495,11 +560,13 @@ impl Preprocess {
 
 /// Antialiased resize with PIL's pass order: horizontal first, rounded to 8 bits, then
 /// vertical. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
-/// level off PIL's; two single-direction passes reproduce PIL.) `pixels` holds `w * h` pixels
-/// of `pixel_type` (U8 or U8x3).
+/// level off PIL's; two single-direction passes reproduce PIL.) `pixels` holds the first rows of
+/// a `w x h` image of `pixel_type` (U8 or U8x3), at least up to `rows.end`; only `rows` are
+/// resampled, so only output rows whose filter reaches no further are right.
 pub(crate) fn resize_like_pil(
     pixels: &[u8],
     (w, h): (u32, u32),
+    rows: std::ops::Range<u32>,
     (nw, nh): (u32, u32),
     pixel_type: fr::PixelType,
     interpolation: Interpolation,
@@ -510,11 +577,17 @@ pub(crate) fn resize_like_pil(
     };
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
-    let src = fr::images::ImageRef::new(w, h, pixels, pixel_type)
+    // Each row's horizontal pass is on its own, so resampling some rows gives those rows
+    // exactly as resampling all of them does.
+    let row_bytes = (w * pixel_type.size() as u32) as usize;
+    let band = &pixels[rows.start as usize * row_bytes..rows.end as usize * row_bytes];
+    let src = fr::images::ImageRef::new(w, rows.len() as u32, band, pixel_type)
         .expect("callers pass w*h pixels of pixel_type");
     let mut wide = fr::images::Image::new(nw, h, pixel_type);
+    let mut dst = fr::images::CroppedImageMut::new(&mut wide, 0, rows.start, nw, rows.len() as u32)
+        .expect("rows lie within the image");
     resizer
-        .resize(&src, &mut wide, &opts)
+        .resize(&src, &mut dst, &opts)
         .expect("same pixel type on both sides");
     let mut out = fr::images::Image::new(nw, nh, pixel_type);
     resizer
@@ -649,6 +722,95 @@ pub fn load_images(paths: &[PathBuf], pre: &Preprocess) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Every preprocessing kind dnd runs: the target's (torchvision, timm's bicubic), CLIP's
+    /// and BLIP's.
+    fn preprocessings() -> Vec<Preprocess> {
+        let hf = |cfg: serde_json::Value| Preprocess::from_hf_processor(&cfg).unwrap();
+        let mut timm = Preprocess::imagenet();
+        timm.interpolation = Interpolation::Bicubic;
+        timm.resize = 248;
+        vec![
+            Preprocess::imagenet(),
+            timm,
+            hf(
+                serde_json::json!({"size": {"shortest_edge": 224}, "do_center_crop": true,
+                "crop_size": {"height": 224, "width": 224}, "resample": 3}),
+            ),
+            hf(serde_json::json!({"size": {"height": 384, "width": 384}, "resample": 3})),
+        ]
+    }
+
+    /// The crop of the whole resize: every row resampled.
+    fn crop_of_whole_resize(pre: &Preprocess, img: &RgbImage) -> Vec<u8> {
+        let (w, h) = img.dimensions();
+        let (nw, nh) = pre.resized_size(w, h);
+        let resized = resize_like_pil(
+            img.as_raw(),
+            (w, h),
+            0..h,
+            (nw, nh),
+            fr::PixelType::U8x3,
+            pre.interpolation,
+        );
+        let (left, top) = pre.crop_origin(nw, nh);
+        let crop = pre.crop as usize;
+        let mut out = vec![0u8; pre.values_per_image()];
+        for y in 0..crop.min((nh - top) as usize) {
+            for x in 0..crop.min((nw - left) as usize) {
+                let from = ((y + top as usize) * nw as usize + x + left as usize) * 3;
+                out[(y * crop + x) * 3..][..3].copy_from_slice(&resized[from..from + 3]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_rows_the_crop_needs_give_the_whole_resizes_crop() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for pre in preprocessings() {
+            for _ in 0..25 {
+                let (w, h) = (rng.random_range(8..700), rng.random_range(8..700));
+                let img = RgbImage::from_fn(w, h, |_, _| image::Rgb(rng.random()));
+                let rows = pre.rows_needed(w, h);
+                assert!(rows.start < rows.end && rows.end <= h, "{w}x{h}: {rows:?}");
+                let cut = RgbImage::from_raw(
+                    w,
+                    rows.end,
+                    img.as_raw()[..(w * rows.end * 3) as usize].to_vec(),
+                )
+                .unwrap();
+                let mut out = vec![0u8; pre.values_per_image()];
+                pre.resize_crop_rows(&cut, h, &mut out);
+                assert!(
+                    out == crop_of_whole_resize(&pre, &img),
+                    "{w}x{h} {:?}",
+                    pre.geometry
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_decodes_its_first_rows_as_a_whole_decode() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/d_photo.jpg");
+        let bytes = std::fs::read(&path).unwrap();
+        let (whole, h) = decode_jpeg_like_pil(&bytes, &|_, h| h).unwrap().unwrap();
+        assert_eq!(whole.height(), h);
+        for n in [1, 7, 8, 9, 15, 16, 17, 200, h - 1] {
+            let (cut, full) = decode_jpeg_like_pil(&bytes, &|_, _| n).unwrap().unwrap();
+            assert_eq!((cut.height(), full), (n, h));
+            assert!(
+                cut.as_raw()[..] == whole.as_raw()[..cut.as_raw().len()],
+                "{n} rows"
+            );
+        }
+        // load_into decodes part of it, and preprocesses it as the whole image.
+        let pre = Preprocess::imagenet();
+        assert!(pre.rows_needed(whole.width(), h).end < h);
+        assert_eq!(pre.load(&path).unwrap(), crop_of_whole_resize(&pre, &whole));
+    }
 
     #[test]
     fn normalisation_by_table_is_the_per_value_arithmetic() {
