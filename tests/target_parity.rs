@@ -174,6 +174,19 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.conv2.weight") && msg.contains("grouped convolutions"),
         "{msg}"
     );
+    // ViT variants: register tokens and a norm before the blocks, each named.
+    for (tensor, said) in [
+        ("reg_token", "register tokens"),
+        ("norm_pre.weight", "a norm before the blocks"),
+    ] {
+        let vit = tempfile::tempdir().unwrap();
+        edited_fixture_model("vit_tiny", vit.path(), |w| {
+            let extra = w["cls_token"].clone();
+            w.insert(tensor.into(), extra);
+        });
+        let msg = try_load_target(vit.path()).unwrap_err().to_string();
+        assert!(msg.contains(tensor) && msg.contains(said), "{msg}");
+    }
     // Not a model at all.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
     let msg = try_load_target(dir.path()).unwrap_err().to_string();

@@ -88,6 +88,20 @@ impl Vit {
                 "this ViT has no cls_token; dnd needs the class token as the neuron value".into(),
             ));
         }
+        // Variants that would otherwise fail on a tensor's shape or absence, far from the cause.
+        for (tensor, variant) in [
+            ("reg_token", "register tokens"),
+            (
+                "norm_pre.weight",
+                "a norm before the blocks (CLIP-style image towers)",
+            ),
+        ] {
+            if w.contains(tensor) {
+                return Err(w.mismatch(format!(
+                    "this ViT has {variant} ({tensor}), which dnd does not run; the plain timm ViT (vit_*_patch16_224.*) does"
+                )));
+            }
+        }
         let depth = (0..)
             .take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight")))
             .count();
