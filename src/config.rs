@@ -310,12 +310,15 @@ where
 macro_rules! settings {
     ($( $(#[doc = $doc:literal])* $(#[arg($($extra:tt)*)])* $name:ident : $ty:ty = $default:expr; )*) => {
         /// The effective settings.
+        // The docs are `--help` text, where `[env: X]` and `<db>` are not links or HTML.
+        #[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
         #[derive(Clone, Debug)]
         pub struct Settings {
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
 
         /// Settings given as command-line flags; each overrides the environment and the file.
+        #[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
         #[derive(clap::Args, Clone, Debug, Default)]
         pub struct SettingsArgs {
             $( $(#[doc = $doc])* #[arg(long, global = true, $($($extra)*)*)] pub $name: Option<$ty>, )*
