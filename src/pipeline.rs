@@ -615,6 +615,7 @@ pub fn run(ctx: &Context<'_>, job: &Job) -> Result<Summary> {
         key,
         images_key: images_key(&ctx.models.ids, &job.params),
         in_flight: Arc::default(),
+        captions: Default::default(),
     };
 
     // Waves go through stage A (images, crops, captions), then wait for their LLM answers
@@ -671,7 +672,12 @@ struct Runner<'a> {
     images_key: String,
     /// The LLM prompts of the run being asked now (waves overlap).
     in_flight: Arc<InFlight>,
+    /// Captions made so far in this job: an image in several neurons' tops is captioned once.
+    captions: std::sync::Mutex<HashMap<ImageKey, String>>,
 }
+
+/// A top image: the probing image and, for a crop, its box.
+type ImageKey = (String, Option<[u32; 4]>);
 
 impl Runner<'_> {
     fn send(&self, e: Event) {
@@ -838,16 +844,27 @@ impl Runner<'_> {
         let ids: Vec<usize> = neurons.iter().map(|n| n.n).collect();
         let (captions, secs) = self.timed(&ids, Stage::Captions, || {
             let all: Vec<&RgbImage> = neurons.iter().flat_map(|n| &n.pixels).collect();
+            let keys: Vec<ImageKey> = neurons
+                .iter()
+                .flat_map(|n| &n.top)
+                .map(|t| (t.image.clone(), t.crop.as_ref().map(|c| c.bbox)))
+                .collect();
+            let mut known = self.captions.lock().unwrap_or_else(|e| e.into_inner());
+            // Each image not captioned yet, once (a caption does not depend on its batch).
+            let mut queued = std::collections::HashSet::new();
+            let todo: Vec<usize> = (0..keys.len())
+                .filter(|&i| !known.contains_key(&keys[i]) && queued.insert(&keys[i]))
+                .collect();
             let blip = &self.ctx.models.captioner;
-            let mut captions = Vec::with_capacity(all.len());
-            for chunk in all.chunks(p.batches.caption.max(1)) {
+            for chunk in todo.chunks(p.batches.caption.max(1)) {
                 check(self.ctx.cancel)?;
-                let px = blip.pixels(chunk)?;
-                for ids in blip.generate(&px, &p.caption)? {
-                    captions.push(clean_caption(&blip.decode(&ids)?));
+                let images: Vec<&RgbImage> = chunk.iter().map(|&i| all[i]).collect();
+                let px = blip.pixels(&images)?;
+                for (&i, ids) in chunk.iter().zip(blip.generate(&px, &p.caption)?) {
+                    known.insert(keys[i].clone(), clean_caption(&blip.decode(&ids)?));
                 }
             }
-            Ok(captions)
+            Ok(keys.iter().map(|k| known[k].clone()).collect::<Vec<_>>())
         })?;
         let mut it = captions.into_iter();
         for nr in &mut neurons {

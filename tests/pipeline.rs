@@ -288,6 +288,14 @@ fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
                 off.iter().max()
             );
         };
+        // The neurons share top images, which the job captions once: each neuron's captions
+        // are still those it gets alone (below).
+        let tops: Vec<_> = described
+            .iter()
+            .flat_map(|d| &d.top_images)
+            .map(|t| (&t.image, t.crop.as_ref().map(|c| c.bbox)))
+            .collect();
+        assert!(tops.iter().collect::<HashSet<_>>().len() < tops.len());
         for d in &described {
             let alone = run_with(
                 params(),
@@ -301,6 +309,7 @@ fn a_concept_made_earlier_in_the_run_is_copied_rather_than_generated_again() {
             assert_eq!(r.unwrap().images_reused, 0);
             let root = alone.images_root().to_path_buf();
             let alone = descriptions(&alone).remove(0);
+            assert_eq!(alone.captions, d.captions);
             assert_eq!(alone.synthetic.len(), d.synthetic.len());
             for (a, b) in alone.synthetic.iter().zip(&d.synthetic) {
                 assert_eq!(a.concept, b.concept);
