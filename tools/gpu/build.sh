@@ -49,6 +49,9 @@ for feat in $FEATURES; do
   gzip -9f ".gpu/dnd-$feat"
 done
 cp "$SHARED/gpu/run-on-device.sh" "$SHARED"/perf/*.py tools/gpu/device.sh .gpu/
+# The commit the binaries are of ("-dirty": with uncommitted changes), which the device log
+# prints: a later session can tell whether .gpu/ is still current before spending device time.
+git describe --always --dirty > .gpu/commit
 if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \

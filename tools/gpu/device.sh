@@ -12,7 +12,8 @@ OUT=${OUT:-/tmp/dnd-out}; RES=/tmp/dnd-results; mkdir -p "$OUT" "$RES"
 exec > >(tee "$OUT/device.log") 2>&1
 BACK=$OUT
 pack() { tar czf "$BACK/results.tgz.part" -C "$RES" . && mv "$BACK/results.tgz.part" "$BACK/results.tgz"; }
-date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+date -u; echo "dnd at $(cat "$HERE/commit" 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 # The JPEG row scaled to 1,400 images/s where 16 cores should decode several times that: the
 # cores this container may really use (a CPU quota would explain it).
 echo "nproc $(nproc); cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo -); $(lscpu | grep -m1 'Model name')"
