@@ -349,8 +349,8 @@ impl ResolvedModel {
         parts.next().map(|c| c.into_owned())
     }
 
-    /// Path of a file this role requires (of this folder: a file needed unless another is
-    /// present, where that other is absent).
+    /// Path of a file this folder must have: one its role always requires, or one required
+    /// unless another is present, where that other is absent.
     pub fn required(&self, name: &str) -> &Path {
         self.file(name)
             .unwrap_or_else(|| panic!("{name} is not a required file of {:?}", self.role))

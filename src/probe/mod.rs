@@ -227,7 +227,7 @@ fn decode_jpeg_like_pil(
         .read_scanlines_into::<u8>(&mut pixels)
         .map_err(fail)?;
     // Rows decode in order and do not depend on those below them, so stopping early changes
-    // none of the rows read. (Damage below them goes unnoticed, where PIL would refuse the file.)
+    // none of the rows read. (Damage below them goes unnoticed, which a whole decode may report.)
     if n == h {
         started.finish().map_err(fail)?;
     }
