@@ -205,9 +205,11 @@ fn decode_jpeg_like_pil(
 ) -> Result<Option<(RgbImage, u32)>, String> {
     // libjpeg only warns on a file cut short and fills the rest with grey; PIL refuses such
     // files. In entropy-coded data 0xFF is always stuffed, so an end marker (FF D9) after the
-    // first start-of-scan (FF DA) is present exactly when the file is complete.
+    // first start-of-scan (FF DA) is present exactly when the file is complete. (Searched from
+    // the end, where it is, rather than through the whole entropy-coded data.)
     let sos = bytes.windows(2).position(|w| w == [0xFF, 0xDA]);
-    let complete = sos.is_some_and(|p| bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]));
+    let eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    let complete = matches!((sos, eoi), (Some(s), Some(e)) if e > s);
     if !complete {
         return Err("corrupt or truncated image: the JPEG data stops before its end marker".into());
     }
