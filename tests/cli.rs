@@ -249,6 +249,59 @@ fn hub_ids_resolve_from_the_standard_hf_cache_offline() {
     );
 }
 
+/// A Stable Diffusion repo as transformers 5 saves a pipeline (tokenizer.json, no vocab.json
+/// or merges.txt) downloads, counts as on disk in the HF cache, and loads offline.
+#[test]
+fn a_synthesiser_with_tokenizer_json_alone_downloads_and_loads() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixtures().join("models/sd_tiny"), repo.path());
+    let tokenizer = repo.path().join("tokenizer");
+    std::fs::remove_dir_all(&tokenizer).unwrap();
+    common::copy_dir(&fixtures().join("models/sd_tokenizer_json"), &tokenizer);
+    let hub = common::mock_hub::MockHub::start(&[("org/sd-json", repo.path())]);
+    let flags = [
+        "--target",
+        &model("resnet_basic"),
+        "--captioner",
+        &model("blip_tiny"),
+        "--synthesiser",
+        "org/sd-json",
+        "--clip",
+        &model("clip_tiny"),
+        "--llm",
+        "api",
+    ];
+    let mut fetch = common::dnd_command(home.path(), &[&["models", "fetch"][..], &flags].concat());
+    fetch
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", hub.url());
+    let o = fetch.output().unwrap();
+    let (_, err) = text(&o);
+    assert!(err.contains("synthesiser (org/sd-json): ready"), "{err}");
+    // Offline now: the cache alone has what the folder needs.
+    let o = dnd(home.path(), &[&["models"][..], &flags].concat());
+    let (out, err) = text(&o);
+    let line = out.lines().find(|l| l.starts_with("synthesiser")).unwrap();
+    assert!(line.contains("on disk"), "{out}{err}");
+    // And a neuron is described with it, offline.
+    let llm = common::llm::MockLlm::start(&[], None, std::time::Duration::ZERO);
+    let mut args = vec!["describe".to_string()];
+    args.extend(common::describe_flags(
+        home.path(),
+        &llm.url(),
+        "resnet_basic",
+    ));
+    let at = args.iter().position(|a| a == "--synthesiser").unwrap();
+    args[at + 1] = "org/sd-json".into();
+    args.extend(["--layer", "layer4", "--neurons", "0"].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = dnd(home.path(), &refs);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("1 described, 0 failed"), "{err}");
+}
+
 #[test]
 fn models_lists_sizes_and_fetch_downloads_from_the_hub() {
     let home = tempfile::tempdir().unwrap();

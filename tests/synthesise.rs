@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, reference, rel_err, resolve_dir, resolve_fixture};
+use common::{copy_dir, fixtures, reference, rel_err, resolve_dir, resolve_fixture};
 use dnd::hub::Role;
 use dnd::synthesise::{Kind, Sampling, Scheduler, SchedulerConfig, StableDiffusion, TinyDecoder};
 
@@ -382,17 +382,4 @@ fn older_vae_attention_names_and_conv_shaped_projections_load() {
         .clamp(0.0, 1.0)
         .unwrap();
     assert!(rel_err(&img, &want) < 1e-3);
-}
-
-fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
-    for e in walkdir::WalkDir::new(src) {
-        let e = e.unwrap();
-        let rel = e.path().strip_prefix(src).unwrap();
-        let to = dst.join(rel);
-        if e.file_type().is_dir() {
-            std::fs::create_dir_all(&to).unwrap();
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
 }

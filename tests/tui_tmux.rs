@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::llm::MockLlm;
 use common::mock_hub::MockHub;
-use common::{dnd, fixture_model, fixtures, text};
+use common::{copy_dir, dnd, fixture_model, fixtures, text};
 
 static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -412,17 +412,4 @@ fn rerun_with_the_paper_preset_loads_its_models_then_runs() {
         models["captioner"]["source"],
         "Salesforce/blip-image-captioning-base@refs/pr/7"
     );
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
 }

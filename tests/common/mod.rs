@@ -12,6 +12,20 @@ use dnd::target::Target;
 pub mod llm;
 pub mod mock_hub;
 
+/// Copies the folder `from`, with everything in it, to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
 /// The dnd binary with its config, cache, data and HF folders inside `home`, offline.
 pub fn dnd_command(home: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dnd"));
