@@ -151,6 +151,12 @@ const fn unless(name: &'static str, other: &'static str) -> FileSpec {
     }
 }
 
+/// How the index of a sharded weights file is named: `model.safetensors.index.json` lists the
+/// shards (`model-00001-of-00004.safetensors`, ...) that transformers and diffusers save a large
+/// checkpoint in. Each weights file's specs name its index as an optional file, and the weights
+/// file as required unless that index is there.
+const INDEX: &str = ".index.json";
+
 impl Role {
     pub const ALL: [Role; 6] = [
         Role::Target,
@@ -180,6 +186,14 @@ impl Role {
         format!("--{}", self.setting().replace('_', "-"))
     }
 
+    /// Each weights file of this role with the index of shards that may stand in for it.
+    fn weights_indexes(self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        self.files().iter().filter_map(|s| match s.need {
+            Need::Unless(index) if index.ends_with(INDEX) => Some((s.name, index)),
+            _ => None,
+        })
+    }
+
     pub fn files(self) -> &'static [FileSpec] {
         match self {
             Role::Target => TARGET_FILES,
@@ -193,10 +207,15 @@ impl Role {
 }
 
 // torchvision/timm weights; timm's config.json carries the preprocessing and head count.
-const TARGET_FILES: &[FileSpec] = &[req("model.safetensors"), opt("config.json")];
+const TARGET_FILES: &[FileSpec] = &[
+    opt("model.safetensors.index.json"),
+    unless("model.safetensors", "model.safetensors.index.json"),
+    opt("config.json"),
+];
 const CAPTIONER_FILES: &[FileSpec] = &[
     req("config.json"),
-    req("model.safetensors"),
+    opt("model.safetensors.index.json"),
+    unless("model.safetensors", "model.safetensors.index.json"),
     req("tokenizer.json"),
     opt("preprocessor_config.json"),
 ];
@@ -205,7 +224,11 @@ const SYNTHESISER_FILES: &[FileSpec] = &[
     req("model_index.json"),
     req("scheduler/scheduler_config.json"),
     req("text_encoder/config.json"),
-    req("text_encoder/model.safetensors"),
+    opt("text_encoder/model.safetensors.index.json"),
+    unless(
+        "text_encoder/model.safetensors",
+        "text_encoder/model.safetensors.index.json",
+    ),
     // Hub repos ship CLIP's vocab.json + merges.txt; a pipeline saved by transformers 5
     // writes tokenizer.json alone.
     opt("tokenizer/tokenizer.json"),
@@ -214,14 +237,23 @@ const SYNTHESISER_FILES: &[FileSpec] = &[
     opt("tokenizer/tokenizer_config.json"),
     opt("tokenizer/special_tokens_map.json"),
     req("unet/config.json"),
-    req("unet/diffusion_pytorch_model.safetensors"),
+    opt("unet/diffusion_pytorch_model.safetensors.index.json"),
+    unless(
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+    ),
     req("vae/config.json"),
-    req("vae/diffusion_pytorch_model.safetensors"),
+    opt("vae/diffusion_pytorch_model.safetensors.index.json"),
+    unless(
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+    ),
 ];
 // A transformers causal LM; transformers 5 keeps the chat template in its own file.
 const LLM_FILES: &[FileSpec] = &[
     req("config.json"),
-    req("model.safetensors"),
+    opt("model.safetensors.index.json"),
+    unless("model.safetensors", "model.safetensors.index.json"),
     req("tokenizer.json"),
     req("tokenizer_config.json"),
     opt("generation_config.json"),
@@ -230,11 +262,16 @@ const LLM_FILES: &[FileSpec] = &[
 // diffusers' AutoencoderTiny.
 const TINY_VAE_FILES: &[FileSpec] = &[
     req("config.json"),
-    req("diffusion_pytorch_model.safetensors"),
+    opt("diffusion_pytorch_model.safetensors.index.json"),
+    unless(
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ),
 ];
 const CLIP_FILES: &[FileSpec] = &[
     req("config.json"),
-    req("model.safetensors"),
+    opt("model.safetensors.index.json"),
+    unless("model.safetensors", "model.safetensors.index.json"),
     opt("preprocessor_config.json"),
 ];
 
@@ -280,6 +317,8 @@ pub struct ResolvedModel {
     pub role: Role,
     pub source: ModelSource,
     files: BTreeMap<&'static str, PathBuf>,
+    /// The shards of each weights file saved in shards, by the weights file's name.
+    shards: BTreeMap<&'static str, Vec<PathBuf>>,
     /// Weights drawn at random instead of read (for `dnd bench`).
     random_weights: Option<Draw>,
 }
@@ -318,6 +357,7 @@ impl ResolvedModel {
             role,
             source,
             files,
+            shards: BTreeMap::new(),
             random_weights: Some(draw),
         })
     }
@@ -355,6 +395,72 @@ impl ResolvedModel {
         self.file(name)
             .unwrap_or_else(|| panic!("{name} is not a required file of {:?}", self.role))
     }
+
+    /// The files holding the weights file `name`: the file itself, or the shards its index
+    /// lists; with the path that names them in messages (the file, or the index).
+    pub fn weight_files(&self, name: &str) -> (&Path, Vec<&Path>) {
+        match self.shards.get(name) {
+            Some(shards) => {
+                let index = self.required(&format!("{name}{INDEX}"));
+                (index, shards.iter().map(PathBuf::as_path).collect())
+            }
+            None => {
+                let p = self.required(name);
+                (p, vec![p])
+            }
+        }
+    }
+}
+
+/// The weights files of `role` saved in shards (their index found in `files`, the weights
+/// file itself not), each with the shard files its index lists, as paths in the model folder.
+fn sharded(
+    role: Role,
+    source: &ModelSource,
+    files: &BTreeMap<&'static str, PathBuf>,
+) -> Result<Vec<(&'static str, Vec<String>)>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let mut out = Vec::new();
+    for (weights, index) in role.weights_indexes() {
+        let Some(path) = files.get(index).filter(|_| !files.contains_key(weights)) else {
+            continue;
+        };
+        let label = label(role, source);
+        let bad = |detail: String| Error::ModelMismatch {
+            model: label.clone(),
+            file: path.display().to_string(),
+            detail,
+            fix: format!(
+                "re-download the model (`dnd models fetch`), or {}",
+                fix_for(role)
+            ),
+        };
+        let parsed: Index = crate::nn::read_json(&label, path)?;
+        let mut names: Vec<String> = parsed.weight_map.into_values().collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(bad("it lists no shards".into()));
+        }
+        // Shards lie beside their index: a name reaching elsewhere is not one.
+        if let Some(n) = names
+            .iter()
+            .find(|n| n.contains(['/', '\\']) || !n.ends_with(".safetensors"))
+        {
+            return Err(bad(format!(
+                "it lists {n:?} as a shard, which is not a .safetensors file beside it"
+            )));
+        }
+        let folder = index.rfind('/').map_or("", |i| &index[..=i]);
+        out.push((
+            weights,
+            names.iter().map(|n| format!("{folder}{n}")).collect(),
+        ));
+    }
+    Ok(out)
 }
 
 fn label(role: Role, source: &ModelSource) -> String {
@@ -380,6 +486,7 @@ fn cache_repo(repo: &str, revision: &Option<String>) -> Repo {
 /// Finds every file of `role` locally, downloading missing Hub files unless offline.
 pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Result<ResolvedModel> {
     let mut files = BTreeMap::new();
+    let mut shards = BTreeMap::new();
     match source {
         ModelSource::Local(dir) => {
             if !dir.is_dir() {
@@ -407,6 +514,25 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                     });
                 }
             }
+            for (weights, names) in sharded(role, source, &files)? {
+                let mut paths = Vec::with_capacity(names.len());
+                for name in names {
+                    let p = dir.join(&name);
+                    if !p.is_file() {
+                        return Err(Error::MissingModelFile {
+                            model: label(role, source),
+                            file: name,
+                            looked: dir.display().to_string(),
+                            fix: format!(
+                                "the index {weights}{INDEX} lists this shard: copy every shard into that folder, or {}",
+                                fix_for(role)
+                            ),
+                        });
+                    }
+                    paths.push(p);
+                }
+                shards.insert(weights, paths);
+            }
         }
         ModelSource::Hub { repo, revision } => {
             let cache = Cache::from_env();
@@ -427,14 +553,21 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                 .find(|s| s.required(|o| files.contains_key(o)))
             {
                 if opts.offline {
-                    return Err(Error::MissingModelFile {
-                        model: label(role, source),
-                        file: first.name.into(),
-                        looked: format!("the Hugging Face cache at {}", cache.path().display()),
-                        fix: format!("you are offline (--offline or HF_HUB_OFFLINE): run `dnd models fetch` where the Hub can be reached, or {}", fix_for(role)),
-                    });
+                    return Err(offline(role, source, first.name, &cache));
                 }
                 download_missing(role, source, repo, revision, &missing, opts, &mut files).await?;
+            }
+            for (weights, names) in sharded(role, source, &files)? {
+                let mut paths = Vec::with_capacity(names.len());
+                for name in names {
+                    let path = match cached.get(&name) {
+                        Some(p) => p,
+                        None if opts.offline => return Err(offline(role, source, &name, &cache)),
+                        None => download(role, source, repo, revision, &name, opts).await?,
+                    };
+                    paths.push(path);
+                }
+                shards.insert(weights, paths);
             }
         }
     }
@@ -442,8 +575,19 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
         role,
         source: source.clone(),
         files,
+        shards,
         random_weights: None,
     })
+}
+
+/// A file of a Hub model that is not in the cache, offline.
+fn offline(role: Role, source: &ModelSource, file: &str, cache: &Cache) -> Error {
+    Error::MissingModelFile {
+        model: label(role, source),
+        file: file.into(),
+        looked: format!("the Hugging Face cache at {}", cache.path().display()),
+        fix: format!("you are offline (--offline or HF_HUB_OFFLINE): run `dnd models fetch` where the Hub can be reached, or {}", fix_for(role)),
+    }
 }
 
 /// A Hub client honouring `HF_HOME`, `HF_ENDPOINT` and the token, without its own progress bars.
@@ -464,18 +608,12 @@ async fn download_missing(
     opts: &HubOptions,
     files: &mut BTreeMap<&'static str, PathBuf>,
 ) -> Result<()> {
-    let fail = |file: &str, reason: String| Error::Download {
-        model: label(role, source),
-        file: file.into(),
-        flag: role.flag(),
-        reason,
-    };
-    let api = api(opts).map_err(|r| fail("(all files)", r))?;
-    let remote = api.repo(cache_repo(repo, revision));
-    let listing = remote
+    let api = api(opts).map_err(|r| download_error(role, source, "(all files)", r))?;
+    let listing = api
+        .repo(cache_repo(repo, revision))
         .info()
         .await
-        .map_err(|e| fail("the file list", e.to_string()))?;
+        .map_err(|e| download_error(role, source, "the file list", e.to_string()))?;
     let present: Vec<&str> = listing
         .siblings
         .iter()
@@ -494,13 +632,37 @@ async fn download_missing(
             }
             continue;
         }
-        let path = remote
-            .download_with_progress(spec.name, opts.progress.bar())
-            .await
-            .map_err(|e| fail(spec.name, e.to_string()))?;
+        let path = download(role, source, repo, revision, spec.name, opts).await?;
         files.insert(spec.name, path);
     }
     Ok(())
+}
+
+/// Downloads one file of a Hub model into the HF cache, with its progress bar.
+async fn download(
+    role: Role,
+    source: &ModelSource,
+    repo: &str,
+    revision: &Option<String>,
+    name: &str,
+    opts: &HubOptions,
+) -> Result<PathBuf> {
+    let fail = |reason: String| download_error(role, source, name, reason);
+    api(opts)
+        .map_err(fail)?
+        .repo(cache_repo(repo, revision))
+        .download_with_progress(name, opts.progress.bar())
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+fn download_error(role: Role, source: &ModelSource, file: &str, reason: String) -> Error {
+    Error::Download {
+        model: label(role, source),
+        file: file.into(),
+        flag: role.flag(),
+        reason,
+    }
 }
 
 /// What `dnd models` shows for one model.
@@ -509,7 +671,7 @@ pub struct ModelStatus {
     pub role: Role,
     pub source: ModelSource,
     /// Required files not on local disk.
-    pub missing: Vec<&'static str>,
+    pub missing: Vec<String>,
     /// Bytes of the model's files on disk.
     pub local_bytes: u64,
     /// Bytes still to download, when the Hub told us.
@@ -527,22 +689,55 @@ pub async fn status(role: Role, source: &ModelSource, opts: &HubOptions) -> Mode
             Cache::from_env().repo(cache_repo(repo, revision)).get(name)
         }
     };
+    let mut here = BTreeMap::new();
     for spec in role.files() {
-        match local(spec.name).and_then(|p| std::fs::metadata(p).ok()) {
-            Some(m) => local_bytes += m.len(),
+        match local(spec.name) {
+            Some(p) => {
+                local_bytes += std::fs::metadata(&p).map_or(0, |m| m.len());
+                here.insert(spec.name, p);
+            }
             None => {
-                not_local.push(spec.name);
+                not_local.push(spec.name.to_string());
                 if spec.required(|o| local(o).is_some()) {
-                    missing.push(spec.name);
+                    missing.push(spec.name.to_string());
+                }
+            }
+        }
+    }
+    // A bad index is left for `resolve` to report; here its shards just go uncounted.
+    for (_, names) in sharded(role, source, &here).unwrap_or_default() {
+        for name in names {
+            match local(&name) {
+                Some(p) => local_bytes += std::fs::metadata(&p).map_or(0, |m| m.len()),
+                None => {
+                    missing.push(name.clone());
+                    not_local.push(name);
                 }
             }
         }
     }
     let remote_bytes = match source {
         ModelSource::Hub { repo, revision } if !missing.is_empty() && !opts.offline => {
-            remote_sizes(repo, revision, opts)
-                .await
-                .map(|sizes| not_local.iter().filter_map(|f| sizes.get(*f)).sum::<u64>())
+            remote_sizes(repo, revision, opts).await.map(|sizes| {
+                // Shards whose index is not here yet: named as transformers and diffusers
+                // name them, beside a weights file the repo does not have.
+                let unlisted_shard = |f: &str| {
+                    role.weights_indexes().any(|(weights, index)| {
+                        !here.contains_key(index)
+                            && !sizes.contains_key(weights)
+                            && f.strip_prefix(weights.trim_end_matches(".safetensors"))
+                                .and_then(|rest| rest.strip_prefix('-'))
+                                .is_some_and(|rest| {
+                                    rest.ends_with(".safetensors") && !rest.contains('/')
+                                })
+                    })
+                };
+                sizes
+                    .iter()
+                    .filter(|(f, _)| not_local.contains(f) || unlisted_shard(f))
+                    .map(|(_, b)| b)
+                    .sum::<u64>()
+            })
         }
         _ => None,
     };
@@ -687,5 +882,67 @@ mod tests {
         let st = status(Role::Target, &src, &opts).await;
         assert_eq!(st.missing, vec!["model.safetensors"]);
         assert_eq!(st.remote_bytes, None);
+    }
+
+    #[tokio::test]
+    async fn sharded_weights_resolve_to_their_shards_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = |map: &str| {
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                format!(r#"{{"metadata": {{}}, "weight_map": {map}}}"#),
+            )
+            .unwrap()
+        };
+        index(
+            r#"{"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}"#,
+        );
+        std::fs::write(dir.path().join("model-00001-of-00002.safetensors"), b"123").unwrap();
+        let src = ModelSource::Local(dir.path().to_path_buf());
+        let opts = HubOptions::default();
+        let msg = resolve(Role::Target, &src, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("model-00002-of-00002.safetensors") && msg.contains("copy every shard"),
+            "{msg}"
+        );
+        let st = status(Role::Target, &src, &opts).await;
+        assert_eq!(st.missing, vec!["model-00002-of-00002.safetensors"]);
+
+        std::fs::write(dir.path().join("model-00002-of-00002.safetensors"), b"45").unwrap();
+        let m = resolve(Role::Target, &src, &opts).await.unwrap();
+        let (named, files) = m.weight_files("model.safetensors");
+        assert!(named.ends_with("model.safetensors.index.json"));
+        let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let st = status(Role::Target, &src, &opts).await;
+        assert!(st.missing.is_empty());
+        let index_bytes = std::fs::metadata(named).unwrap().len();
+        assert_eq!(st.local_bytes, index_bytes + 5);
+
+        // A single weights file beside an index wins; an index naming a file elsewhere is refused.
+        index(r#"{"a": "../elsewhere.safetensors"}"#);
+        let msg = resolve(Role::Target, &src, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("elsewhere") && msg.contains("not a .safetensors file beside it"),
+            "{msg}"
+        );
+        std::fs::write(dir.path().join("model.safetensors"), b"6").unwrap();
+        let m = resolve(Role::Target, &src, &opts).await.unwrap();
+        assert!(m
+            .weight_files("model.safetensors")
+            .0
+            .ends_with("model.safetensors"));
     }
 }

@@ -929,15 +929,15 @@ pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Ten
     Ok(Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)?)
 }
 
-/// The weights file `file` of `model` as a VarBuilder in `dtype` on `device` (memory-mapped),
-/// with its path; random weights when the model asks for them (`dnd bench`).
+/// The weights file `file` of `model` (or its shards) as a VarBuilder in `dtype` on `device`
+/// (memory-mapped), with the path naming it; random weights when the model asks for them (`dnd bench`).
 pub(crate) fn weights<'a>(
     model: &'a ResolvedModel,
     file: &str,
     dtype: DType,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, &'a Path)> {
-    let path = model.required(file);
+    let (path, files) = model.weight_files(file);
     if let Some(draw) = model.random_weights() {
         let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights(draw));
         return Ok((
@@ -946,7 +946,7 @@ pub(crate) fn weights<'a>(
         ));
     }
     // SAFETY: the files are not modified while mapped; dnd only ever reads model folders.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
         .map_err(|e| unreadable(&model.label(), path, &e))?;
     Ok((vb, path))
 }

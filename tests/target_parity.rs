@@ -192,3 +192,49 @@ fn mismatched_weights_are_one_clear_error() {
     let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("safetensors") && msg.contains("fix"), "{msg}");
 }
+
+#[test]
+fn a_target_saved_in_shards_computes_what_the_single_file_does() {
+    // As transformers / timm save a large checkpoint: an index naming each tensor's shard.
+    let src = fixtures().join("models/vit_tiny");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let weights =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let shard: std::collections::HashMap<_, _> = part
+            .iter()
+            .map(|n| ((*n).clone(), weights[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.path().join(&file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let whole = load_fixture_target("vit_tiny");
+    let sharded = try_load_target(dir.path()).unwrap();
+    let x = fixture_batch();
+    let taps = taps_of(&whole, &["blocks.0", "norm", "head"]);
+    let (a, b) = (
+        whole.net.forward(&x, &taps).unwrap(),
+        sharded.net.forward(&x, &taps).unwrap(),
+    );
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(rel_err(a, b), 0.0);
+    }
+    // A lost shard is named.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+}

@@ -479,7 +479,7 @@ mod setup {
         ModelStatus {
             role,
             source: ModelSource::hub(repo),
-            missing: missing.to_vec(),
+            missing: missing.iter().map(|m| m.to_string()).collect(),
             local_bytes: if missing.is_empty() { 102_760_448 } else { 0 },
             remote_bytes: remote,
         }

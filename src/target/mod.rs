@@ -82,7 +82,7 @@ impl Target {
     /// names) and, when present, timm's `config.json` for preprocessing and head count.
     pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
         let label = model.label();
-        let weights_path = model.required("model.safetensors");
+        let (weights_path, weight_files) = model.weight_files("model.safetensors");
         let config = match model.file("config.json") {
             Some(p) => Some(read_json(&label, p)?),
             None => None,
@@ -91,7 +91,7 @@ impl Target {
             .as_ref()
             .and_then(Preprocess::from_timm_config)
             .unwrap_or_else(Preprocess::imagenet);
-        let weights = Weights::load(&label, weights_path)?;
+        let weights = Weights::load(&label, weights_path, &weight_files)?;
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
             Box::new(Vit::load(
                 &weights,
@@ -117,7 +117,7 @@ impl Target {
             net,
             preprocess,
             name: model.source.to_string(),
-            weights_hash: hash_file(weights_path)?,
+            weights_hash: hash_files(&weight_files)?,
         })
     }
 
@@ -170,10 +170,13 @@ fn read_json(label: &str, path: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// blake3 of a file, memory-mapped and hashed on all cores.
-pub fn hash_file(path: &Path) -> Result<String> {
+/// blake3 of files one after the other (a weights file, or its shards in order), each
+/// memory-mapped and hashed on all cores.
+pub fn hash_files(paths: &[&Path]) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(path).map_err(|e| Error::io(path, e))?;
+    for path in paths {
+        h.update_mmap_rayon(path).map_err(|e| Error::io(path, e))?;
+    }
     Ok(h.finalize().to_hex()[..32].to_string())
 }
 
@@ -188,10 +191,17 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn load(label: &str, path: &Path) -> Result<Self> {
-        let raw = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| crate::nn::unreadable(label, path, &e))?;
-        Self::from_tensors(label, &path.display().to_string(), raw)
+    /// Reads a weights file, or every shard of one; `name` is the path messages give (the
+    /// file, or the shards' index).
+    pub fn load(label: &str, name: &Path, paths: &[&Path]) -> Result<Self> {
+        let mut raw = HashMap::new();
+        for path in paths {
+            raw.extend(
+                candle_core::safetensors::load(path, &Device::Cpu)
+                    .map_err(|e| crate::nn::unreadable(label, path, &e))?,
+            );
+        }
+        Self::from_tensors(label, &name.display().to_string(), raw)
     }
 
     /// Wraps tensors already in memory (random weights for benchmarks, tests).
