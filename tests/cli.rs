@@ -303,6 +303,92 @@ fn a_synthesiser_with_tokenizer_json_alone_downloads_and_loads() {
 }
 
 #[test]
+fn a_sharded_local_llm_downloads_every_shard_and_describes_offline() {
+    // llama_tiny is saved as transformers saves a large checkpoint: an index and four shards.
+    let home = tempfile::tempdir().unwrap();
+    let llama = fixtures().join("models/llama_tiny");
+    let hub = common::mock_hub::MockHub::start(&[("org/llama-sharded", &llama)]);
+    let flags = [
+        "--target",
+        &model("resnet_basic"),
+        "--captioner",
+        &model("blip_tiny"),
+        "--synthesiser",
+        &model("sd_tiny"),
+        "--clip",
+        &model("clip_tiny"),
+        "--llm",
+        "local",
+        "--llm-local",
+        "org/llama-sharded",
+    ];
+    let run = |args: &[&str]| {
+        let mut c = common::dnd_command(home.path(), args);
+        c.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", hub.url());
+        c.output().unwrap()
+    };
+    // Before: the shards count in what is left to download.
+    let shards: u64 = std::fs::read_dir(&llama)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("model-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(shards > 400_000);
+    let o = run(&[&["models"][..], &flags].concat());
+    let (out, err) = text(&o);
+    let line = out.lines().find(|l| l.starts_with("llm_local")).unwrap();
+    assert!(line.contains("to download"), "{out}{err}");
+    let o = run(&[&["models", "fetch"][..], &flags].concat());
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("llm_local (org/llama-sharded): ready"),
+        "{err}"
+    );
+    let snapshot = home.path().join(
+        "hf/hub/models--org--llama-sharded/snapshots/0123456789abcdef0123456789abcdef01234567",
+    );
+    for i in 1..=4 {
+        let name = format!("model-0000{i}-of-00004.safetensors");
+        assert_eq!(
+            std::fs::read(snapshot.join(&name)).unwrap(),
+            std::fs::read(llama.join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+    // Offline now: `dnd models` counts the shards as on disk, and a neuron is described with
+    // the model loaded from them.
+    let o = dnd(home.path(), &[&["models"][..], &flags].concat());
+    let (out, err) = text(&o);
+    let line = out.lines().find(|l| l.starts_with("llm_local")).unwrap();
+    assert!(line.contains("on disk"), "{out}{err}");
+    let mut args = vec!["describe".to_string()];
+    args.extend(common::describe_flags(home.path(), "local", "resnet_basic"));
+    let at = args.iter().position(|a| a == "--llm-local").unwrap();
+    args[at + 1] = "org/llama-sharded".into();
+    args.extend(["--layer", "layer4", "--neurons", "0"].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = dnd(home.path(), &refs);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("1 described, 0 failed"), "{err}");
+    // Losing a shard is named, with the fix.
+    std::fs::remove_file(
+        std::fs::canonicalize(snapshot.join("model-00003-of-00004.safetensors")).unwrap(),
+    )
+    .unwrap();
+    std::fs::remove_file(snapshot.join("model-00003-of-00004.safetensors")).unwrap();
+    let o = dnd(home.path(), &refs);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(
+        err.contains("model-00003-of-00004.safetensors") && err.contains("dnd models fetch"),
+        "{err}"
+    );
+}
+
+#[test]
 fn models_lists_sizes_and_fetch_downloads_from_the_hub() {
     let home = tempfile::tempdir().unwrap();
     let blip = fixtures().join("models/blip_tiny");
