@@ -192,6 +192,28 @@ fn concepts_are_cleaned_and_answers_cached() {
 }
 
 #[test]
+fn a_reasoning_models_thinking_is_not_a_concept() {
+    let mock = MockLlm::start(&[], Some(Fault::Reasoning), Duration::ZERO);
+    let parts = Parts::new(mock.url());
+    let s = parts.summariser();
+    let captions = vec!["a red car".to_string(), "a red dress".to_string()];
+    let out = block_on(summarise::concepts(
+        &s,
+        &captions,
+        &ConceptOptions::default(),
+        &|_| {},
+    ))
+    .unwrap();
+    assert!(
+        out.simplified
+            .iter()
+            .all(|s| s.as_deref() == Some("Red objects")),
+        "{out:?}"
+    );
+    assert_eq!(out.candidates, ["red objects"]);
+}
+
+#[test]
 fn a_prompt_asked_again_while_in_flight_waits_for_that_answer() {
     let prompt = summarise::simplify_prompt("a dog on grass");
     let asked = |mock: &MockLlm, callers: usize| {

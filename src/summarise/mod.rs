@@ -214,7 +214,7 @@ impl Summariser<'_> {
             serde_json::json!({ "messages": messages, "temperature": temperature }).to_string();
         if let Some(hit) = self.cache.get(model, &key) {
             on_text(&hit);
-            return Ok(one_line(&hit));
+            return Ok(one_line(after_reasoning(&hit)));
         }
         let slot = format!("{model}\n{key}");
         let cell = self
@@ -239,7 +239,19 @@ impl Summariser<'_> {
         } else {
             on_text(&answer);
         }
-        Ok(one_line(&answer))
+        Ok(one_line(after_reasoning(&answer)))
+    }
+}
+
+/// What follows a reasoning model's `<think>...</think>` block: DeepSeek-R1's distilled models
+/// and Qwen3's thinking models, served without a reasoning parser, answer with their reasoning
+/// first. A block never closed (cut off by the token limit) leaves no answer.
+fn after_reasoning(text: &str) -> &str {
+    const END: &str = "</think>";
+    match text.rfind(END) {
+        Some(i) => &text[i + END.len()..],
+        None if text.trim_start().starts_with("<think>") => "",
+        None => text,
     }
 }
 
@@ -479,6 +491,20 @@ mod tests {
             "red cars [31m and dogs"
         );
         assert_eq!(one_line("striped fabric"), "striped fabric");
+    }
+
+    #[test]
+    fn a_reasoning_block_is_not_the_answer() {
+        assert_eq!(
+            after_reasoning("<think>\nRed things, so...\n</think>\n\nred objects"),
+            "\n\nred objects"
+        );
+        assert_eq!(
+            after_reasoning("<think>\n\n</think>\n\nstripes"),
+            "\n\nstripes"
+        );
+        assert_eq!(after_reasoning("  <think>it could be"), "");
+        assert_eq!(after_reasoning("striped fabric"), "striped fabric");
     }
 
     #[test]

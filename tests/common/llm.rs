@@ -1,6 +1,6 @@
 //! An in-process OpenAI-compatible chat-completions server for the tests: deterministic
 //! answers to the DnD prompts, and scripted faults (429 with Retry-After, 500, a hang,
-//! malformed JSON, empty content).
+//! malformed JSON, empty content, a reasoning model's thinking).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +18,8 @@ pub enum Fault {
     Malformed,
     Empty,
     Unauthorized,
+    /// A reasoning model's answer: its reasoning in a `<think>` block, then the answer.
+    Reasoning,
 }
 
 impl Fault {
@@ -32,6 +34,9 @@ impl Fault {
                 .insert_header("content-type", "application/json")
                 .set_body_string("{\"choices\": [ this is not json"),
             Fault::Empty => completion(""),
+            Fault::Reasoning => completion(
+                "<think>\nThe captions all show something red, so...\n</think>\n\nRed objects",
+            ),
             Fault::Unauthorized => ResponseTemplate::new(401).set_body_string(
                 r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
             ),
