@@ -448,7 +448,7 @@ settings! {
     /// network) or auto: api when an endpoint or API key is configured, else local [env: DND_LLM]
     #[arg(value_name = "auto|api|local")]
     llm: LlmChoice = LlmChoice::Auto;
-    /// Local LLM (Qwen2-family instruct model, transformers layout): folder or Hub id[@revision] [env: DND_LLM_LOCAL]
+    /// Local LLM (Qwen2, Qwen3 or Llama-family instruct model, transformers layout): folder or Hub id[@revision] [env: DND_LLM_LOCAL]
     llm_local: ModelSource = ModelSource::hub("Qwen/Qwen2.5-1.5B-Instruct");
     /// New tokens per local LLM answer, at most [env: DND_LLM_MAX_TOKENS]
     llm_max_tokens: usize = 48;
