@@ -174,9 +174,11 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.conv2.weight") && msg.contains("grouped convolutions"),
         "{msg}"
     );
-    // ViT variants: register tokens and a norm before the blocks, each named.
+    // ViT variants: register tokens, DeiT's distillation token and a norm before the blocks,
+    // each named.
     for (tensor, said) in [
         ("reg_token", "register tokens"),
+        ("dist_token", "distillation token"),
         ("norm_pre.weight", "a norm before the blocks"),
     ] {
         let vit = tempfile::tempdir().unwrap();

@@ -91,6 +91,7 @@ impl Vit {
         // Variants that would otherwise fail on a tensor's shape or absence, far from the cause.
         for (tensor, variant) in [
             ("reg_token", "register tokens"),
+            ("dist_token", "a distillation token (DeiT distilled)"),
             (
                 "norm_pre.weight",
                 "a norm before the blocks (CLIP-style image towers)",
