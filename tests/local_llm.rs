@@ -130,7 +130,10 @@ fn a_model_of_another_family_or_unlike_its_config_is_a_clear_error() {
         "{msg}"
     );
     let msg = load_edited(&|c| c["intermediate_size"] = 96.into());
-    assert!(msg.contains("mlp.gate_proj.weight has shape [128, 64]"), "{msg}");
+    assert!(
+        msg.contains("mlp.gate_proj.weight has shape [128, 64]"),
+        "{msg}"
+    );
     let msg = load_edited(&|c| c["rope_scaling"]["rope_type"] = "yarn".into());
     assert!(msg.contains("yarn") && msg.contains("llama3"), "{msg}");
 }
