@@ -211,6 +211,22 @@ fn a_reasoning_models_thinking_is_not_a_concept() {
         "{out:?}"
     );
     assert_eq!(out.candidates, ["red objects"]);
+    // Reasoning the token limit cut off answers nothing, and the error says what to do.
+    let mock = MockLlm::start(&[], Some(Fault::ReasoningCutOff), Duration::ZERO);
+    let parts = Parts::new(mock.url());
+    let s = parts.summariser();
+    let msg = block_on(summarise::concepts(
+        &s,
+        &captions,
+        &ConceptOptions::default(),
+        &|_| {},
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("empty") && msg.contains("--llm-max-tokens"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub enum LlmError {
     },
     #[error("local LLM {model}: {reason}")]
     Local { model: String, reason: String },
-    #[error("every {0} the LLM gave was empty after clean-up")]
+    #[error("every {0} the LLM gave was empty after clean-up.\n  fix: use an instruct (chat) model; a reasoning model, whose answers open with <think>, needs its reasoning turned off at the server or a larger --llm-max-tokens")]
     AllEmpty(&'static str),
     #[error("cancelled")]
     Cancelled,

@@ -20,6 +20,8 @@ pub enum Fault {
     Unauthorized,
     /// A reasoning model's answer: its reasoning in a `<think>` block, then the answer.
     Reasoning,
+    /// A reasoning model cut off by the token limit while still reasoning.
+    ReasoningCutOff,
 }
 
 impl Fault {
@@ -40,6 +42,7 @@ impl Fault {
             Fault::Unauthorized => ResponseTemplate::new(401).set_body_string(
                 r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
             ),
+            Fault::ReasoningCutOff => completion("<think>\nThe captions all show something red, and"),
         }
     }
 }
