@@ -189,6 +189,18 @@ fn mismatched_weights_are_one_clear_error() {
         let msg = try_load_target(vit.path()).unwrap_err().to_string();
         assert!(msg.contains(tensor) && msg.contains(said), "{msg}");
     }
+    // A gated MLP (SwiGLU: fc1 twice as wide as fc2 reads), named.
+    let vit = tempfile::tempdir().unwrap();
+    edited_fixture_model("vit_tiny", vit.path(), |w| {
+        let fc1 = &w["blocks.0.mlp.fc1.weight"];
+        let wide = candle_core::Tensor::cat(&[fc1, fc1], 0).unwrap();
+        let b = &w["blocks.0.mlp.fc1.bias"];
+        let wide_b = candle_core::Tensor::cat(&[b, b], 0).unwrap();
+        w.insert("blocks.0.mlp.fc1.weight".into(), wide);
+        w.insert("blocks.0.mlp.fc1.bias".into(), wide_b);
+    });
+    let msg = try_load_target(vit.path()).unwrap_err().to_string();
+    assert!(msg.contains("SwiGLU"), "{msg}");
     // Not a model at all.
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
     let msg = try_load_target(dir.path()).unwrap_err().to_string();
@@ -239,4 +251,47 @@ fn a_target_saved_in_shards_computes_what_the_single_file_does() {
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+}
+
+#[test]
+fn a_dinov2_vit_with_layer_scale_and_no_head_matches_timm() {
+    let target = load_fixture_target("vit_dinov2_tiny");
+    let reference = reference("models/vit_dinov2_tiny.reference.safetensors");
+    let names = ["blocks.0", "blocks.1", "norm"];
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names, "no head layer");
+    assert_eq!(
+        target.layer(1).kind,
+        LayerKind::Tokens { grid: (16, 16) },
+        "14 px patches"
+    );
+    let x = fixture_batch();
+    let taps = taps_of(&target, &names);
+    let outs = target.net.forward(&x, &taps).unwrap();
+    for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
+        let got = pool_output(target.layer(l).kind, out, Pool::Mean).unwrap();
+        let e = rel_err(&got, &reference[&format!("cls/{n}")]);
+        assert!(e < TOL, "dinov2 {n}: relative error {e}");
+    }
+    let maps = maps_of(target.layer(taps[1]).kind, &outs[1], 7).unwrap();
+    let want = &reference["map/blocks.1"];
+    let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
+    let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
+    assert!(rel_err(&got, want) < TOL);
+}
+
+#[test]
+fn a_deit3_vit_without_a_class_position_matches_timm() {
+    let target = load_fixture_target("vit_deit3_tiny");
+    let reference = reference("models/vit_deit3_tiny.reference.safetensors");
+    let names = ["blocks.0", "norm", "head"];
+    let x = fixture_batch();
+    let taps = taps_of(&target, &names);
+    let outs = target.net.forward(&x, &taps).unwrap();
+    for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
+        let got = pool_output(target.layer(l).kind, out, Pool::Mean).unwrap();
+        let e = rel_err(&got, &reference[&format!("cls/{n}")]);
+        assert!(e < TOL, "deit3 {n}: relative error {e}");
+    }
+    assert!(rel_err(&outs[2], &reference["logits"]) < TOL);
 }

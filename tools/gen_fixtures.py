@@ -158,6 +158,54 @@ def write_vit(x, gen):
     return model
 
 
+def write_vit_dinov2(x):
+    """DINOv2's timm layout (vit_small_patch14_dinov2): 14 px patches, LayerScale on both
+    branches (ls1/ls2.gamma, as DeiT III has too) and no head. At 224 px as timm's
+    pretrained_cfg_overlay sets it, and stored in f16 (the reference computes with the same
+    rounded values in f32), so the folder stays small."""
+    torch.manual_seed(2)
+    gen = torch.Generator().manual_seed(2)
+    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, embed_dim=64, depth=2,
+                              num_heads=2, img_size=224, pretrained_cfg_overlay=dict(input_size=(3, 224, 224))).eval()
+    with torch.no_grad():  # timm initialises the scales at 1e-5; make the branches matter
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name in ("cls_token", "pos_embed"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.half().float()
+    save_for_hf(model.half(), MODELS / "vit_dinov2_tiny", safe_serialization=True,
+                model_args=dict(embed_dim=64, depth=2, num_heads=2, img_size=224))
+    model = model.float()
+    taps = ["blocks.0", "blocks.1", "norm"]
+    outs, _ = capture(model, x, taps)
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["map/blocks.1"] = outs["blocks.1"][:, 1:, 7].contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_dinov2_tiny.reference.safetensors")
+
+
+def write_vit_deit3(x):
+    """DeiT III's timm layout (deit3_small_patch16_224): position embeddings without the class
+    token's row (no_embed_class), LayerScale, a head. Narrow, one block, f16."""
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(3)
+    args = dict(embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    model = timm.create_model("deit3_small_patch16_224.fb_in1k", pretrained=False, **args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or name in ("cls_token", "pos_embed", "head.weight", "head.bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    assert model.no_embed_class and model.pos_embed.shape[1] == 196
+    model = model.half().float()
+    save_for_hf(model.half(), MODELS / "vit_deit3_tiny", safe_serialization=True, model_args=args)
+    model = model.float()
+    taps = ["blocks.0", "norm", "head"]
+    outs, logits = capture(model, x, taps)
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_deit3_tiny.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -193,6 +241,8 @@ def main():
     write_resnet("resnet_basic", BasicBlock, [1, 1, 1, 1], True, x, gen)
     write_resnet("resnet_bottleneck", Bottleneck, [1, 2, 1, 1], False, x, gen)
     vit = write_vit(x, gen)
+    write_vit_dinov2(x)
+    write_vit_deit3(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -1,5 +1,6 @@
-//! Vision Transformer with timm's names (`vit_base_patch16_224.*`): patch_embed, cls_token,
-//! pos_embed, blocks.N (pre-norm attention + MLP), norm, head. A neuron of a token layer is one
+//! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2):
+//! patch_embed, cls_token, pos_embed, blocks.N (pre-norm attention + MLP, LayerScale when the
+//! weights have it), norm, head (absent in DINOv2). A neuron of a token layer is one
 //! dimension of the CLS token; the patch tokens give its H x W map.
 
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -23,15 +24,33 @@ fn norm(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<Layer
 
 /// A linear layer from `{p}.weight` `(out, inp)` and `{p}.bias`.
 fn lin(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Linear> {
-    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        Ok(w.get(&format!("{p}.{name}"), Some(shape))?
-            .to_device(dev)?
-            .to_dtype(dt)?)
-    };
-    Ok(Linear::new(
-        get("weight", &[out, inp])?,
-        Some(get("bias", &[out])?),
-    ))
+    scaled_lin(w, p, None, out, inp, dev, dt)
+}
+
+/// A linear layer whose output timm's LayerScale (`{scale}.gamma`, when the weights have it:
+/// DeiT III, DINOv2) multiplies before the residual: folded into its rows and bias at load,
+/// so the forward pass is the plain ViT's.
+fn scaled_lin(
+    w: &Weights,
+    p: &str,
+    scale: Option<&str>,
+    out: usize,
+    inp: usize,
+    dev: &Device,
+    dt: DType,
+) -> Result<Linear> {
+    let mut weight = w.get(&format!("{p}.weight"), Some(&[out, inp]))?;
+    let mut bias = w.get(&format!("{p}.bias"), Some(&[out]))?;
+    if let Some(gamma) = scale
+        .map(|s| format!("{s}.gamma"))
+        .filter(|g| w.contains(g))
+    {
+        let gamma = w.get(&gamma, Some(&[out]))?;
+        weight = weight.broadcast_mul(&gamma.reshape((out, 1))?)?;
+        bias = bias.mul(&gamma)?;
+    }
+    let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(dev)?.to_dtype(dt)?) };
+    Ok(Linear::new(on(weight)?, Some(on(bias)?)))
 }
 
 struct Block {
@@ -68,6 +87,8 @@ pub struct Vit {
     patch: usize,
     cls: Tensor,
     pos: Tensor,
+    /// Whether `pos` has a row for the class token, or is added to the patch tokens alone.
+    pos_has_cls: bool,
     blocks: Vec<Block>,
     norm: LayerNorm,
     head: Option<Linear>,
@@ -121,11 +142,14 @@ impl Vit {
         let grid = pre.crop as usize / patch;
         let tokens = 1 + grid * grid;
         let pos = w.get("pos_embed", None)?;
-        if pos.dims() != [1, tokens, d] {
+        // DeiT III's position embeddings leave out the class token (timm's no_embed_class).
+        let pos_has_cls = pos.dims() == [1, tokens, d];
+        if !pos_has_cls && pos.dims() != [1, tokens - 1, d] {
             return Err(w.mismatch(format!(
-                "pos_embed has shape {:?} but a {}px input with {patch}px patches needs [1, {tokens}, {d}]",
+                "pos_embed has shape {:?} but a {}px input with {patch}px patches needs [1, {tokens}, {d}] (or [1, {}, {d}] without the class token)",
                 pos.dims(),
-                pre.crop
+                pre.crop,
+                tokens - 1
             )));
         }
         let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
@@ -133,13 +157,34 @@ impl Vit {
             .map(|i| {
                 let p = format!("blocks.{i}");
                 let hidden = w.dims(&format!("{p}.mlp.fc1.weight"))?[0];
+                if w.dims(&format!("{p}.mlp.fc2.weight"))?.get(1) == Some(&(hidden / 2)) {
+                    return Err(w.mismatch(format!(
+                        "{p}.mlp is a gated MLP (SwiGLU, as in DINOv2 giant), which dnd does not run; plain-MLP ViTs (DINOv2 small to large, DeiT, vit_*) do"
+                    )));
+                }
                 Ok(Block {
                     norm1: norm(w, &format!("{p}.norm1"), d, device, dtype)?,
                     qkv: lin(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
-                    proj: lin(w, &format!("{p}.attn.proj"), d, d, device, dtype)?,
+                    proj: scaled_lin(
+                        w,
+                        &format!("{p}.attn.proj"),
+                        Some(&format!("{p}.ls1")),
+                        d,
+                        d,
+                        device,
+                        dtype,
+                    )?,
                     norm2: norm(w, &format!("{p}.norm2"), d, device, dtype)?,
                     fc1: lin(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
-                    fc2: lin(w, &format!("{p}.mlp.fc2"), d, hidden, device, dtype)?,
+                    fc2: scaled_lin(
+                        w,
+                        &format!("{p}.mlp.fc2"),
+                        Some(&format!("{p}.ls2")),
+                        d,
+                        hidden,
+                        device,
+                        dtype,
+                    )?,
                     heads,
                 })
             })
@@ -183,6 +228,7 @@ impl Vit {
             patch,
             cls: to(w.get("cls_token", Some(&[1, 1, d]))?)?,
             pos: to(pos)?,
+            pos_has_cls,
             blocks,
             norm: norm(w, "norm", d, device, dtype)?,
             head,
@@ -204,9 +250,12 @@ impl TargetNetwork for Vit {
             .broadcast_add(&self.patch_b.reshape((1, (), 1, 1))?)?;
         let p = p.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
         let cls = self.cls.broadcast_as((b, 1, self.cls.dim(D::Minus1)?))?;
-        let mut h = Tensor::cat(&[&cls, &p], 1)?
-            .broadcast_add(&self.pos)?
-            .contiguous()?;
+        let mut h = if self.pos_has_cls {
+            Tensor::cat(&[&cls, &p], 1)?.broadcast_add(&self.pos)?
+        } else {
+            Tensor::cat(&[&cls, &p.broadcast_add(&self.pos)?], 1)?
+        }
+        .contiguous()?;
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h)?;
             if rec.record(i, &h) {
