@@ -179,6 +179,7 @@ fn mismatched_weights_are_one_clear_error() {
     for (tensor, said) in [
         ("reg_token", "register tokens"),
         ("dist_token", "distillation token"),
+        ("fc_norm.weight", "averaged before the head"),
         ("norm_pre.weight", "a norm before the blocks"),
     ] {
         let vit = tempfile::tempdir().unwrap();

@@ -114,6 +114,10 @@ impl Vit {
             ("reg_token", "register tokens"),
             ("dist_token", "a distillation token (DeiT distilled)"),
             (
+                "fc_norm.weight",
+                "its tokens averaged before the head (global_pool avg, MAE-style)",
+            ),
+            (
                 "norm_pre.weight",
                 "a norm before the blocks (CLIP-style image towers)",
             ),
