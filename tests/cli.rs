@@ -251,6 +251,17 @@ fn hub_ids_resolve_from_the_standard_hf_cache_offline() {
 
 /// A Stable Diffusion repo as transformers 5 saves a pipeline (tokenizer.json, no vocab.json
 /// or merges.txt) downloads, counts as on disk in the HF cache, and loads offline.
+/// `describe` of neuron 0 of layer4 on the fixtures (`llm` as [`common::describe_flags`] takes
+/// it), with `flag` set to `value` instead.
+fn one_neuron_with(home: &std::path::Path, llm: &str, flag: &str, value: &str) -> Vec<String> {
+    let mut args = vec!["describe".to_string()];
+    args.extend(common::describe_flags(home, llm, "resnet_basic"));
+    let at = args.iter().position(|a| a == flag).unwrap();
+    args[at + 1] = value.into();
+    args.extend(["--layer", "layer4", "--neurons", "0"].map(String::from));
+    args
+}
+
 #[test]
 fn a_synthesiser_with_tokenizer_json_alone_downloads_and_loads() {
     let home = tempfile::tempdir().unwrap();
@@ -286,15 +297,7 @@ fn a_synthesiser_with_tokenizer_json_alone_downloads_and_loads() {
     assert!(line.contains("on disk"), "{out}{err}");
     // And a neuron is described with it, offline.
     let llm = common::llm::MockLlm::start(&[], None, std::time::Duration::ZERO);
-    let mut args = vec!["describe".to_string()];
-    args.extend(common::describe_flags(
-        home.path(),
-        &llm.url(),
-        "resnet_basic",
-    ));
-    let at = args.iter().position(|a| a == "--synthesiser").unwrap();
-    args[at + 1] = "org/sd-json".into();
-    args.extend(["--layer", "layer4", "--neurons", "0"].map(String::from));
+    let args = one_neuron_with(home.path(), &llm.url(), "--synthesiser", "org/sd-json");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = dnd(home.path(), &refs);
     let (out, err) = text(&o);
@@ -363,11 +366,7 @@ fn a_sharded_local_llm_downloads_every_shard_and_describes_offline() {
     let (out, err) = text(&o);
     let line = out.lines().find(|l| l.starts_with("llm_local")).unwrap();
     assert!(line.contains("on disk"), "{out}{err}");
-    let mut args = vec!["describe".to_string()];
-    args.extend(common::describe_flags(home.path(), "local", "resnet_basic"));
-    let at = args.iter().position(|a| a == "--llm-local").unwrap();
-    args[at + 1] = "org/llama-sharded".into();
-    args.extend(["--layer", "layer4", "--neurons", "0"].map(String::from));
+    let args = one_neuron_with(home.path(), "local", "--llm-local", "org/llama-sharded");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = dnd(home.path(), &refs);
     let (out, err) = text(&o);
