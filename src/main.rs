@@ -344,7 +344,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Layers => {
             let target = load_target(&rt, settings)?;
             println!("# {} — {}", target.name, target.net.info().architecture);
-            println!("{:<12} {:>8}  {:<16} map", "layer", "neurons", "output");
+            // As wide as the longest name (torchvision's ViT layers are long).
+            let w = target.layers().iter().map(|l| l.name.len()).max().unwrap_or(0).max(12);
+            println!("{:<w$} {:>8}  {:<16} map", "layer", "neurons", "output");
             for l in target.layers() {
                 let map = match l.kind {
                     LayerKind::Spatial => format!("{}x{}", l.shape[1], l.shape[2]),
@@ -352,7 +354,7 @@ fn run(cli: Cli) -> Result<()> {
                     LayerKind::Vector => "-".into(),
                 };
                 println!(
-                    "{:<12} {:>8}  {:<16} {map}",
+                    "{:<w$} {:>8}  {:<16} {map}",
                     l.name,
                     l.neurons,
                     format!("{:?}", l.shape)

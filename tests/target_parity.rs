@@ -292,3 +292,16 @@ fn a_dinov2_vit_with_layer_scale_and_no_head_matches_timm() {
 fn a_deit3_vit_without_a_class_position_matches_timm() {
     check_vit("vit_deit3_tiny", &["blocks.0", "norm", "head"]);
 }
+
+#[test]
+fn a_torchvision_vit_matches_torchvision_under_its_own_layer_names() {
+    let names = [
+        "encoder.layers.encoder_layer_0",
+        "encoder.layers.encoder_layer_1",
+        "encoder.ln",
+        "heads.head",
+    ];
+    let (target, ..) = check_vit("vit_torchvision_tiny", &names);
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names);
+}

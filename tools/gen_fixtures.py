@@ -206,6 +206,29 @@ def write_vit_deit3(x):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_deit3_tiny.reference.safetensors")
 
 
+def write_vit_torchvision(x):
+    """torchvision's VisionTransformer (the vit_b_16 family's class) at a small width, its
+    state_dict as safetensors as the ResNet fixtures are, stored in f16. One 64-wide head: a
+    torchvision state_dict does not record the head count, and every torchvision ViT has
+    64-wide heads (ViT-H's 80-wide ones excepted), which is what dnd assumes."""
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
+    model = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=2, num_heads=1,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    with torch.no_grad():  # torchvision zero-initialises the head; make it and the tokens matter
+        for p in (model.class_token, model.encoder.pos_embedding, model.heads.head.weight, model.heads.head.bias):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.half().float()
+    folder = MODELS / "vit_torchvision_tiny"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    taps = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "encoder.ln", "heads.head"]
+    outs, logits = capture(model, x, taps)
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_torchvision_tiny.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -243,6 +266,7 @@ def main():
     vit = write_vit(x, gen)
     write_vit_dinov2(x)
     write_vit_deit3(x)
+    write_vit_torchvision(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

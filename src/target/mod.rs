@@ -91,12 +91,17 @@ impl Target {
             .as_ref()
             .and_then(Preprocess::from_timm_config)
             .unwrap_or_else(Preprocess::imagenet);
-        let weights = Weights::load(&label, weights_path, &weight_files)?;
+        let mut weights = Weights::load(&label, weights_path, &weight_files)?;
+        let layout = vit::Layout::of(|n| weights.contains(n));
+        if layout == vit::Layout::Torchvision {
+            weights.rename(vit::Layout::timm_name);
+        }
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
             Box::new(Vit::load(
                 &weights,
                 config.as_ref(),
                 &preprocess,
+                layout,
                 device,
                 dtype,
             )?)
@@ -109,7 +114,7 @@ impl Target {
             )?)
         } else {
             return Err(weights.mismatch(
-                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm ViT (patch_embed, blocks.N, ...)".into(),
+                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm or torchvision ViT (patch_embed, blocks.N, ... or conv_proj, encoder.layers, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -241,6 +246,14 @@ impl Weights {
             unused.len(),
             shown.join(", "),
         )))
+    }
+
+    /// Renames the tensors `to` gives a new name (another layout's names for the same network).
+    pub fn rename(&mut self, to: impl Fn(&str) -> Option<String>) {
+        self.tensors = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .map(|(k, t)| (to(&k).unwrap_or(k), t))
+            .collect();
     }
 
     pub fn contains(&self, name: &str) -> bool {

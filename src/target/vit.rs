@@ -1,6 +1,6 @@
 //! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2):
 //! patch_embed, cls_token, pos_embed, blocks.N (pre-norm attention + MLP, LayerScale when the
-//! weights have it), norm, head (absent in DINOv2). A neuron of a token layer is one
+//! weights have it), norm, head (absent in DINOv2); or torchvision's (`vit_b_16`, ...), renamed. A neuron of a token layer is one
 //! dimension of the CLS token; the patch tokens give its H x W map.
 
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -11,6 +11,85 @@ use crate::nn::{attention, merge_heads, Act, LayerNorm, Linear};
 use crate::probe::Preprocess;
 
 const LN_EPS: f64 = 1e-6;
+
+/// Whose names a ViT's weights and layers carry. torchvision's `vit_b_16` and friends are the
+/// same network as timm's ViT: their weights are renamed to timm's at load
+/// ([`Layout::timm_name`]), and their layers keep torchvision's module names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Timm,
+    Torchvision,
+}
+
+impl Layout {
+    /// The layout of a weights file with this tensor.
+    pub fn of(has: impl Fn(&str) -> bool) -> Self {
+        if has("conv_proj.weight") && has("encoder.pos_embedding") {
+            Layout::Torchvision
+        } else {
+            Layout::Timm
+        }
+    }
+
+    /// timm's name for a torchvision ViT tensor; `None` keeps the name (and so leaves it for
+    /// the unused-tensor check to report).
+    pub fn timm_name(name: &str) -> Option<String> {
+        let fixed = match name {
+            "class_token" => Some("cls_token"),
+            "conv_proj.weight" => Some("patch_embed.proj.weight"),
+            "conv_proj.bias" => Some("patch_embed.proj.bias"),
+            "encoder.pos_embedding" => Some("pos_embed"),
+            "encoder.ln.weight" => Some("norm.weight"),
+            "encoder.ln.bias" => Some("norm.bias"),
+            "heads.head.weight" => Some("head.weight"),
+            "heads.head.bias" => Some("head.bias"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            return Some(f.to_string());
+        }
+        let rest = name.strip_prefix("encoder.layers.encoder_layer_")?;
+        let (i, part) = rest.split_once('.')?;
+        let timm = match part {
+            "ln_1.weight" => "norm1.weight",
+            "ln_1.bias" => "norm1.bias",
+            "self_attention.in_proj_weight" => "attn.qkv.weight",
+            "self_attention.in_proj_bias" => "attn.qkv.bias",
+            "self_attention.out_proj.weight" => "attn.proj.weight",
+            "self_attention.out_proj.bias" => "attn.proj.bias",
+            "ln_2.weight" => "norm2.weight",
+            "ln_2.bias" => "norm2.bias",
+            // torchvision 0.12 named the MLP's layers linear_1 / linear_2.
+            "mlp.0.weight" | "mlp.linear_1.weight" => "mlp.fc1.weight",
+            "mlp.0.bias" | "mlp.linear_1.bias" => "mlp.fc1.bias",
+            "mlp.3.weight" | "mlp.linear_2.weight" => "mlp.fc2.weight",
+            "mlp.3.bias" | "mlp.linear_2.bias" => "mlp.fc2.bias",
+            _ => return None,
+        };
+        Some(format!("blocks.{i}.{timm}"))
+    }
+
+    fn block(self, i: usize) -> String {
+        match self {
+            Layout::Timm => format!("blocks.{i}"),
+            Layout::Torchvision => format!("encoder.layers.encoder_layer_{i}"),
+        }
+    }
+
+    fn norm(self) -> &'static str {
+        match self {
+            Layout::Timm => "norm",
+            Layout::Torchvision => "encoder.ln",
+        }
+    }
+
+    fn head(self) -> &'static str {
+        match self {
+            Layout::Timm => "head",
+            Layout::Torchvision => "heads.head",
+        }
+    }
+}
 
 /// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
 fn norm(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<LayerNorm> {
@@ -99,6 +178,7 @@ impl Vit {
         w: &Weights,
         config: Option<&serde_json::Value>,
         pre: &Preprocess,
+        layout: Layout,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
@@ -205,14 +285,13 @@ impl Vit {
             shape: vec![tokens, d],
             kind: LayerKind::Tokens { grid: (grid, grid) },
         };
-        let mut layers: Vec<LayerInfo> = (0..depth)
-            .map(|i| tokens_layer(format!("blocks.{i}")))
-            .collect();
-        layers.push(tokens_layer("norm".into()));
+        let mut layers: Vec<LayerInfo> =
+            (0..depth).map(|i| tokens_layer(layout.block(i))).collect();
+        layers.push(tokens_layer(layout.norm().into()));
         if let Some(h) = &head {
             let classes = h.out_features();
             layers.push(LayerInfo {
-                name: "head".into(),
+                name: layout.head().into(),
                 neurons: classes,
                 shape: vec![classes],
                 kind: LayerKind::Vector,
