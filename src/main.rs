@@ -345,7 +345,13 @@ fn run(cli: Cli) -> Result<()> {
             let target = load_target(&rt, settings)?;
             println!("# {} — {}", target.name, target.net.info().architecture);
             // As wide as the longest name (torchvision's ViT layers are long).
-            let w = target.layers().iter().map(|l| l.name.len()).max().unwrap_or(0).max(12);
+            let w = target
+                .layers()
+                .iter()
+                .map(|l| l.name.len())
+                .max()
+                .unwrap_or(0)
+                .max(12);
             println!("{:<w$} {:>8}  {:<16} map", "layer", "neurons", "output");
             for l in target.layers() {
                 let map = match l.kind {
