@@ -206,11 +206,14 @@ impl Role {
     }
 }
 
-// torchvision/timm weights; timm's config.json carries the preprocessing and head count.
+// torchvision/timm/transformers weights; timm's config.json carries the preprocessing and
+// head count, transformers' config.json the head count and preprocessor_config.json the
+// preprocessing.
 const TARGET_FILES: &[FileSpec] = &[
     opt("model.safetensors.index.json"),
     unless("model.safetensors", "model.safetensors.index.json"),
     opt("config.json"),
+    opt("preprocessor_config.json"),
 ];
 const CAPTIONER_FILES: &[FileSpec] = &[
     req("config.json"),

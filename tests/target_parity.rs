@@ -305,3 +305,39 @@ fn a_torchvision_vit_matches_torchvision_under_its_own_layer_names() {
     let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
     assert_eq!(listed, names);
 }
+
+#[test]
+fn a_transformers_vit_matches_transformers_and_preprocesses_as_its_processor() {
+    let names = [
+        "vit.encoder.layer.0",
+        "vit.encoder.layer.1",
+        "vit.layernorm",
+        "classifier",
+    ];
+    let (target, reference, ..) = check_vit("vit_transformers_tiny", &names);
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names);
+    // Its preprocessing is ViTImageProcessor's (both sides to 224, bilinear, mean/std 0.5),
+    // from preprocessor_config.json: every 7th row and column of each image.
+    let pre = &target.preprocess;
+    let want = &reference["pixels/every7"];
+    for (i, (name, img)) in fixture_images().iter().enumerate() {
+        let mut out = vec![0f32; pre.values_per_image()];
+        pre.apply(img, &mut out);
+        let full =
+            candle_core::Tensor::from_vec(out, (3, 224, 224), &candle_core::Device::Cpu).unwrap();
+        let rows: Vec<u32> = (0..224).step_by(7).collect();
+        let idx = candle_core::Tensor::new(rows.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let got = full
+            .index_select(&idx, 1)
+            .unwrap()
+            .index_select(&idx, 2)
+            .unwrap();
+        let w = want.get(i).unwrap();
+        let diff = (got - &w).unwrap().abs().unwrap().flatten_all().unwrap();
+        let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let max = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+        // One 8-bit level is 2/255 = 7.8e-3 after normalising by 0.5.
+        assert!(mean < 1e-3 && max < 2e-2, "{name}: mean {mean}, max {max}");
+    }
+}

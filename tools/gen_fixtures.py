@@ -229,6 +229,45 @@ def write_vit_torchvision(x):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_torchvision_tiny.reference.safetensors")
 
 
+def write_vit_transformers(x, paths):
+    """transformers' ViTForImageClassification (google/vit-base-patch16-224's class) at a small
+    width, saved by save_pretrained with its ViTImageProcessor (both sides to 224, bilinear,
+    mean and std 0.5), stored in f16; with the processor's pixels for the fixture images (every
+    7th row and column)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    image_size=224, patch_size=16, num_labels=10)
+    model = ViTForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings")) or name.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.half().float()
+    folder = MODELS / "vit_transformers_tiny"
+    model.half().save_pretrained(folder, safe_serialization=True)
+    processor = ViTImageProcessor(size={"height": 224, "width": 224})
+    processor.save_pretrained(folder)
+    model = model.float()
+    outs = {}
+    mods = dict(model.named_modules())
+    # transformers 5 calls the layers vit.layers.N; the checkpoint (and dnd) vit.encoder.layer.N.
+    taps = {"vit.layers.0": "vit.encoder.layer.0", "vit.layers.1": "vit.encoder.layer.1",
+            "vit.layernorm": "vit.layernorm", "classifier": "classifier"}
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    for h in hooks:
+        h.remove()
+    ref = {f"cls/{ours}": pooled(outs[t], "mean").contiguous() for t, ours in taps.items()}
+    ref["logits"] = logits.contiguous()
+    pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
+    ref["pixels/every7"] = pixels[:, :, ::7, ::7].contiguous()  # the whole image, sampled: small
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_transformers_tiny.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -267,6 +306,7 @@ def main():
     write_vit_dinov2(x)
     write_vit_deit3(x)
     write_vit_torchvision(x)
+    write_vit_transformers(x, paths)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -78,8 +78,9 @@ impl std::fmt::Debug for Target {
 }
 
 impl Target {
-    /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision/timm
-    /// names) and, when present, timm's `config.json` for preprocessing and head count.
+    /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision,
+    /// timm or transformers names) and, when present, `config.json` (timm's: preprocessing and
+    /// head count; transformers': head count) and transformers' `preprocessor_config.json`.
     pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
         let label = model.label();
         let (weights_path, weight_files) = model.weight_files("model.safetensors");
@@ -87,15 +88,19 @@ impl Target {
             Some(p) => Some(read_json(&label, p)?),
             None => None,
         };
-        let preprocess = config
-            .as_ref()
-            .and_then(Preprocess::from_timm_config)
-            .unwrap_or_else(Preprocess::imagenet);
+        // timm's pretrained_cfg, else transformers' image processor, else torchvision's.
+        let preprocess = match (
+            config.as_ref().and_then(Preprocess::from_timm_config),
+            model.file("preprocessor_config.json"),
+        ) {
+            (Some(p), _) => p,
+            (None, Some(path)) => Preprocess::from_hf_processor(&read_json(&label, path)?)
+                .map_err(|e| crate::nn::mismatch(&label, Some(path), &e))?,
+            (None, None) => Preprocess::imagenet(),
+        };
         let mut weights = Weights::load(&label, weights_path, &weight_files)?;
         let layout = vit::Layout::of(|n| weights.contains(n));
-        if layout == vit::Layout::Torchvision {
-            weights.rename(vit::Layout::timm_name);
-        }
+        weights.convert(|t| layout.to_timm(t))?;
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
             Box::new(Vit::load(
                 &weights,
@@ -114,7 +119,7 @@ impl Target {
             )?)
         } else {
             return Err(weights.mismatch(
-                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm or torchvision ViT (patch_embed, blocks.N, ... or conv_proj, encoder.layers, ...)".into(),
+                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -248,12 +253,15 @@ impl Weights {
         )))
     }
 
-    /// Renames the tensors `to` gives a new name (another layout's names for the same network).
-    pub fn rename(&mut self, to: impl Fn(&str) -> Option<String>) {
-        self.tensors = std::mem::take(&mut self.tensors)
-            .into_iter()
-            .map(|(k, t)| (to(&k).unwrap_or(k), t))
-            .collect();
+    /// Replaces the tensors by what `to` makes of them (another layout's names for the same
+    /// network); its failure is a mismatch of this file.
+    pub fn convert(
+        &mut self,
+        to: impl FnOnce(HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>>,
+    ) -> Result<()> {
+        self.tensors =
+            to(std::mem::take(&mut self.tensors)).map_err(|e| self.mismatch(e.to_string()))?;
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {

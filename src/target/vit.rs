@@ -3,6 +3,8 @@
 //! weights have it), norm, head (absent in DINOv2); or torchvision's (`vit_b_16`, ...), renamed. A neuron of a token layer is one
 //! dimension of the CLS token; the patch tokens give its H x W map.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::{LayerInfo, LayerKind, NetInfo, Recorder, TargetNetwork, Weights};
@@ -10,6 +12,7 @@ use crate::error::Result;
 use crate::nn::{attention, merge_heads, Act, LayerNorm, Linear};
 use crate::probe::Preprocess;
 
+/// timm's and torchvision's LayerNorm epsilon; transformers' configs give theirs.
 const LN_EPS: f64 = 1e-6;
 
 /// Whose names a ViT's weights and layers carry. torchvision's `vit_b_16` and friends are the
@@ -19,21 +22,112 @@ const LN_EPS: f64 = 1e-6;
 pub enum Layout {
     Timm,
     Torchvision,
+    /// transformers' `ViTForImageClassification` (its names under `vit.`) or `ViTModel`.
+    Transformers {
+        prefix: &'static str,
+    },
 }
 
 impl Layout {
-    /// The layout of a weights file with this tensor.
+    /// The layout of a weights file with these tensors.
     pub fn of(has: impl Fn(&str) -> bool) -> Self {
         if has("conv_proj.weight") && has("encoder.pos_embedding") {
-            Layout::Torchvision
-        } else {
-            Layout::Timm
+            return Layout::Torchvision;
+        }
+        for prefix in ["vit.", ""] {
+            if has(&format!("{prefix}embeddings.cls_token"))
+                && has(&format!("{prefix}encoder.layer.0.layernorm_before.weight"))
+            {
+                return Layout::Transformers { prefix };
+            }
+        }
+        Layout::Timm
+    }
+
+    /// The tensors renamed to timm's names (transformers' separate q, k and v joined as timm's
+    /// qkv); a tensor with no timm name keeps its own, for the unused-tensor check to report.
+    pub fn to_timm(self, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Layout::Timm => Ok(tensors),
+            Layout::Torchvision => Ok(tensors
+                .into_iter()
+                .map(|(k, t)| (Self::torchvision_name(&k).unwrap_or(k), t))
+                .collect()),
+            Layout::Transformers { prefix } => {
+                let mut out = HashMap::with_capacity(tensors.len());
+                let mut qkv: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+                for (k, t) in tensors {
+                    let name = k.strip_prefix(prefix).unwrap_or(&k);
+                    // The pooler (ViTModel's tanh layer on the CLS token) feeds no layer dnd taps.
+                    if name.starts_with("pooler.") {
+                        continue;
+                    }
+                    match Self::transformers_name(name) {
+                        Some(Renamed::To(n)) => {
+                            out.insert(n, t);
+                        }
+                        Some(Renamed::Qkv(n, i)) => {
+                            qkv.entry(n).or_default()[i] = Some(t);
+                        }
+                        None => {
+                            out.insert(k, t);
+                        }
+                    }
+                }
+                for (name, parts) in qkv {
+                    match parts {
+                        [Some(q), Some(k), Some(v)] => {
+                            out.insert(name, Tensor::cat(&[q, k, v], 0)?);
+                        }
+                        _ => {
+                            return Err(candle_core::Error::Msg(format!(
+                                "{name}: the query, key or value projection is missing"
+                            ))
+                            .into())
+                        }
+                    }
+                }
+                Ok(out)
+            }
         }
     }
 
-    /// timm's name for a torchvision ViT tensor; `None` keeps the name (and so leaves it for
-    /// the unused-tensor check to report).
-    pub fn timm_name(name: &str) -> Option<String> {
+    /// timm's name for a transformers ViT tensor (the `vit.` prefix removed).
+    fn transformers_name(name: &str) -> Option<Renamed> {
+        let fixed = match name {
+            "embeddings.cls_token" => Some("cls_token"),
+            "embeddings.position_embeddings" => Some("pos_embed"),
+            "embeddings.patch_embeddings.projection.weight" => Some("patch_embed.proj.weight"),
+            "embeddings.patch_embeddings.projection.bias" => Some("patch_embed.proj.bias"),
+            "layernorm.weight" => Some("norm.weight"),
+            "layernorm.bias" => Some("norm.bias"),
+            "classifier.weight" => Some("head.weight"),
+            "classifier.bias" => Some("head.bias"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            return Some(Renamed::To(f.to_string()));
+        }
+        let rest = name.strip_prefix("encoder.layer.")?;
+        let (i, part) = rest.split_once('.')?;
+        let (part, kind) = part.rsplit_once('.')?; // kind: weight or bias
+        let qkv = |n: usize| Some(Renamed::Qkv(format!("blocks.{i}.attn.qkv.{kind}"), n));
+        let timm = match part {
+            "attention.attention.query" => return qkv(0),
+            "attention.attention.key" => return qkv(1),
+            "attention.attention.value" => return qkv(2),
+            "layernorm_before" => "norm1",
+            "attention.output.dense" => "attn.proj",
+            "layernorm_after" => "norm2",
+            "intermediate.dense" => "mlp.fc1",
+            "output.dense" => "mlp.fc2",
+            _ => return None,
+        };
+        Some(Renamed::To(format!("blocks.{i}.{timm}.{kind}")))
+    }
+
+    /// timm's name for a torchvision ViT tensor.
+    fn torchvision_name(name: &str) -> Option<String> {
         let fixed = match name {
             "class_token" => Some("cls_token"),
             "conv_proj.weight" => Some("patch_embed.proj.weight"),
@@ -73,13 +167,15 @@ impl Layout {
         match self {
             Layout::Timm => format!("blocks.{i}"),
             Layout::Torchvision => format!("encoder.layers.encoder_layer_{i}"),
+            Layout::Transformers { prefix } => format!("{prefix}encoder.layer.{i}"),
         }
     }
 
-    fn norm(self) -> &'static str {
+    fn norm(self) -> String {
         match self {
-            Layout::Timm => "norm",
-            Layout::Torchvision => "encoder.ln",
+            Layout::Timm => "norm".into(),
+            Layout::Torchvision => "encoder.ln".into(),
+            Layout::Transformers { prefix } => format!("{prefix}layernorm"),
         }
     }
 
@@ -87,18 +183,26 @@ impl Layout {
         match self {
             Layout::Timm => "head",
             Layout::Torchvision => "heads.head",
+            Layout::Transformers { .. } => "classifier",
         }
     }
 }
 
+/// What a transformers ViT tensor becomes in timm's layout.
+enum Renamed {
+    To(String),
+    /// Row block `.1` (0 query, 1 key, 2 value) of timm's joined qkv tensor `.0`.
+    Qkv(String, usize),
+}
+
 /// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
-fn norm(w: &Weights, p: &str, d: usize, dev: &Device, dt: DType) -> Result<LayerNorm> {
+fn norm(w: &Weights, p: &str, d: usize, eps: f64, dev: &Device, dt: DType) -> Result<LayerNorm> {
     let get = |name: &str| -> Result<Tensor> {
         Ok(w.get(&format!("{p}.{name}"), Some(&[d]))?
             .to_device(dev)?
             .to_dtype(dt)?)
     };
-    Ok(LayerNorm::new(get("weight")?, get("bias")?, LN_EPS))
+    Ok(LayerNorm::new(get("weight")?, get("bias")?, eps))
 }
 
 /// A linear layer from `{p}.weight` `(out, inp)` and `{p}.bias`.
@@ -211,16 +315,33 @@ impl Vit {
         let depth = (0..)
             .take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight")))
             .count();
-        // Head count is not in the weights: timm's config.json records it in model_args; the
-        // standard ViTs (Ti/S/B/L) all use 64-dimensional heads.
+        // Head count is not in the weights: timm's config.json records it in model_args and
+        // transformers' as num_attention_heads; the standard ViTs (Ti/S/B/L) all use
+        // 64-dimensional heads.
         let heads = config
-            .and_then(|c| c.pointer("/model_args/num_heads"))
+            .and_then(|c| {
+                c.pointer("/model_args/num_heads")
+                    .or_else(|| c.get("num_attention_heads"))
+            })
             .and_then(|v| v.as_u64())
             .map(|h| h as usize)
             .unwrap_or(if d == 1280 { 16 } else { (d / 64).max(1) });
         if d % heads != 0 {
             return Err(w.mismatch(format!(
                 "embedding width {d} is not divisible by {heads} heads"
+            )));
+        }
+        let eps = config
+            .and_then(|c| c.get("layer_norm_eps"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(LN_EPS);
+        if let Some(act) = config
+            .and_then(|c| c.get("hidden_act"))
+            .and_then(|v| v.as_str())
+            .filter(|a| *a != "gelu")
+        {
+            return Err(w.mismatch(format!(
+                "config.json's hidden_act is {act:?}; dnd's ViT runs gelu"
             )));
         }
         let grid = pre.crop as usize / patch;
@@ -247,7 +368,7 @@ impl Vit {
                     )));
                 }
                 Ok(Block {
-                    norm1: norm(w, &format!("{p}.norm1"), d, device, dtype)?,
+                    norm1: norm(w, &format!("{p}.norm1"), d, eps, device, dtype)?,
                     qkv: lin(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
                     proj: scaled_lin(
                         w,
@@ -258,7 +379,7 @@ impl Vit {
                         device,
                         dtype,
                     )?,
-                    norm2: norm(w, &format!("{p}.norm2"), d, device, dtype)?,
+                    norm2: norm(w, &format!("{p}.norm2"), d, eps, device, dtype)?,
                     fc1: lin(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
                     fc2: scaled_lin(
                         w,
@@ -287,7 +408,7 @@ impl Vit {
         };
         let mut layers: Vec<LayerInfo> =
             (0..depth).map(|i| tokens_layer(layout.block(i))).collect();
-        layers.push(tokens_layer(layout.norm().into()));
+        layers.push(tokens_layer(layout.norm()));
         if let Some(h) = &head {
             let classes = h.out_features();
             layers.push(LayerInfo {
@@ -313,7 +434,7 @@ impl Vit {
             pos: to(pos)?,
             pos_has_cls,
             blocks,
-            norm: norm(w, "norm", d, device, dtype)?,
+            norm: norm(w, "norm", d, eps, device, dtype)?,
             head,
         })
     }
