@@ -273,7 +273,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use torchvision/timm weights of a supported architecture (ResNet-18/34/50/101/152, ViT) in safetensors".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT".into(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2):
 //! patch_embed, cls_token, pos_embed, blocks.N (pre-norm attention + MLP, LayerScale when the
-//! weights have it), norm, head (absent in DINOv2); or torchvision's (`vit_b_16`, ...), renamed. A neuron of a token layer is one
-//! dimension of the CLS token; the patch tokens give its H x W map.
+//! weights have it), norm, head (absent in DINOv2). torchvision's and transformers' ViTs are
+//! renamed to those names at load ([`Layout`]). A neuron of a token layer is one dimension of
+//! the CLS token; the patch tokens give its H x W map.
 
 use std::collections::HashMap;
 
@@ -15,9 +16,9 @@ use crate::probe::Preprocess;
 /// timm's and torchvision's LayerNorm epsilon; transformers' configs give theirs.
 const LN_EPS: f64 = 1e-6;
 
-/// Whose names a ViT's weights and layers carry. torchvision's `vit_b_16` and friends are the
-/// same network as timm's ViT: their weights are renamed to timm's at load
-/// ([`Layout::timm_name`]), and their layers keep torchvision's module names.
+/// Whose names a ViT's weights and layers carry. torchvision's `vit_b_16` and friends and
+/// transformers' `ViTForImageClassification` are the same network as timm's ViT: their weights
+/// are renamed to timm's at load ([`Layout::to_timm`]), and their layers keep their own names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Timm,
