@@ -16,15 +16,20 @@ fn taps_of(target: &dnd::target::Target, names: &[&str]) -> Vec<usize> {
         .collect()
 }
 
-fn check_resnet(name: &str) {
+/// torchvision's (and timm's) names of the layers the ResNet fixtures' references hold.
+const TORCHVISION_TAPS: [&str; 12] = [
+    "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
+    "layer4.0", "avgpool", "fc",
+];
+
+/// A ResNet fixture's layers `names`, tapped in one pass, mean- and max-pooled, against the
+/// reference; then, when given, channel 5 of layer `map.0`'s spatial map against the
+/// reference's `map.1`.
+fn check_resnet(name: &str, names: &[&str], map: Option<(&str, &str)>) -> dnd::target::Target {
     let target = load_fixture_target(name);
     let reference = reference(&format!("models/{name}.reference.safetensors"));
     let x = fixture_batch();
-    let names = [
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
-        "layer4.0", "avgpool", "fc",
-    ];
-    let taps = taps_of(&target, &names);
+    let taps = taps_of(&target, names);
     // All taps in one forward pass.
     let outs = target.net.forward(&x, &taps).unwrap();
     for ((n, out), &l) in names.iter().zip(&outs).zip(&taps) {
@@ -39,31 +44,151 @@ fn check_resnet(name: &str) {
             assert!(e < TOL, "{name} {key}: relative error {e}");
         }
     }
-    let logits = &outs[names.len() - 1];
-    assert!(rel_err(logits, &reference["logits"]) < TOL);
-    // The spatial map of layer3 equals PyTorch's feature map channel.
-    let l3 = target.layer_index("layer3").unwrap();
-    let out = target.net.forward(&x, &[l3]).unwrap().remove(0);
-    assert_eq!(target.layer(l3).kind, LayerKind::Spatial);
+    if let Some(logits) = reference.get("logits") {
+        assert!(rel_err(&outs[names.len() - 1], logits) < TOL);
+    }
+    // The layer's spatial map equals PyTorch's feature map channel.
+    let Some((layer, key)) = map else {
+        return target;
+    };
+    let l = target.layer_index(layer).unwrap();
+    let out = target.net.forward(&x, &[l]).unwrap().remove(0);
+    assert_eq!(target.layer(l).kind, LayerKind::Spatial);
     let maps = maps_of(LayerKind::Spatial, &out, 5).unwrap();
-    let want = reference["map/layer3"]
-        .narrow(1, 5, 1)
-        .unwrap()
-        .squeeze(1)
-        .unwrap();
+    let want = reference[key].narrow(1, 5, 1).unwrap().squeeze(1).unwrap();
     let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
     let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
     assert!(rel_err(&got, &want) < TOL);
+    target
 }
 
 #[test]
 fn resnet_basic_blocks_match_pytorch() {
-    check_resnet("resnet_basic");
+    check_resnet(
+        "resnet_basic",
+        &TORCHVISION_TAPS,
+        Some(("layer3", "map/layer3")),
+    );
 }
 
 #[test]
 fn resnet_bottleneck_blocks_match_pytorch() {
-    check_resnet("resnet_bottleneck");
+    check_resnet(
+        "resnet_bottleneck",
+        &TORCHVISION_TAPS,
+        Some(("layer3", "map/layer3")),
+    );
+}
+
+/// The layers of transformers' ResNet fixtures (depths [1, 2, 1, 1]), in `dnd layers`'
+/// order, under `prefix` (`resnet.` in ResNetForImageClassification).
+fn transformers_resnet_layers(prefix: &str, head: bool) -> Vec<String> {
+    let mut names: Vec<String> = [
+        "embedder.embedder.convolution",
+        "embedder.embedder.normalization",
+        "embedder.embedder",
+        "embedder",
+        "encoder.stages.0",
+        "encoder.stages.0.layers.0",
+        "encoder.stages.1",
+        "encoder.stages.1.layers.0",
+        "encoder.stages.1.layers.1",
+        "encoder.stages.2",
+        "encoder.stages.2.layers.0",
+        "encoder.stages.3",
+        "encoder.stages.3.layers.0",
+        "pooler",
+    ]
+    .iter()
+    .map(|n| format!("{prefix}{n}"))
+    .collect();
+    if head {
+        names.push("classifier".into());
+    }
+    names
+}
+
+/// The taps the transformers ResNet references hold: [`TORCHVISION_TAPS`]' layers.
+fn transformers_resnet_taps(prefix: &str, head: bool) -> Vec<String> {
+    let all = transformers_resnet_layers(prefix, head);
+    [0, 1, 2, 3, 4, 6, 7, 9, 11, 12, 13, 14]
+        .iter()
+        .filter_map(|&i| all.get(i).cloned())
+        .collect()
+}
+
+#[test]
+fn transformers_resnets_match_transformers_under_their_own_layer_names() {
+    for (name, prefix, head) in [
+        ("resnet_transformers_tiny", "resnet.", true),
+        ("resnet_transformers_basic", "resnet.", true),
+        ("resnet_transformers_model", "", false),
+    ] {
+        let taps = transformers_resnet_taps(prefix, head);
+        let taps: Vec<&str> = taps.iter().map(String::as_str).collect();
+        // The tiny one's reference holds a feature map of its third stage.
+        let map = (name == "resnet_transformers_tiny").then_some((taps[7], "map/stages.2"));
+        let target = check_resnet(name, &taps, map);
+        let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(listed, transformers_resnet_layers(prefix, head), "{name}");
+        // ResNetModel's was saved with downsample_in_first_stage: its first stage halves the
+        // 56 x 56 of the stem's max pool.
+        let stage0 = target.layer(target.layer_index(taps[4]).unwrap());
+        let side = if head { 56 } else { 28 };
+        assert_eq!(stage0.shape, vec![16, side, side], "{name}");
+    }
+}
+
+/// Our pixels of each fixture image under `pre`, normalised, against a transformers image
+/// processor's (every 7th row and column of a 224 x 224 image): mean and largest difference.
+fn pixel_differences(pre: &dnd::probe::Preprocess, want: &candle_core::Tensor) -> Vec<(f32, f32)> {
+    let rows: Vec<u32> = (0..224).step_by(7).collect();
+    let idx = candle_core::Tensor::new(rows.as_slice(), &candle_core::Device::Cpu).unwrap();
+    fixture_images()
+        .iter()
+        .enumerate()
+        .map(|(i, (_, img))| {
+            let mut out = vec![0f32; pre.values_per_image()];
+            pre.apply(img, &mut out);
+            let full = candle_core::Tensor::from_vec(out, (3, 224, 224), &candle_core::Device::Cpu)
+                .unwrap();
+            let got = full
+                .index_select(&idx, 1)
+                .unwrap()
+                .index_select(&idx, 2)
+                .unwrap();
+            let diff = (got - want.get(i).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
+            let max = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+            (mean, max)
+        })
+        .collect()
+}
+
+#[test]
+fn a_transformers_resnet_preprocesses_as_its_convnext_processor() {
+    // microsoft/resnet-*'s preprocessor_config.json: ConvNeXT's processor, shortest edge 224
+    // over crop_pct 0.875, so resized to 256 and cropped to 224, bicubic, ImageNet's mean/std.
+    let target = load_fixture_target("resnet_transformers_tiny");
+    let pre = &target.preprocess;
+    assert_eq!((pre.resize, pre.crop), (256, 224));
+    let reference = reference("models/resnet_transformers_tiny.reference.safetensors");
+    // transformers 5's processor (torchvision's resize) to float rounding; its PIL one
+    // (transformers 4's) within one 8-bit level, 1 / 255 / 0.224 = 0.0175 after normalising.
+    for (backend, mean_bound, max_bound) in [("torchvision", 1e-6, 1e-5), ("pil", 1e-3, 2e-2)] {
+        let diffs = pixel_differences(pre, &reference[&format!("pixels/{backend}/every7")]);
+        for ((name, _), (mean, max)) in fixture_images().iter().zip(diffs) {
+            assert!(
+                mean < mean_bound && max < max_bound,
+                "{backend} {name}: mean {mean}, max {max}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -190,6 +315,14 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.conv2.weight") && msg.contains("grouped convolutions"),
         "{msg}"
     );
+    // A transformers ResNet with another activation than the ReLU dnd runs.
+    let tf = tempfile::tempdir().unwrap();
+    edited_fixture_model("resnet_transformers_basic", tf.path(), |_| {});
+    let config = tf.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"relu\"", "\"gelu\"")).unwrap();
+    let msg = try_load_target(tf.path()).unwrap_err().to_string();
+    assert!(msg.contains("hidden_act") && msg.contains("gelu"), "{msg}");
     // ViT variants: register tokens, DeiT's distillation token and a norm before the blocks,
     // each named.
     for (tensor, said) in [
@@ -319,24 +452,8 @@ fn a_transformers_vit_matches_transformers_and_preprocesses_as_its_processor() {
     assert_eq!(listed, names);
     // Its preprocessing is ViTImageProcessor's (both sides to 224, bilinear, mean/std 0.5),
     // from preprocessor_config.json: every 7th row and column of each image.
-    let pre = &target.preprocess;
-    let want = &reference["pixels/every7"];
-    for (i, (name, img)) in fixture_images().iter().enumerate() {
-        let mut out = vec![0f32; pre.values_per_image()];
-        pre.apply(img, &mut out);
-        let full =
-            candle_core::Tensor::from_vec(out, (3, 224, 224), &candle_core::Device::Cpu).unwrap();
-        let rows: Vec<u32> = (0..224).step_by(7).collect();
-        let idx = candle_core::Tensor::new(rows.as_slice(), &candle_core::Device::Cpu).unwrap();
-        let got = full
-            .index_select(&idx, 1)
-            .unwrap()
-            .index_select(&idx, 2)
-            .unwrap();
-        let w = want.get(i).unwrap();
-        let diff = (got - &w).unwrap().abs().unwrap().flatten_all().unwrap();
-        let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-        let max = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diffs = pixel_differences(&target.preprocess, &reference["pixels/every7"]);
+    for ((name, _), (mean, max)) in fixture_images().iter().zip(diffs) {
         // One 8-bit level is 2/255 = 7.8e-3 after normalising by 0.5.
         assert!(mean < 1e-3 && max < 2e-2, "{name}: mean {mean}, max {max}");
     }

@@ -268,6 +268,65 @@ def write_vit_transformers(x, paths):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_transformers_tiny.reference.safetensors")
 
 
+def write_resnet_transformers(x, paths):
+    """transformers' ResNets (microsoft/resnet-* classes) at small widths, saved by save_pretrained
+    in f16 with random BatchNorm statistics:
+    - resnet_transformers_tiny: ResNetForImageClassification, bottleneck blocks, the defaults of
+      microsoft/resnet-50, with its ConvNextImageProcessor (shortest edge 224 / crop_pct 0.875,
+      bicubic, crop 224) and that processor's pixels for the fixture images (every 7th row and
+      column), from transformers' PIL processor and its default torchvision one;
+    - resnet_transformers_basic: basic blocks (microsoft/resnet-18's);
+    - resnet_transformers_model: ResNetModel (no classifier, no `resnet.` prefix) with the stride
+      in the bottleneck's first 1x1 convolution and in the first stage."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification, ResNetModel
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+    kinds = {
+        "resnet_transformers_tiny": (ResNetForImageClassification, dict(layer_type="bottleneck")),
+        "resnet_transformers_basic": (ResNetForImageClassification, dict(layer_type="basic")),
+        "resnet_transformers_model": (ResNetModel, dict(layer_type="bottleneck", downsample_in_bottleneck=True,
+                                                        downsample_in_first_stage=True)),
+    }
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    for seed, (name, (cls, extra)) in enumerate(kinds.items()):
+        torch.manual_seed(20 + seed)
+        gen = torch.Generator().manual_seed(20 + seed)
+        cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], num_labels=10,
+                           **extra)
+        model = cls(cfg).eval()
+        randomise_batchnorm(model, gen)
+        model = model.half().float()
+        folder = MODELS / name
+        model.half().save_pretrained(folder, safe_serialization=True)
+        model = model.float()
+        p = "resnet." if cls is ResNetForImageClassification else ""
+        taps = [f"{p}embedder.embedder.convolution", f"{p}embedder.embedder.normalization",
+                f"{p}embedder.embedder", f"{p}embedder", f"{p}encoder.stages.0", f"{p}encoder.stages.1",
+                f"{p}encoder.stages.1.layers.0", f"{p}encoder.stages.2", f"{p}encoder.stages.3",
+                f"{p}encoder.stages.3.layers.0", f"{p}pooler"] + (["classifier"] if p else [])
+        outs = {}
+        mods = dict(model.named_modules())
+        hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.clone())) for n in taps]
+        with torch.no_grad():
+            model(pixel_values=x)
+        for h in hooks:
+            h.remove()
+        ref = {}
+        for t in taps:
+            o = outs[t].flatten(1) if t.endswith("pooler") else outs[t]
+            ref[f"mean/{t}"] = pooled(o, "mean").contiguous()
+            if o.dim() == 4:
+                ref[f"max/{t}"] = pooled(o, "max").contiguous()
+        if name == "resnet_transformers_tiny":
+            ref["map/stages.2"] = outs[f"{p}encoder.stages.2"].contiguous()
+            ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875, **imagenet).save_pretrained(folder)
+            images = [Image.open(q).convert("RGB") for q in paths]
+            for backend, proc in [("pil", ConvNextImageProcessorPil), ("torchvision", ConvNextImageProcessor)]:
+                pixels = proc(size={"shortest_edge": 224}, crop_pct=0.875, **imagenet)(
+                    images, return_tensors="pt").pixel_values
+                ref[f"pixels/{backend}/every7"] = pixels[:, :, ::7, ::7].contiguous()
+        save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -307,6 +366,7 @@ def main():
     write_vit_deit3(x)
     write_vit_torchvision(x)
     write_vit_transformers(x, paths)
+    write_resnet_transformers(x, paths)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -329,9 +329,12 @@ impl Preprocess {
         })
     }
 
-    /// transformers' image processor from a Hub `preprocessor_config.json` (BLIP, CLIP). An
-    /// integer `size` is the shortest edge when the processor centre-crops (CLIP's old
-    /// feature-extractor files) and both sides when it does not (BLIP's).
+    /// transformers' image processor from a Hub `preprocessor_config.json` (BLIP, CLIP, ViT,
+    /// ConvNeXT's for microsoft/resnet-*). An integer `size` is the shortest edge when the
+    /// processor centre-crops (CLIP's old feature-extractor files) and both sides when it does
+    /// not (BLIP's). With a `crop_pct` (ConvNeXT's processor) a size below 384 is the crop of
+    /// the image resized to `int(size / crop_pct)` on its shortest edge, and from 384 up both
+    /// sides, uncropped.
     pub fn from_hf_processor(config: &serde_json::Value) -> std::result::Result<Self, String> {
         let triple = |key: &str, default: [f32; 3]| -> [f32; 3] {
             match config.get(key).and_then(|v| v.as_array()) {
@@ -356,19 +359,23 @@ impl Preprocess {
             .get("size")
             .and_then(side)
             .ok_or("preprocessor_config.json has no usable \"size\"")?;
+        let crop_pct = config.get("crop_pct").and_then(|v| v.as_f64());
         let square = config
             .get("size")
             .is_some_and(|v| v.get("height").is_some())
             || (config.get("size").is_some_and(|v| v.is_u64()) && !crops);
-        let (geometry, crop) = if square {
-            (Geometry::HfSquare, size)
-        } else {
-            let crop = config
-                .get("crop_size")
-                .and_then(side)
-                .filter(|_| crops)
-                .unwrap_or(size);
-            (Geometry::HfShortestEdge, crop)
+        let (resize, geometry, crop) = match crop_pct {
+            Some(pct) if size < 384 => ((size as f64 / pct) as u32, Geometry::HfShortestEdge, size),
+            Some(_) => (size, Geometry::HfSquare, size),
+            None if square => (size, Geometry::HfSquare, size),
+            None => {
+                let crop = config
+                    .get("crop_size")
+                    .and_then(side)
+                    .filter(|_| crops)
+                    .unwrap_or(size);
+                (size, Geometry::HfShortestEdge, crop)
+            }
         };
         let interpolation = match config.get("resample").and_then(|v| v.as_u64()) {
             Some(2) => Interpolation::Bilinear,
@@ -377,7 +384,7 @@ impl Preprocess {
         const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
         const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
         Ok(Self {
-            resize: size,
+            resize,
             crop,
             geometry,
             interpolation,
@@ -742,6 +749,31 @@ mod tests {
             ),
             hf(serde_json::json!({"size": {"height": 384, "width": 384}, "resample": 3})),
         ]
+    }
+
+    #[test]
+    fn convnext_processor_files_resize_by_crop_pct() {
+        let hf = |cfg: serde_json::Value| Preprocess::from_hf_processor(&cfg).unwrap();
+        let geometry = |p: Preprocess| (p.resize, p.crop, p.geometry, p.interpolation);
+        // microsoft/resnet-50's file (feature-extractor form, integer size) and today's.
+        for size in [
+            serde_json::json!(224),
+            serde_json::json!({"shortest_edge": 224}),
+        ] {
+            let p = hf(
+                serde_json::json!({"crop_pct": 0.875, "size": size, "resample": 3,
+                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}),
+            );
+            assert_eq!(p.mean, [0.485, 0.456, 0.406]);
+            let want = (256, 224, Geometry::HfShortestEdge, Interpolation::Bicubic);
+            assert_eq!(geometry(p), want);
+        }
+        // From 384 up ConvNeXT's processor warps to a square and does not crop.
+        let p = hf(serde_json::json!({"crop_pct": 0.875, "size": {"shortest_edge": 384}}));
+        assert_eq!(
+            geometry(p),
+            (384, 384, Geometry::HfSquare, Interpolation::Bicubic)
+        );
     }
 
     /// The crop of the whole resize: every row resampled.

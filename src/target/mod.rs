@@ -80,7 +80,8 @@ impl std::fmt::Debug for Target {
 impl Target {
     /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision,
     /// timm or transformers names) and, when present, `config.json` (timm's: preprocessing and
-    /// head count; transformers': head count) and transformers' `preprocessor_config.json`.
+    /// head count; transformers': a ViT's head count, a ResNet's strides) and transformers'
+    /// `preprocessor_config.json`.
     pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
         let label = model.label();
         let (weights_path, weight_files) = model.weight_files("model.safetensors");
@@ -101,6 +102,8 @@ impl Target {
         let mut weights = Weights::load(&label, weights_path, &weight_files)?;
         let layout = vit::Layout::of(|n| weights.contains(n));
         weights.convert(|t| layout.to_timm(t))?;
+        let resnet_layout = resnet::Layout::of(|n| weights.contains(n));
+        weights.convert(|t| Ok(resnet_layout.to_torchvision(t)))?;
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
             Box::new(Vit::load(
                 &weights,
@@ -111,15 +114,17 @@ impl Target {
                 dtype,
             )?)
         } else if weights.contains("layer1.0.conv1.weight") {
-            Box::new(ResNet::load(
+            Box::new(ResNet::load_as(
                 &weights,
+                config.as_ref(),
+                resnet_layout,
                 preprocess.crop as usize,
                 device,
                 dtype,
             )?)
         } else {
             return Err(weights.mismatch(
-                "it holds neither a torchvision/timm ResNet (conv1, layer1.0.conv1, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...)".into(),
+                "it holds neither a torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -273,7 +278,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use weights of a supported architecture in safetensors: a torchvision/timm ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT".into(),
         }
     }
 

@@ -1,6 +1,7 @@
-//! ResNet-18/34/50/101/152 (torchvision layout, which timm's `resnet*.tv_*` share), with block
-//! type, depth and widths read from the weights. BatchNorm is folded into the convolutions at
-//! load time: one fused conv instead of conv + four broadcast ops per layer.
+//! ResNet-18/34/50/101/152 (torchvision's layout, which timm's `resnet*` share, and
+//! transformers' `ResNetForImageClassification` / `ResNetModel`, renamed to it at load), with
+//! block type, depth and widths read from the weights. BatchNorm is folded into the
+//! convolutions at load time: one fused conv instead of conv + four broadcast ops per layer.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,155 @@ use crate::nn;
 use crate::nn::linear;
 
 const BN_EPS: f64 = 1e-5;
+
+/// How a ResNet checkpoint names its tensors and modules. The network is built from
+/// torchvision's names; a layer is listed under the checkpoint's own module name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// torchvision's and timm's: `conv1`, `bn1`, `layer1.0.conv1`, ..., `fc`.
+    Torchvision,
+    /// transformers' `ResNetForImageClassification` (its names under `resnet.`, the head
+    /// `classifier.1`) or `ResNetModel` (no prefix, no head).
+    Transformers { prefix: &'static str },
+}
+
+impl Layout {
+    /// The layout of a weights file with these tensors.
+    pub fn of(has: impl Fn(&str) -> bool) -> Self {
+        ["resnet.", ""]
+            .into_iter()
+            .find(|p| has(&format!("{p}embedder.embedder.convolution.weight")))
+            .map_or(Layout::Torchvision, |prefix| Layout::Transformers {
+                prefix,
+            })
+    }
+
+    /// The tensors under torchvision's names; a tensor with none keeps its own, for the
+    /// unused-tensor check to report.
+    pub fn to_torchvision(self, tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+        let Layout::Transformers { prefix } = self else {
+            return tensors;
+        };
+        tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let name = match k.as_str() {
+                    "classifier.1.weight" => Some("fc.weight".to_string()),
+                    "classifier.1.bias" => Some("fc.bias".to_string()),
+                    _ => k.strip_prefix(prefix).and_then(Self::transformers_name),
+                };
+                (name.unwrap_or(k), t)
+            })
+            .collect()
+    }
+
+    /// torchvision's name for a transformers ResNet tensor (its prefix removed).
+    fn transformers_name(name: &str) -> Option<String> {
+        // A ResNetConvLayer's convolution and BatchNorm.
+        let conv_bn = |rest: &str, conv: &str, bn: &str| match rest.split_once('.')? {
+            ("convolution", p) => Some(format!("{conv}.{p}")),
+            ("normalization", p) => Some(format!("{bn}.{p}")),
+            _ => None,
+        };
+        if let Some(rest) = name.strip_prefix("embedder.embedder.") {
+            return conv_bn(rest, "conv1", "bn1");
+        }
+        let (stage, rest) = name.strip_prefix("encoder.stages.")?.split_once('.')?;
+        let (i, rest) = rest.strip_prefix("layers.")?.split_once('.')?;
+        let block = format!("layer{}.{i}", stage.parse::<usize>().ok()? + 1);
+        if let Some(rest) = rest.strip_prefix("shortcut.") {
+            return conv_bn(
+                rest,
+                &format!("{block}.downsample.0"),
+                &format!("{block}.downsample.1"),
+            );
+        }
+        let (j, rest) = rest.strip_prefix("layer.")?.split_once('.')?;
+        let j = j.parse::<usize>().ok()? + 1;
+        conv_bn(rest, &format!("{block}.conv{j}"), &format!("{block}.bn{j}"))
+    }
+
+    /// The stem's taps: its convolution, BatchNorm, activation and max pool.
+    fn stem(self) -> [String; 4] {
+        match self {
+            Layout::Torchvision => ["conv1", "bn1", "relu", "maxpool"].map(String::from),
+            Layout::Transformers { prefix } => [
+                "embedder.embedder.convolution",
+                "embedder.embedder.normalization",
+                "embedder.embedder",
+                "embedder",
+            ]
+            .map(|n| format!("{prefix}{n}")),
+        }
+    }
+
+    /// Stage `s` (from 0), or its block `b`.
+    fn stage(self, s: usize, b: Option<usize>) -> String {
+        match (self, b) {
+            (Layout::Torchvision, None) => format!("layer{}", s + 1),
+            (Layout::Torchvision, Some(b)) => format!("layer{}.{b}", s + 1),
+            (Layout::Transformers { prefix }, None) => format!("{prefix}encoder.stages.{s}"),
+            (Layout::Transformers { prefix }, Some(b)) => {
+                format!("{prefix}encoder.stages.{s}.layers.{b}")
+            }
+        }
+    }
+
+    fn pool(self) -> String {
+        match self {
+            Layout::Torchvision => "avgpool".into(),
+            Layout::Transformers { prefix } => format!("{prefix}pooler"),
+        }
+    }
+
+    fn head(self) -> &'static str {
+        match self {
+            Layout::Torchvision => "fc",
+            Layout::Transformers { .. } => "classifier",
+        }
+    }
+}
+
+/// Where a ResNet downsamples, which its weights do not say.
+#[derive(Clone, Copy, Debug)]
+struct Strides {
+    /// The first stage's stride: 1 after the stem's max pool, 2 in transformers' ResNets
+    /// saved with `downsample_in_first_stage`.
+    first_stage: usize,
+    /// A bottleneck strides its first 1x1 convolution (ResNet v1, transformers'
+    /// `downsample_in_bottleneck`) rather than its 3x3 (v1.5: torchvision's, microsoft/resnet-*).
+    in_first_conv: bool,
+}
+
+impl Strides {
+    /// From transformers' config.json; torchvision's where it says nothing. Errors on an
+    /// activation other than ReLU, the one this network runs.
+    fn of(w: &Weights, config: Option<&serde_json::Value>) -> Result<Self> {
+        let flag = |key: &str| {
+            config
+                .and_then(|c| c.get(key))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        };
+        if let Some(act) = config
+            .and_then(|c| c.get("hidden_act"))
+            .and_then(|v| v.as_str())
+            .filter(|a| *a != "relu")
+        {
+            return Err(w.mismatch(format!(
+                "config.json sets hidden_act \"{act}\"; dnd's ResNet runs ReLU only"
+            )));
+        }
+        Ok(Self {
+            first_stage: if flag("downsample_in_first_stage") {
+                2
+            } else {
+                1
+            },
+            in_first_conv: flag("downsample_in_bottleneck"),
+        })
+    }
+}
 
 /// A convolution of the network, padded by k / 2 as every torchvision ResNet convolution is.
 struct Conv(nn::Conv);
@@ -120,8 +270,23 @@ fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
 }
 
 impl ResNet {
+    /// From weights under torchvision's names, its layers listed under them.
     pub fn load(w: &Weights, input: usize, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_as(w, None, Layout::Torchvision, input, device, dtype)
+    }
+
+    /// From weights under torchvision's names (`layout` says which names the checkpoint's
+    /// layers go by) and, for a transformers ResNet, its config.json.
+    pub(super) fn load_as(
+        w: &Weights,
+        config: Option<&serde_json::Value>,
+        layout: Layout,
+        input: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let bottleneck = w.contains("layer1.0.conv3.weight");
+        let strides = Strides::of(w, config)?;
         if !w.contains("conv1.weight") {
             return Err(w.mismatch("no conv1.weight: only the torchvision stem (one 7x7 conv) is supported, not deep-stem variants".into()));
         }
@@ -140,10 +305,18 @@ impl ResNet {
             while w.contains(&format!("layer{s}.{}.conv1.weight", blocks.len())) {
                 let b = blocks.len();
                 let p = format!("layer{s}.{b}");
-                let stride = if s > 1 && b == 0 { 2 } else { 1 };
+                let stride = match (s, b) {
+                    (1, 0) => strides.first_stage,
+                    (_, 0) => 2,
+                    _ => 1,
+                };
                 let n_convs = if bottleneck { 3 } else { 2 };
                 // torchvision puts the stride on the 3x3 conv: conv2 in bottlenecks, conv1 in basic blocks.
-                let strided = if bottleneck { 2 } else { 1 };
+                let strided = if bottleneck && !strides.in_first_conv {
+                    2
+                } else {
+                    1
+                };
                 let convs = (1..=n_convs)
                     .map(|i| {
                         let st = if i == strided { stride } else { 1 };
@@ -206,29 +379,30 @@ impl ResNet {
             kind: LayerKind::Spatial,
         };
         let mut hw = conv_out(input, 7, 2, 3);
-        for n in ["conv1", "bn1", "relu"] {
-            layers.push(spatial(n, stem_c, hw));
+        let [conv, bn, act, pool] = layout.stem();
+        for n in [conv, bn, act] {
+            layers.push(spatial(&n, stem_c, hw));
         }
         hw = conv_out(hw, 3, 2, 1);
-        layers.push(spatial("maxpool", stem_c, hw));
+        layers.push(spatial(&pool, stem_c, hw));
         let mut channels = stem_c;
         for (s, blocks) in stages.iter().enumerate() {
-            if s > 0 {
-                hw = conv_out(hw, 3, 2, 1);
-            }
+            // A stride-2 1x1 convolution gives the size a padded 3x3 one does.
+            let stride = if s == 0 { strides.first_stage } else { 2 };
+            hw = conv_out(hw, 3, stride, 1);
             channels = blocks[0]
                 .convs
                 .last()
                 .expect("blocks have convs")
                 .0
                 .out_channels();
-            layers.push(spatial(&format!("layer{}", s + 1), channels, hw));
+            layers.push(spatial(&layout.stage(s, None), channels, hw));
             for b in 0..blocks.len() {
-                layers.push(spatial(&format!("layer{}.{b}", s + 1), channels, hw));
+                layers.push(spatial(&layout.stage(s, Some(b)), channels, hw));
             }
         }
         layers.push(LayerInfo {
-            name: "avgpool".into(),
+            name: layout.pool(),
             neurons: channels,
             shape: vec![channels],
             kind: LayerKind::Vector,
@@ -242,7 +416,7 @@ impl ResNet {
                 )));
             }
             layers.push(LayerInfo {
-                name: "fc".into(),
+                name: layout.head().into(),
                 neurons: classes,
                 shape: vec![classes],
                 kind: LayerKind::Vector,
