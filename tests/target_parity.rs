@@ -458,3 +458,55 @@ fn a_transformers_vit_matches_transformers_and_preprocesses_as_its_processor() {
         assert!(mean < 1e-3 && max < 2e-2, "{name}: mean {mean}, max {max}");
     }
 }
+
+#[test]
+fn a_transformers_dinov2_matches_transformers_with_its_positions_resized_to_the_input() {
+    let names = [
+        "dinov2.encoder.layer.0",
+        "dinov2.encoder.layer.1",
+        "dinov2.layernorm",
+        "classifier",
+    ];
+    // Trained at 518 px (37 x 37 positions), run at its processor's 224 (16 x 16 patches); the
+    // classifier reads the class token beside the patch tokens' mean.
+    let (target, reference, outs, taps) = check_vit("vit_dinov2_transformers", &names);
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names);
+    let kind = target.layer(taps[1]).kind;
+    assert_eq!(kind, LayerKind::Tokens { grid: (16, 16) });
+    let maps = maps_of(kind, &outs[1], 3).unwrap();
+    let want = reference["map/dinov2.encoder.layer.1"]
+        .narrow(2, 3, 1)
+        .unwrap()
+        .squeeze(2)
+        .unwrap();
+    let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
+    let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
+    assert!(rel_err(&got, &want) < TOL);
+    // facebook/dinov2-*'s BitImageProcessor: shortest edge 256, bicubic, crop 224.
+    let pre = &target.preprocess;
+    assert_eq!((pre.resize, pre.crop), (256, 224));
+    for (backend, mean_bound, max_bound) in [("torchvision", 1e-6, 1e-5), ("pil", 1e-3, 2e-2)] {
+        let diffs = pixel_differences(pre, &reference[&format!("pixels/{backend}/every7")]);
+        for ((name, _), (mean, max)) in fixture_images().iter().zip(diffs) {
+            assert!(
+                mean < mean_bound && max < max_bound,
+                "{backend} {name}: mean {mean}, max {max}"
+            );
+        }
+    }
+    // The same weights as a Dinov2Model (no prefix, no classifier).
+    let dir = tempfile::tempdir().unwrap();
+    edited_fixture_model("vit_dinov2_transformers", dir.path(), |w| {
+        *w = std::mem::take(w)
+            .into_iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix("dinov2.")?.to_string(), t)))
+            .collect();
+    });
+    let model = try_load_target(dir.path()).unwrap();
+    let listed: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, ["encoder.layer.0", "encoder.layer.1", "layernorm"]);
+    let out = model.net.forward(&fixture_batch(), &[2]).unwrap().remove(0);
+    let cls = pool_output(model.layer(2).kind, &out, Pool::Mean).unwrap();
+    assert!(rel_err(&cls, &reference["cls/dinov2.layernorm"]) < TOL);
+}

@@ -327,6 +327,50 @@ def write_resnet_transformers(x, paths):
         save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
 
 
+def write_vit_dinov2_transformers(x, paths):
+    """transformers' Dinov2ForImageClassification (facebook/dinov2-*'s classes) at a small width,
+    trained at 518 px (37 x 37 position embeddings) and run at 224 as facebook/dinov2-*'s
+    BitImageProcessor gives it (shortest edge 256, bicubic, crop 224): transformers resizes the
+    position embeddings to 16 x 16 (bicubic). Its head reads the class token and the patch
+    tokens' mean. Saved by save_pretrained in f16 with the processor, random LayerScale; with
+    the processor's pixels (every 7th row and column), PIL's and torchvision's."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+    torch.manual_seed(6)
+    gen = torch.Generator().manual_seed(6)
+    cfg = Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14,
+                       num_labels=10)
+    model = Dinov2ForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings", "lambda1")) or name.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.half().float()
+    folder = MODELS / "vit_dinov2_transformers"
+    model.half().save_pretrained(folder, safe_serialization=True)
+    kw = dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+              resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    BitImageProcessor(**kw).save_pretrained(folder)
+    model = model.float()
+    outs = {}
+    mods = dict(model.named_modules())
+    taps = ["dinov2.encoder.layer.0", "dinov2.encoder.layer.1", "dinov2.layernorm", "classifier"]
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    for h in hooks:
+        h.remove()
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["logits"] = logits.contiguous()
+    ref["map/dinov2.encoder.layer.1"] = outs["dinov2.encoder.layer.1"][:, 1:, :8].contiguous()  # 8 neurons: small
+    images = [Image.open(q).convert("RGB") for q in paths]
+    for backend, proc in [("pil", BitImageProcessorPil), ("torchvision", BitImageProcessor)]:
+        pixels = proc(**kw)(images, return_tensors="pt").pixel_values
+        ref[f"pixels/{backend}/every7"] = pixels[:, :, ::7, ::7].contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_dinov2_transformers.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -367,6 +411,7 @@ def main():
     write_vit_torchvision(x)
     write_vit_transformers(x, paths)
     write_resnet_transformers(x, paths)
+    write_vit_dinov2_transformers(x, paths)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

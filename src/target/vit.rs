@@ -1,8 +1,8 @@
 //! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2):
 //! patch_embed, cls_token, pos_embed, blocks.N (pre-norm attention + MLP, LayerScale when the
-//! weights have it), norm, head (absent in DINOv2). torchvision's and transformers' ViTs are
-//! renamed to those names at load ([`Layout`]). A neuron of a token layer is one dimension of
-//! the CLS token; the patch tokens give its H x W map.
+//! weights have it), norm, head (absent in DINOv2). torchvision's and transformers' ViTs
+//! (transformers' DINOv2 too) are renamed to those names at load ([`Layout`]). A neuron of a
+//! token layer is one dimension of the CLS token; the patch tokens give its H x W map.
 
 use std::collections::HashMap;
 
@@ -27,6 +27,12 @@ pub enum Layout {
     Transformers {
         prefix: &'static str,
     },
+    /// transformers' `Dinov2Model` / `Dinov2ForImageClassification` (names under `dinov2.`):
+    /// LayerScale, position embeddings resized to the input, a head reading the class token
+    /// beside the patch tokens' mean.
+    Dinov2 {
+        prefix: &'static str,
+    },
 }
 
 impl Layout {
@@ -34,6 +40,13 @@ impl Layout {
     pub fn of(has: impl Fn(&str) -> bool) -> Self {
         if has("conv_proj.weight") && has("encoder.pos_embedding") {
             return Layout::Torchvision;
+        }
+        for prefix in ["dinov2.", ""] {
+            if has(&format!("{prefix}embeddings.mask_token"))
+                && has(&format!("{prefix}encoder.layer.0.norm1.weight"))
+            {
+                return Layout::Dinov2 { prefix };
+            }
         }
         for prefix in ["vit.", ""] {
             if has(&format!("{prefix}embeddings.cls_token"))
@@ -54,13 +67,14 @@ impl Layout {
                 .into_iter()
                 .map(|(k, t)| (Self::torchvision_name(&k).unwrap_or(k), t))
                 .collect()),
-            Layout::Transformers { prefix } => {
+            Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
                 let mut out = HashMap::with_capacity(tensors.len());
                 let mut qkv: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
                 for (k, t) in tensors {
                     let name = k.strip_prefix(prefix).unwrap_or(&k);
-                    // The pooler (ViTModel's tanh layer on the CLS token) feeds no layer dnd taps.
-                    if name.starts_with("pooler.") {
+                    // The pooler (ViTModel's tanh layer on the CLS token) feeds no layer dnd taps;
+                    // DINOv2's mask token stands in for masked patches in training only.
+                    if name.starts_with("pooler.") || name == "embeddings.mask_token" {
                         continue;
                     }
                     match Self::transformers_name(name) {
@@ -93,7 +107,8 @@ impl Layout {
         }
     }
 
-    /// timm's name for a transformers ViT tensor (the `vit.` prefix removed).
+    /// timm's name for a transformers ViT or DINOv2 tensor (the `vit.` or `dinov2.` prefix
+    /// removed).
     fn transformers_name(name: &str) -> Option<Renamed> {
         let fixed = match name {
             "embeddings.cls_token" => Some("cls_token"),
@@ -111,6 +126,13 @@ impl Layout {
         }
         let rest = name.strip_prefix("encoder.layer.")?;
         let (i, part) = rest.split_once('.')?;
+        // DINOv2's LayerScale, timm's ls1 / ls2.
+        if let Some(n) = part
+            .strip_prefix("layer_scale")
+            .and_then(|p| p.strip_suffix(".lambda1"))
+        {
+            return Some(Renamed::To(format!("blocks.{i}.ls{n}.gamma")));
+        }
         let (part, kind) = part.rsplit_once('.')?; // kind: weight or bias
         let qkv = |n: usize| Some(Renamed::Qkv(format!("blocks.{i}.attn.qkv.{kind}"), n));
         let timm = match part {
@@ -122,6 +144,11 @@ impl Layout {
             "layernorm_after" => "norm2",
             "intermediate.dense" => "mlp.fc1",
             "output.dense" => "mlp.fc2",
+            // DINOv2's, timm's already but for the gated MLP of the giant model, whose shapes
+            // then tell it apart.
+            "norm1" | "norm2" | "mlp.fc1" | "mlp.fc2" => part,
+            "mlp.weights_in" => "mlp.fc1",
+            "mlp.weights_out" => "mlp.fc2",
             _ => return None,
         };
         Some(Renamed::To(format!("blocks.{i}.{timm}.{kind}")))
@@ -168,7 +195,9 @@ impl Layout {
         match self {
             Layout::Timm => format!("blocks.{i}"),
             Layout::Torchvision => format!("encoder.layers.encoder_layer_{i}"),
-            Layout::Transformers { prefix } => format!("{prefix}encoder.layer.{i}"),
+            Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
+                format!("{prefix}encoder.layer.{i}")
+            }
         }
     }
 
@@ -176,7 +205,9 @@ impl Layout {
         match self {
             Layout::Timm => "norm".into(),
             Layout::Torchvision => "encoder.ln".into(),
-            Layout::Transformers { prefix } => format!("{prefix}layernorm"),
+            Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
+                format!("{prefix}layernorm")
+            }
         }
     }
 
@@ -184,7 +215,7 @@ impl Layout {
         match self {
             Layout::Timm => "head",
             Layout::Torchvision => "heads.head",
-            Layout::Transformers { .. } => "classifier",
+            Layout::Transformers { .. } | Layout::Dinov2 { .. } => "classifier",
         }
     }
 }
@@ -237,6 +268,68 @@ fn scaled_lin(
     Ok(Linear::new(on(weight)?, Some(on(bias)?)))
 }
 
+/// transformers' DINOv2 position embeddings `(1, 1 + g*g, d)` for a `grid x grid` input: the
+/// class token's row as it is and the patches' g x g grid resized as its
+/// `interpolate_pos_encoding` does; as they are when g is the grid (or they are not such a
+/// grid: the caller names the shape).
+fn resize_positions(pos: &Tensor, grid: usize) -> Result<Tensor> {
+    let (_, n, d) = pos.dims3()?;
+    let g = ((n.max(1) - 1) as f64).sqrt().round() as usize;
+    if g == grid || g * g + 1 != n {
+        return Ok(pos.clone());
+    }
+    let rows = pos.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = rows[..d].to_vec();
+    out.extend(bicubic_grid(&rows[d..], d, g, grid));
+    Ok(Tensor::from_vec(
+        out,
+        (1, 1 + grid * grid, d),
+        pos.device(),
+    )?)
+}
+
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` without antialiasing (Keys'
+/// cubic with A = -0.75, edge rows and columns repeated, in f32) of a `from x from` grid of
+/// `d`-wide rows to `to x to`.
+fn bicubic_grid(rows: &[f32], d: usize, from: usize, to: usize) -> Vec<f32> {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; // |x| <= 1
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A; // 1 < |x| < 2
+    let scale = from as f32 / to as f32;
+    // Per output index along either axis: four source indices and their weights.
+    let taps: Vec<([usize; 4], [f32; 4])> = (0..to)
+        .map(|o| {
+            let real = scale * (o as f32 + 0.5) - 0.5;
+            let i = (real.floor() as i64).min(from as i64 - 1);
+            let t = (real - i as f32).clamp(0.0, 1.0);
+            let idx = [-1i64, 0, 1, 2].map(|j| (i + j).clamp(0, from as i64 - 1) as usize);
+            (idx, [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)])
+        })
+        .collect();
+    let mut out = vec![0f32; to * to * d];
+    for (oy, (iy, wy)) in taps.iter().enumerate() {
+        for (ox, (ix, wx)) in taps.iter().enumerate() {
+            let dst = &mut out[(oy * to + ox) * d..][..d];
+            for (c, v) in dst.iter_mut().enumerate() {
+                // Along each of the four rows, then across them, as PyTorch does.
+                *v = iy
+                    .iter()
+                    .zip(wy)
+                    .map(|(&y, &a)| {
+                        let row: f32 = ix
+                            .iter()
+                            .zip(wx)
+                            .map(|(&x, &b)| b * rows[(y * from + x) * d + c])
+                            .sum();
+                        a * row
+                    })
+                    .sum();
+            }
+        }
+    }
+    out
+}
+
 struct Block {
     norm1: LayerNorm,
     qkv: Linear,
@@ -276,6 +369,8 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: LayerNorm,
     head: Option<Linear>,
+    /// Whether the head reads the patch tokens' mean beside the class token.
+    head_reads_mean: bool,
 }
 
 impl Vit {
@@ -347,7 +442,10 @@ impl Vit {
         }
         let grid = pre.crop as usize / patch;
         let tokens = 1 + grid * grid;
-        let pos = w.get("pos_embed", None)?;
+        let mut pos = w.get("pos_embed", None)?;
+        if let Layout::Dinov2 { .. } = layout {
+            pos = resize_positions(&pos, grid)?;
+        }
         // DeiT III's position embeddings leave out the class token (timm's no_embed_class).
         let pos_has_cls = pos.dims() == [1, tokens, d];
         if !pos_has_cls && pos.dims() != [1, tokens - 1, d] {
@@ -395,9 +493,12 @@ impl Vit {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // transformers' DINOv2 classifier reads the class token and the patch tokens' mean.
+        let head_reads_mean = matches!(layout, Layout::Dinov2 { .. });
         let head = if w.contains("head.weight") {
             let classes = w.dims("head.weight")?[0];
-            Some(lin(w, "head", classes, d, device, dtype)?)
+            let inputs = if head_reads_mean { 2 * d } else { d };
+            Some(lin(w, "head", classes, inputs, device, dtype)?)
         } else {
             None
         };
@@ -437,6 +538,7 @@ impl Vit {
             blocks,
             norm: norm(w, "norm", d, eps, device, dtype)?,
             head,
+            head_reads_mean,
         })
     }
 }
@@ -473,7 +575,13 @@ impl TargetNetwork for Vit {
         }
         if let Some(head) = &self.head {
             let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-            rec.record(self.blocks.len() + 1, &head.forward(&cls)?);
+            let input = if self.head_reads_mean {
+                let patches = h.narrow(1, 1, h.dim(1)? - 1)?.mean(1)?;
+                Tensor::cat(&[&cls, &patches], 1)?
+            } else {
+                cls
+            };
+            rec.record(self.blocks.len() + 1, &head.forward(&input)?);
         }
         rec.finish()
     }
