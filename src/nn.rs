@@ -1015,10 +1015,55 @@ pub(crate) fn mismatch(label: &str, file: Option<&Path>, e: &dyn std::fmt::Displ
     }
 }
 
-/// Reads and parses a JSON config file, naming it on failure.
+/// Reads and parses a JSON config file, naming it on failure. Python's non-finite floats are
+/// read as null ([`python_json`]).
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(label: &str, path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| mismatch(label, Some(path), &e))?;
-    serde_json::from_str(&text).map_err(|e| mismatch(label, Some(path), &e))
+    let value: serde_json::Value =
+        serde_json::from_str(&python_json(&text)).map_err(|e| Error::ModelMismatch {
+            model: label.to_string(),
+            file: path.display().to_string(),
+            detail: format!("not valid JSON: {e}"),
+            fix: "re-download the model (`dnd models fetch`) or fix the file".into(),
+        })?;
+    serde_json::from_value(value).map_err(|e| mismatch(label, Some(path), &e))
+}
+
+/// `text` with the bare words Python's `json` writes for non-finite floats (`NaN`,
+/// `Infinity`, `-Infinity`), which JSON does not allow, as `null`. diffusers saves
+/// DPMSolverMultistepScheduler's default `"lambda_min_clipped": -Infinity` so.
+pub(crate) fn python_json(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("NaN") && !text.contains("Infinity") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+            {
+                out.push_str("null");
+                rest = &rest[word.len()..];
+                continue;
+            }
+        }
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out.into()
 }
 
 /// The last dimension's argmax per row, as u32.
@@ -1028,6 +1073,16 @@ pub(crate) fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pythons_non_finite_floats_read_as_null_outside_strings() {
+        let text =
+            r#"{"a": -Infinity, "b": [NaN, Infinity, 1.5], "c": "NaN \" -Infinity", "d": 2}"#;
+        let v: serde_json::Value = serde_json::from_str(&super::python_json(text)).unwrap();
+        let want =
+            serde_json::json!({"a": null, "b": [null, null, 1.5], "c": "NaN \" -Infinity", "d": 2});
+        assert_eq!(v, want);
+    }
+
     use super::*;
 
     #[test]

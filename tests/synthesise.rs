@@ -163,12 +163,12 @@ fn sd_with(part: &str, fixture: &str) -> (tempfile::TempDir, StableDiffusion) {
     (dir, model)
 }
 
-#[test]
-fn unet_shaped_like_sd1_equals_diffusers_at_even_and_odd_sizes() {
-    // 1x1 convolution projections, legacy head counts, changing widths, 4 groups, upcast
-    // attention; 10x10 latents take the upsample-to-skip-size path.
-    let refs = reference("models/unet_conv.reference.safetensors");
-    let (_dir, model) = sd_with("unet", "unet_conv");
+/// The UNet fixture `name` in sd_tiny's folder against diffusers' noise predictions for 8x8
+/// and 10x10 latents (the latter taking diffusers' upsample-to-skip-size path), at batch 2
+/// and 1.
+fn check_unet(name: &str) {
+    let refs = reference(&format!("models/{name}.reference.safetensors"));
+    let (_dir, model) = sd_with("unet", name);
     for side in [8, 10] {
         let latents = &refs[&format!("latents_{side}")];
         let want = &refs[&format!("noise_{side}")];
@@ -176,7 +176,10 @@ fn unet_shaped_like_sd1_equals_diffusers_at_even_and_odd_sizes() {
             .predict_noise(latents, 321.0, &refs["context"])
             .unwrap();
         let err = rel_err(&got, want);
-        assert!(err < 1e-4, "{side}x{side}: UNet relative error {err}");
+        assert!(
+            err < 1e-4,
+            "{name} {side}x{side}: UNet relative error {err}"
+        );
         let one = model
             .predict_noise(
                 &latents.narrow(0, 1, 1).unwrap(),
@@ -187,9 +190,22 @@ fn unet_shaped_like_sd1_equals_diffusers_at_even_and_odd_sizes() {
         let err = rel_err(&one, &want.narrow(0, 1, 1).unwrap());
         assert!(
             err < 1e-4,
-            "{side}x{side} batch 1: UNet relative error {err}"
+            "{name} {side}x{side} batch 1: UNet relative error {err}"
         );
     }
+}
+
+#[test]
+fn unet_shaped_like_sd1_equals_diffusers_at_even_and_odd_sizes() {
+    // 1x1 convolution projections, legacy head counts, changing widths, 4 groups, upcast
+    // attention.
+    check_unet("unet_conv");
+}
+
+#[test]
+fn the_unet_of_diffusers_own_tests_equals_diffusers() {
+    // A level without attention first, 2 groups, 8 heads one channel wide.
+    check_unet("unet_dummy");
 }
 
 #[test]
@@ -301,6 +317,27 @@ fn scheduler_runs_end_at_diffusers_latents() {
         let err = rel_err(&out, &refs[&format!("{key}_latents")]);
         assert!(err < 1e-3, "{key}: final latents relative error {err}");
     }
+}
+
+#[test]
+fn a_dpm_solver_folder_saved_by_diffusers_loads_and_runs_its_scheduler() {
+    // diffusers saves DPMSolverMultistepScheduler's default lambda_min_clipped as -Infinity,
+    // which is not JSON.
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let (_dir, model) = sd_with("scheduler", "scheduler_dpmpp");
+    let sampling = Sampling {
+        steps: 4,
+        guidance: 7.5,
+        scheduler: None,
+        seed: 0,
+        size: None,
+    };
+    let mut sched = model.scheduler(&sampling).unwrap();
+    let out = model
+        .denoise(&refs["init_latents"], &PROMPTS[..2], &mut sched, 7.5)
+        .unwrap();
+    let err = rel_err(&out, &refs["dpmpp_4_latents"]);
+    assert!(err < 1e-3, "final latents relative error {err}");
 }
 
 #[test]

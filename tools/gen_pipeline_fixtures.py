@@ -384,6 +384,43 @@ def write_unet_conv():
     save(MODELS / "unet_conv.reference.safetensors", ref)
 
 
+def write_unet_dummy():
+    """The UNet of diffusers' own Stable Diffusion tests (`get_dummy_components`): a level
+    without attention first, widths 4 and 8 in 2 groups, and the default 8 heads, one
+    channel wide; and its noise prediction at an even and an odd latent size. Its own seed,
+    written alone."""
+    from diffusers import UNet2DConditionModel
+
+    gen = torch.Generator().manual_seed(9)
+    folder = MODELS / "unet_dummy"
+    shutil.rmtree(folder, ignore_errors=True)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2).eval()
+    scramble(unet, gen, 0.05)
+    unet.save_pretrained(folder, safe_serialization=True)
+    ref = {"context": torch.randn((2, 7, 32), generator=gen)}
+    with torch.no_grad():
+        for side in (8, 10):
+            x = torch.randn((2, 4, side, side), generator=gen)
+            ref[f"latents_{side}"] = x
+            ref[f"noise_{side}"] = unet(x, torch.tensor(321), encoder_hidden_states=ref["context"]).sample
+    save(MODELS / "unet_dummy.reference.safetensors", ref)
+
+
+def write_scheduler_dpmpp():
+    """sd_tiny's scheduler swapped for DPM-Solver++ (the `dpmpp_4` run) and saved by diffusers:
+    its defaults include `"lambda_min_clipped": -Infinity`, Python's JSON for -inf."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_pretrained(MODELS / "sd_tiny", subfolder="scheduler")
+    folder = MODELS / "scheduler_dpmpp"
+    shutil.rmtree(folder, ignore_errors=True)
+    DPMSolverMultistepScheduler.from_config(euler.config).save_config(folder)
+    assert "-Infinity" in (folder / "scheduler_config.json").read_text()
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -396,6 +433,8 @@ def main():
     write_taesd()
     write_vae_widths()
     write_unet_conv()
+    write_unet_dummy()
+    write_scheduler_dpmpp()
     write_clip_vision()
     import diffusers
     import transformers

@@ -186,12 +186,17 @@ impl Config {
                 self.up_block_types, self.down_block_types
             ));
         }
-        for (&c, &h) in self.block_out_channels.iter().zip(&heads) {
-            if h == 0 || c % h != 0 || c % self.norm_num_groups != 0 {
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
+            if c % self.norm_num_groups != 0 {
                 return Err(format!(
-                    "{c} channels do not split into {h} heads and {} groups",
+                    "{c} channels do not split into {} groups",
                     self.norm_num_groups
                 ));
+            }
+            // Heads matter where attention runs: the cross-attention levels, and the middle
+            // block at the last level's width.
+            if (cross[i] || i == n - 1) && (h == 0 || c % h != 0) {
+                return Err(format!("{c} channels do not split into {h} heads"));
             }
         }
         Ok(Plan {

@@ -86,7 +86,7 @@ impl Target {
         let label = model.label();
         let (weights_path, weight_files) = model.weight_files("model.safetensors");
         let config = match model.file("config.json") {
-            Some(p) => Some(read_json(&label, p)?),
+            Some(p) => Some(crate::nn::read_json::<serde_json::Value>(&label, p)?),
             None => None,
         };
         // timm's pretrained_cfg, else transformers' image processor, else torchvision's.
@@ -95,8 +95,10 @@ impl Target {
             model.file("preprocessor_config.json"),
         ) {
             (Some(p), _) => p,
-            (None, Some(path)) => Preprocess::from_hf_processor(&read_json(&label, path)?)
-                .map_err(|e| crate::nn::mismatch(&label, Some(path), &e))?,
+            (None, Some(path)) => {
+                Preprocess::from_hf_processor(&crate::nn::read_json(&label, path)?)
+                    .map_err(|e| crate::nn::mismatch(&label, Some(path), &e))?
+            }
             (None, None) => Preprocess::imagenet(),
         };
         let mut weights = Weights::load(&label, weights_path, &weight_files)?;
@@ -173,16 +175,6 @@ impl Target {
         }
         Ok(())
     }
-}
-
-fn read_json(label: &str, path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::ModelMismatch {
-        model: label.to_string(),
-        file: path.display().to_string(),
-        detail: format!("not valid JSON: {e}"),
-        fix: "re-download the model (`dnd models fetch`) or fix the file".into(),
-    })
 }
 
 /// blake3 of files one after the other (a weights file, or its shards in order), each
