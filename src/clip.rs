@@ -134,12 +134,8 @@ impl ClipVision {
             .and_then(serde_json::Value::as_u64)
             .ok_or_else(|| nn::mismatch(&label, Some(cfg_path), &"no projection_dim"))?
             as usize;
-        let preprocess = match model.file("preprocessor_config.json") {
-            Some(p) => {
-                let raw: serde_json::Value = nn::read_json(&label, p)?;
-                Preprocess::from_hf_processor(&raw)
-                    .map_err(|e| nn::mismatch(&label, Some(p), &e))?
-            }
+        let preprocess = match Preprocess::of_model(model)? {
+            Some(p) => p,
             None => Preprocess::from_hf_processor(&serde_json::json!({
                 "size": v.image_size, "do_center_crop": true, "crop_size": v.image_size
             }))

@@ -208,12 +208,14 @@ impl Role {
 
 // torchvision/timm/transformers weights; timm's config.json carries the preprocessing and
 // head count, transformers' config.json the head count and preprocessor_config.json the
-// preprocessing.
+// preprocessing (processor_config.json's image_processor, where transformers 5 saved the
+// processor whole).
 const TARGET_FILES: &[FileSpec] = &[
     opt("model.safetensors.index.json"),
     unless("model.safetensors", "model.safetensors.index.json"),
     opt("config.json"),
     opt("preprocessor_config.json"),
+    opt("processor_config.json"),
 ];
 const CAPTIONER_FILES: &[FileSpec] = &[
     req("config.json"),
@@ -221,6 +223,7 @@ const CAPTIONER_FILES: &[FileSpec] = &[
     unless("model.safetensors", "model.safetensors.index.json"),
     req("tokenizer.json"),
     opt("preprocessor_config.json"),
+    opt("processor_config.json"),
 ];
 // diffusers layout.
 const SYNTHESISER_FILES: &[FileSpec] = &[
@@ -276,6 +279,7 @@ const CLIP_FILES: &[FileSpec] = &[
     opt("model.safetensors.index.json"),
     unless("model.safetensors", "model.safetensors.index.json"),
     opt("preprocessor_config.json"),
+    opt("processor_config.json"),
 ];
 
 /// How the Hub may be used.

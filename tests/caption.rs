@@ -88,6 +88,35 @@ fn preprocessing_matches_the_pil_image_processor() {
 }
 
 #[test]
+fn a_processor_saved_whole_by_transformers_5_gives_the_preprocessing() {
+    // transformers 5's BlipProcessor.save_pretrained writes processor_config.json (the image
+    // processor under "image_processor") and no preprocessor_config.json.
+    let dir = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixtures().join("models/blip_tiny"), dir.path());
+    std::fs::remove_file(dir.path().join("preprocessor_config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("models/blip_processor/processor_config.json"),
+        dir.path().join("processor_config.json"),
+    )
+    .unwrap();
+    let model = Blip::load(
+        &common::resolve_dir(Role::Captioner, dir.path()),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let images: Vec<_> = fixture_images().into_iter().map(|(_, i)| i).collect();
+    let ours = model.pixels(&images).unwrap();
+    let want = &reference("models/blip_processor.reference.safetensors")["pixel_values"];
+    let err = rel_err(&ours, want);
+    assert!(err < 2e-2, "relative error {err}");
+    // Not the preprocessing the folder falls back to without either file (bicubic, CLIP's
+    // mean/std).
+    let fallback = rel_err(&blip(DType::F32).pixels(&images).unwrap(), want);
+    assert!(fallback > 0.1, "{fallback}");
+}
+
+#[test]
 fn half_precision_batch_runs() {
     // candle's own BLIP decoder fails here (f32 mask + f16 scores, unbroadcast positions).
     let refs = reference("models/blip_tiny.reference.safetensors");

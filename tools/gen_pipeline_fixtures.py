@@ -421,6 +421,28 @@ def write_scheduler_dpmpp():
     assert "-Infinity" in (folder / "scheduler_config.json").read_text()
 
 
+def write_blip_processor():
+    """blip_tiny's processor saved whole by transformers 5 (`BlipProcessor.save_pretrained`),
+    which writes processor_config.json, its image processor's settings under
+    `image_processor`, and no preprocessor_config.json: bilinear and ImageNet's mean/std here,
+    unlike blip_tiny's own file, with the pixels it makes. Only processor_config.json is kept
+    (the tokenizer is blip_tiny's)."""
+    from transformers import BertTokenizer, BlipImageProcessorPil, BlipProcessor
+
+    folder = MODELS / "blip_processor"
+    shutil.rmtree(folder, ignore_errors=True)
+    tok = BertTokenizer.from_pretrained(MODELS / "blip_tiny")
+    image = BlipImageProcessorPil(size={"height": 96, "width": 96}, resample=2, image_mean=[0.485, 0.456, 0.406],
+                                  image_std=[0.229, 0.224, 0.225])
+    BlipProcessor(image_processor=image, tokenizer=tok).save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    for f in folder.iterdir():
+        if f.name != "processor_config.json":
+            f.unlink()
+    pixels = image(images=[Image.open(p).convert("RGB") for p in IMAGES], return_tensors="pt").pixel_values
+    save(MODELS / "blip_processor.reference.safetensors", {"pixel_values": pixels})
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -435,6 +457,7 @@ def main():
     write_unet_conv()
     write_unet_dummy()
     write_scheduler_dpmpp()
+    write_blip_processor()
     write_clip_vision()
     import diffusers
     import transformers

@@ -368,12 +368,8 @@ impl Blip {
         let label = model.label();
         let config_path = model.required("config.json");
         let cfg: Config = nn::read_json(&label, config_path)?;
-        let preprocess = match model.file("preprocessor_config.json") {
-            Some(p) => {
-                let raw: serde_json::Value = nn::read_json(&label, p)?;
-                Preprocess::from_hf_processor(&raw)
-                    .map_err(|e| nn::mismatch(&label, Some(p), &e))?
-            }
+        let preprocess = match Preprocess::of_model(model)? {
+            Some(p) => p,
             None => Preprocess::from_hf_processor(&serde_json::json!({
                 "size": cfg.vision_config.image_size
             }))

@@ -393,6 +393,27 @@ impl Preprocess {
         })
     }
 
+    /// The image processor a transformers folder ships: its `preprocessor_config.json`, or
+    /// else the `image_processor` part of transformers 5's `processor_config.json` (what a
+    /// processor saved whole writes); None when it has neither.
+    pub fn of_model(model: &crate::hub::ResolvedModel) -> Result<Option<Self>> {
+        let label = model.label();
+        let (path, config) = if let Some(p) = model.file("preprocessor_config.json") {
+            (p, crate::nn::read_json::<serde_json::Value>(&label, p)?)
+        } else if let Some(p) = model.file("processor_config.json") {
+            let mut all: serde_json::Value = crate::nn::read_json(&label, p)?;
+            match all.get_mut("image_processor").map(serde_json::Value::take) {
+                Some(image) => (p, image),
+                None => return Ok(None),
+            }
+        } else {
+            return Ok(None);
+        };
+        Self::from_hf_processor(&config)
+            .map(Some)
+            .map_err(|e| crate::nn::mismatch(&label, Some(path), &e))
+    }
+
     /// Values per preprocessed image (3 x crop x crop): its pixels' bytes, or its floats.
     pub fn values_per_image(&self) -> usize {
         3 * (self.crop as usize).pow(2)

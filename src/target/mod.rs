@@ -81,7 +81,7 @@ impl Target {
     /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision,
     /// timm or transformers names) and, when present, `config.json` (timm's: preprocessing and
     /// head count; transformers': a ViT's head count, a ResNet's strides) and transformers'
-    /// `preprocessor_config.json`.
+    /// image processor (`preprocessor_config.json` or `processor_config.json`).
     pub fn load(model: &ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
         let label = model.label();
         let (weights_path, weight_files) = model.weight_files("model.safetensors");
@@ -90,16 +90,9 @@ impl Target {
             None => None,
         };
         // timm's pretrained_cfg, else transformers' image processor, else torchvision's.
-        let preprocess = match (
-            config.as_ref().and_then(Preprocess::from_timm_config),
-            model.file("preprocessor_config.json"),
-        ) {
-            (Some(p), _) => p,
-            (None, Some(path)) => {
-                Preprocess::from_hf_processor(&crate::nn::read_json(&label, path)?)
-                    .map_err(|e| crate::nn::mismatch(&label, Some(path), &e))?
-            }
-            (None, None) => Preprocess::imagenet(),
+        let preprocess = match config.as_ref().and_then(Preprocess::from_timm_config) {
+            Some(p) => p,
+            None => Preprocess::of_model(model)?.unwrap_or_else(Preprocess::imagenet),
         };
         let mut weights = Weights::load(&label, weights_path, &weight_files)?;
         let layout = vit::Layout::of(|n| weights.contains(n));
