@@ -320,6 +320,45 @@ fn scheduler_runs_end_at_diffusers_latents() {
 }
 
 #[test]
+fn pndm_with_its_runge_kutta_warm_up_ends_at_diffusers_latents() {
+    // PNDMScheduler()'s default (skip_prk_steps false): twelve Runge-Kutta calls first.
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let prk = reference("models/sd_prk.reference.safetensors");
+    let model = sd();
+    let base = SchedulerConfig {
+        skip_prk_steps: Some(false),
+        ..folder_scheduler()
+    };
+    let leading_v = SchedulerConfig {
+        timestep_spacing: Some("leading".into()),
+        prediction_type: "v_prediction".into(),
+        ..base.clone()
+    };
+    for (key, cfg, steps) in [
+        ("prk_4", base.clone(), 4),
+        ("prk_6_leading_v", leading_v, 6),
+    ] {
+        let mut sched = Scheduler::new(&cfg, Some(Kind::Pndm), steps).unwrap();
+        let want_t: Vec<f32> = prk[&format!("{key}_timesteps")].to_vec1().unwrap();
+        let got_t: Vec<f32> = sched.timesteps().iter().map(|&t| t as f32).collect();
+        assert_eq!(got_t, want_t, "{key} timesteps");
+        let out = model
+            .denoise(&refs["init_latents"], &PROMPTS[..2], &mut sched, 7.5)
+            .unwrap();
+        let err = rel_err(&out, &prk[&format!("{key}_latents")]);
+        assert!(err < 1e-3, "{key}: final latents relative error {err}");
+    }
+    // Below four steps diffusers cannot lay the warm-up out either: refused with the fixes.
+    let msg = Scheduler::new(&base, Some(Kind::Pndm), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("--steps 4") && msg.contains("skip_prk_steps"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_dpm_solver_folder_saved_by_diffusers_loads_and_runs_its_scheduler() {
     // diffusers saves DPMSolverMultistepScheduler's default lambda_min_clipped as -Infinity,
     // which is not JSON.

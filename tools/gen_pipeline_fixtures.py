@@ -316,6 +316,34 @@ def write_sd(gen):
     (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
 
 
+def write_sd_prk():
+    """PNDM as diffusers' PNDMScheduler() defaults it (skip_prk_steps false: twelve Runge-Kutta
+    calls of the UNet before the linear multistep ones), from sd_tiny's folder and initial
+    latents: final latents and timesteps at 4 and 6 steps. Written alone."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODELS / "sd_tiny", safety_checker=None,
+                                                   requires_safety_checker=False)
+    init = load_file(MODELS / "sd_tiny.reference.safetensors")["init_latents"]
+    ref = {}
+    runs = {
+        "prk_4": (PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False), 4, 7.5),
+        "prk_6_leading_v": (PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False,
+                                                      timestep_spacing="leading", prediction_type="v_prediction"),
+                            6, 7.5),
+    }
+    with torch.no_grad():
+        for key, (sched, steps, guidance) in runs.items():
+            pipe.scheduler = sched
+            out = pipe(PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, latents=init.clone(),
+                       height=32, width=32, output_type="latent").images
+            ref[f"{key}_latents"] = out
+            sched.set_timesteps(steps)
+            ref[f"{key}_timesteps"] = sched.timesteps.to(torch.float32)
+    save(MODELS / "sd_prk.reference.safetensors", ref)
+
+
 def write_taesd():
     """A tiny AutoencoderTiny (TAESD's architecture, 8 channels instead of 64) and its decode
     of stored latents. Its own seed, so it is written alone without touching the others."""
@@ -452,6 +480,7 @@ def main():
     write_clip(gen)
     write_sd(gen)
     write_sd_tokenizer_json()
+    write_sd_prk()
     write_taesd()
     write_vae_widths()
     write_unet_conv()

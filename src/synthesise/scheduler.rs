@@ -1,6 +1,7 @@
 //! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM,
 //! DPM-Solver++ 2M (what the reference swaps in; candle has none) and PNDM's linear multistep
-//! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders). Built from a folder's
+//! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders), with or without its Runge-Kutta
+//! warm-up (diffusers' default, which SD's folders skip). Built from a folder's
 //! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
 
 use candle_core::Tensor;
@@ -114,9 +115,13 @@ pub struct Scheduler {
     /// DPM-Solver++: the previous data prediction and how many low-order steps ran.
     previous: Option<Tensor>,
     /// PNDM: the last four noise predictions (newest last), and the sample its second step
-    /// starts again from.
+    /// (or each Runge-Kutta step) starts again from.
     outputs: Vec<Tensor>,
     restart: Option<Tensor>,
+    /// PNDM's Runge-Kutta warm-up: how many of the first UNet calls it takes (12, or 0 when
+    /// skipped), and the weighted sum of a step's predictions so far.
+    prk_calls: usize,
+    prk_sum: Option<Tensor>,
     train_steps: usize,
     /// Inference steps asked for (PNDM calls the UNet once more).
     steps: usize,
@@ -162,10 +167,11 @@ impl Scheduler {
                 cfg.algorithm_type
             )));
         }
-        if kind == Kind::Pndm && cfg.skip_prk_steps != Some(true) {
-            return Err(config_error(
-                "PNDM's Runge-Kutta warm-up steps (skip_prk_steps false) are not supported: set \"skip_prk_steps\": true in scheduler/scheduler_config.json, as SD's folders do, or pass --scheduler ddim|dpm-solver++".into(),
-            ));
+        let prk = kind == Kind::Pndm && cfg.skip_prk_steps != Some(true);
+        if prk && steps < 4 {
+            return Err(config_error(format!(
+                "PNDM's Runge-Kutta warm-up (skip_prk_steps false, diffusers' default) takes its last four steps and cannot run {steps} (diffusers fails too): pass --steps 4 or more, set \"skip_prk_steps\": true in scheduler/scheduler_config.json as SD's folders do, or pass --scheduler euler|ddim|dpm-solver++"
+            )));
         }
         if kind == Kind::DpmSolverPlusPlus && cfg.solver_order.unwrap_or(2) != 2 {
             return Err(config_error(
@@ -217,7 +223,7 @@ impl Scheduler {
                 )))
             }
         };
-        let timesteps = timesteps(kind, spacing, n, steps, cfg.steps_offset);
+        let timesteps = timesteps(kind, spacing, n, steps, cfg.steps_offset, prk);
         let full: Vec<f64> = alphas_cumprod
             .iter()
             .map(|a| ((1.0 - a) / a).sqrt())
@@ -246,6 +252,8 @@ impl Scheduler {
             previous: None,
             outputs: Vec::new(),
             restart: None,
+            prk_calls: if prk { PRK_CALLS } else { 0 },
+            prk_sum: None,
             train_steps: n,
             steps,
             spacing,
@@ -289,6 +297,7 @@ impl Scheduler {
             Kind::EulerDiscrete => self.euler(output, sample, i)?,
             Kind::Ddim => self.ddim(output, sample, i)?,
             Kind::DpmSolverPlusPlus => self.dpm(output, sample, i)?,
+            Kind::Pndm if i < self.prk_calls => self.prk(output, sample, i)?,
             Kind::Pndm => self.plms(output, sample, i)?,
         };
         self.step_index += 1;
@@ -362,6 +371,40 @@ impl Scheduler {
                 ((s - (&e[0] * 9.0)?)? / 24.0)?
             }
         };
+        self.pndm_prev(&sample, t, prev, &combined)
+    }
+
+    /// diffusers' `PNDMScheduler.step_prk`: per four UNet calls one Runge-Kutta step from the
+    /// same sample, its intermediate samples at the half-way timestep. Each call moves the
+    /// sample on with its own prediction; the fourth with the steps' weighted sum (1/6, 1/3,
+    /// 1/3, 1/6), whose first prediction the linear multistep steps after it take up.
+    fn prk(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let half = (self.train_steps / self.steps / 2) as i64;
+        let now = self.timesteps[i] as i64;
+        let prev = now - if i % 2 == 1 { 0 } else { half };
+        let t = self.timesteps[i / 4 * 4] as i64;
+        let sum = self.prk_sum.take();
+        let combined = match (i % 4, sum) {
+            (0, _) => {
+                self.prk_sum = Some((output / 6.0)?);
+                self.outputs.push(output.clone());
+                self.restart = Some(sample.clone());
+                output.clone()
+            }
+            (3, Some(sum)) => (sum + (output / 6.0)?)?,
+            (_, Some(sum)) => {
+                self.prk_sum = Some((sum + (output / 3.0)?)?);
+                output.clone()
+            }
+            (_, None) => unreachable!("every fourth call starts the sum"),
+        };
+        let from = self.restart.clone().expect("set every fourth call");
+        self.pndm_prev(&from, t, prev, &combined)
+    }
+
+    /// diffusers' `PNDMScheduler._get_prev_sample`: from `sample` at timestep `t` to `prev`
+    /// with the (combined) prediction `output`.
+    fn pndm_prev(&self, sample: &Tensor, t: i64, prev: i64, output: &Tensor) -> Result<Tensor> {
         let a_t = self.alphas_cumprod[t as usize];
         let a_prev = if prev >= 0 {
             self.alphas_cumprod[prev as usize]
@@ -370,8 +413,8 @@ impl Scheduler {
         };
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let eps = match self.prediction {
-            Prediction::Epsilon => combined,
-            Prediction::V => ((combined * a_t.sqrt())? + (&sample * b_t.sqrt())?)?,
+            Prediction::Epsilon => output.clone(),
+            Prediction::V => ((output * a_t.sqrt())? + (sample * b_t.sqrt())?)?,
         };
         let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
         Ok(((sample * (a_prev / a_t).sqrt())? - (eps * ((a_prev - a_t) / denom))?)?)
@@ -430,7 +473,17 @@ fn interp(t: f64, table: &[f64]) -> f64 {
 }
 
 /// The timesteps diffusers' `set_timesteps` produces for each class and spacing.
-fn timesteps(kind: Kind, spacing: Spacing, n: usize, steps: usize, offset: usize) -> Vec<f64> {
+/// UNet calls of PNDM's Runge-Kutta warm-up: three per step over its last four steps' halves.
+const PRK_CALLS: usize = 12;
+
+fn timesteps(
+    kind: Kind,
+    spacing: Spacing,
+    n: usize,
+    steps: usize,
+    offset: usize,
+    prk: bool,
+) -> Vec<f64> {
     let (n_f, s_f) = (n as f64, steps as f64);
     // DPM-Solver++ lays out steps + 1 points and drops the last (t = 0) one.
     let points = if kind == Kind::DpmSolverPlusPlus && spacing != Spacing::Trailing {
@@ -469,6 +522,18 @@ fn timesteps(kind: Kind, spacing: Spacing, n: usize, steps: usize, offset: usize
     };
     if points != steps {
         ts.truncate(steps);
+    }
+    if prk {
+        // diffusers' PNDM warm-up over the four highest timesteps x0 < x1 < x2 < x3, each with
+        // x + half a step, each twice but the ends: [x3, x2 + h, x2 + h, x2, x2, ..., x0 + h,
+        // x0 + h, x0]; then linear multistep from x0 down.
+        let half = (n / steps / 2) as f64;
+        let pairs: Vec<f64> = ts[..4].iter().rev().flat_map(|&x| [x, x + half]).collect();
+        let twice: Vec<f64> = pairs[..7].iter().flat_map(|&x| [x, x]).collect();
+        let mut all: Vec<f64> = twice[1..13].iter().rev().copied().collect();
+        debug_assert_eq!(all.len(), PRK_CALLS);
+        all.extend(&ts[3..]);
+        return all;
     }
     if kind == Kind::Pndm && ts.len() > 1 {
         // PLMS repeats the second-to-last training-order timestep: the UNet runs steps + 1 times.
