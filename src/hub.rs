@@ -474,6 +474,25 @@ fn label(role: Role, source: &ModelSource) -> String {
     format!("{} ({source})", role.setting())
 }
 
+/// PyTorch's pickled weights beside a missing safetensors file `wanted` (`pytorch_model.bin`,
+/// `diffusion_pytorch_model.bin`, a torchvision `.pth`), when `wanted` is weights.
+fn pickled_beside(wanted: &Path) -> Option<PathBuf> {
+    if wanted.extension()? != "safetensors" {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(wanted.parent()?)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| ["bin", "pth", "pt", "ckpt"].iter().any(|e| x == *e))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
 fn fix_for(role: Role) -> String {
     format!(
         "pass {flag} with a folder in Hugging Face layout or a Hub id (or set {key} in the settings file)",
@@ -509,15 +528,24 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                 if p.is_file() {
                     files.insert(spec.name, p);
                 } else if spec.required(|o| dir.join(o).is_file()) {
-                    return Err(Error::MissingModelFile {
-                        model: label(role, source),
-                        file: spec.name.into(),
-                        looked: dir.display().to_string(),
-                        fix: format!(
+                    let fix = match pickled_beside(&p) {
+                        Some(pickle) => format!(
+                            "dnd reads weights from safetensors only (a pickle can run code as it loads); convert {} beside it: python3 -c \"import torch; from safetensors.torch import save_file; save_file({{k: v.clone().contiguous() for k, v in torch.load('{}', map_location='cpu', weights_only=True).items()}}, '{}')\"",
+                            pickle.display(),
+                            pickle.display(),
+                            p.display()
+                        ),
+                        None => format!(
                             "put {} into that folder (Hugging Face layout), or {}",
                             spec.name,
                             fix_for(role)
                         ),
+                    };
+                    return Err(Error::MissingModelFile {
+                        model: label(role, source),
+                        file: spec.name.into(),
+                        looked: dir.display().to_string(),
+                        fix,
                     });
                 }
             }

@@ -107,7 +107,7 @@ fn activations_json_lines_and_cache_hit() {
 fn bad_inputs_give_one_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let probe = fixtures().join("images").display().to_string();
-    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+    let mut cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
             vec![
                 "activations".into(),
@@ -163,6 +163,22 @@ fn bad_inputs_give_one_clear_error() {
             vec!["tpu", "cuda:N"],
         ),
     ];
+    // A folder of pickled PyTorch weights (a torchvision .pth): the conversion to run.
+    let pickled = tempfile::tempdir().unwrap();
+    std::fs::write(pickled.path().join("resnet18.pth"), b"pickle").unwrap();
+    cases.push((
+        vec![
+            "layers".into(),
+            "--target".into(),
+            pickled.path().display().to_string(),
+        ],
+        vec![
+            "model.safetensors",
+            "resnet18.pth",
+            "safetensors only",
+            "save_file",
+        ],
+    ));
     for (args, words) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = dnd(home.path(), &args);
