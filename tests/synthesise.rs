@@ -323,7 +323,7 @@ fn scheduler_runs_end_at_diffusers_latents() {
 fn pndm_with_its_runge_kutta_warm_up_ends_at_diffusers_latents() {
     // PNDMScheduler()'s default (skip_prk_steps false): twelve Runge-Kutta calls first.
     let refs = reference("models/sd_tiny.reference.safetensors");
-    let prk = reference("models/sd_prk.reference.safetensors");
+    let prk = reference("models/sd_schedulers.reference.safetensors");
     let model = sd();
     let base = SchedulerConfig {
         skip_prk_steps: Some(false),
@@ -356,6 +356,55 @@ fn pndm_with_its_runge_kutta_warm_up_ends_at_diffusers_latents() {
         msg.contains("--steps 4") && msg.contains("skip_prk_steps"),
         "{msg}"
     );
+}
+
+#[test]
+fn unipc_and_a_final_sigma_min_end_at_diffusers_latents() {
+    let refs = reference("models/sd_tiny.reference.safetensors");
+    let runs = reference("models/sd_schedulers.reference.safetensors");
+    let model = sd();
+    let base = folder_scheduler();
+    let leading_v = SchedulerConfig {
+        timestep_spacing: Some("leading".into()),
+        prediction_type: "v_prediction".into(),
+        ..base.clone()
+    };
+    let sigma_min = SchedulerConfig {
+        final_sigmas_type: Some("sigma_min".into()),
+        ..base.clone()
+    };
+    let bh1 = SchedulerConfig {
+        timestep_spacing: Some("linspace".into()),
+        solver_type: Some("bh1".into()),
+        ..sigma_min.clone()
+    };
+    let runs_of: [(&str, SchedulerConfig, Kind, usize, f64); 6] = [
+        ("unipc_4", base.clone(), Kind::UniPc, 4, 7.5),
+        ("unipc_1", base.clone(), Kind::UniPc, 1, 0.0),
+        ("unipc_6_leading_v", leading_v, Kind::UniPc, 6, 7.5),
+        ("unipc_5_bh1_linspace_sigma_min", bh1, Kind::UniPc, 5, 7.5),
+        // 16 steps: DPM-Solver++'s last step stays second order with a final sigma_min.
+        (
+            "dpmpp_16_sigma_min",
+            sigma_min.clone(),
+            Kind::DpmSolverPlusPlus,
+            16,
+            7.5,
+        ),
+        ("euler_4_sigma_min", sigma_min, Kind::EulerDiscrete, 4, 0.0),
+    ];
+    for (key, cfg, kind, steps, guidance) in runs_of {
+        let mut sched = Scheduler::new(&cfg, Some(kind), steps).unwrap();
+        let want_t: Vec<f32> = runs[&format!("{key}_timesteps")].to_vec1().unwrap();
+        let got_t: Vec<f32> = sched.timesteps().iter().map(|&t| t as f32).collect();
+        assert_eq!(got_t, want_t, "{key} timesteps");
+        let out = model
+            .denoise(&refs["init_latents"], &PROMPTS[..2], &mut sched, guidance)
+            .unwrap();
+        let err = rel_err(&out, &runs[&format!("{key}_latents")]);
+        // Measured: at most 7e-6; DPM-Solver++ ending at first order gives 5e-4.
+        assert!(err < 1e-4, "{key}: final latents relative error {err}");
+    }
 }
 
 #[test]

@@ -316,22 +316,36 @@ def write_sd(gen):
     (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
 
 
-def write_sd_prk():
-    """PNDM as diffusers' PNDMScheduler() defaults it (skip_prk_steps false: twelve Runge-Kutta
-    calls of the UNet before the linear multistep ones), from sd_tiny's folder and initial
-    latents: final latents and timesteps at 4 and 6 steps. Written alone."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def write_sd_schedulers():
+    """Runs of schedulers beyond write_sd's from sd_tiny's folder and initial latents: final
+    latents and timesteps. PNDM as PNDMScheduler() defaults it (skip_prk_steps false: twelve
+    Runge-Kutta calls of the UNet before the linear multistep ones), UniPC (bh2 and bh1,
+    each spacing, v-prediction, one step) and a final sigma_min (UniPC, DPM-Solver++, Euler).
+    Written alone."""
+    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UniPCMultistepScheduler)
     from safetensors.torch import load_file
 
     pipe = StableDiffusionPipeline.from_pretrained(MODELS / "sd_tiny", safety_checker=None,
                                                    requires_safety_checker=False)
     init = load_file(MODELS / "sd_tiny.reference.safetensors")["init_latents"]
+    cfg = pipe.scheduler.config
     ref = {}
     runs = {
-        "prk_4": (PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False), 4, 7.5),
-        "prk_6_leading_v": (PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False,
-                                                      timestep_spacing="leading", prediction_type="v_prediction"),
-                            6, 7.5),
+        "prk_4": (PNDMScheduler.from_config(cfg, skip_prk_steps=False), 4, 7.5),
+        "prk_6_leading_v": (PNDMScheduler.from_config(cfg, skip_prk_steps=False, timestep_spacing="leading",
+                                                      prediction_type="v_prediction"), 6, 7.5),
+        "unipc_4": (UniPCMultistepScheduler.from_config(cfg), 4, 7.5),
+        "unipc_1": (UniPCMultistepScheduler.from_config(cfg), 1, 0.0),
+        "unipc_6_leading_v": (UniPCMultistepScheduler.from_config(cfg, timestep_spacing="leading",
+                                                                  prediction_type="v_prediction"), 6, 7.5),
+        # bh1 to a final sigma of zero multiplies infinity by zero in diffusers (NaN latents):
+        # sigma_min keeps it finite.
+        "unipc_5_bh1_linspace_sigma_min": (UniPCMultistepScheduler.from_config(
+            cfg, solver_type="bh1", timestep_spacing="linspace", final_sigmas_type="sigma_min"), 5, 7.5),
+        # 16 steps with a final sigma_min: DPM-Solver++'s last step stays second order.
+        "dpmpp_16_sigma_min": (DPMSolverMultistepScheduler.from_config(cfg, final_sigmas_type="sigma_min"), 16, 7.5),
+        "euler_4_sigma_min": (EulerDiscreteScheduler.from_config(cfg, final_sigmas_type="sigma_min"), 4, 0.0),
     }
     with torch.no_grad():
         for key, (sched, steps, guidance) in runs.items():
@@ -341,7 +355,7 @@ def write_sd_prk():
             ref[f"{key}_latents"] = out
             sched.set_timesteps(steps)
             ref[f"{key}_timesteps"] = sched.timesteps.to(torch.float32)
-    save(MODELS / "sd_prk.reference.safetensors", ref)
+    save(MODELS / "sd_schedulers.reference.safetensors", ref)
 
 
 def write_taesd():
@@ -480,7 +494,7 @@ def main():
     write_clip(gen)
     write_sd(gen)
     write_sd_tokenizer_json()
-    write_sd_prk()
+    write_sd_schedulers()
     write_taesd()
     write_vae_widths()
     write_unet_conv()

@@ -1,5 +1,6 @@
 //! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM,
-//! DPM-Solver++ 2M (what the reference swaps in; candle has none) and PNDM's linear multistep
+//! DPM-Solver++ 2M (what the reference swaps in; candle has none), UniPC (bh1 / bh2, orders
+//! 1 and 2, predicting x0) and PNDM's linear multistep
 //! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders), with or without its Runge-Kutta
 //! warm-up (diffusers' default, which SD's folders skip). Built from a folder's
 //! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
@@ -16,6 +17,7 @@ pub enum Kind {
     Ddim,
     DpmSolverPlusPlus,
     Pndm,
+    UniPc,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
             "DDIMScheduler" | "ddim" => Self::Ddim,
             "DPMSolverMultistepScheduler" | "dpm-solver++" | "dpmpp" => Self::DpmSolverPlusPlus,
             "PNDMScheduler" | "pndm" => Self::Pndm,
+            "UniPCMultistepScheduler" | "unipc" => Self::UniPc,
             _ => return None,
         })
     }
@@ -84,6 +87,22 @@ pub struct SchedulerConfig {
     /// it true.
     #[serde(default)]
     pub skip_prk_steps: Option<bool>,
+    /// UniPC only, with diffusers' defaults when absent: bh2, true, true, none.
+    #[serde(default)]
+    pub solver_type: Option<String>,
+    #[serde(default)]
+    pub predict_x0: Option<bool>,
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    #[serde(default)]
+    pub disable_corrector: Option<Vec<usize>>,
+    /// Euler, DPM-Solver++ and UniPC: the last sigma, "zero" (diffusers' default) or
+    /// "sigma_min" (the first training timestep's).
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    /// DPM-Solver++: a first-order last step whatever else says.
+    #[serde(default)]
+    pub euler_at_final: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +141,12 @@ pub struct Scheduler {
     /// skipped), and the weighted sum of a step's predictions so far.
     prk_calls: usize,
     prk_sum: Option<Tensor>,
+    /// UniPC: its settings, the sample its last predictor step started from (which the
+    /// corrector refines) and that step's order. Its x0 predictions go in `outputs`.
+    unipc: Option<UniPcSettings>,
+    last_sample: Option<Tensor>,
+    order: usize,
+    dpm_final_first_order: bool,
     train_steps: usize,
     /// Inference steps asked for (PNDM calls the UNet once more).
     steps: usize,
@@ -146,7 +171,7 @@ impl Scheduler {
                 .and_then(Kind::parse)
                 .ok_or_else(|| {
                     config_error(format!(
-                        "scheduler {} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler); pass --scheduler euler|ddim|dpm-solver++|pndm",
+                        "scheduler {} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler); pass --scheduler euler|ddim|dpm-solver++|pndm|unipc",
                         cfg.class_name.as_deref().unwrap_or("(no _class_name)")
                     ))
                 })?,
@@ -170,7 +195,7 @@ impl Scheduler {
         let prk = kind == Kind::Pndm && cfg.skip_prk_steps != Some(true);
         if prk && steps < 4 {
             return Err(config_error(format!(
-                "PNDM's Runge-Kutta warm-up (skip_prk_steps false, diffusers' default) takes its last four steps and cannot run {steps} (diffusers fails too): pass --steps 4 or more, set \"skip_prk_steps\": true in scheduler/scheduler_config.json as SD's folders do, or pass --scheduler euler|ddim|dpm-solver++"
+                "PNDM's Runge-Kutta warm-up (skip_prk_steps false, diffusers' default) spans four steps and cannot run in {steps} (diffusers fails too): pass --steps 4 or more, set \"skip_prk_steps\": true in scheduler/scheduler_config.json as SD's folders do, or pass --scheduler euler|ddim|dpm-solver++"
             )));
         }
         if kind == Kind::DpmSolverPlusPlus && cfg.solver_order.unwrap_or(2) != 2 {
@@ -178,6 +203,10 @@ impl Scheduler {
                 "only DPM-Solver++ of order 2 is supported".into(),
             ));
         }
+        let unipc = match kind {
+            Kind::UniPc => Some(UniPcSettings::of(cfg)?),
+            _ => None,
+        };
         let prediction = match cfg.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
             "v_prediction" => Prediction::V,
@@ -229,7 +258,21 @@ impl Scheduler {
             .map(|a| ((1.0 - a) / a).sqrt())
             .collect();
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &full)).collect();
-        sigmas.push(0.0);
+        let final_zero = match cfg.final_sigmas_type.as_deref() {
+            None | Some("zero") => true,
+            Some("sigma_min") => false,
+            Some(other) => {
+                return Err(config_error(format!(
+                    "final_sigmas_type {other:?} is not supported (zero, sigma_min)"
+                )))
+            }
+        };
+        sigmas.push(if final_zero { 0.0 } else { full[0] });
+        // diffusers' DPM-Solver++ steps last at first order when the final sigma is zero, or
+        // asked to, or below 15 steps with lower_order_final.
+        let dpm_final_first_order = final_zero
+            || cfg.euler_at_final == Some(true)
+            || (cfg.lower_order_final.unwrap_or(true) && timesteps.len() < 15);
         Ok(Self {
             kind,
             prediction,
@@ -254,6 +297,10 @@ impl Scheduler {
             restart: None,
             prk_calls: if prk { PRK_CALLS } else { 0 },
             prk_sum: None,
+            unipc,
+            last_sample: None,
+            order: 0,
+            dpm_final_first_order,
             train_steps: n,
             steps,
             spacing,
@@ -299,6 +346,7 @@ impl Scheduler {
             Kind::DpmSolverPlusPlus => self.dpm(output, sample, i)?,
             Kind::Pndm if i < self.prk_calls => self.prk(output, sample, i)?,
             Kind::Pndm => self.plms(output, sample, i)?,
+            Kind::UniPc => self.unipc(output, sample, i)?,
         };
         self.step_index += 1;
         Ok(next)
@@ -421,14 +469,6 @@ impl Scheduler {
     }
 
     fn dpm(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let alpha_sigma = |s: f64| {
-            let a = 1.0 / (s * s + 1.0).sqrt();
-            (a, s * a)
-        };
-        let lambda = |s: f64| {
-            let (a, sg) = alpha_sigma(s);
-            a.ln() - sg.ln()
-        };
         let (a_s, s_s) = alpha_sigma(self.sigmas[i]);
         let x0 = match self.prediction {
             Prediction::Epsilon => ((sample - (output * s_s)?)? / a_s)?,
@@ -437,9 +477,9 @@ impl Scheduler {
         let (a_t, s_t) = alpha_sigma(self.sigmas[i + 1]);
         let h = lambda(self.sigmas[i + 1]) - lambda(self.sigmas[i]);
         let n = self.timesteps.len();
-        // lower_order_final: the last step is first order (final sigma is zero), and so is the
-        // first; everything else is the second-order midpoint update.
-        let first_order = self.previous.is_none() || i == n - 1;
+        // The first step is first order, and so is the last as diffusers decides it (a final
+        // sigma of zero, or few steps); everything else is the second-order midpoint update.
+        let first_order = self.previous.is_none() || (i == n - 1 && self.dpm_final_first_order);
         let coef = a_t * ((-h).exp() - 1.0);
         let base = ((sample * (s_t / s_s))? - (&x0 * coef)?)?;
         let next = if first_order {
@@ -453,6 +493,155 @@ impl Scheduler {
         self.previous = Some(x0);
         Ok(next)
     }
+}
+
+/// UniPC's options that change its arithmetic.
+#[derive(Clone, Debug)]
+struct UniPcSettings {
+    /// bh2: B(h) = e^h - 1; bh1: B(h) = h.
+    bh2: bool,
+    /// The predictor's order; each step's is lower at the start and, with
+    /// `lower_order_final`, at the end.
+    solver_order: usize,
+    lower_order_final: bool,
+    /// Steps after which the corrector does not run.
+    disable_corrector: Vec<usize>,
+}
+
+impl UniPcSettings {
+    fn of(cfg: &SchedulerConfig) -> Result<Self> {
+        let solver_order = cfg.solver_order.unwrap_or(2);
+        if !(1..=2).contains(&solver_order) {
+            return Err(config_error(format!(
+                "UniPC of order {solver_order} is not supported (1 or 2)"
+            )));
+        }
+        if cfg.predict_x0 == Some(false) {
+            return Err(config_error(
+                "UniPC predicting noise (predict_x0 false) is not supported".into(),
+            ));
+        }
+        let bh2 = match cfg.solver_type.as_deref() {
+            None | Some("bh2") => true,
+            Some("bh1") => false,
+            Some(other) => {
+                return Err(config_error(format!(
+                    "UniPC solver_type {other:?} is not supported (bh1, bh2)"
+                )))
+            }
+        };
+        Ok(Self {
+            bh2,
+            solver_order,
+            lower_order_final: cfg.lower_order_final.unwrap_or(true),
+            disable_corrector: cfg.disable_corrector.clone().unwrap_or_default(),
+        })
+    }
+}
+
+impl Scheduler {
+    /// diffusers' `UniPCMultistepScheduler.step`: the new x0 prediction first corrects the
+    /// sample the last predictor step made (UniC), then a predictor step (UniP) of order 1 or
+    /// 2 moves it on.
+    fn unipc(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let set = self.unipc.clone().expect("set for UniPC");
+        let (a_s, s_s) = alpha_sigma(self.sigmas[i]);
+        let x0 = match self.prediction {
+            Prediction::Epsilon => ((sample - (output * s_s)?)? / a_s)?,
+            Prediction::V => ((sample * a_s)? - (output * s_s)?)?,
+        };
+        let mut sample = sample.clone();
+        if let Some(last) = self.last_sample.take() {
+            if !set.disable_corrector.contains(&(i - 1)) {
+                sample = self.uni_c(&set, &x0, &last, i)?;
+            }
+        }
+        if self.outputs.len() == set.solver_order {
+            self.outputs.remove(0);
+        }
+        self.outputs.push(x0);
+        let mut order = set.solver_order;
+        if set.lower_order_final {
+            order = order.min(self.timesteps.len() - i);
+        }
+        // Warm-up: one order more per step taken.
+        self.order = order.min(self.outputs.len());
+        self.last_sample = Some(sample.clone());
+        self.uni_p(&set, &sample, i)
+    }
+
+    /// The predictor from `sample` at sigma i to sigma i + 1, with the x0 predictions in
+    /// `outputs` (newest last).
+    fn uni_p(&self, set: &UniPcSettings, x: &Tensor, i: usize) -> Result<Tensor> {
+        let e = &self.outputs;
+        let m0 = &e[e.len() - 1];
+        let (a_t, s_t) = alpha_sigma(self.sigmas[i + 1]);
+        let (_, s_s0) = alpha_sigma(self.sigmas[i]);
+        let h = lambda(self.sigmas[i + 1]) - lambda(self.sigmas[i]);
+        let (h_phi_1, b_h) = uni_coefficients(set, h);
+        let base = ((x * (s_t / s_s0))? - (m0 * (a_t * h_phi_1))?)?;
+        if self.order < 2 {
+            return Ok(base);
+        }
+        // Order 2: half the first divided difference (diffusers' rhos_p for order 2).
+        let rk = (lambda(self.sigmas[i - 1]) - lambda(self.sigmas[i])) / h;
+        let d1 = ((&e[e.len() - 2] - m0)? / rk)?;
+        Ok((base - (d1 * (a_t * b_h * 0.5))?)?)
+    }
+
+    /// The corrector of the sample at sigma i that the predictor made from `last` at sigma
+    /// i - 1, with this step's x0 prediction `model_t`; `outputs` still ends with the previous
+    /// step's.
+    fn uni_c(
+        &self,
+        set: &UniPcSettings,
+        model_t: &Tensor,
+        last: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
+        let e = &self.outputs;
+        let m0 = &e[e.len() - 1];
+        let (a_t, s_t) = alpha_sigma(self.sigmas[i]);
+        let (_, s_s0) = alpha_sigma(self.sigmas[i - 1]);
+        let h = lambda(self.sigmas[i]) - lambda(self.sigmas[i - 1]);
+        let (h_phi_1, b_h) = uni_coefficients(set, h);
+        let base = ((last * (s_t / s_s0))? - (m0 * (a_t * h_phi_1))?)?;
+        let d1_t = (model_t - m0)?;
+        let correction = if self.order < 2 {
+            (d1_t * 0.5)?
+        } else {
+            // rhos_c solves [[1, 1], [rk, 1]] rho = [b1, b2].
+            let hh = -h;
+            let phi_1 = h_phi_1 / hh - 1.0;
+            let b1 = phi_1 / b_h;
+            let b2 = (phi_1 / hh - 0.5) * 2.0 / b_h;
+            let rk = (lambda(self.sigmas[i - 2]) - lambda(self.sigmas[i - 1])) / h;
+            let rho0 = (b1 - b2) / (1.0 - rk);
+            let rho1 = b1 - rho0;
+            let d1 = ((&e[e.len() - 2] - m0)? / rk)?;
+            ((d1 * rho0)? + (d1_t * rho1)?)?
+        };
+        Ok((base - (correction * (a_t * b_h))?)?)
+    }
+}
+
+/// `(alpha_t, sigma_t)` of a sigma as the multistep solvers use them.
+fn alpha_sigma(s: f64) -> (f64, f64) {
+    let a = 1.0 / (s * s + 1.0).sqrt();
+    (a, s * a)
+}
+
+/// log(alpha_t / sigma_t): +inf at the final sigma of zero.
+fn lambda(s: f64) -> f64 {
+    let (a, sg) = alpha_sigma(s);
+    a.ln() - sg.ln()
+}
+
+/// UniPC's e^-h - 1 and B(h) for a step of `h` in lambda, predicting x0.
+fn uni_coefficients(set: &UniPcSettings, h: f64) -> (f64, f64) {
+    let hh = -h;
+    let h_phi_1 = hh.exp_m1();
+    (h_phi_1, if set.bh2 { h_phi_1 } else { hh })
 }
 
 fn linspace(a: f32, b: f32, n: usize) -> Vec<f32> {
@@ -485,8 +674,9 @@ fn timesteps(
     prk: bool,
 ) -> Vec<f64> {
     let (n_f, s_f) = (n as f64, steps as f64);
-    // DPM-Solver++ lays out steps + 1 points and drops the last (t = 0) one.
-    let points = if kind == Kind::DpmSolverPlusPlus && spacing != Spacing::Trailing {
+    // DPM-Solver++ and UniPC lay out steps + 1 points and drop the last (t = 0) one.
+    let multistep = matches!(kind, Kind::DpmSolverPlusPlus | Kind::UniPc);
+    let points = if multistep && spacing != Spacing::Trailing {
         steps + 1
     } else {
         steps

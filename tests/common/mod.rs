@@ -133,6 +133,11 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
             .unwrap()
     };
     let (a, b) = (flat(a), flat(b));
+    // NaN would pass every comparison below.
+    assert!(
+        a.iter().chain(&b).all(|v| v.is_finite()),
+        "non-finite values"
+    );
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
     a.iter()
         .zip(&b)
