@@ -323,10 +323,9 @@ fn mismatched_weights_are_one_clear_error() {
     std::fs::write(&config, text.replace("\"relu\"", "\"gelu\"")).unwrap();
     let msg = try_load_target(tf.path()).unwrap_err().to_string();
     assert!(msg.contains("hidden_act") && msg.contains("gelu"), "{msg}");
-    // ViT variants: register tokens, DeiT's distillation token and a norm before the blocks,
-    // each named.
+    // ViT variants: DeiT's distillation token, tokens averaged before the head and a norm
+    // before the blocks, each named.
     for (tensor, said) in [
-        ("reg_token", "register tokens"),
         ("dist_token", "distillation token"),
         ("fc_norm.weight", "averaged before the head"),
         ("norm_pre.weight", "a norm before the blocks"),
@@ -509,4 +508,57 @@ fn a_transformers_dinov2_matches_transformers_with_its_positions_resized_to_the_
     let out = model.net.forward(&fixture_batch(), &[2]).unwrap().remove(0);
     let cls = pool_output(model.layer(2).kind, &out, Pool::Mean).unwrap();
     assert!(rel_err(&cls, &reference["cls/dinov2.layernorm"]) < TOL);
+}
+
+/// Channel `c` of layer `layer`'s patch-token map against the reference's `key` (B, patches).
+fn check_token_map(
+    target: &dnd::target::Target,
+    reference: &std::collections::HashMap<String, candle_core::Tensor>,
+    layer: &str,
+    c: usize,
+    key: &str,
+) {
+    let l = target.layer_index(layer).unwrap();
+    let out = target
+        .net
+        .forward(&fixture_batch(), &[l])
+        .unwrap()
+        .remove(0);
+    let maps = maps_of(target.layer(l).kind, &out, c).unwrap();
+    let want = &reference[key];
+    let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
+    let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
+    assert!(rel_err(&got, want) < TOL, "{layer} map");
+}
+
+#[test]
+fn vits_with_register_tokens_match_their_libraries_with_the_registers_left_out_of_the_maps() {
+    // timm's DINOv2 with 4 registers (position embeddings for the patches alone) and a timm
+    // ViT with 2 registers whose position embeddings cover every token.
+    let (target, reference, ..) = check_vit("vit_reg4_dinov2_tiny", &["blocks.0", "norm"]);
+    assert_eq!(
+        target.layer(target.layer_index("norm").unwrap()).kind,
+        LayerKind::Tokens { grid: (16, 16) }
+    );
+    check_token_map(&target, &reference, "norm", 7, "map/norm");
+    let (target, reference, ..) = check_vit("vit_reg_pos_tiny", &["blocks.0", "norm", "head"]);
+    check_token_map(&target, &reference, "norm", 7, "map/norm");
+    // transformers' DINOv2 with registers: positions resized antialiased, the head reading
+    // the class token and the patch tokens' mean (registers left out).
+    let names = [
+        "dinov2_with_registers.encoder.layer.0",
+        "dinov2_with_registers.encoder.layer.1",
+        "dinov2_with_registers.layernorm",
+        "classifier",
+    ];
+    let (target, reference, ..) = check_vit("vit_dinov2_registers_transformers", &names);
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names);
+    check_token_map(
+        &target,
+        &reference,
+        "dinov2_with_registers.layernorm",
+        3,
+        "map/dinov2_with_registers.layernorm",
+    );
 }

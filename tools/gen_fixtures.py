@@ -371,6 +371,83 @@ def write_vit_dinov2_transformers(x, paths):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_dinov2_transformers.reference.safetensors")
 
 
+def write_vit_registers(x):
+    """ViTs with register tokens between the class token and the patches, f16:
+    - vit_reg4_dinov2_tiny: timm's vit_small_patch14_reg4_dinov2 (4 registers, position
+      embeddings for the patches alone, LayerScale, no head) at 224 px;
+    - vit_reg_pos_tiny: a timm ViT with 2 registers whose position embeddings cover every
+      token (no_embed_class false) and a head.
+    The references' maps are the patch tokens (registers left out)."""
+    for name, seed, arch, args, regs in [
+        ("vit_reg4_dinov2_tiny", 11, "vit_small_patch14_reg4_dinov2.lvd142m",
+         dict(embed_dim=64, depth=2, num_heads=2, img_size=224), 4),
+        ("vit_reg_pos_tiny", 12, "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+         dict(embed_dim=32, depth=1, num_heads=2, num_classes=5, reg_tokens=2, no_embed_class=False), 2),
+    ]:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        overlay = dict(pretrained_cfg_overlay=dict(input_size=(3, 224, 224))) if "dinov2" in arch else {}
+        model = timm.create_model(arch, pretrained=False, **args, **overlay).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith("gamma") or pname in ("cls_token", "reg_token", "pos_embed", "head.weight",
+                                                        "head.bias"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        assert model.num_prefix_tokens == 1 + regs
+        model = model.half().float()
+        save_for_hf(model.half(), MODELS / name, safe_serialization=True, model_args=args)
+        model = model.float()
+        taps = ["blocks.0", "norm"] + (["head"] if "num_classes" in args else [])
+        outs, logits = capture(model, x, taps)
+        ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+        ref["map/norm"] = outs["norm"][:, 1 + regs:, 7].contiguous()
+        if "num_classes" in args:
+            ref["logits"] = logits.contiguous()
+        save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
+
+
+def write_vit_dinov2_registers_transformers(x):
+    """transformers' Dinov2WithRegistersForImageClassification (facebook/dinov2-with-registers-*
+    classes) at a small width, trained at 518 px and run at 224 with facebook's processor as
+    vit_dinov2_transformers is: 4 registers after the class token, position embeddings resized
+    by antialiased bicubic interpolation (where DINOv2's own are not antialiased), a head on the
+    class token and the patch tokens' mean. f16."""
+    from transformers import (BitImageProcessor, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersForImageClassification)
+    torch.manual_seed(13)
+    gen = torch.Generator().manual_seed(13)
+    cfg = Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=518,
+                                    patch_size=14, num_labels=10, num_register_tokens=4)
+    model = Dinov2WithRegistersForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "register_tokens", "position_embeddings", "lambda1")) \
+                    or name.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.half().float()
+    folder = MODELS / "vit_dinov2_registers_transformers"
+    model.half().save_pretrained(folder, safe_serialization=True)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      resample=3, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    model = model.float()
+    prefix = "dinov2_with_registers"
+    taps = [f"{prefix}.encoder.layer.0", f"{prefix}.encoder.layer.1", f"{prefix}.layernorm", "classifier"]
+    outs = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    for h in hooks:
+        h.remove()
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["logits"] = logits.contiguous()
+    ref[f"map/{prefix}.layernorm"] = outs[f"{prefix}.layernorm"][:, 5:, 3].contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()},
+              MODELS / "vit_dinov2_registers_transformers.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -412,6 +489,8 @@ def main():
     write_vit_transformers(x, paths)
     write_resnet_transformers(x, paths)
     write_vit_dinov2_transformers(x, paths)
+    write_vit_registers(x)
+    write_vit_dinov2_registers_transformers(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

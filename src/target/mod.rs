@@ -308,6 +308,11 @@ impl<'a> Recorder<'a> {
         }
     }
 
+    /// Whether layer `idx` is tapped, for outputs that cost something to make.
+    pub(crate) fn wants(&self, idx: usize) -> bool {
+        self.taps.contains(&idx)
+    }
+
     /// Keeps `t` if layer `idx` is tapped; true once every tap has been seen.
     pub(crate) fn record(&mut self, idx: usize, t: &Tensor) -> bool {
         if self.taps.contains(&idx) {

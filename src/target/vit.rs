@@ -27,9 +27,10 @@ pub enum Layout {
     Transformers {
         prefix: &'static str,
     },
-    /// transformers' `Dinov2Model` / `Dinov2ForImageClassification` (names under `dinov2.`):
-    /// LayerScale, position embeddings resized to the input, a head reading the class token
-    /// beside the patch tokens' mean.
+    /// transformers' `Dinov2Model` / `Dinov2ForImageClassification` (names under `dinov2.`)
+    /// and their `Dinov2WithRegisters` twins (under `dinov2_with_registers.`): LayerScale,
+    /// position embeddings resized to the input, a head reading the class token beside the
+    /// patch tokens' mean.
     Dinov2 {
         prefix: &'static str,
     },
@@ -41,7 +42,7 @@ impl Layout {
         if has("conv_proj.weight") && has("encoder.pos_embedding") {
             return Layout::Torchvision;
         }
-        for prefix in ["dinov2.", ""] {
+        for prefix in ["dinov2.", "dinov2_with_registers.", ""] {
             if has(&format!("{prefix}embeddings.mask_token"))
                 && has(&format!("{prefix}encoder.layer.0.norm1.weight"))
             {
@@ -112,6 +113,7 @@ impl Layout {
     fn transformers_name(name: &str) -> Option<Renamed> {
         let fixed = match name {
             "embeddings.cls_token" => Some("cls_token"),
+            "embeddings.register_tokens" => Some("reg_token"),
             "embeddings.position_embeddings" => Some("pos_embed"),
             "embeddings.patch_embeddings.projection.weight" => Some("patch_embed.proj.weight"),
             "embeddings.patch_embeddings.projection.bias" => Some("patch_embed.proj.bias"),
@@ -270,9 +272,9 @@ fn scaled_lin(
 
 /// transformers' DINOv2 position embeddings `(1, 1 + g*g, d)` for a `grid x grid` input: the
 /// class token's row as it is and the patches' g x g grid resized as its
-/// `interpolate_pos_encoding` does; as they are when g is the grid (or they are not such a
-/// grid: the caller names the shape).
-fn resize_positions(pos: &Tensor, grid: usize) -> Result<Tensor> {
+/// `interpolate_pos_encoding` does (bicubic, `antialias` with registers); as they are when g
+/// is the grid (or they are not such a grid: the caller names the shape).
+fn resize_positions(pos: &Tensor, grid: usize, antialias: bool) -> Result<Tensor> {
     let (_, n, d) = pos.dims3()?;
     let g = ((n.max(1) - 1) as f64).sqrt().round() as usize;
     if g == grid || g * g + 1 != n {
@@ -280,7 +282,7 @@ fn resize_positions(pos: &Tensor, grid: usize) -> Result<Tensor> {
     }
     let rows = pos.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = rows[..d].to_vec();
-    out.extend(bicubic_grid(&rows[d..], d, g, grid));
+    out.extend(bicubic_grid(&rows[d..], d, g, grid, antialias));
     Ok(Tensor::from_vec(
         out,
         (1, 1 + grid * grid, d),
@@ -288,46 +290,82 @@ fn resize_positions(pos: &Tensor, grid: usize) -> Result<Tensor> {
     )?)
 }
 
-/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` without antialiasing (Keys'
-/// cubic with A = -0.75, edge rows and columns repeated, in f32) of a `from x from` grid of
-/// `d`-wide rows to `to x to`.
-fn bicubic_grid(rows: &[f32], d: usize, from: usize, to: usize) -> Vec<f32> {
-    const A: f32 = -0.75;
-    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; // |x| <= 1
-    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A; // 1 < |x| < 2
-    let scale = from as f32 / to as f32;
-    // Per output index along either axis: four source indices and their weights.
-    let taps: Vec<([usize; 4], [f32; 4])> = (0..to)
-        .map(|o| {
-            let real = scale * (o as f32 + 0.5) - 0.5;
-            let i = (real.floor() as i64).min(from as i64 - 1);
-            let t = (real - i as f32).clamp(0.0, 1.0);
-            let idx = [-1i64, 0, 1, 2].map(|j| (i + j).clamp(0, from as i64 - 1) as usize);
-            (idx, [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)])
-        })
-        .collect();
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` of a `from x from` grid of
+/// `d`-wide rows to `to x to`, in f32, along the rows then the columns. Without antialiasing:
+/// Keys' cubic with A = -0.75 at four source positions, edges repeated; with it (when
+/// shrinking): PIL's filter, A = -0.5 stretched over the scale, weights normalised.
+fn bicubic_grid(rows: &[f32], d: usize, from: usize, to: usize, antialias: bool) -> Vec<f32> {
+    let taps = bicubic_taps(from, to, antialias);
+    // Along each row: (from, to, d).
+    let mut wide = vec![0f32; from * to * d];
+    for y in 0..from {
+        for (ox, (idx, w)) in taps.iter().enumerate() {
+            let dst = &mut wide[(y * to + ox) * d..][..d];
+            for (&x, &wx) in idx.iter().zip(w) {
+                let src = &rows[(y * from + x) * d..][..d];
+                dst.iter_mut().zip(src).for_each(|(o, &v)| *o += wx * v);
+            }
+        }
+    }
+    // Then down each column.
     let mut out = vec![0f32; to * to * d];
-    for (oy, (iy, wy)) in taps.iter().enumerate() {
-        for (ox, (ix, wx)) in taps.iter().enumerate() {
+    for (oy, (idx, w)) in taps.iter().enumerate() {
+        for ox in 0..to {
             let dst = &mut out[(oy * to + ox) * d..][..d];
-            for (c, v) in dst.iter_mut().enumerate() {
-                // Along each of the four rows, then across them, as PyTorch does.
-                *v = iy
-                    .iter()
-                    .zip(wy)
-                    .map(|(&y, &a)| {
-                        let row: f32 = ix
-                            .iter()
-                            .zip(wx)
-                            .map(|(&x, &b)| b * rows[(y * from + x) * d + c])
-                            .sum();
-                        a * row
-                    })
-                    .sum();
+            for (&y, &wy) in idx.iter().zip(w) {
+                let src = &wide[(y * to + ox) * d..][..d];
+                dst.iter_mut().zip(src).for_each(|(o, &v)| *o += wy * v);
             }
         }
     }
     out
+}
+
+/// Per output index along one axis: the source indices and their weights.
+fn bicubic_taps(from: usize, to: usize, antialias: bool) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let cubic = |a: f32, x: f32| {
+        let x = x.abs();
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        } else {
+            0.0
+        }
+    };
+    let scale = from as f32 / to as f32;
+    (0..to)
+        .map(|o| {
+            if antialias {
+                let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+                let inv = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+                let center = scale * (o as f32 + 0.5);
+                let lo = ((center - support + 0.5) as i64).max(0) as usize;
+                let hi = ((center + support + 0.5) as i64).min(from as i64) as usize;
+                let w: Vec<f32> = (lo..hi)
+                    .map(|j| cubic(-0.5, (j as f32 - center + 0.5) * inv))
+                    .collect();
+                let total: f32 = w.iter().sum();
+                let w = if total != 0.0 {
+                    w.iter().map(|v| v / total).collect()
+                } else {
+                    w
+                };
+                ((lo..hi).collect(), w)
+            } else {
+                let real = scale * (o as f32 + 0.5) - 0.5;
+                let i = (real.floor() as i64).min(from as i64 - 1);
+                let t = (real - i as f32).clamp(0.0, 1.0);
+                let idx = [-1i64, 0, 1, 2]
+                    .map(|j| (i + j).clamp(0, from as i64 - 1) as usize)
+                    .to_vec();
+                let w = [t + 1.0, t, 1.0 - t, 2.0 - t]
+                    .map(|x| cubic(-0.75, x))
+                    .to_vec();
+                (idx, w)
+            }
+        })
+        .collect()
 }
 
 struct Block {
@@ -362,10 +400,12 @@ pub struct Vit {
     patch_w: Tensor,
     patch_b: Tensor,
     patch: usize,
+    /// The class token and the register tokens (between it and the patches), their position
+    /// embeddings added at load where they have them.
     cls: Tensor,
-    pos: Tensor,
-    /// Whether `pos` has a row for the class token, or is added to the patch tokens alone.
-    pos_has_cls: bool,
+    registers: Option<Tensor>,
+    /// Added to the patch tokens.
+    patch_pos: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
     head: Option<Linear>,
@@ -391,7 +431,6 @@ impl Vit {
         }
         // Variants that would otherwise fail on a tensor's shape or absence, far from the cause.
         for (tensor, variant) in [
-            ("reg_token", "register tokens"),
             ("dist_token", "a distillation token (DeiT distilled)"),
             (
                 "fc_norm.weight",
@@ -442,20 +481,54 @@ impl Vit {
         }
         let grid = pre.crop as usize / patch;
         let tokens = 1 + grid * grid;
+        // Register tokens (DINOv2 with registers) sit between the class token and the patches.
+        let mut registers = None;
+        let mut n_reg = 0;
+        if w.contains("reg_token") {
+            let r = w.get("reg_token", None)?;
+            match r.dims() {
+                [1, n, width] if *width == d => n_reg = *n,
+                other => {
+                    return Err(w.mismatch(format!(
+                        "reg_token has shape {other:?}, not [1, registers, {d}]"
+                    )))
+                }
+            }
+            registers = Some(r);
+        }
         let mut pos = w.get("pos_embed", None)?;
         if let Layout::Dinov2 { .. } = layout {
-            pos = resize_positions(&pos, grid)?;
+            // transformers resizes DINOv2's antialiased when it has registers, not otherwise.
+            pos = resize_positions(&pos, grid, n_reg > 0)?;
         }
-        // DeiT III's position embeddings leave out the class token (timm's no_embed_class).
-        let pos_has_cls = pos.dims() == [1, tokens, d];
-        if !pos_has_cls && pos.dims() != [1, tokens - 1, d] {
-            return Err(w.mismatch(format!(
-                "pos_embed has shape {:?} but a {}px input with {patch}px patches needs [1, {tokens}, {d}] (or [1, {}, {d}] without the class token)",
-                pos.dims(),
-                pre.crop,
-                tokens - 1
-            )));
+        // The position embeddings cover the patches alone (timm's no_embed_class: DeiT III,
+        // timm's DINOv2 with registers), the class token and the patches (registers then
+        // have none), or every token. Those of the class token and registers are added to
+        // them here, once.
+        let patches = tokens - 1;
+        let prefix = match pos.dims() {
+            [1, r, width] if *width == d && *r == patches => 0,
+            [1, r, width] if *width == d && *r == patches + 1 => 1,
+            [1, r, width] if *width == d && n_reg > 0 && *r == patches + 1 + n_reg => 1 + n_reg,
+            other => {
+                let registers = match n_reg {
+                    0 => String::new(),
+                    n => format!(", [1, {}, {d}] with its {n} registers", tokens + n),
+                };
+                return Err(w.mismatch(format!(
+                    "pos_embed has shape {other:?} but a {}px input with {patch}px patches needs [1, {tokens}, {d}] (or [1, {patches}, {d}] without the class token{registers})",
+                    pre.crop
+                )));
+            }
+        };
+        let mut cls = w.get("cls_token", Some(&[1, 1, d]))?;
+        if prefix > 0 {
+            cls = (cls + pos.narrow(1, 0, 1)?)?;
         }
+        if let (Some(r), true) = (&mut registers, prefix > 1) {
+            *r = (&*r + pos.narrow(1, 1, n_reg)?)?;
+        }
+        let patch_pos = pos.narrow(1, prefix, patches)?;
         let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
         let blocks = (0..depth)
             .map(|i| {
@@ -532,9 +605,9 @@ impl Vit {
             patch_w: to(w.get("patch_embed.proj.weight", None)?)?,
             patch_b: to(w.get("patch_embed.proj.bias", Some(&[d]))?)?,
             patch,
-            cls: to(w.get("cls_token", Some(&[1, 1, d]))?)?,
-            pos: to(pos)?,
-            pos_has_cls,
+            cls: to(cls)?,
+            registers: registers.map(to).transpose()?,
+            patch_pos: to(patch_pos)?,
             blocks,
             norm: norm(w, "norm", d, eps, device, dtype)?,
             head,
@@ -556,27 +629,39 @@ impl TargetNetwork for Vit {
             .conv2d(&self.patch_w, 0, self.patch, 1, 1)?
             .broadcast_add(&self.patch_b.reshape((1, (), 1, 1))?)?;
         let p = p.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
-        let cls = self.cls.broadcast_as((b, 1, self.cls.dim(D::Minus1)?))?;
-        let mut h = if self.pos_has_cls {
-            Tensor::cat(&[&cls, &p], 1)?.broadcast_add(&self.pos)?
-        } else {
-            Tensor::cat(&[&cls, &p.broadcast_add(&self.pos)?], 1)?
-        }
-        .contiguous()?;
+        let d = self.cls.dim(D::Minus1)?;
+        let mut tokens = vec![self.cls.broadcast_as((b, 1, d))?];
+        let n_reg = match &self.registers {
+            Some(r) => {
+                tokens.push(r.broadcast_as((b, r.dim(1)?, d))?);
+                r.dim(1)?
+            }
+            None => 0,
+        };
+        tokens.push(p.broadcast_add(&self.patch_pos)?);
+        let mut h = Tensor::cat(&tokens, 1)?.contiguous()?;
+        // A layer's tokens as dnd taps them: the class token and the patches.
+        let tapped = |h: &Tensor| -> Result<Tensor> {
+            if n_reg == 0 {
+                return Ok(h.clone());
+            }
+            let patches = h.narrow(1, 1 + n_reg, h.dim(1)? - 1 - n_reg)?;
+            Ok(Tensor::cat(&[&h.narrow(1, 0, 1)?, &patches], 1)?)
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h)?;
-            if rec.record(i, &h) {
+            if rec.wants(i) && rec.record(i, &tapped(&h)?) {
                 return rec.finish();
             }
         }
         h = self.norm.forward(&h)?;
-        if rec.record(self.blocks.len(), &h) {
+        if rec.wants(self.blocks.len()) && rec.record(self.blocks.len(), &tapped(&h)?) {
             return rec.finish();
         }
         if let Some(head) = &self.head {
             let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
             let input = if self.head_reads_mean {
-                let patches = h.narrow(1, 1, h.dim(1)? - 1)?.mean(1)?;
+                let patches = h.narrow(1, 1 + n_reg, h.dim(1)? - 1 - n_reg)?.mean(1)?;
                 Tensor::cat(&[&cls, &patches], 1)?
             } else {
                 cls
