@@ -80,6 +80,24 @@ fn resnet_bottleneck_blocks_match_pytorch() {
     );
 }
 
+#[test]
+fn a_cifar_resnet_runs_its_3x3_stem_without_stride_or_pool() {
+    // conv1 replaced by a 3x3 convolution of stride 1 and the max pool by an identity, as
+    // CIFAR checkpoints of timm's and torchvision's ResNets are made.
+    let t = check_resnet(
+        "resnet_cifar",
+        &TORCHVISION_TAPS,
+        Some(("layer4", "map/layer4")),
+    );
+    let side = |name: &str| t.layer(t.layer_index(name).unwrap()).shape[1];
+    // timm's config.json: 32 px images; the stem and its "pool" keep their size.
+    assert_eq!(t.preprocess.crop, 32);
+    assert_eq!(
+        (side("conv1"), side("maxpool"), side("layer4")),
+        (32, 32, 4)
+    );
+}
+
 /// The layers of transformers' ResNet fixtures (depths [1, 2, 1, 1]), in `dnd layers`'
 /// order, under `prefix` (`resnet.` in ResNetForImageClassification).
 fn transformers_resnet_layers(prefix: &str, head: bool) -> Vec<String> {

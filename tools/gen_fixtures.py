@@ -139,6 +139,40 @@ def write_resnet(name, block, layers, half, x, gen):
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
 
 
+def write_resnet_cifar(x):
+    """A CIFAR ResNet as such checkpoints are made from timm's (or torchvision's): conv1 replaced
+    by a 3x3 convolution of stride 1 and the max pool by an identity, saved with timm's config
+    for 32 px inputs. Basic blocks, f16; run on the 224 px fixture batch, which the network
+    takes as it is (it is fully convolutional)."""
+    torch.manual_seed(14)
+    gen = torch.Generator().manual_seed(14)
+    args = dict(block=BasicBlock, layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                zero_init_last=False)
+    model = timm.create_model("resnet18", pretrained=False, **args,
+                              pretrained_cfg_overlay=dict(input_size=(3, 32, 32), crop_pct=1.0)).eval()
+    model.conv1 = torch.nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    randomise_batchnorm(model, gen)
+    model = model.half().float()
+    save_for_hf(model.half(), MODELS / "resnet_cifar", safe_serialization=True,
+                model_args=dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64], stem_width=8, num_classes=10,
+                                zero_init_last=False, block="BasicBlock"))
+    model = model.float()
+    taps = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4", "layer4.0",
+            "global_pool", "fc"]
+    outs, logits = capture(model, x, taps)
+    ref = {}
+    for t in taps:
+        ours = {"act1": "relu", "global_pool": "avgpool"}.get(t, t)
+        o = outs[t].flatten(1) if t == "global_pool" else outs[t]
+        ref[f"mean/{ours}"] = pooled(o, "mean").contiguous()
+        if o.dim() == 4:
+            ref[f"max/{ours}"] = pooled(o, "max").contiguous()
+    ref["map/layer4"] = outs["layer4"][:, :6].contiguous()  # the tests read channel 5
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "resnet_cifar.reference.safetensors")
+
+
 def write_vit(x, gen):
     torch.manual_seed(1)
     model = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=False, embed_dim=64,
@@ -482,6 +516,7 @@ def main():
     MODELS.mkdir(parents=True, exist_ok=True)
     write_resnet("resnet_basic", BasicBlock, [1, 1, 1, 1], True, x, gen)
     write_resnet("resnet_bottleneck", Bottleneck, [1, 2, 1, 1], False, x, gen)
+    write_resnet_cifar(x)
     vit = write_vit(x, gen)
     write_vit_dinov2(x)
     write_vit_deit3(x)

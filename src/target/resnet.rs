@@ -263,6 +263,8 @@ pub struct ResNet {
     stem: Conv,
     stages: Vec<Vec<Block>>,
     fc: Option<(Tensor, Tensor)>,
+    /// The stem's max pool (an identity in CIFAR ResNets).
+    pool: bool,
 }
 
 fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -292,9 +294,26 @@ impl ResNet {
         }
         let stem_w = w.get("conv1.weight", None)?;
         let stem_c = stem_w.dim(0)?;
+        // A 3x3 stem is the CIFAR ResNet's (torchvision's or timm's with conv1 replaced by a 3x3
+        // convolution of stride 1 and the max pool by an identity, as CIFAR checkpoints are
+        // made): the weights cannot say otherwise, and the 7x7 stem's stride and pool would
+        // shrink a 32 px image to 8 px before the first block.
+        let cifar = stem_w.dim(2)? == 3;
+        if cifar {
+            tracing::info!("conv1 is 3x3: the CIFAR stem (stride 1, no max pool)");
+        }
+        let stem_stride = if cifar { 1 } else { 2 };
         let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
-        let conv1 = Conv::new(stem_w.clone(), shift.zeros_like()?, 2, false, device, dtype)?;
-        let stem = Conv::folded(w, "conv1", "bn1", 2, true, device, dtype)?.channels_last()?;
+        let conv1 = Conv::new(
+            stem_w.clone(),
+            shift.zeros_like()?,
+            stem_stride,
+            false,
+            device,
+            dtype,
+        )?;
+        let stem =
+            Conv::folded(w, "conv1", "bn1", stem_stride, true, device, dtype)?.channels_last()?;
         let mut stages = Vec::new();
         let mut depths = Vec::new();
         // Channels into the next convolution, to catch grouped convolutions (ResNeXt), whose
@@ -378,12 +397,15 @@ impl ResNet {
             shape: vec![c, hw, hw],
             kind: LayerKind::Spatial,
         };
-        let mut hw = conv_out(input, 7, 2, 3);
+        let k = stem_w.dim(2)?;
+        let mut hw = conv_out(input, k, stem_stride, k / 2);
         let [conv, bn, act, pool] = layout.stem();
         for n in [conv, bn, act] {
             layers.push(spatial(&n, stem_c, hw));
         }
-        hw = conv_out(hw, 3, 2, 1);
+        if !cifar {
+            hw = conv_out(hw, 3, 2, 1);
+        }
         layers.push(spatial(&pool, stem_c, hw));
         let mut channels = stem_c;
         for (s, blocks) in stages.iter().enumerate() {
@@ -441,6 +463,7 @@ impl ResNet {
                 .to_dtype(dtype)?,
             stages,
             fc,
+            pool: !cifar,
         })
     }
 }
@@ -472,7 +495,9 @@ impl TargetNetwork for ResNet {
         if rec.record(2, &h) {
             return rec.finish();
         }
-        h = stem_pool(&h)?;
+        if self.pool {
+            h = stem_pool(&h)?;
+        }
         if rec.record(3, &h) {
             return rec.finish();
         }
