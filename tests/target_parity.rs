@@ -341,12 +341,10 @@ fn mismatched_weights_are_one_clear_error() {
     std::fs::write(&config, text.replace("\"relu\"", "\"gelu\"")).unwrap();
     let msg = try_load_target(tf.path()).unwrap_err().to_string();
     assert!(msg.contains("hidden_act") && msg.contains("gelu"), "{msg}");
-    // ViT variants: DeiT's distillation token, tokens averaged before the head and a norm
-    // before the blocks, each named.
+    // ViT variants: DeiT's distillation token and tokens averaged before the head, each named.
     for (tensor, said) in [
         ("dist_token", "distillation token"),
         ("fc_norm.weight", "averaged before the head"),
-        ("norm_pre.weight", "a norm before the blocks"),
     ] {
         let vit = tempfile::tempdir().unwrap();
         edited_fixture_model("vit_tiny", vit.path(), |w| {
@@ -578,5 +576,28 @@ fn vits_with_register_tokens_match_their_libraries_with_the_registers_left_out_o
         "dinov2_with_registers.layernorm",
         3,
         "map/dinov2_with_registers.layernorm",
+    );
+}
+
+#[test]
+fn clip_image_towers_match_timm_and_transformers() {
+    // timm's OpenAI CLIP tower: a norm before the blocks, QuickGELU, LayerNorm eps 1e-5, no
+    // patch bias; the projection as its head.
+    check_vit("vit_clip_timm", &["blocks.0", "blocks.1", "norm", "head"]);
+    // transformers' CLIPModel (its text tower unread): the class embedding and position
+    // embeddings stored flat, q/k/v apart, a projection without bias.
+    let names = [
+        "vision_model.encoder.layers.0",
+        "vision_model.encoder.layers.1",
+        "vision_model.post_layernorm",
+        "visual_projection",
+    ];
+    let (target, ..) = check_vit("vit_clip_transformers", &names);
+    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listed, names);
+    // CLIP's own preprocessing (bicubic, its mean and std), from preprocessor_config.json.
+    assert_eq!(
+        target.preprocess.mean,
+        [0.481_454_66, 0.457_827_5, 0.408_210_73]
     );
 }

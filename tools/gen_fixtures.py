@@ -482,6 +482,65 @@ def write_vit_dinov2_registers_transformers(x):
               MODELS / "vit_dinov2_registers_transformers.reference.safetensors")
 
 
+def write_vit_clip(x):
+    """CLIP image towers as targets, f16:
+    - vit_clip_timm: timm's vit_base_patch16_clip_quickgelu_224 (OpenAI's CLIP ViT-B/16 tower:
+      a norm before the blocks, QuickGELU, LayerNorm eps 1e-5, no patch bias, the projection as
+      the head), small;
+    - vit_clip_transformers: transformers' CLIPModel (openai/clip-vit-base-patch16's class),
+      small, with its image processor; the text tower is in the file and unused."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(15)
+    gen = torch.Generator().manual_seed(15)
+    args = dict(embed_dim=48, depth=2, num_heads=2, num_classes=16)
+    model = timm.create_model("vit_base_patch16_clip_quickgelu_224.openai", pretrained=False, **args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "pos_embed", "head.weight", "head.bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name.endswith("mlp.fc1.weight"):  # inputs where QuickGELU and GELU part
+                p.mul_(6.0)
+    model = model.half().float()
+    save_for_hf(model.half(), MODELS / "vit_clip_timm", safe_serialization=True, model_args=args)
+    model = model.float()
+    taps = ["blocks.0", "blocks.1", "norm", "head"]
+    outs, logits = capture(model, x, taps)
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "vit_clip_timm.reference.safetensors")
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                      num_attention_heads=2, max_position_embeddings=16),
+                     vision_config=dict(image_size=224, patch_size=16, hidden_size=48, intermediate_size=96,
+                                        num_hidden_layers=2, num_attention_heads=2), projection_dim=16)
+    clip = CLIPModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            if name.endswith(("class_embedding", "position_embedding.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    clip = clip.half().float()
+    folder = MODELS / "vit_clip_transformers"
+    clip.half().save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+    clip = clip.float()
+    taps = ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1", "vision_model.post_layernorm",
+            "visual_projection"]
+    outs = {}
+    mods = dict(clip.named_modules())
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
+    with torch.no_grad():
+        embeds = clip.get_image_features(pixel_values=x)
+    for h in hooks:
+        h.remove()
+    ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
+    embeds = embeds if torch.is_tensor(embeds) else embeds.pooler_output
+    ref["logits"] = embeds.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()},
+              MODELS / "vit_clip_transformers.reference.safetensors")
+
+
 def write_parquet_shard():
     """A dataset shard as the Hub stores image datasets: `datasets`' Image feature in parquet."""
     from datasets import Dataset, Features, Image as HFImage, Value
@@ -526,6 +585,7 @@ def main():
     write_vit_dinov2_transformers(x, paths)
     write_vit_registers(x)
     write_vit_dinov2_registers_transformers(x)
+    write_vit_clip(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

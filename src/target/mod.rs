@@ -119,7 +119,7 @@ impl Target {
             )?)
         } else {
             return Err(weights.mismatch(
-                "it holds neither a torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...)".into(),
+                "it holds neither a torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...; vision_model.embeddings, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -263,7 +263,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT (DINOv2 too)".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT (DINOv2 and CLIP image towers too)".into(),
         }
     }
 

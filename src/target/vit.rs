@@ -1,8 +1,9 @@
-//! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2):
-//! patch_embed, cls_token, pos_embed, blocks.N (pre-norm attention + MLP, LayerScale when the
-//! weights have it), norm, head (absent in DINOv2). torchvision's and transformers' ViTs
-//! (transformers' DINOv2 too) are renamed to those names at load ([`Layout`]). A neuron of a
-//! token layer is one dimension of the CLS token; the patch tokens give its H x W map.
+//! Vision Transformer with timm's names (`vit_base_patch16_224.*`, DeiT, DeiT III, DINOv2,
+//! CLIP towers): patch_embed, cls_token, reg_token (registers), pos_embed, norm_pre (CLIP),
+//! blocks.N (pre-norm attention + MLP, LayerScale when the weights have it), norm, head
+//! (absent in DINOv2). torchvision's and transformers' ViTs (transformers' DINOv2 and CLIP
+//! too) are renamed to those names at load ([`Layout`]). A neuron of a token layer is one
+//! dimension of the CLS token; the patch tokens give its H x W map.
 
 use std::collections::HashMap;
 
@@ -34,11 +35,18 @@ pub enum Layout {
     Dinov2 {
         prefix: &'static str,
     },
+    /// transformers' CLIP image tower (`CLIPModel`, `CLIPVisionModel`,
+    /// `CLIPVisionModelWithProjection`; names under `vision_model.`): a norm before the blocks,
+    /// QuickGELU, the projection as a head without bias. A CLIPModel's text tower is not read.
+    Clip,
 }
 
 impl Layout {
     /// The layout of a weights file with these tensors.
     pub fn of(has: impl Fn(&str) -> bool) -> Self {
+        if has("vision_model.embeddings.class_embedding") {
+            return Layout::Clip;
+        }
         if has("conv_proj.weight") && has("encoder.pos_embedding") {
             return Layout::Torchvision;
         }
@@ -69,43 +77,57 @@ impl Layout {
                 .map(|(k, t)| (Self::torchvision_name(&k).unwrap_or(k), t))
                 .collect()),
             Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
-                let mut out = HashMap::with_capacity(tensors.len());
-                let mut qkv: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
-                for (k, t) in tensors {
-                    let name = k.strip_prefix(prefix).unwrap_or(&k);
-                    // The pooler (ViTModel's tanh layer on the CLS token) feeds no layer dnd taps;
-                    // DINOv2's mask token stands in for masked patches in training only.
-                    if name.starts_with("pooler.") || name == "embeddings.mask_token" {
-                        continue;
+                joined(tensors, |k| match k.strip_prefix(prefix).unwrap_or(k) {
+                    // The pooler (ViTModel's tanh layer on the CLS token) feeds no layer dnd
+                    // taps; DINOv2's mask token stands in for masked patches in training only.
+                    n if n.starts_with("pooler.") || n == "embeddings.mask_token" => {
+                        Some(Renamed::Drop)
                     }
-                    match Self::transformers_name(name) {
-                        Some(Renamed::To(n)) => {
-                            out.insert(n, t);
-                        }
-                        Some(Renamed::Qkv(n, i)) => {
-                            qkv.entry(n).or_default()[i] = Some(t);
-                        }
-                        None => {
-                            out.insert(k, t);
-                        }
-                    }
-                }
-                for (name, parts) in qkv {
-                    match parts {
-                        [Some(q), Some(k), Some(v)] => {
-                            out.insert(name, Tensor::cat(&[q, k, v], 0)?);
-                        }
-                        _ => {
-                            return Err(candle_core::Error::Msg(format!(
-                                "{name}: the query, key or value projection is missing"
-                            ))
-                            .into())
-                        }
-                    }
-                }
-                Ok(out)
+                    n => Self::transformers_name(n),
+                })
             }
+            Layout::Clip => joined(tensors, Self::clip_name),
         }
+    }
+
+    /// timm's name for a transformers CLIP tensor; the text tower and the logit scale dropped.
+    fn clip_name(name: &str) -> Option<Renamed> {
+        if name.starts_with("text_model.")
+            || name.starts_with("text_projection.")
+            || name == "logit_scale"
+            || name.ends_with("position_ids")
+        {
+            return Some(Renamed::Drop);
+        }
+        let fixed = match name {
+            "vision_model.embeddings.class_embedding" => Some("cls_token"),
+            "vision_model.embeddings.patch_embedding.weight" => Some("patch_embed.proj.weight"),
+            "vision_model.embeddings.position_embedding.weight" => Some("pos_embed"),
+            "vision_model.pre_layrnorm.weight" => Some("norm_pre.weight"),
+            "vision_model.pre_layrnorm.bias" => Some("norm_pre.bias"),
+            "vision_model.post_layernorm.weight" => Some("norm.weight"),
+            "vision_model.post_layernorm.bias" => Some("norm.bias"),
+            "visual_projection.weight" => Some("head.weight"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            return Some(Renamed::To(f.to_string()));
+        }
+        let rest = name.strip_prefix("vision_model.encoder.layers.")?;
+        let (i, part) = rest.split_once('.')?;
+        let (part, kind) = part.rsplit_once('.')?;
+        let qkv = |n: usize| Some(Renamed::Qkv(format!("blocks.{i}.attn.qkv.{kind}"), n));
+        let timm = match part {
+            "self_attn.q_proj" => return qkv(0),
+            "self_attn.k_proj" => return qkv(1),
+            "self_attn.v_proj" => return qkv(2),
+            "self_attn.out_proj" => "attn.proj",
+            "layer_norm1" => "norm1",
+            "layer_norm2" => "norm2",
+            "mlp.fc1" | "mlp.fc2" => part,
+            _ => return None,
+        };
+        Some(Renamed::To(format!("blocks.{i}.{timm}.{kind}")))
     }
 
     /// timm's name for a transformers ViT or DINOv2 tensor (the `vit.` or `dinov2.` prefix
@@ -200,6 +222,7 @@ impl Layout {
             Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
                 format!("{prefix}encoder.layer.{i}")
             }
+            Layout::Clip => format!("vision_model.encoder.layers.{i}"),
         }
     }
 
@@ -210,6 +233,7 @@ impl Layout {
             Layout::Transformers { prefix } | Layout::Dinov2 { prefix } => {
                 format!("{prefix}layernorm")
             }
+            Layout::Clip => "vision_model.post_layernorm".into(),
         }
     }
 
@@ -218,6 +242,7 @@ impl Layout {
             Layout::Timm => "head",
             Layout::Torchvision => "heads.head",
             Layout::Transformers { .. } | Layout::Dinov2 { .. } => "classifier",
+            Layout::Clip => "visual_projection",
         }
     }
 }
@@ -227,6 +252,55 @@ enum Renamed {
     To(String),
     /// Row block `.1` (0 query, 1 key, 2 value) of timm's joined qkv tensor `.0`.
     Qkv(String, usize),
+    /// Not part of the image network.
+    Drop,
+}
+
+/// `tensors` under the names `name` gives them (their own where it gives none), q, k and v
+/// joined, a class token and position embeddings stored without their leading 1 given it.
+fn joined(
+    tensors: HashMap<String, Tensor>,
+    name: impl Fn(&str) -> Option<Renamed>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(tensors.len());
+    let mut qkv: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (k, t) in tensors {
+        match name(&k) {
+            Some(Renamed::To(n)) => {
+                out.insert(n, t);
+            }
+            Some(Renamed::Qkv(n, i)) => {
+                qkv.entry(n).or_default()[i] = Some(t);
+            }
+            Some(Renamed::Drop) => {}
+            None => {
+                out.insert(k, t);
+            }
+        }
+    }
+    for (name, parts) in qkv {
+        match parts {
+            [Some(q), Some(k), Some(v)] => {
+                out.insert(name, Tensor::cat(&[q, k, v], 0)?);
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{name}: the query, key or value projection is missing"
+                ))
+                .into())
+            }
+        }
+    }
+    // CLIP keeps its class embedding as (d) and its position embeddings as (tokens, d).
+    for (key, rank) in [("cls_token", 1), ("pos_embed", 2)] {
+        if let Some(t) = out.get_mut(key).filter(|t| t.rank() == rank) {
+            *t = t.unsqueeze(0)?;
+            if rank == 1 {
+                *t = t.unsqueeze(0)?;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
@@ -376,6 +450,7 @@ struct Block {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
+    act: Act,
 }
 
 impl Block {
@@ -390,7 +465,7 @@ impl Block {
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let y = attention(&q, &k, &v, (hd as f64).powf(-0.5), None)?;
         let x = self.proj.forward_residual(&merge_heads(&y)?, x)?;
-        let h = self.fc1.forward_act(&self.norm2.forward(&x)?, Act::Gelu)?;
+        let h = self.fc1.forward_act(&self.norm2.forward(&x)?, self.act)?;
         self.fc2.forward_residual(&h, &x)
     }
 }
@@ -398,7 +473,7 @@ impl Block {
 pub struct Vit {
     info: NetInfo,
     patch_w: Tensor,
-    patch_b: Tensor,
+    patch_b: Option<Tensor>,
     patch: usize,
     /// The class token and the register tokens (between it and the patches), their position
     /// embeddings added at load where they have them.
@@ -406,6 +481,8 @@ pub struct Vit {
     registers: Option<Tensor>,
     /// Added to the patch tokens.
     patch_pos: Tensor,
+    /// CLIP's LayerNorm before the blocks.
+    norm_pre: Option<LayerNorm>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     head: Option<Linear>,
@@ -436,10 +513,6 @@ impl Vit {
                 "fc_norm.weight",
                 "its tokens averaged before the head (global_pool avg, MAE-style)",
             ),
-            (
-                "norm_pre.weight",
-                "a norm before the blocks (CLIP-style image towers)",
-            ),
         ] {
             if w.contains(tensor) {
                 return Err(w.mismatch(format!(
@@ -450,6 +523,14 @@ impl Vit {
         let depth = (0..)
             .take_while(|i| w.contains(&format!("blocks.{i}.norm1.weight")))
             .count();
+        // A CLIPModel nests its image tower's settings.
+        let config = config.map(|c| c.get("vision_config").unwrap_or(c));
+        // timm's CLIP towers (vit_*_clip_*) use LayerNorm's epsilon of 1e-5, which their
+        // config.json does not record; QuickGELU is in the architecture's name.
+        let timm_arch = config
+            .and_then(|c| c.get("architecture"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         // Head count is not in the weights: timm's config.json records it in model_args and
         // transformers' as num_attention_heads; the standard ViTs (Ti/S/B/L) all use
         // 64-dimensional heads.
@@ -469,16 +550,31 @@ impl Vit {
         let eps = config
             .and_then(|c| c.get("layer_norm_eps"))
             .and_then(|v| v.as_f64())
-            .unwrap_or(LN_EPS);
-        if let Some(act) = config
-            .and_then(|c| c.get("hidden_act"))
+            .unwrap_or(if timm_arch.contains("_clip_") {
+                1e-5
+            } else {
+                LN_EPS
+            });
+        let act_name = config
+            .and_then(|c| {
+                c.get("hidden_act")
+                    .or_else(|| c.pointer("/model_args/act_layer"))
+            })
             .and_then(|v| v.as_str())
-            .filter(|a| *a != "gelu")
-        {
-            return Err(w.mismatch(format!(
-                "config.json's hidden_act is {act:?}; dnd's ViT runs gelu"
-            )));
-        }
+            .unwrap_or(if timm_arch.contains("quickgelu") {
+                "quick_gelu"
+            } else {
+                "gelu"
+            });
+        let act = match act_name {
+            "gelu" => Act::Gelu,
+            "quick_gelu" => Act::QuickGelu,
+            other => {
+                return Err(w.mismatch(format!(
+                    "config.json's activation is {other:?}; dnd's ViT runs gelu and quick_gelu"
+                )))
+            }
+        };
         let grid = pre.crop as usize / patch;
         let tokens = 1 + grid * grid;
         // Register tokens (DINOv2 with registers) sit between the class token and the patches.
@@ -563,6 +659,7 @@ impl Vit {
                         dtype,
                     )?,
                     heads,
+                    act,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -571,7 +668,13 @@ impl Vit {
         let head = if w.contains("head.weight") {
             let classes = w.dims("head.weight")?[0];
             let inputs = if head_reads_mean { 2 * d } else { d };
-            Some(lin(w, "head", classes, inputs, device, dtype)?)
+            // CLIP's projection has no bias.
+            Some(if w.contains("head.bias") {
+                lin(w, "head", classes, inputs, device, dtype)?
+            } else {
+                let weight = w.get("head.weight", Some(&[classes, inputs]))?;
+                Linear::new(weight.to_device(device)?.to_dtype(dtype)?, None)
+            })
         } else {
             None
         };
@@ -603,7 +706,15 @@ impl Vit {
                 dtype,
             },
             patch_w: to(w.get("patch_embed.proj.weight", None)?)?,
-            patch_b: to(w.get("patch_embed.proj.bias", Some(&[d]))?)?,
+            // CLIP's patch embedding has no bias.
+            patch_b: match w.contains("patch_embed.proj.bias") {
+                true => Some(to(w.get("patch_embed.proj.bias", Some(&[d]))?)?),
+                false => None,
+            },
+            norm_pre: match w.contains("norm_pre.weight") {
+                true => Some(norm(w, "norm_pre", d, eps, device, dtype)?),
+                false => None,
+            },
             patch,
             cls: to(cls)?,
             registers: registers.map(to).transpose()?,
@@ -625,9 +736,10 @@ impl TargetNetwork for Vit {
         let mut rec = Recorder::new(taps);
         let x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
         let b = x.dim(0)?;
-        let p = x
-            .conv2d(&self.patch_w, 0, self.patch, 1, 1)?
-            .broadcast_add(&self.patch_b.reshape((1, (), 1, 1))?)?;
+        let mut p = x.conv2d(&self.patch_w, 0, self.patch, 1, 1)?;
+        if let Some(bias) = &self.patch_b {
+            p = p.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        }
         let p = p.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
         let d = self.cls.dim(D::Minus1)?;
         let mut tokens = vec![self.cls.broadcast_as((b, 1, d))?];
@@ -640,6 +752,9 @@ impl TargetNetwork for Vit {
         };
         tokens.push(p.broadcast_add(&self.patch_pos)?);
         let mut h = Tensor::cat(&tokens, 1)?.contiguous()?;
+        if let Some(n) = &self.norm_pre {
+            h = n.forward(&h)?;
+        }
         // A layer's tokens as dnd taps them: the class token and the patches.
         let tapped = |h: &Tensor| -> Result<Tensor> {
             if n_reg == 0 {
