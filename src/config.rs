@@ -428,7 +428,7 @@ settings! {
     steps: usize = preset.steps();
     /// Classifier-free guidance scale (<= 1 turns it off) [env: DND_GUIDANCE]
     guidance: f64 = preset.guidance();
-    /// Scheduler: folder (the model's own), euler, ddim, dpm-solver++, pndm or unipc [env: DND_SCHEDULER]
+    /// Scheduler: folder (the model's own), euler, ddim, dpm-solver++, pndm, unipc or lms [env: DND_SCHEDULER]
     scheduler: String = preset.scheduler();
     /// Seed of the synthetic images' noise and of the caption shuffles [env: DND_SEED]
     seed: u64 = 0;

@@ -168,7 +168,7 @@ impl Params {
             name => Some(Kind::parse(name).ok_or_else(|| {
                 bad(
                     "scheduler",
-                    format!("{name:?} is not a scheduler: use folder, euler, ddim, dpm-solver++, pndm or unipc"),
+                    format!("{name:?} is not a scheduler: use folder, euler, ddim, dpm-solver++, pndm, unipc or lms"),
                 )
             })?),
         };

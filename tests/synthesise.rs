@@ -359,7 +359,7 @@ fn pndm_with_its_runge_kutta_warm_up_ends_at_diffusers_latents() {
 }
 
 #[test]
-fn unipc_and_a_final_sigma_min_end_at_diffusers_latents() {
+fn unipc_lms_and_a_final_sigma_min_end_at_diffusers_latents() {
     let refs = reference("models/sd_tiny.reference.safetensors");
     let runs = reference("models/sd_schedulers.reference.safetensors");
     let model = sd();
@@ -378,10 +378,14 @@ fn unipc_and_a_final_sigma_min_end_at_diffusers_latents() {
         solver_type: Some("bh1".into()),
         ..sigma_min.clone()
     };
-    let runs_of: [(&str, SchedulerConfig, Kind, usize, f64); 6] = [
+    let linspace = SchedulerConfig {
+        timestep_spacing: Some("linspace".into()),
+        ..base.clone()
+    };
+    let runs_of: [(&str, SchedulerConfig, Kind, usize, f64); 9] = [
         ("unipc_4", base.clone(), Kind::UniPc, 4, 7.5),
         ("unipc_1", base.clone(), Kind::UniPc, 1, 0.0),
-        ("unipc_6_leading_v", leading_v, Kind::UniPc, 6, 7.5),
+        ("unipc_6_leading_v", leading_v.clone(), Kind::UniPc, 6, 7.5),
         ("unipc_5_bh1_linspace_sigma_min", bh1, Kind::UniPc, 5, 7.5),
         // 16 steps: DPM-Solver++'s last step stays second order with a final sigma_min.
         (
@@ -392,6 +396,9 @@ fn unipc_and_a_final_sigma_min_end_at_diffusers_latents() {
             7.5,
         ),
         ("euler_4_sigma_min", sigma_min, Kind::EulerDiscrete, 4, 0.0),
+        ("lms_5", base.clone(), Kind::Lms, 5, 7.5),
+        ("lms_6_leading_v", leading_v.clone(), Kind::Lms, 6, 7.5),
+        ("lms_3_linspace", linspace, Kind::Lms, 3, 0.0),
     ];
     for (key, cfg, kind, steps, guidance) in runs_of {
         let mut sched = Scheduler::new(&cfg, Some(kind), steps).unwrap();

@@ -320,10 +320,11 @@ def write_sd_schedulers():
     """Runs of schedulers beyond write_sd's from sd_tiny's folder and initial latents: final
     latents and timesteps. PNDM as PNDMScheduler() defaults it (skip_prk_steps false: twelve
     Runge-Kutta calls of the UNet before the linear multistep ones), UniPC (bh2 and bh1,
-    each spacing, v-prediction, one step) and a final sigma_min (UniPC, DPM-Solver++, Euler).
+    each spacing, v-prediction, one step), a final sigma_min (UniPC, DPM-Solver++, Euler) and LMS
+    (needs scipy).
     Written alone."""
-    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UniPCMultistepScheduler)
+    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, UniPCMultistepScheduler)
     from safetensors.torch import load_file
 
     pipe = StableDiffusionPipeline.from_pretrained(MODELS / "sd_tiny", safety_checker=None,
@@ -346,6 +347,10 @@ def write_sd_schedulers():
         # 16 steps with a final sigma_min: DPM-Solver++'s last step stays second order.
         "dpmpp_16_sigma_min": (DPMSolverMultistepScheduler.from_config(cfg, final_sigmas_type="sigma_min"), 16, 7.5),
         "euler_4_sigma_min": (EulerDiscreteScheduler.from_config(cfg, final_sigmas_type="sigma_min"), 4, 0.0),
+        "lms_5": (LMSDiscreteScheduler.from_config(cfg), 5, 7.5),
+        "lms_6_leading_v": (LMSDiscreteScheduler.from_config(cfg, timestep_spacing="leading",
+                                                             prediction_type="v_prediction"), 6, 7.5),
+        "lms_3_linspace": (LMSDiscreteScheduler.from_config(cfg, timestep_spacing="linspace"), 3, 0.0),
     }
     with torch.no_grad():
         for key, (sched, steps, guidance) in runs.items():

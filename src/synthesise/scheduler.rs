@@ -1,6 +1,7 @@
 //! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM,
 //! DPM-Solver++ 2M (what the reference swaps in; candle has none), UniPC (bh1 / bh2, orders
-//! 1 and 2, predicting x0) and PNDM's linear multistep
+//! 1 and 2, predicting x0), LMS (Euler's sigmas, fourth-order linear multistep) and PNDM's
+//! linear multistep
 //! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders), with or without its Runge-Kutta
 //! warm-up (diffusers' default, which SD's folders skip). Built from a folder's
 //! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
@@ -18,6 +19,7 @@ pub enum Kind {
     DpmSolverPlusPlus,
     Pndm,
     UniPc,
+    Lms,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             "DPMSolverMultistepScheduler" | "dpm-solver++" | "dpmpp" => Self::DpmSolverPlusPlus,
             "PNDMScheduler" | "pndm" => Self::Pndm,
             "UniPCMultistepScheduler" | "unipc" => Self::UniPc,
+            "LMSDiscreteScheduler" | "lms" => Self::Lms,
             _ => return None,
         })
     }
@@ -171,7 +174,7 @@ impl Scheduler {
                 .and_then(Kind::parse)
                 .ok_or_else(|| {
                     config_error(format!(
-                        "scheduler {} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler); pass --scheduler euler|ddim|dpm-solver++|pndm|unipc",
+                        "scheduler {} is not supported (EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler); pass --scheduler euler|ddim|dpm-solver++|pndm|unipc|lms",
                         cfg.class_name.as_deref().unwrap_or("(no _class_name)")
                     ))
                 })?,
@@ -315,7 +318,7 @@ impl Scheduler {
     /// Scale of the initial Gaussian noise.
     pub fn init_noise_sigma(&self) -> f64 {
         match self.kind {
-            Kind::EulerDiscrete => {
+            Kind::EulerDiscrete | Kind::Lms => {
                 let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
                 match self.spacing {
                     Spacing::Leading => (max * max + 1.0).sqrt(),
@@ -329,7 +332,7 @@ impl Scheduler {
     /// The UNet input at the current step.
     pub fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {
-            Kind::EulerDiscrete => {
+            Kind::EulerDiscrete | Kind::Lms => {
                 let s = self.sigmas[self.step_index];
                 (sample / (s * s + 1.0).sqrt())?
             }
@@ -347,19 +350,42 @@ impl Scheduler {
             Kind::Pndm if i < self.prk_calls => self.prk(output, sample, i)?,
             Kind::Pndm => self.plms(output, sample, i)?,
             Kind::UniPc => self.unipc(output, sample, i)?,
+            Kind::Lms => self.lms(output, sample, i)?,
         };
         self.step_index += 1;
         Ok(next)
     }
 
     fn euler(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let derivative = self.sigma_derivative(output, sample, i)?;
+        Ok((sample + (derivative * (self.sigmas[i + 1] - self.sigmas[i]))?)?)
+    }
+
+    /// The Karras-style ODE's derivative at sigma i: (sample - x0) / sigma.
+    fn sigma_derivative(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let s = self.sigmas[i];
         let x0 = match self.prediction {
             Prediction::Epsilon => (sample - (output * s)?)?,
             Prediction::V => ((output * (-s / (s * s + 1.0).sqrt()))? + (sample / (s * s + 1.0))?)?,
         };
-        let derivative = ((sample - x0)? / s)?;
-        Ok((sample + (derivative * (s_next - s))?)?)
+        Ok(((sample - x0)? / s)?)
+    }
+
+    /// diffusers' `LMSDiscreteScheduler.step` (order 4, as pipelines call it): the last
+    /// derivatives (in `outputs`) weighted by the integrals of their Lagrange polynomials over
+    /// the step.
+    fn lms(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        const ORDER: usize = 4;
+        if self.outputs.len() == ORDER {
+            self.outputs.remove(0);
+        }
+        self.outputs.push(self.sigma_derivative(output, sample, i)?);
+        let order = (i + 1).min(ORDER);
+        let mut next = sample.clone();
+        for (j, d) in self.outputs.iter().rev().take(order).enumerate() {
+            next = (next + (d * lms_coefficient(&self.sigmas, order, i, j))?)?;
+        }
+        Ok(next)
     }
 
     fn ddim(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
@@ -493,6 +519,24 @@ impl Scheduler {
         self.previous = Some(x0);
         Ok(next)
     }
+}
+
+/// The integral from sigma t to sigma t + 1 of the Lagrange basis polynomial of sigma
+/// t - `current` over sigmas t, t - 1, ..., t - order + 1 (diffusers integrates it with
+/// scipy's quad): of degree below 4, so three-point Gauss-Legendre is exact.
+fn lms_coefficient(sigmas: &[f64], order: usize, t: usize, current: usize) -> f64 {
+    let basis = |tau: f64| {
+        (0..order)
+            .filter(|&k| k != current)
+            .map(|k| (tau - sigmas[t - k]) / (sigmas[t - current] - sigmas[t - k]))
+            .product::<f64>()
+    };
+    let (a, b) = (sigmas[t], sigmas[t + 1]);
+    let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
+    let node = (3.0f64 / 5.0).sqrt();
+    half * (5.0 / 9.0 * basis(mid - half * node)
+        + 8.0 / 9.0 * basis(mid)
+        + 5.0 / 9.0 * basis(mid + half * node))
 }
 
 /// UniPC's options that change its arithmetic.
@@ -685,7 +729,7 @@ fn timesteps(
         Spacing::Linspace => {
             let p = points as f64;
             let raw = (0..points).map(|i| (n_f - 1.0) * i as f64 / (p - 1.0).max(1.0));
-            let raw: Vec<f64> = if kind == Kind::EulerDiscrete {
+            let raw: Vec<f64> = if matches!(kind, Kind::EulerDiscrete | Kind::Lms) {
                 raw.collect()
             } else {
                 raw.map(f64::round_ties_even).collect()
