@@ -290,7 +290,7 @@ impl ResNet {
         let bottleneck = w.contains("layer1.0.conv3.weight");
         let strides = Strides::of(w, config)?;
         if !w.contains("conv1.weight") {
-            return Err(w.mismatch("no conv1.weight: only the torchvision stem (one 7x7 conv) is supported, not deep-stem variants".into()));
+            return Err(w.mismatch("no conv1.weight: only the torchvision stem (one convolution: 7x7, or 3x3 in CIFAR ResNets) is supported, not deep-stem variants".into()));
         }
         let stem_w = w.get("conv1.weight", None)?;
         let stem_c = stem_w.dim(0)?;
