@@ -9,6 +9,11 @@ use dnd::target::LayerKind;
 
 const TOL: f32 = 1e-4;
 
+/// Every layer the target lists, in order.
+fn layer_names(target: &dnd::target::Target) -> Vec<String> {
+    target.layers().iter().map(|l| l.name.clone()).collect()
+}
+
 fn taps_of(target: &dnd::target::Target, names: &[&str]) -> Vec<usize> {
     names
         .iter()
@@ -147,8 +152,11 @@ fn transformers_resnets_match_transformers_under_their_own_layer_names() {
         // The tiny one's reference holds a feature map of its third stage.
         let map = (name == "resnet_transformers_tiny").then_some((taps[7], "map/stages.2"));
         let target = check_resnet(name, &taps, map);
-        let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-        assert_eq!(listed, transformers_resnet_layers(prefix, head), "{name}");
+        assert_eq!(
+            layer_names(&target),
+            transformers_resnet_layers(prefix, head),
+            "{name}"
+        );
         // ResNetModel's was saved with downsample_in_first_stage: its first stage halves the
         // 56 x 56 of the stem's max pool.
         let stage0 = target.layer(target.layer_index(taps[4]).unwrap());
@@ -421,19 +429,14 @@ fn a_target_saved_in_shards_computes_what_the_single_file_does() {
 #[test]
 fn a_dinov2_vit_with_layer_scale_and_no_head_matches_timm() {
     let names = ["blocks.0", "blocks.1", "norm"];
-    let (target, reference, outs, taps) = check_vit("vit_dinov2_tiny", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names, "no head layer");
+    let (target, reference, ..) = check_vit("vit_dinov2_tiny", &names);
+    assert_eq!(layer_names(&target), names, "no head layer");
     assert_eq!(
         target.layer(1).kind,
         LayerKind::Tokens { grid: (16, 16) },
         "14 px patches"
     );
-    let maps = maps_of(target.layer(taps[1]).kind, &outs[1], 7).unwrap();
-    let want = &reference["map/blocks.1"];
-    let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
-    let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
-    assert!(rel_err(&got, want) < TOL);
+    check_token_map(&target, "blocks.1", 7, &reference["map/blocks.1"]);
 }
 
 #[test]
@@ -450,8 +453,7 @@ fn a_torchvision_vit_matches_torchvision_under_its_own_layer_names() {
         "heads.head",
     ];
     let (target, ..) = check_vit("vit_torchvision_tiny", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names);
+    assert_eq!(layer_names(&target), names);
 }
 
 #[test]
@@ -463,8 +465,7 @@ fn a_transformers_vit_matches_transformers_and_preprocesses_as_its_processor() {
         "classifier",
     ];
     let (target, reference, ..) = check_vit("vit_transformers_tiny", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names);
+    assert_eq!(layer_names(&target), names);
     // Its preprocessing is ViTImageProcessor's (both sides to 224, bilinear, mean/std 0.5),
     // from preprocessor_config.json: every 7th row and column of each image.
     let diffs = pixel_differences(&target.preprocess, &reference["pixels/every7"]);
@@ -484,20 +485,16 @@ fn a_transformers_dinov2_matches_transformers_with_its_positions_resized_to_the_
     ];
     // Trained at 518 px (37 x 37 positions), run at its processor's 224 (16 x 16 patches); the
     // classifier reads the class token beside the patch tokens' mean.
-    let (target, reference, outs, taps) = check_vit("vit_dinov2_transformers", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names);
+    let (target, reference, _, taps) = check_vit("vit_dinov2_transformers", &names);
+    assert_eq!(layer_names(&target), names);
     let kind = target.layer(taps[1]).kind;
     assert_eq!(kind, LayerKind::Tokens { grid: (16, 16) });
-    let maps = maps_of(kind, &outs[1], 3).unwrap();
     let want = reference["map/dinov2.encoder.layer.1"]
         .narrow(2, 3, 1)
         .unwrap()
         .squeeze(2)
         .unwrap();
-    let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
-    let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
-    assert!(rel_err(&got, &want) < TOL);
+    check_token_map(&target, names[1], 3, &want);
     // facebook/dinov2-*'s BitImageProcessor: shortest edge 256, bicubic, crop 224.
     let pre = &target.preprocess;
     assert_eq!((pre.resize, pre.crop), (256, 224));
@@ -519,20 +516,21 @@ fn a_transformers_dinov2_matches_transformers_with_its_positions_resized_to_the_
             .collect();
     });
     let model = try_load_target(dir.path()).unwrap();
-    let listed: Vec<&str> = model.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, ["encoder.layer.0", "encoder.layer.1", "layernorm"]);
+    assert_eq!(
+        layer_names(&model),
+        ["encoder.layer.0", "encoder.layer.1", "layernorm"]
+    );
     let out = model.net.forward(&fixture_batch(), &[2]).unwrap().remove(0);
     let cls = pool_output(model.layer(2).kind, &out, Pool::Mean).unwrap();
     assert!(rel_err(&cls, &reference["cls/dinov2.layernorm"]) < TOL);
 }
 
-/// Channel `c` of layer `layer`'s patch-token map against the reference's `key` (B, patches).
+/// Channel `c` of layer `layer`'s patch-token map against `want` (B, patches).
 fn check_token_map(
     target: &dnd::target::Target,
-    reference: &std::collections::HashMap<String, candle_core::Tensor>,
     layer: &str,
     c: usize,
-    key: &str,
+    want: &candle_core::Tensor,
 ) {
     let l = target.layer_index(layer).unwrap();
     let out = target
@@ -541,7 +539,6 @@ fn check_token_map(
         .unwrap()
         .remove(0);
     let maps = maps_of(target.layer(l).kind, &out, c).unwrap();
-    let want = &reference[key];
     let got: Vec<f32> = maps.iter().flat_map(|m| m.values.clone()).collect();
     let got = candle_core::Tensor::from_vec(got, want.dims(), &candle_core::Device::Cpu).unwrap();
     assert!(rel_err(&got, want) < TOL, "{layer} map");
@@ -556,9 +553,9 @@ fn vits_with_register_tokens_match_their_libraries_with_the_registers_left_out_o
         target.layer(target.layer_index("norm").unwrap()).kind,
         LayerKind::Tokens { grid: (16, 16) }
     );
-    check_token_map(&target, &reference, "norm", 7, "map/norm");
+    check_token_map(&target, "norm", 7, &reference["map/norm"]);
     let (target, reference, ..) = check_vit("vit_reg_pos_tiny", &["blocks.0", "norm", "head"]);
-    check_token_map(&target, &reference, "norm", 7, "map/norm");
+    check_token_map(&target, "norm", 7, &reference["map/norm"]);
     // transformers' DINOv2 with registers: positions resized antialiased, the head reading
     // the class token and the patch tokens' mean (registers left out).
     let names = [
@@ -568,14 +565,12 @@ fn vits_with_register_tokens_match_their_libraries_with_the_registers_left_out_o
         "classifier",
     ];
     let (target, reference, ..) = check_vit("vit_dinov2_registers_transformers", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names);
+    assert_eq!(layer_names(&target), names);
     check_token_map(
         &target,
-        &reference,
         "dinov2_with_registers.layernorm",
         3,
-        "map/dinov2_with_registers.layernorm",
+        &reference["map/dinov2_with_registers.layernorm"],
     );
 }
 
@@ -593,8 +588,7 @@ fn clip_image_towers_match_timm_and_transformers() {
         "visual_projection",
     ];
     let (target, ..) = check_vit("vit_clip_transformers", &names);
-    let listed: Vec<&str> = target.layers().iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(listed, names);
+    assert_eq!(layer_names(&target), names);
     // CLIP's own preprocessing (bicubic, its mean and std), from preprocessor_config.json.
     assert_eq!(
         target.preprocess.mean,

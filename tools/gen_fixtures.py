@@ -122,7 +122,12 @@ def write_resnet(name, block, layers, half, x, gen):
     args = dict(layers=list(layers), channels=[8, 16, 32, 64], stem_width=8, num_classes=10, zero_init_last=False,
                 block=block.__name__)
     save_for_hf(model.half() if half else model, folder, safe_serialization=True, model_args=args)
-    model = model.float()
+    save_resnet_reference(model.float(), x, name, "layer3", None)
+
+
+def save_resnet_reference(model, x, name, map_layer, map_channels):
+    """A timm ResNet's reference: each tap mean- and max-pooled under torchvision's names, the
+    feature map of `map_layer` (its first `map_channels`, or all), the logits."""
     taps = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4",
             "layer4.0", "global_pool", "fc"]
     outs, logits = capture(model, x, taps)
@@ -134,7 +139,7 @@ def write_resnet(name, block, layers, half, x, gen):
         ref[f"mean/{ours}"] = pooled(o, "mean").contiguous()
         if o.dim() == 4:
             ref[f"max/{ours}"] = pooled(o, "max").contiguous()
-    ref["map/layer3"] = outs["layer3"].contiguous()
+    ref[f"map/{map_layer}"] = outs[map_layer][:, :map_channels].contiguous()
     ref["logits"] = logits.contiguous()
     save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
 
@@ -157,20 +162,7 @@ def write_resnet_cifar(x):
     save_for_hf(model.half(), MODELS / "resnet_cifar", safe_serialization=True,
                 model_args=dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64], stem_width=8, num_classes=10,
                                 zero_init_last=False, block="BasicBlock"))
-    model = model.float()
-    taps = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer2.0", "layer3", "layer4", "layer4.0",
-            "global_pool", "fc"]
-    outs, logits = capture(model, x, taps)
-    ref = {}
-    for t in taps:
-        ours = {"act1": "relu", "global_pool": "avgpool"}.get(t, t)
-        o = outs[t].flatten(1) if t == "global_pool" else outs[t]
-        ref[f"mean/{ours}"] = pooled(o, "mean").contiguous()
-        if o.dim() == 4:
-            ref[f"max/{ours}"] = pooled(o, "max").contiguous()
-    ref["map/layer4"] = outs["layer4"][:, :6].contiguous()  # the tests read channel 5
-    ref["logits"] = logits.contiguous()
-    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / "resnet_cifar.reference.safetensors")
+    save_resnet_reference(model.float(), x, "resnet_cifar", "layer4", 6)  # the tests read channel 5
 
 
 def write_vit(x, gen):

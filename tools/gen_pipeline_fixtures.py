@@ -420,15 +420,21 @@ def write_unet_conv():
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                                 cross_attention_dim=24, attention_head_dim=2, norm_num_groups=4,
                                 use_linear_projection=False, upcast_attention=True).eval()
+    save_unet(unet, gen, folder, 24)
+
+
+def save_unet(unet, gen, folder, context):
+    """A UNet scrambled and saved to `folder`, with its noise predictions for 8x8 and 10x10
+    latents of batch 2 at t = 321 (context `context` wide) beside it."""
     scramble(unet, gen, 0.05)
     unet.save_pretrained(folder, safe_serialization=True)
-    ref = {"context": torch.randn((2, 7, 24), generator=gen)}
+    ref = {"context": torch.randn((2, 7, context), generator=gen)}
     with torch.no_grad():
         for side in (8, 10):
             x = torch.randn((2, 4, side, side), generator=gen)
             ref[f"latents_{side}"] = x
             ref[f"noise_{side}"] = unet(x, torch.tensor(321), encoder_hidden_states=ref["context"]).sample
-    save(MODELS / "unet_conv.reference.safetensors", ref)
+    save(MODELS / f"{folder.name}.reference.safetensors", ref)
 
 
 def write_unet_dummy():
@@ -445,15 +451,7 @@ def write_unet_dummy():
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 norm_num_groups=2).eval()
-    scramble(unet, gen, 0.05)
-    unet.save_pretrained(folder, safe_serialization=True)
-    ref = {"context": torch.randn((2, 7, 32), generator=gen)}
-    with torch.no_grad():
-        for side in (8, 10):
-            x = torch.randn((2, 4, side, side), generator=gen)
-            ref[f"latents_{side}"] = x
-            ref[f"noise_{side}"] = unet(x, torch.tensor(321), encoder_hidden_states=ref["context"]).sample
-    save(MODELS / "unet_dummy.reference.safetensors", ref)
+    save_unet(unet, gen, folder, 32)
 
 
 def write_scheduler_dpmpp():
