@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Writes the small random-weight fixtures and reference outputs under tests/fixtures/.
 
-Everything here is produced by the reference libraries themselves (torchvision, timm, PIL),
-so the Rust parity tests compare against what a real checkpoint computes in PyTorch.
-Rerunning it reproduces the files (fixed seeds).
+Everything here is produced by the reference libraries themselves (torchvision, timm,
+transformers, PIL), so the Rust parity tests compare against what a real checkpoint computes in
+PyTorch. Rerunning it reproduces the files byte for byte (fixed seeds).
 
-    pip install torch torchvision timm safetensors numpy pillow datasets
+    pip install torch torchvision timm transformers safetensors numpy pillow datasets
     python3 tools/gen_fixtures.py
 """
 import json
@@ -92,15 +92,18 @@ def randomise_batchnorm(model, gen):
             m.running_var.data = torch.rand(m.num_features, generator=gen) + 0.5
 
 
-def capture(model, x, names):
+def capture(model, x, names, run=None):
+    """The outputs of the modules `names` (a tuple's first part) while `run()` runs (default:
+    the model on `x`), and what it returns."""
     outs = {}  # cloned: the ReLUs that follow run in place and would overwrite them
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.clone())) for n in names]
+    hooks = [mods[n].register_forward_hook(
+        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in names]
     with torch.no_grad():
-        logits = model(x)
+        result = run() if run else model(x)
     for h in hooks:
         h.remove()
-    return outs, logits
+    return outs, result
 
 
 def pooled(t, pool):
@@ -276,17 +279,10 @@ def write_vit_transformers(x, paths):
     processor = ViTImageProcessor(size={"height": 224, "width": 224})
     processor.save_pretrained(folder)
     model = model.float()
-    outs = {}
-    mods = dict(model.named_modules())
     # transformers 5 calls the layers vit.layers.N; the checkpoint (and dnd) vit.encoder.layer.N.
     taps = {"vit.layers.0": "vit.encoder.layer.0", "vit.layers.1": "vit.encoder.layer.1",
             "vit.layernorm": "vit.layernorm", "classifier": "classifier"}
-    hooks = [mods[n].register_forward_hook(
-        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
-    with torch.no_grad():
-        logits = model(pixel_values=x).logits
-    for h in hooks:
-        h.remove()
+    outs, logits = capture(model, x, taps, lambda: model(pixel_values=x).logits)
     ref = {f"cls/{ours}": pooled(outs[t], "mean").contiguous() for t, ours in taps.items()}
     ref["logits"] = logits.contiguous()
     pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
@@ -329,13 +325,7 @@ def write_resnet_transformers(x, paths):
                 f"{p}embedder.embedder", f"{p}embedder", f"{p}encoder.stages.0", f"{p}encoder.stages.1",
                 f"{p}encoder.stages.1.layers.0", f"{p}encoder.stages.2", f"{p}encoder.stages.3",
                 f"{p}encoder.stages.3.layers.0", f"{p}pooler"] + (["classifier"] if p else [])
-        outs = {}
-        mods = dict(model.named_modules())
-        hooks = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.clone())) for n in taps]
-        with torch.no_grad():
-            model(pixel_values=x)
-        for h in hooks:
-            h.remove()
+        outs, _ = capture(model, x, taps, lambda: model(pixel_values=x))
         ref = {}
         for t in taps:
             o = outs[t].flatten(1) if t.endswith("pooler") else outs[t]
@@ -378,15 +368,8 @@ def write_vit_dinov2_transformers(x, paths):
               resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     BitImageProcessor(**kw).save_pretrained(folder)
     model = model.float()
-    outs = {}
-    mods = dict(model.named_modules())
     taps = ["dinov2.encoder.layer.0", "dinov2.encoder.layer.1", "dinov2.layernorm", "classifier"]
-    hooks = [mods[n].register_forward_hook(
-        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
-    with torch.no_grad():
-        logits = model(pixel_values=x).logits
-    for h in hooks:
-        h.remove()
+    outs, logits = capture(model, x, taps, lambda: model(pixel_values=x).logits)
     ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
     ref["logits"] = logits.contiguous()
     ref["map/dinov2.encoder.layer.1"] = outs["dinov2.encoder.layer.1"][:, 1:, :8].contiguous()  # 8 neurons: small
@@ -459,14 +442,7 @@ def write_vit_dinov2_registers_transformers(x):
     model = model.float()
     prefix = "dinov2_with_registers"
     taps = [f"{prefix}.encoder.layer.0", f"{prefix}.encoder.layer.1", f"{prefix}.layernorm", "classifier"]
-    outs = {}
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(
-        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
-    with torch.no_grad():
-        logits = model(pixel_values=x).logits
-    for h in hooks:
-        h.remove()
+    outs, logits = capture(model, x, taps, lambda: model(pixel_values=x).logits)
     ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
     ref["logits"] = logits.contiguous()
     ref[f"map/{prefix}.layernorm"] = outs[f"{prefix}.layernorm"][:, 5:, 3].contiguous()
@@ -518,14 +494,7 @@ def write_vit_clip(x):
     clip = clip.float()
     taps = ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1", "vision_model.post_layernorm",
             "visual_projection"]
-    outs = {}
-    mods = dict(clip.named_modules())
-    hooks = [mods[n].register_forward_hook(
-        lambda _m, _i, o, n=n: outs.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in taps]
-    with torch.no_grad():
-        embeds = clip.get_image_features(pixel_values=x)
-    for h in hooks:
-        h.remove()
+    outs, embeds = capture(clip, x, taps, lambda: clip.get_image_features(pixel_values=x))
     ref = {f"cls/{t}": pooled(outs[t], "mean").contiguous() for t in taps}
     embeds = embeds if torch.is_tensor(embeds) else embeds.pooler_output
     ref["logits"] = embeds.contiguous()
@@ -584,9 +553,12 @@ def main():
     for p in paths[:2]:
         pre[f"timm_vit/{p.name}"] = vit_tf(Image.open(p).convert("RGB")).half()
     save_file({k: v.contiguous() for k, v in pre.items()}, ROOT / "preprocess.safetensors")
-    (ROOT / "versions.json").write_text(json.dumps(
-        {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-         "pillow": Image.__version__}, indent=1) + "\n")
+    import transformers
+    path = ROOT / "versions.json"
+    versions = json.loads(path.read_text()) if path.exists() else {}
+    versions.update({"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                     "pillow": Image.__version__, "transformers": transformers.__version__})
+    path.write_text(json.dumps(versions, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

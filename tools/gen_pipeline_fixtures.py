@@ -305,6 +305,16 @@ def write_sd(gen):
             "pndm_6_leading_v": (PNDMScheduler.from_config(euler.config, skip_prk_steps=True, timestep_spacing="leading",
                                                            prediction_type="v_prediction"), 6, 7.5),
         }
+        ref.update(scheduler_runs(pipe, init, runs))
+    save(MODELS / "sd_tiny.reference.safetensors", ref)
+    (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
+
+
+def scheduler_runs(pipe, init, runs):
+    """Final latents and timesteps of `pipe` from the latents `init` with each run's scheduler,
+    steps and guidance (`runs`: key -> (scheduler, steps, guidance))."""
+    ref = {}
+    with torch.no_grad():
         for key, (sched, steps, guidance) in runs.items():
             pipe.scheduler = sched
             out = pipe(PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, latents=init.clone(),
@@ -312,8 +322,7 @@ def write_sd(gen):
             ref[f"{key}_latents"] = out
             sched.set_timesteps(steps)
             ref[f"{key}_timesteps"] = sched.timesteps.to(torch.float32)
-    save(MODELS / "sd_tiny.reference.safetensors", ref)
-    (MODELS / "sd_tiny.reference.json").write_text(json.dumps({"prompts": PROMPTS}, indent=1) + "\n")
+    return ref
 
 
 def write_sd_schedulers():
@@ -331,7 +340,6 @@ def write_sd_schedulers():
                                                    requires_safety_checker=False)
     init = load_file(MODELS / "sd_tiny.reference.safetensors")["init_latents"]
     cfg = pipe.scheduler.config
-    ref = {}
     runs = {
         "prk_4": (PNDMScheduler.from_config(cfg, skip_prk_steps=False), 4, 7.5),
         "prk_6_leading_v": (PNDMScheduler.from_config(cfg, skip_prk_steps=False, timestep_spacing="leading",
@@ -352,15 +360,7 @@ def write_sd_schedulers():
                                                              prediction_type="v_prediction"), 6, 7.5),
         "lms_3_linspace": (LMSDiscreteScheduler.from_config(cfg, timestep_spacing="linspace"), 3, 0.0),
     }
-    with torch.no_grad():
-        for key, (sched, steps, guidance) in runs.items():
-            pipe.scheduler = sched
-            out = pipe(PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, latents=init.clone(),
-                       height=32, width=32, output_type="latent").images
-            ref[f"{key}_latents"] = out
-            sched.set_timesteps(steps)
-            ref[f"{key}_timesteps"] = sched.timesteps.to(torch.float32)
-    save(MODELS / "sd_schedulers.reference.safetensors", ref)
+    save(MODELS / "sd_schedulers.reference.safetensors", scheduler_runs(pipe, init, runs))
 
 
 def write_taesd():
