@@ -333,7 +333,7 @@ def write_resnet_transformers(x, paths):
             if o.dim() == 4:
                 ref[f"max/{t}"] = pooled(o, "max").contiguous()
         if name == "resnet_transformers_tiny":
-            ref["map/stages.2"] = outs[f"{p}encoder.stages.2"].contiguous()
+            ref["map/stages.2"] = outs[f"{p}encoder.stages.2"][:, :6].contiguous()  # the tests read channel 5
             ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875, **imagenet).save_pretrained(folder)
             images = [Image.open(q).convert("RGB") for q in paths]
             for backend, proc in [("pil", ConvNextImageProcessorPil), ("torchvision", ConvNextImageProcessor)]:

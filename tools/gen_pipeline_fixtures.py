@@ -485,7 +485,8 @@ def write_blip_processor():
         if f.name != "processor_config.json":
             f.unlink()
     pixels = image(images=[Image.open(p).convert("RGB") for p in IMAGES], return_tensors="pt").pixel_values
-    save(MODELS / "blip_processor.reference.safetensors", {"pixel_values": pixels})
+    # f16 keeps the file small; the test's bound is far above its rounding.
+    save_file({"pixel_values": pixels.half().contiguous()}, MODELS / "blip_processor.reference.safetensors")
 
 
 def main():
