@@ -789,6 +789,22 @@ mod tests {
     }
 
     #[test]
+    fn a_scheduler_dnd_does_not_run_is_refused_with_the_choices() {
+        let mut c = cfg("leading");
+        c.class_name = Some("EulerAncestralDiscreteScheduler".into());
+        let msg = Scheduler::new(&c, None, 4).unwrap_err().to_string();
+        assert!(
+            msg.contains("EulerAncestralDiscreteScheduler")
+                && msg.contains("--scheduler euler|ddim|dpm-solver++|pndm|unipc|lms"),
+            "{msg}"
+        );
+        // Every name the message offers is one `--scheduler` takes.
+        for name in ["euler", "ddim", "dpm-solver++", "pndm", "unipc", "lms"] {
+            assert!(Kind::parse(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
     fn timesteps_by_hand() {
         let t = |k, s, n| {
             Scheduler::new(&cfg(s), Some(k), n)
