@@ -1,10 +1,10 @@
 //! Diffusion schedulers, as diffusers computes them: Euler discrete (SD-Turbo's), DDIM,
 //! DPM-Solver++ 2M (what the reference swaps in; candle has none), UniPC (bh1 / bh2, orders
 //! 1 and 2, predicting x0), LMS (Euler's sigmas, fourth-order linear multistep) and PNDM's
-//! linear multistep
-//! (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders), with or without its Runge-Kutta
-//! warm-up (diffusers' default, which SD's folders skip). Built from a folder's
-//! `scheduler/scheduler_config.json`, with each diffusers class's own defaults for absent keys.
+//! linear multistep (PLMS: the scheduler of SD 1.x's and 2.x-base's Hub folders), with or
+//! without its Runge-Kutta warm-up (diffusers' default, which SD's folders skip). Built from a
+//! folder's `scheduler/scheduler_config.json`, with each diffusers class's own defaults for
+//! absent keys.
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -198,7 +198,7 @@ impl Scheduler {
         let prk = kind == Kind::Pndm && cfg.skip_prk_steps != Some(true);
         if prk && steps < 4 {
             return Err(config_error(format!(
-                "PNDM's Runge-Kutta warm-up (skip_prk_steps false, diffusers' default) spans four steps and cannot run in {steps} (diffusers fails too): pass --steps 4 or more, set \"skip_prk_steps\": true in scheduler/scheduler_config.json as SD's folders do, or pass --scheduler euler|ddim|dpm-solver++"
+                "PNDM's Runge-Kutta warm-up (skip_prk_steps false, diffusers' default) spans four steps and cannot run in {steps} (diffusers fails too): pass --steps 4 or more, set \"skip_prk_steps\": true in scheduler/scheduler_config.json as SD's folders do, or pass --scheduler euler|ddim|dpm-solver++|unipc|lms"
             )));
         }
         if kind == Kind::DpmSolverPlusPlus && cfg.solver_order.unwrap_or(2) != 2 {
@@ -494,12 +494,18 @@ impl Scheduler {
         Ok(((sample * (a_prev / a_t).sqrt())? - (eps * ((a_prev - a_t) / denom))?)?)
     }
 
-    fn dpm(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    /// The multistep solvers' x0 prediction at sigma i (alpha / sigma parametrisation).
+    fn data_prediction(&self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
         let (a_s, s_s) = alpha_sigma(self.sigmas[i]);
-        let x0 = match self.prediction {
+        Ok(match self.prediction {
             Prediction::Epsilon => ((sample - (output * s_s)?)? / a_s)?,
             Prediction::V => ((sample * a_s)? - (output * s_s)?)?,
-        };
+        })
+    }
+
+    fn dpm(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let (_, s_s) = alpha_sigma(self.sigmas[i]);
+        let x0 = self.data_prediction(output, sample, i)?;
         let (a_t, s_t) = alpha_sigma(self.sigmas[i + 1]);
         let h = lambda(self.sigmas[i + 1]) - lambda(self.sigmas[i]);
         let n = self.timesteps.len();
@@ -589,11 +595,7 @@ impl Scheduler {
     /// 2 moves it on.
     fn unipc(&mut self, output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
         let set = self.unipc.clone().expect("set for UniPC");
-        let (a_s, s_s) = alpha_sigma(self.sigmas[i]);
-        let x0 = match self.prediction {
-            Prediction::Epsilon => ((sample - (output * s_s)?)? / a_s)?,
-            Prediction::V => ((sample * a_s)? - (output * s_s)?)?,
-        };
+        let x0 = self.data_prediction(output, sample, i)?;
         let mut sample = sample.clone();
         if let Some(last) = self.last_sample.take() {
             if !set.disable_corrector.contains(&(i - 1)) {
