@@ -1073,17 +1073,17 @@ pub(crate) fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn pythons_non_finite_floats_read_as_null_outside_strings() {
         let text =
             r#"{"a": -Infinity, "b": [NaN, Infinity, 1.5], "c": "NaN \" -Infinity", "d": 2}"#;
-        let v: serde_json::Value = serde_json::from_str(&super::python_json(text)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&python_json(text)).unwrap();
         let want =
             serde_json::json!({"a": null, "b": [null, null, 1.5], "c": "NaN \" -Infinity", "d": 2});
         assert_eq!(v, want);
     }
-
-    use super::*;
 
     #[test]
     fn attention_in_pieces_equals_attention_at_once() {
