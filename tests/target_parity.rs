@@ -229,6 +229,19 @@ fn resnet_structure_is_read_from_the_weights() {
     assert_eq!(t.preprocess, dnd::probe::Preprocess::imagenet());
 }
 
+/// [`check_vit`] of a fixture whose layers are exactly `names`, in order.
+fn check_vit_listing(
+    name: &str,
+    names: &[&str],
+) -> (
+    dnd::target::Target,
+    std::collections::HashMap<String, candle_core::Tensor>,
+) {
+    let (target, reference, ..) = check_vit(name, names);
+    assert_eq!(layer_names(&target), names, "{name}");
+    (target, reference)
+}
+
 /// A ViT fixture's CLS token at each layer of `names`, tapped in one pass, and its logits
 /// when the reference has them, against timm's; the outputs and taps for further checks.
 fn check_vit(
@@ -429,8 +442,8 @@ fn a_target_saved_in_shards_computes_what_the_single_file_does() {
 #[test]
 fn a_dinov2_vit_with_layer_scale_and_no_head_matches_timm() {
     let names = ["blocks.0", "blocks.1", "norm"];
-    let (target, reference, ..) = check_vit("vit_dinov2_tiny", &names);
-    assert_eq!(layer_names(&target), names, "no head layer");
+    // No head layer.
+    let (target, reference) = check_vit_listing("vit_dinov2_tiny", &names);
     assert_eq!(
         target.layer(1).kind,
         LayerKind::Tokens { grid: (16, 16) },
@@ -452,8 +465,7 @@ fn a_torchvision_vit_matches_torchvision_under_its_own_layer_names() {
         "encoder.ln",
         "heads.head",
     ];
-    let (target, ..) = check_vit("vit_torchvision_tiny", &names);
-    assert_eq!(layer_names(&target), names);
+    check_vit_listing("vit_torchvision_tiny", &names);
 }
 
 #[test]
@@ -464,8 +476,7 @@ fn a_transformers_vit_matches_transformers_and_preprocesses_as_its_processor() {
         "vit.layernorm",
         "classifier",
     ];
-    let (target, reference, ..) = check_vit("vit_transformers_tiny", &names);
-    assert_eq!(layer_names(&target), names);
+    let (target, reference) = check_vit_listing("vit_transformers_tiny", &names);
     // Its preprocessing is ViTImageProcessor's (both sides to 224, bilinear, mean/std 0.5),
     // from preprocessor_config.json: every 7th row and column of each image.
     let diffs = pixel_differences(&target.preprocess, &reference["pixels/every7"]);
@@ -485,9 +496,8 @@ fn a_transformers_dinov2_matches_transformers_with_its_positions_resized_to_the_
     ];
     // Trained at 518 px (37 x 37 positions), run at its processor's 224 (16 x 16 patches); the
     // classifier reads the class token beside the patch tokens' mean.
-    let (target, reference, _, taps) = check_vit("vit_dinov2_transformers", &names);
-    assert_eq!(layer_names(&target), names);
-    let kind = target.layer(taps[1]).kind;
+    let (target, reference) = check_vit_listing("vit_dinov2_transformers", &names);
+    let kind = target.layer(1).kind;
     assert_eq!(kind, LayerKind::Tokens { grid: (16, 16) });
     let want = reference["map/dinov2.encoder.layer.1"]
         .narrow(2, 3, 1)
@@ -564,8 +574,7 @@ fn vits_with_register_tokens_match_their_libraries_with_the_registers_left_out_o
         "dinov2_with_registers.layernorm",
         "classifier",
     ];
-    let (target, reference, ..) = check_vit("vit_dinov2_registers_transformers", &names);
-    assert_eq!(layer_names(&target), names);
+    let (target, reference) = check_vit_listing("vit_dinov2_registers_transformers", &names);
     check_token_map(
         &target,
         "dinov2_with_registers.layernorm",
@@ -587,8 +596,7 @@ fn clip_image_towers_match_timm_and_transformers() {
         "vision_model.post_layernorm",
         "visual_projection",
     ];
-    let (target, ..) = check_vit("vit_clip_transformers", &names);
-    assert_eq!(layer_names(&target), names);
+    let (target, _) = check_vit_listing("vit_clip_transformers", &names);
     // CLIP's own preprocessing (bicubic, its mean and std), from preprocessor_config.json.
     assert_eq!(
         target.preprocess.mean,

@@ -791,6 +791,28 @@ mod tests {
     }
 
     #[test]
+    fn unipc_bh1_ends_at_its_x0_prediction_where_diffusers_gives_nan() {
+        // diffusers' last bh1 step to a sigma of zero multiplies -inf by 0; ours is finite.
+        let mut c = cfg("trailing");
+        c.solver_type = Some("bh1".into());
+        let mut s = Scheduler::new(&c, Some(Kind::UniPc), 2).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
+        let out = Tensor::new(&[0.3f32, 0.1, -0.2], &dev).unwrap();
+        let x1 = s.step(&out, &x).unwrap();
+        let want = s.data_prediction(&out, &x1, 1).unwrap();
+        let last = s.step(&out, &x1).unwrap();
+        let (got, want) = (
+            last.to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap(),
+        );
+        assert!(got.iter().all(|v| v.is_finite()), "{got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} against {want:?}");
+        }
+    }
+
+    #[test]
     fn a_scheduler_dnd_does_not_run_is_refused_with_the_choices() {
         let mut c = cfg("leading");
         c.class_name = Some("EulerAncestralDiscreteScheduler".into());
