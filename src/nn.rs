@@ -292,6 +292,9 @@ enum ConvImpl {
         bias: Tensor,
         relu: bool,
         upsample: bool,
+        /// Grouped convolutions run through candle's conv2d (one convolution per group), in
+        /// NCHW.
+        groups: usize,
         /// Computed in NHWC by cuDNN (see `channels_last`).
         #[cfg(feature = "cudnn")]
         channels_last: bool,
@@ -392,6 +395,7 @@ impl Conv {
                 bias: bias.to_device(dev)?.to_dtype(dt)?,
                 relu: false,
                 upsample,
+                groups: 1,
                 #[cfg(feature = "cudnn")]
                 channels_last: false,
                 #[cfg(feature = "cudnn")]
@@ -415,6 +419,7 @@ impl Conv {
             channels_last,
             upsample,
             phases,
+            groups: 1,
             ..
         } = &mut self.imp
         {
@@ -428,6 +433,17 @@ impl Conv {
             }
         }
         Ok(self)
+    }
+
+    /// The same weights as a convolution in `groups` groups (ResNeXt's): the input has
+    /// `groups` times the channels the weights' second dimension says. Before `channels_last`.
+    pub(crate) fn grouped(mut self, n: usize) -> Self {
+        match &mut self.imp {
+            ConvImpl::Cpu(op) => op.set_groups(n),
+            ConvImpl::Device { groups, .. } => *groups = n,
+            ConvImpl::CpuUp { .. } => unreachable!("upsampling convolutions are not grouped"),
+        }
+        self
     }
 
     /// The same convolution with ReLU applied to its output (in the same pass on the CPU).
@@ -524,9 +540,10 @@ impl Conv {
                 bias,
                 relu,
                 upsample,
+                groups,
                 ..
             } => {
-                let y = candle_conv(weight, *stride_padding, *upsample, x)?;
+                let y = candle_conv(weight, *stride_padding, *upsample, *groups, x)?;
                 epilogue(y, Some(&shifted(bias)?), residual, Act::relu_if(*relu))
             }
         }
@@ -587,11 +604,12 @@ fn upsampled_conv_channels_last(phases: &Tensor, bias: &Tensor, x: &Tensor) -> R
 }
 
 /// candle's convolution (without bias), after nearest 2x upsampling when `upsample`; with
-/// cuDNN, our cuDNN op (`gpu_ops::cudnn_conv`).
+/// cuDNN, our cuDNN op (`gpu_ops::cudnn_conv`), which takes one group only.
 fn candle_conv(
     weight: &Tensor,
     (stride, padding): (usize, usize),
     upsample: bool,
+    groups: usize,
     x: &Tensor,
 ) -> Result<Tensor> {
     let x = if upsample {
@@ -599,6 +617,9 @@ fn candle_conv(
     } else {
         x.clone()
     };
+    if groups > 1 {
+        return Ok(x.conv2d(weight, padding, stride, 1, groups)?);
+    }
     #[cfg(feature = "cudnn")]
     if x.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
         use crate::gpu_ops::cudnn_conv::{conv2d, Format};

@@ -31,9 +31,23 @@ const TORCHVISION_TAPS: [&str; 12] = [
 /// reference; then, when given, channel 5 of layer `map.0`'s spatial map against the
 /// reference's `map.1`.
 fn check_resnet(name: &str, names: &[&str], map: Option<(&str, &str)>) -> dnd::target::Target {
+    check_resnet_at(name, names, map, 224)
+}
+
+/// [`check_resnet`] on the fixture batch's top-left `size` pixels.
+fn check_resnet_at(
+    name: &str,
+    names: &[&str],
+    map: Option<(&str, &str)>,
+    size: usize,
+) -> dnd::target::Target {
     let target = load_fixture_target(name);
     let reference = reference(&format!("models/{name}.reference.safetensors"));
-    let x = fixture_batch();
+    let x = fixture_batch()
+        .narrow(2, 0, size)
+        .unwrap()
+        .narrow(3, 0, size)
+        .unwrap();
     let taps = taps_of(&target, names);
     // All taps in one forward pass.
     let outs = target.net.forward(&x, &taps).unwrap();
@@ -100,6 +114,39 @@ fn a_cifar_resnet_runs_its_3x3_stem_without_stride_or_pool() {
     assert_eq!(
         (side("conv1"), side("maxpool"), side("layer4")),
         (32, 32, 4)
+    );
+}
+
+#[test]
+fn resnext_grouped_convolutions_match_pytorch() {
+    // timm's (and torchvision's: the same names) ResNeXt: grouped 3x3s in every bottleneck.
+    let t = check_resnet("resnext", &TORCHVISION_TAPS, Some(("layer4", "map/layer4")));
+    assert!(
+        t.net.info().architecture.starts_with("resnext_4x2d"),
+        "{}",
+        t.net.info().architecture
+    );
+}
+
+#[test]
+fn resnet_d_deep_stem_and_average_pool_shortcuts_match_pytorch() {
+    // timm's tiered deep stem and avg_down shortcuts, at 208 px: layer4's shortcut pools a
+    // 13x13 map, its last windows overhanging it (PyTorch's ceil mode).
+    let t = check_resnet_at(
+        "resnet_d",
+        &TORCHVISION_TAPS,
+        Some(("layer4", "map/layer4")),
+        208,
+    );
+    let arch = &t.net.info().architecture;
+    assert!(
+        arch.contains("deep stem") && arch.contains("average-pool shortcuts"),
+        "{arch}"
+    );
+    let side = |name: &str| t.layer(t.layer_index(name).unwrap()).shape[1];
+    assert_eq!(
+        (side("conv1"), side("maxpool"), side("layer4")),
+        (112, 56, 7)
     );
 }
 
@@ -342,16 +389,26 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.se.fc1.bias") && msg.contains("not part of resnet"),
         "{msg}"
     );
-    // Grouped convolutions (ResNeXt): the filters see half the channels.
+    // A convolution whose filters see a number of channels no grouping of its input gives.
     edited_fixture_model("resnet_basic", dir.path(), |w| {
         let conv = &w["layer1.0.conv2.weight"];
-        let half = conv.dim(1).unwrap() / 2;
-        let grouped = conv.narrow(1, 0, half).unwrap().contiguous().unwrap();
-        w.insert("layer1.0.conv2.weight".into(), grouped);
+        let fewer = conv.dim(1).unwrap() - 1;
+        let odd = conv.narrow(1, 0, fewer).unwrap().contiguous().unwrap();
+        w.insert("layer1.0.conv2.weight".into(), odd);
     });
     let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(
-        msg.contains("layer1.0.conv2.weight") && msg.contains("grouped convolutions"),
+        msg.contains("layer1.0.conv2.weight") && msg.contains("no convolution of 8 input channels"),
+        "{msg}"
+    );
+    // timm's anti-aliased ResNets: a plain ResNet's weights, refused by the name in config.json.
+    edited_fixture_model("resnet_d", dir.path(), |_| {});
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"resnet50\"", "\"resnetaa50d\"")).unwrap();
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    assert!(
+        msg.contains("resnetaa50d") && msg.contains("anti-aliased"),
         "{msg}"
     );
     // A transformers ResNet with another activation than the ReLU dnd runs.

@@ -168,6 +168,28 @@ def write_resnet_cifar(x):
     save_resnet_reference(model.float(), x, "resnet_cifar", "layer4", 6)  # the tests read channel 5
 
 
+def write_resnext_and_resnet_d(x):
+    """timm's ResNet variants with the torchvision layout's names but other shapes:
+    - resnext: grouped 3x3 convolutions (cardinality 4, as resnext50_32x4d's 32);
+    - resnet_d: the tiered deep stem (three 3x3 convolutions, 6 then 8 channels, as resnet26t's)
+      and average-pool shortcuts (avg_down, as resnet50d's), run on the batch's top-left 208 px,
+      so that layer4's shortcut pools a 13x13 map to 7x7 (ceil mode, the last windows overhang).
+    Both f16; the tests read channel 5 of layer4's map."""
+    for name, args, size in [
+        ("resnext", dict(cardinality=4, base_width=16), 224),
+        ("resnet_d", dict(stem_type="deep_tiered", avg_down=True), 208),
+    ]:
+        torch.manual_seed(15)
+        gen = torch.Generator().manual_seed(15)
+        args = dict(layers=[1, 2, 1, 1], channels=[8, 16, 32, 64], stem_width=8, num_classes=10, zero_init_last=False,
+                    **args)
+        model = timm.create_model("resnet50", pretrained=False, block=Bottleneck, **args).eval()
+        randomise_batchnorm(model, gen)
+        model = model.half().float()
+        save_for_hf(model.half(), MODELS / name, safe_serialization=True, model_args=dict(block="Bottleneck", **args))
+        save_resnet_reference(model.float(), x[:, :, :size, :size], name, "layer4", 6)
+
+
 def write_vit(x, gen):
     torch.manual_seed(1)
     model = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=False, embed_dim=64,
@@ -519,6 +541,8 @@ def main():
     gen = torch.Generator().manual_seed(1234)
     # torchvision and timm name ResNet weights identically: one fixture family serves both.
     assert set(torchvision.models.resnet50().state_dict()) == set(timm.create_model("resnet50").state_dict())
+    assert set(torchvision.models.resnext50_32x4d().state_dict()) == set(
+        timm.create_model("resnext50_32x4d").state_dict())
     paths = write_images(rng)
     write_edge_cases(rng)
     write_parquet_shard()
@@ -547,6 +571,7 @@ def main():
     write_vit_registers(x)
     write_vit_dinov2_registers_transformers(x)
     write_vit_clip(x)
+    write_resnext_and_resnet_d(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -37,8 +37,12 @@ pub(crate) struct CpuConv {
     /// `[c_out, c_in * k * k]`, row-major.
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// Input channels of one group, which each filter sees.
     c_in: usize,
     c_out: usize,
+    /// Input and output channels split into this many groups, each its own convolution
+    /// (ResNeXt's 3x3s).
+    groups: usize,
     k: usize,
     stride: usize,
     pad: usize,
@@ -63,11 +67,19 @@ impl CpuConv {
             bias,
             c_in,
             c_out,
+            groups: 1,
             k,
             stride,
             pad,
             relu,
         }
+    }
+
+    /// Makes this a grouped convolution: `c_in` (of `new`) is then one group's input
+    /// channels, and the input has `groups` times as many.
+    pub(crate) fn set_groups(&mut self, groups: usize) {
+        assert_eq!(self.c_out % groups, 0, "grouped conv output channels");
+        self.groups = groups;
     }
 
     fn out_size(&self, size: usize) -> usize {
@@ -120,8 +132,8 @@ impl CpuConv {
         }
     }
 
-    /// One image: `x` is `[c_in, h, w]`, `out` is `[c_out, oh, ow]`; `residual` (same shape as
-    /// `out`) is added before the ReLU, as at the end of a ResNet block.
+    /// One image: `x` is `[c_in * groups, h, w]`, `out` is `[c_out, oh, ow]`; `residual` (same
+    /// shape as `out`) is added before the ReLU, as at the end of a ResNet block.
     fn image(
         &self,
         x: &[f32],
@@ -146,51 +158,63 @@ impl CpuConv {
                 }
             }
         }
-        // out[:, first..first + cols] += weight @ rhs, where rhs is [kk, cols] with row stride
-        // `rhs_stride`: a band of output rows is a column range of the [c_out, n] output.
-        let gemm_into = |out: &mut [f32], first: usize, cols: usize, rhs: &[f32], rhs_stride| {
-            assert!(first + cols <= n && rhs.len() >= (kk - 1) * rhs_stride + cols);
-            // SAFETY: row-major [c_out, n] output (column offset `first`, `cols` columns) +=
-            // [c_out, kk] @ [kk, cols]; the assert above and the weight's length (checked in
-            // `new`) bound every address, and `out` does not alias the inputs.
-            unsafe {
-                gemm::gemm(
-                    self.c_out,
-                    cols,
-                    kk,
-                    out.as_mut_ptr().add(first),
-                    1,
-                    n as isize,
-                    true,
-                    self.weight.as_ptr(),
-                    1,
-                    kk as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_stride as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
+        // Each group's filters read its input channels and write its output channels.
+        let c_out = self.c_out / self.groups;
+        let groups = x
+            .chunks(self.c_in * h * w)
+            .zip(self.weight.chunks(c_out * kk))
+            .zip(out.chunks_mut(c_out * n));
+        for ((x, weight), out) in groups {
+            // out[:, first..first + cols] += weight @ rhs, where rhs is [kk, cols] with row
+            // stride `rhs_stride`: a band of output rows is a column range of the [c_out, n]
+            // output.
+            let gemm_into =
+                |out: &mut [f32], first: usize, cols: usize, rhs: &[f32], rhs_stride| {
+                    assert!(first + cols <= n && rhs.len() >= (kk - 1) * rhs_stride + cols);
+                    assert!(weight.len() == c_out * kk && out.len() == c_out * n);
+                    // SAFETY: row-major [c_out, n] output (column offset `first`, `cols` columns) +=
+                    // [c_out, kk] @ [kk, cols]; the asserts above bound every address, and `out`
+                    // does not alias the inputs.
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            cols,
+                            kk,
+                            out.as_mut_ptr().add(first),
+                            1,
+                            n as isize,
+                            true,
+                            weight.as_ptr(),
+                            1,
+                            kk as isize,
+                            rhs.as_ptr(),
+                            1,
+                            rhs_stride as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
+                };
+            if self.k == 1 && self.stride == 1 && self.pad == 0 {
+                gemm_into(out, 0, n, x, n);
+            } else {
+                let rows = (BAND_FLOATS / (kk * ow)).clamp(1, oh);
+                // One im2col buffer per thread, reused across calls: no allocation or page
+                // faults.
+                COL.with_borrow_mut(|buf| {
+                    buf.resize(kk * rows * ow, 0.0);
+                    for oy0 in (0..oh).step_by(rows) {
+                        let oy1 = (oy0 + rows).min(oh);
+                        let cols = (oy1 - oy0) * ow;
+                        self.im2col(x, h, w, (oy0, oy1), &mut buf[..kk * cols]);
+                        gemm_into(out, oy0 * ow, cols, &buf[..kk * cols], cols);
+                    }
+                });
             }
-        };
-        if self.k == 1 && self.stride == 1 && self.pad == 0 {
-            gemm_into(out, 0, n, x, n);
-        } else {
-            let rows = (BAND_FLOATS / (kk * ow)).clamp(1, oh);
-            // One im2col buffer per thread, reused across calls: no allocation or page faults.
-            COL.with_borrow_mut(|buf| {
-                buf.resize(kk * rows * ow, 0.0);
-                for oy0 in (0..oh).step_by(rows) {
-                    let oy1 = (oy0 + rows).min(oh);
-                    let cols = (oy1 - oy0) * ow;
-                    self.im2col(x, h, w, (oy0, oy1), &mut buf[..kk * cols]);
-                    gemm_into(out, oy0 * ow, cols, &buf[..kk * cols], cols);
-                }
-            });
         }
         if self.relu {
             out.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -207,10 +231,10 @@ impl CpuConv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout)?;
         let (b, c, h, w) = layout.shape().dims4()?;
-        if c != self.c_in {
+        if c != self.c_in * self.groups {
             candle_core::bail!(
                 "dnd-cpu-conv2d: input has {c} channels, weights expect {}",
-                self.c_in
+                self.c_in * self.groups
             )
         }
         let (oh, ow) = (self.out_size(h), self.out_size(w));
@@ -735,6 +759,42 @@ pub(crate) mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn grouped_conv_matches_candle_conv2d() {
+        // ResNeXt's 3x3s (strided and not), a grouped 1x1, and a depthwise 7x7.
+        let dev = Device::Cpu;
+        for (ci, co, groups, k, s, p) in [
+            (8, 8, 4, 3, 1, 1),
+            (8, 16, 4, 3, 2, 1),
+            (6, 9, 3, 1, 1, 0),
+            (5, 5, 5, 7, 1, 3),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, ci, 9, 9), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (co, ci / groups, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let mut op = CpuConv::new(
+                w.flatten_all().unwrap().to_vec1().unwrap(),
+                b.to_vec1().unwrap(),
+                ci / groups,
+                k,
+                s,
+                p,
+                false,
+            );
+            op.set_groups(groups);
+            let want = x
+                .conv2d(&w, p, s, 1, groups)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let diff = max_diff(x.apply_op1_no_bwd(&op).unwrap(), want);
+            assert!(
+                diff < 1e-3,
+                "{ci}->{co} in {groups} groups, {k}x{k} s{s}: {diff}"
+            );
         }
     }
 

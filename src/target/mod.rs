@@ -263,7 +263,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152, or a timm, torchvision or transformers ViT (DINOv2 and CLIP image towers too)".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152 (wide, ResNeXt, timm's ResNet-D too), or a timm, torchvision or transformers ViT (DINOv2 and CLIP image towers too)".into(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! ResNet-18/34/50/101/152 (torchvision's layout, which timm's `resnet*` share, and
 //! transformers' `ResNetForImageClassification` / `ResNetModel`, renamed to it at load), with
-//! block type, depth and widths read from the weights. BatchNorm is folded into the
+//! block type, depth, widths and groups read from the weights: wide ResNets, ResNeXt, and timm's
+//! deep-stem and average-pool-shortcut variants (`resnet50d`, `resnet50c`, `resnet26t`) too. BatchNorm is folded into the
 //! convolutions at load time: one fused conv instead of conv + four broadcast ops per layer.
 
 use std::collections::HashMap;
@@ -203,6 +204,11 @@ impl Conv {
         Self::new(weight, shift, stride, relu, dev, dt)
     }
 
+    /// The same weights as a convolution in `groups` groups (ResNeXt's 3x3s).
+    fn grouped(self, groups: usize) -> Self {
+        Self(self.0.grouped(groups))
+    }
+
     /// Channels-last on CUDA with cuDNN (`nn::Conv::channels_last`): every convolution, the
     /// stem's too, whose 3-channel input is the one copy into NHWC (cuDNN transposed it there
     /// and back inside an NCHW stem) and whose output our max pool reads in place.
@@ -232,10 +238,68 @@ fn bn_affine(w: &Weights, bn: &str, channels: usize) -> Result<(Tensor, Tensor)>
     Ok((scale, shift))
 }
 
+/// A block's projection shortcut: torchvision's strided 1x1 convolution (`downsample.0`, its
+/// BatchNorm `downsample.1`), or timm's "average down" (`avg_down`: `downsample.0` a 2x2
+/// average pool where the block strides, then the 1x1 convolution `downsample.1` of stride 1,
+/// BatchNorm `downsample.2`).
+struct Downsample {
+    avg_pool: bool,
+    conv: Conv,
+}
+
+impl Downsample {
+    fn load(
+        w: &Weights,
+        block: &str,
+        stride: usize,
+        dev: &Device,
+        dt: DType,
+    ) -> Result<Option<Self>> {
+        let p = format!("{block}.downsample");
+        let (avg_pool, conv, bn, stride) = if w.contains(&format!("{p}.0.weight")) {
+            (false, format!("{p}.0"), format!("{p}.1"), stride)
+        } else if w.contains(&format!("{p}.1.weight")) {
+            (stride > 1, format!("{p}.1"), format!("{p}.2"), 1)
+        } else {
+            return Ok(None);
+        };
+        let conv = Conv::folded(w, &conv, &bn, stride, false, dev, dt)?.channels_last()?;
+        Ok(Some(Self { avg_pool, conv }))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.avg_pool {
+            self.conv.forward(&avg_pool_2x2_ceil(x)?)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// PyTorch's `AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`: at an odd size the
+/// last row or column of windows overhangs the map and averages the values inside it only.
+fn avg_pool_2x2_ceil(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (ph, pw) = (h % 2, w % 2);
+    let padded = x.pad_with_zeros(2, 0, ph)?.pad_with_zeros(3, 0, pw)?;
+    let mean = padded.avg_pool2d(2)?;
+    if ph == 0 && pw == 0 {
+        return Ok(mean);
+    }
+    // Each window's mean over 4 times 4 over the values it covers.
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    let covered = |i: usize, n: usize, odd: usize| if odd == 1 && i == n - 1 { 1.0 } else { 2.0 };
+    let scale: Vec<f32> = (0..oh)
+        .flat_map(|i| (0..ow).map(move |j| 4.0 / (covered(i, oh, ph) * covered(j, ow, pw))))
+        .collect();
+    let scale = Tensor::from_vec(scale, (1, 1, oh, ow), x.device())?.to_dtype(x.dtype())?;
+    Ok(mean.broadcast_mul(&scale)?)
+}
+
 struct Block {
     /// All but the last apply their ReLU; the last adds the residual, then applies it.
     convs: Vec<Conv>,
-    downsample: Option<Conv>,
+    downsample: Option<Downsample>,
 }
 
 impl Block {
@@ -255,7 +319,11 @@ impl Block {
 
 pub struct ResNet {
     info: NetInfo,
-    /// conv1 alone, then bn1 as an affine map: used only when conv1 or bn1 is tapped.
+    /// A deep stem's convolutions before its last (`conv1.0` and `conv1.3`, each with its
+    /// BatchNorm and ReLU); none in the one-convolution stem.
+    deep_stem: Vec<Conv>,
+    /// conv1 (a deep stem's last convolution) alone, then bn1 as an affine map: used only when
+    /// conv1 or bn1 is tapped.
     conv1: Conv,
     bn1_scale: Tensor,
     bn1_shift: Tensor,
@@ -289,22 +357,50 @@ impl ResNet {
     ) -> Result<Self> {
         let bottleneck = w.contains("layer1.0.conv3.weight");
         let strides = Strides::of(w, config)?;
-        if !w.contains("conv1.weight") {
-            return Err(w.mismatch("no conv1.weight: only the torchvision stem (one convolution: 7x7, or 3x3 in CIFAR ResNets) is supported, not deep-stem variants".into()));
+        // timm's anti-aliased ResNets blur before each stride with a filter that is not saved:
+        // their weights are a plain ResNet's, and only the architecture's name tells.
+        if let Some(arch) = config
+            .and_then(|c| c.get("architecture"))
+            .and_then(|a| a.as_str())
+            .filter(|a| {
+                ["resnetaa", "resnextaa", "resnetblur"]
+                    .iter()
+                    .any(|v| a.contains(v))
+            })
+        {
+            return Err(w.mismatch(format!(
+                "config.json names {arch}, an anti-aliased ResNet (blur pooling before each stride), which dnd does not run"
+            )));
         }
-        let stem_w = w.get("conv1.weight", None)?;
+        // timm's deep stem: three 3x3 convolutions (the first strided), BatchNorm and ReLU
+        // between them, its last one's BatchNorm `bn1`.
+        let deep = w.contains("conv1.0.weight");
+        let (deep_stem, conv1) = if deep {
+            let convs = [("conv1.0", "conv1.1", 2), ("conv1.3", "conv1.4", 1)]
+                .into_iter()
+                .map(|(c, b, st)| Conv::folded(w, c, b, st, true, device, dtype)?.channels_last())
+                .collect::<Result<Vec<_>>>()?;
+            (convs, "conv1.6")
+        } else if w.contains("conv1.weight") {
+            (Vec::new(), "conv1")
+        } else {
+            return Err(w.mismatch(
+                "no conv1.weight (torchvision's stem) or conv1.0.weight (timm's deep stem)".into(),
+            ));
+        };
+        let stem_w = w.get(&format!("{conv1}.weight"), None)?;
         let stem_c = stem_w.dim(0)?;
         // A 3x3 stem is the CIFAR ResNet's (torchvision's or timm's with conv1 replaced by a 3x3
         // convolution of stride 1 and the max pool by an identity, as CIFAR checkpoints are
         // made): the weights cannot say otherwise, and the 7x7 stem's stride and pool would
         // shrink a 32 px image to 8 px before the first block.
-        let cifar = stem_w.dim(2)? == 3;
+        let cifar = !deep && stem_w.dim(2)? == 3;
         if cifar {
             tracing::info!("conv1 is 3x3: the CIFAR stem (stride 1, no max pool)");
         }
-        let stem_stride = if cifar { 1 } else { 2 };
+        let stem_stride = if cifar || deep { 1 } else { 2 };
         let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
-        let conv1 = Conv::new(
+        let conv1_alone = Conv::new(
             stem_w.clone(),
             shift.zeros_like()?,
             stem_stride,
@@ -313,12 +409,13 @@ impl ResNet {
             dtype,
         )?;
         let stem =
-            Conv::folded(w, "conv1", "bn1", stem_stride, true, device, dtype)?.channels_last()?;
+            Conv::folded(w, conv1, "bn1", stem_stride, true, device, dtype)?.channels_last()?;
         let mut stages = Vec::new();
         let mut depths = Vec::new();
-        // Channels into the next convolution, to catch grouped convolutions (ResNeXt), whose
-        // filters see a fraction of them and which this network does not implement.
+        // Channels into the next convolution: a grouped one's (ResNeXt's) filters see a
+        // fraction of them.
         let mut c_in = stem_c;
+        let mut groups = 1;
         for s in 1..=4 {
             let mut blocks = Vec::new();
             while w.contains(&format!("layer{s}.{}.conv1.weight", blocks.len())) {
@@ -341,21 +438,32 @@ impl ResNet {
                         let st = if i == strided { stride } else { 1 };
                         let (c, b) = (format!("{p}.conv{i}"), format!("{p}.bn{i}"));
                         let dims = w.dims(&format!("{c}.weight"))?;
-                        if dims.len() != 4 || dims[1] != c_in {
-                            return Err(w.mismatch(format!(
-                                "{c}.weight has shape {dims:?} for {c_in} input channels: grouped convolutions (ResNeXt) are not supported"
-                            )));
-                        }
+                        // Filters seeing a fraction of the channels: a grouped convolution.
+                        let g = match dims.as_slice() {
+                            &[c_out, per_group, _, _]
+                                if per_group > 0
+                                    && c_in % per_group == 0
+                                    && c_out % (c_in / per_group) == 0 =>
+                            {
+                                c_in / per_group
+                            }
+                            _ => {
+                                return Err(w.mismatch(format!(
+                                    "{c}.weight has shape {dims:?}, which no convolution of {c_in} input channels has"
+                                )))
+                            }
+                        };
+                        groups = groups.max(g);
                         c_in = dims[0];
-                        Conv::folded(w, &c, &b, st, true, device, dtype)?.channels_last()
+                        let conv = Conv::folded(w, &c, &b, st, true, device, dtype)?;
+                        if g > 1 {
+                            Ok(conv.grouped(g))
+                        } else {
+                            conv.channels_last()
+                        }
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let downsample = if w.contains(&format!("{p}.downsample.0.weight")) {
-                    let (c, b) = (format!("{p}.downsample.0"), format!("{p}.downsample.1"));
-                    Some(Conv::folded(w, &c, &b, stride, false, device, dtype)?.channels_last()?)
-                } else {
-                    None
-                };
+                let downsample = Downsample::load(w, &p, stride, device, dtype)?;
                 blocks.push(Block { convs, downsample });
             }
             if blocks.is_empty() {
@@ -376,18 +484,36 @@ impl ResNet {
         } else {
             None
         };
-        let arch = match (bottleneck, depths.as_slice()) {
-            (false, [2, 2, 2, 2]) => "resnet18".to_string(),
-            (false, [3, 4, 6, 3]) => "resnet34".to_string(),
-            (true, [3, 4, 6, 3]) => "resnet50".to_string(),
-            (true, [3, 4, 23, 3]) => "resnet101".to_string(),
-            (true, [3, 8, 36, 3]) => "resnet152".to_string(),
-            _ => "resnet".to_string(),
+        let depth = match (bottleneck, depths.as_slice()) {
+            (false, [2, 2, 2, 2]) => "18",
+            (false, [3, 4, 6, 3]) => "34",
+            (true, [3, 4, 6, 3]) => "50",
+            (true, [3, 4, 23, 3]) => "101",
+            (true, [3, 8, 36, 3]) => "152",
+            _ => "",
         };
-        let arch = format!(
-            "{arch} ({} blocks {depths:?})",
+        let mut arch = if groups > 1 {
+            // torchvision's and timm's names: groups x each group's width in the first stage.
+            let width = stages[0][0].convs[1].0.out_channels() / groups;
+            format!("resnext{depth}_{groups}x{width}d")
+        } else {
+            format!("resnet{depth}")
+        };
+        arch += &format!(
+            " ({} blocks {depths:?}",
             if bottleneck { "bottleneck" } else { "basic" }
         );
+        if deep {
+            arch += ", deep stem";
+        }
+        if stages
+            .iter()
+            .flatten()
+            .any(|b| b.downsample.as_ref().is_some_and(|d| d.avg_pool))
+        {
+            arch += ", average-pool shortcuts";
+        }
+        arch += ")";
 
         // Output shapes at this input size.
         let mut layers = Vec::new();
@@ -398,7 +524,12 @@ impl ResNet {
             kind: LayerKind::Spatial,
         };
         let k = stem_w.dim(2)?;
-        let mut hw = conv_out(input, k, stem_stride, k / 2);
+        let mut hw = if deep {
+            conv_out(input, 3, 2, 1)
+        } else {
+            input
+        };
+        hw = conv_out(hw, k, stem_stride, k / 2);
         let [conv, bn, act, pool] = layout.stem();
         for n in [conv, bn, act] {
             layers.push(spatial(&n, stem_c, hw));
@@ -451,7 +582,8 @@ impl ResNet {
                 device: device.clone(),
                 dtype,
             },
-            conv1,
+            deep_stem,
+            conv1: conv1_alone,
             stem,
             bn1_scale: scale
                 .reshape((1, (), 1, 1))?
@@ -475,7 +607,10 @@ impl TargetNetwork for ResNet {
 
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = Recorder::new(taps);
-        let x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
+        let mut x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
+        for c in &self.deep_stem {
+            x = c.forward(&x)?;
+        }
         let mut h = if taps.iter().any(|&t| t < 2) {
             // conv1 and bn1 are observable only with BatchNorm kept apart.
             let mut h = self.conv1.forward(&x)?;
