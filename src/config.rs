@@ -372,8 +372,8 @@ settings! {
     /// Float type: auto (f32 on CPU, f16 on GPU), f32, f16 or bf16 [env: DND_DTYPE]
     dtype: DTypeSpec = DTypeSpec::Auto;
     /// Target network: a local folder in Hub layout or a Hub id[@revision]; a ResNet (wide,
-    /// ResNeXt, timm's ResNet-D too) or ViT by torchvision, timm or transformers (DINOv2 and
-    /// CLIP image towers too) [env: DND_TARGET]
+    /// ResNeXt, timm's ResNet-D too), ConvNeXt or ViT by torchvision, timm or transformers
+    /// (DINOv2 and CLIP image towers too) [env: DND_TARGET]
     target: ModelSource = ModelSource::hub("timm/resnet50.tv_in1k");
     /// BLIP captioner: local folder or Hub id[@revision] [env: DND_CAPTIONER]
     captioner: ModelSource = preset.captioner();

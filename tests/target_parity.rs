@@ -27,15 +27,15 @@ const TORCHVISION_TAPS: [&str; 12] = [
     "layer4.0", "avgpool", "fc",
 ];
 
-/// A ResNet fixture's layers `names`, tapped in one pass, mean- and max-pooled, against the
+/// A convolutional fixture's (ResNet's, ConvNeXt's) layers `names`, tapped in one pass, mean- and max-pooled, against the
 /// reference; then, when given, channel 5 of layer `map.0`'s spatial map against the
 /// reference's `map.1`.
-fn check_resnet(name: &str, names: &[&str], map: Option<(&str, &str)>) -> dnd::target::Target {
-    check_resnet_at(name, names, map, 224)
+fn check_cnn(name: &str, names: &[&str], map: Option<(&str, &str)>) -> dnd::target::Target {
+    check_cnn_at(name, names, map, 224)
 }
 
-/// [`check_resnet`] on the fixture batch's top-left `size` pixels.
-fn check_resnet_at(
+/// [`check_cnn`] on the fixture batch's top-left `size` pixels.
+fn check_cnn_at(
     name: &str,
     names: &[&str],
     map: Option<(&str, &str)>,
@@ -83,7 +83,7 @@ fn check_resnet_at(
 
 #[test]
 fn resnet_basic_blocks_match_pytorch() {
-    check_resnet(
+    check_cnn(
         "resnet_basic",
         &TORCHVISION_TAPS,
         Some(("layer3", "map/layer3")),
@@ -92,7 +92,7 @@ fn resnet_basic_blocks_match_pytorch() {
 
 #[test]
 fn resnet_bottleneck_blocks_match_pytorch() {
-    check_resnet(
+    check_cnn(
         "resnet_bottleneck",
         &TORCHVISION_TAPS,
         Some(("layer3", "map/layer3")),
@@ -103,7 +103,7 @@ fn resnet_bottleneck_blocks_match_pytorch() {
 fn a_cifar_resnet_runs_its_3x3_stem_without_stride_or_pool() {
     // conv1 replaced by a 3x3 convolution of stride 1 and the max pool by an identity, as
     // CIFAR checkpoints of timm's and torchvision's ResNets are made.
-    let t = check_resnet(
+    let t = check_cnn(
         "resnet_cifar",
         &TORCHVISION_TAPS,
         Some(("layer4", "map/layer4")),
@@ -120,7 +120,7 @@ fn a_cifar_resnet_runs_its_3x3_stem_without_stride_or_pool() {
 #[test]
 fn resnext_grouped_convolutions_match_pytorch() {
     // timm's (and torchvision's: the same names) ResNeXt: grouped 3x3s in every bottleneck.
-    let t = check_resnet("resnext", &TORCHVISION_TAPS, Some(("layer4", "map/layer4")));
+    let t = check_cnn("resnext", &TORCHVISION_TAPS, Some(("layer4", "map/layer4")));
     assert!(
         t.net.info().architecture.starts_with("resnext_4x2d"),
         "{}",
@@ -132,7 +132,7 @@ fn resnext_grouped_convolutions_match_pytorch() {
 fn resnet_d_deep_stem_and_average_pool_shortcuts_match_pytorch() {
     // timm's tiered deep stem and avg_down shortcuts, at 208 px: layer4's shortcut pools a
     // 13x13 map, its last windows overhanging it (PyTorch's ceil mode).
-    let t = check_resnet_at(
+    let t = check_cnn_at(
         "resnet_d",
         &TORCHVISION_TAPS,
         Some(("layer4", "map/layer4")),
@@ -150,28 +150,111 @@ fn resnet_d_deep_stem_and_average_pool_shortcuts_match_pytorch() {
     );
 }
 
+#[test]
+fn convnexts_match_their_libraries_under_their_own_layer_names() {
+    // Depths [1, 2, 1, 1]: every layer, and channel 5 of the third stage's map.
+    let timm = [
+        "stem",
+        "stages.0",
+        "stages.0.blocks.0",
+        "stages.1",
+        "stages.1.blocks.0",
+        "stages.1.blocks.1",
+        "stages.2",
+        "stages.2.blocks.0",
+        "stages.3",
+        "stages.3.blocks.0",
+        "head.global_pool",
+        "head.norm",
+        "head.fc",
+    ];
+    let torchvision = [
+        "features.0",
+        "features.1",
+        "features.1.0",
+        "features.3",
+        "features.3.0",
+        "features.3.1",
+        "features.5",
+        "features.5.0",
+        "features.7",
+        "features.7.0",
+        "avgpool",
+        "classifier.0",
+        "classifier.2",
+    ];
+    let transformers = |p: &str, head: bool| {
+        prefixed(
+            p,
+            &[
+                "embeddings",
+                "encoder.stages.0",
+                "encoder.stages.0.layers.0",
+                "encoder.stages.1",
+                "encoder.stages.1.layers.0",
+                "encoder.stages.1.layers.1",
+                "encoder.stages.2",
+                "encoder.stages.2.layers.0",
+                "encoder.stages.3",
+                "encoder.stages.3.layers.0",
+                "layernorm",
+            ],
+            head,
+        )
+    };
+    let owned = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    for (name, layers, map) in [
+        ("convnext_timm", owned(&timm), "stages.2"),
+        ("convnext_timm_conv_mlp", owned(&timm), "stages.2"),
+        ("convnext_torchvision", owned(&torchvision), "features.5"),
+        (
+            "convnext_transformers",
+            transformers("convnext.", true),
+            "convnext.encoder.stages.2",
+        ),
+        (
+            "convnext_transformers_model",
+            transformers("", false),
+            "encoder.stages.2",
+        ),
+    ] {
+        // All in one pass; the reference holds seven of the ten block and stage layers.
+        let tapped: Vec<&str> = layers.iter().map(|n| n.as_str()).collect();
+        let key = format!("map/{map}");
+        let t = check_cnn(name, &tapped, Some((map, &key)));
+        assert_eq!(layer_names(&t), layers, "{name}");
+        assert_eq!(t.layer(t.layer_index(map).unwrap()).shape, [24, 14, 14]);
+    }
+}
+
 /// The layers of transformers' ResNet fixtures (depths [1, 2, 1, 1]), in `dnd layers`'
 /// order, under `prefix` (`resnet.` in ResNetForImageClassification).
 fn transformers_resnet_layers(prefix: &str, head: bool) -> Vec<String> {
-    let mut names: Vec<String> = [
-        "embedder.embedder.convolution",
-        "embedder.embedder.normalization",
-        "embedder.embedder",
-        "embedder",
-        "encoder.stages.0",
-        "encoder.stages.0.layers.0",
-        "encoder.stages.1",
-        "encoder.stages.1.layers.0",
-        "encoder.stages.1.layers.1",
-        "encoder.stages.2",
-        "encoder.stages.2.layers.0",
-        "encoder.stages.3",
-        "encoder.stages.3.layers.0",
-        "pooler",
-    ]
-    .iter()
-    .map(|n| format!("{prefix}{n}"))
-    .collect();
+    prefixed(
+        prefix,
+        &[
+            "embedder.embedder.convolution",
+            "embedder.embedder.normalization",
+            "embedder.embedder",
+            "embedder",
+            "encoder.stages.0",
+            "encoder.stages.0.layers.0",
+            "encoder.stages.1",
+            "encoder.stages.1.layers.0",
+            "encoder.stages.1.layers.1",
+            "encoder.stages.2",
+            "encoder.stages.2.layers.0",
+            "encoder.stages.3",
+            "encoder.stages.3.layers.0",
+            "pooler",
+        ],
+        head,
+    )
+}
+
+/// A transformers model's layers `names` under `prefix`, then its head `classifier`.
+fn prefixed(prefix: &str, names: &[&str], head: bool) -> Vec<String> {
+    let mut names: Vec<String> = names.iter().map(|n| format!("{prefix}{n}")).collect();
     if head {
         names.push("classifier".into());
     }
@@ -198,7 +281,7 @@ fn transformers_resnets_match_transformers_under_their_own_layer_names() {
         let taps: Vec<&str> = taps.iter().map(String::as_str).collect();
         // The tiny one's reference holds a feature map of its third stage.
         let map = (name == "resnet_transformers_tiny").then_some((taps[7], "map/stages.2"));
-        let target = check_resnet(name, &taps, map);
+        let target = check_cnn(name, &taps, map);
         assert_eq!(
             layer_names(&target),
             transformers_resnet_layers(prefix, head),
@@ -380,15 +463,12 @@ fn mismatched_weights_are_one_clear_error() {
         "{msg}"
     );
     // A variant with parts of its own (timm's SE-ResNets): refused, not silently half-loaded.
-    edited_fixture_model("resnet_basic", dir.path(), |w| {
-        let extra = w["layer1.0.bn1.weight"].clone();
-        w.insert("layer1.0.se.fc1.bias".into(), extra);
-    });
-    let msg = try_load_target(dir.path()).unwrap_err().to_string();
-    assert!(
-        msg.contains("layer1.0.se.fc1.bias") && msg.contains("not part of resnet"),
-        "{msg}"
+    let msg = refused_with_extra(
+        "resnet_basic",
+        "layer1.0.bn1.weight",
+        "layer1.0.se.fc1.bias",
     );
+    assert!(msg.contains("not part of resnet"), "{msg}");
     // A convolution whose filters see a number of channels no grouping of its input gives.
     edited_fixture_model("resnet_basic", dir.path(), |w| {
         let conv = &w["layer1.0.conv2.weight"];
@@ -401,36 +481,29 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.conv2.weight") && msg.contains("no convolution of 8 input channels"),
         "{msg}"
     );
+    // ConvNeXt V2: a GRN in every block's MLP.
+    let msg = refused_with_extra(
+        "convnext_timm",
+        "stages.0.blocks.0.norm.weight",
+        "stages.0.blocks.0.mlp.grn.weight",
+    );
+    assert!(msg.contains("not part of convnext"), "{msg}");
     // timm's anti-aliased ResNets: a plain ResNet's weights, refused by the name in config.json.
-    edited_fixture_model("resnet_d", dir.path(), |_| {});
-    let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("\"resnet50\"", "\"resnetaa50d\"")).unwrap();
-    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    let msg = refused_with_config("resnet_d", "\"resnet50\"", "\"resnetaa50d\"");
     assert!(
         msg.contains("resnetaa50d") && msg.contains("anti-aliased"),
         "{msg}"
     );
     // A transformers ResNet with another activation than the ReLU dnd runs.
-    let tf = tempfile::tempdir().unwrap();
-    edited_fixture_model("resnet_transformers_basic", tf.path(), |_| {});
-    let config = tf.path().join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("\"relu\"", "\"gelu\"")).unwrap();
-    let msg = try_load_target(tf.path()).unwrap_err().to_string();
+    let msg = refused_with_config("resnet_transformers_basic", "\"relu\"", "\"gelu\"");
     assert!(msg.contains("hidden_act") && msg.contains("gelu"), "{msg}");
     // ViT variants: DeiT's distillation token and tokens averaged before the head, each named.
     for (tensor, said) in [
         ("dist_token", "distillation token"),
         ("fc_norm.weight", "averaged before the head"),
     ] {
-        let vit = tempfile::tempdir().unwrap();
-        edited_fixture_model("vit_tiny", vit.path(), |w| {
-            let extra = w["cls_token"].clone();
-            w.insert(tensor.into(), extra);
-        });
-        let msg = try_load_target(vit.path()).unwrap_err().to_string();
-        assert!(msg.contains(tensor) && msg.contains(said), "{msg}");
+        let msg = refused_with_extra("vit_tiny", "cls_token", tensor);
+        assert!(msg.contains(said), "{msg}");
     }
     // A gated MLP (SwiGLU: fc1 twice as wide as fc2 reads), named.
     let vit = tempfile::tempdir().unwrap();
@@ -448,6 +521,30 @@ fn mismatched_weights_are_one_clear_error() {
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
     let msg = try_load_target(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("safetensors") && msg.contains("fix"), "{msg}");
+}
+
+/// The error loading fixture `name` with a tensor `extra` added (a copy of its `like`), which
+/// must name it.
+fn refused_with_extra(name: &str, like: &str, extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    edited_fixture_model(name, dir.path(), |w| {
+        let t = w[like].clone();
+        w.insert(extra.into(), t);
+    });
+    let msg = try_load_target(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains(extra), "{msg}");
+    msg
+}
+
+/// The error loading fixture `name` with `from` replaced by `to` in its config.json.
+fn refused_with_config(name: &str, from: &str, to: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    edited_fixture_model(name, dir.path(), |_| {});
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(from), "{name}'s config.json has no {from}");
+    std::fs::write(&config, text.replace(from, to)).unwrap();
+    try_load_target(dir.path()).unwrap_err().to_string()
 }
 
 #[test]

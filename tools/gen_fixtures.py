@@ -190,6 +190,90 @@ def write_resnext_and_resnet_d(x):
         save_resnet_reference(model.float(), x[:, :, :size, :size], name, "layer4", 6)
 
 
+def save_cnn_reference(model, x, name, taps, map_layer, run=None):
+    """A convolutional network's reference: each tap mean- and max-pooled (a pooled 1x1 map
+    flattened), channels 0-5 of `map_layer`'s feature map (the tests read channel 5), the logits."""
+    outs, logits = capture(model, x, taps, run)
+    ref = {}
+    for t in taps:
+        o = outs[t]
+        o = o.flatten(1) if o.dim() == 4 and o.shape[2:] == (1, 1) else o
+        ref[f"mean/{t}"] = pooled(o, "mean").contiguous()
+        if o.dim() == 4:
+            ref[f"max/{t}"] = pooled(o, "max").contiguous()
+    ref[f"map/{map_layer}"] = outs[map_layer][:, :6].contiguous()
+    logits = getattr(logits, "logits", logits)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        ref["logits"] = logits.contiguous()
+    save_file({k: v.clone().contiguous() for k, v in ref.items()}, MODELS / f"{name}.reference.safetensors")
+
+
+def randomise_layer_norms_and_scales(model, gen):
+    """Random biases, LayerNorm affine maps and LayerScale: at their initial values (0, 1 and
+    1e-6) the blocks would be near identities and these parameters unobservable."""
+    for n, p in model.named_parameters():
+        if n.endswith(("gamma", "layer_scale", "layer_scale_parameter")):
+            p.data = torch.randn(p.shape, generator=gen) * 0.5
+        elif n.endswith("bias"):
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.data = torch.rand(m.weight.shape, generator=gen) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.1
+
+
+def write_convnext(x):
+    """ConvNeXts at small widths (8, 16, 24, 32; depths 1, 2, 1, 1), f16, with random LayerNorms
+    and LayerScale, as each library builds and saves them:
+    - convnext_timm: timm's convnext_tiny class (save_for_hf);
+    - convnext_timm_conv_mlp: timm's conv_mlp form (convnext_atto's: the MLP as 1x1
+      convolutions, LayerNorm2d) without LayerScale;
+    - convnext_torchvision: torchvision's ConvNeXt, its state dict as model.safetensors;
+    - convnext_transformers: ConvNextForImageClassification (save_pretrained);
+    - convnext_transformers_model: ConvNextModel (no prefix, no classifier)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextModel
+    dims, depths = [8, 16, 24, 32], [1, 2, 1, 1]
+    for seed, name in enumerate(["convnext_timm", "convnext_timm_conv_mlp", "convnext_torchvision",
+                                 "convnext_transformers", "convnext_transformers_model"]):
+        torch.manual_seed(30 + seed)
+        gen = torch.Generator().manual_seed(30 + seed)
+        folder = MODELS / name
+        if name.startswith("convnext_timm"):
+            args = dict(depths=depths, dims=dims, num_classes=10)
+            if name.endswith("conv_mlp"):
+                args.update(conv_mlp=True, ls_init_value=None)
+            model = timm.create_model("convnext_tiny", pretrained=False, **args).eval()
+            taps = ["stem", "stages.0", "stages.0.blocks.0", "stages.1", "stages.1.blocks.1", "stages.2",
+                    "stages.3", "head.global_pool", "head.norm", "head.fc"]
+            map_layer, run = "stages.2", None
+        elif name == "convnext_torchvision":
+            setting = [CNBlockConfig(a, b, n) for a, b, n in zip(dims, dims[1:] + [None], depths)]
+            model = ConvNeXt(setting, num_classes=10).eval()
+            taps = ["features.0", "features.1", "features.1.0", "features.3", "features.3.1", "features.5",
+                    "features.7", "avgpool", "classifier.0", "classifier.2"]
+            map_layer, run = "features.5", None
+        else:
+            cfg = ConvNextConfig(hidden_sizes=dims, depths=depths, num_labels=10)
+            head = name == "convnext_transformers"
+            model = (ConvNextForImageClassification if head else ConvNextModel)(cfg).eval()
+            p = "convnext." if head else ""
+            taps = [f"{p}embeddings", f"{p}encoder.stages.0", f"{p}encoder.stages.0.layers.0", f"{p}encoder.stages.1",
+                    f"{p}encoder.stages.1.layers.1", f"{p}encoder.stages.2", f"{p}encoder.stages.3",
+                    f"{p}layernorm"] + (["classifier"] if head else [])
+            map_layer, run = f"{p}encoder.stages.2", lambda: model(pixel_values=x)
+        randomise_layer_norms_and_scales(model, gen)
+        model = model.half().float()
+        if name.startswith("convnext_timm"):
+            save_for_hf(model.half(), folder, safe_serialization=True, model_args=args)
+        elif name == "convnext_torchvision":
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+        else:
+            model.half().save_pretrained(folder, safe_serialization=True)
+        save_cnn_reference(model.float(), x, name, taps, map_layer, run)
+
+
 def write_vit(x, gen):
     torch.manual_seed(1)
     model = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=False, embed_dim=64,
@@ -572,6 +656,7 @@ def main():
     write_vit_dinov2_registers_transformers(x)
     write_vit_clip(x)
     write_resnext_and_resnet_d(x)
+    write_convnext(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -1,6 +1,7 @@
 //! Target networks: the vision models being explained, with their layers addressed by the
 //! PyTorch module names the weights use, and several layers tapped in one forward pass.
 
+mod convnext;
 mod resnet;
 mod vit;
 
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::hub::ResolvedModel;
 use crate::probe::Preprocess;
 
+pub use convnext::ConvNext;
 pub(crate) use resnet::stem_pool;
 pub use resnet::{random_resnet_weights, ResNet};
 pub use vit::Vit;
@@ -78,7 +80,7 @@ impl std::fmt::Debug for Target {
 }
 
 impl Target {
-    /// Loads a ResNet or ViT from a resolved model folder: `model.safetensors` (torchvision,
+    /// Loads a ResNet, ConvNeXt or ViT from a resolved model folder: `model.safetensors` (torchvision,
     /// timm or transformers names) and, when present, `config.json` (timm's: preprocessing and
     /// head count; transformers': a ViT's head count, a ResNet's strides) and transformers'
     /// image processor (`preprocessor_config.json` or `processor_config.json`).
@@ -99,6 +101,8 @@ impl Target {
         weights.convert(|t| layout.to_timm(t))?;
         let resnet_layout = resnet::Layout::of(|n| weights.contains(n));
         weights.convert(|t| Ok(resnet_layout.to_torchvision(t)))?;
+        let convnext_layout = convnext::Layout::of(|n| weights.contains(n));
+        weights.convert(|t| Ok(convnext_layout.to_timm(t)))?;
         let net: Box<dyn TargetNetwork> = if weights.contains("patch_embed.proj.weight") {
             Box::new(Vit::load(
                 &weights,
@@ -117,9 +121,18 @@ impl Target {
                 device,
                 dtype,
             )?)
+        } else if convnext::Layout::is_convnext(|n| weights.contains(n)) {
+            Box::new(ConvNext::load(
+                &weights,
+                config.as_ref(),
+                convnext_layout,
+                preprocess.crop as usize,
+                device,
+                dtype,
+            )?)
         } else {
             return Err(weights.mismatch(
-                "it holds neither a torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...) nor a timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...; vision_model.embeddings, ...)".into(),
+                "it holds no torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...), no timm, torchvision or transformers ConvNeXt (stem, stages.N.blocks; features.N.M.block; embeddings.patch_embeddings, ...) and no timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...; vision_model.embeddings, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -263,7 +276,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152 (wide, ResNeXt, timm's ResNet-D too), or a timm, torchvision or transformers ViT (DINOv2 and CLIP image towers too)".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152 (wide, ResNeXt, timm's ResNet-D too), ConvNeXt, or ViT (DINOv2 and CLIP image towers too)".into(),
         }
     }
 
@@ -286,6 +299,43 @@ impl Weights {
             }
         }
         Ok(t.clone())
+    }
+
+    /// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
+    pub(crate) fn layer_norm(
+        &self,
+        p: &str,
+        d: usize,
+        eps: f64,
+        dev: &Device,
+        dt: DType,
+    ) -> Result<crate::nn::LayerNorm> {
+        let get = |name: &str| -> Result<Tensor> {
+            Ok(self
+                .get(&format!("{p}.{name}"), Some(&[d]))?
+                .to_device(dev)?
+                .to_dtype(dt)?)
+        };
+        Ok(crate::nn::LayerNorm::new(get("weight")?, get("bias")?, eps))
+    }
+
+    /// Fails when transformers' config.json sets an activation other than `want`, the one
+    /// dnd's `net` runs.
+    pub(crate) fn check_hidden_act(
+        &self,
+        config: Option<&serde_json::Value>,
+        want: &str,
+        net: &str,
+    ) -> Result<()> {
+        match config
+            .and_then(|c| c.get("hidden_act"))
+            .and_then(|v| v.as_str())
+        {
+            Some(act) if act != want => Err(self.mismatch(format!(
+                "config.json sets hidden_act \"{act}\"; dnd's {net} runs {want} only"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Shape of `name`, or the missing-tensor error.

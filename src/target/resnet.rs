@@ -145,15 +145,7 @@ impl Strides {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false)
         };
-        if let Some(act) = config
-            .and_then(|c| c.get("hidden_act"))
-            .and_then(|v| v.as_str())
-            .filter(|a| *a != "relu")
-        {
-            return Err(w.mismatch(format!(
-                "config.json sets hidden_act \"{act}\"; dnd's ResNet runs ReLU only"
-            )));
-        }
+        w.check_hidden_act(config, "relu", "ResNet")?;
         Ok(Self {
             first_stage: if flag("downsample_in_first_stage") {
                 2

@@ -303,16 +303,6 @@ fn joined(
     Ok(out)
 }
 
-/// `{p}.weight` and `{p}.bias` of `d` as a LayerNorm on `dev` in `dt`.
-fn norm(w: &Weights, p: &str, d: usize, eps: f64, dev: &Device, dt: DType) -> Result<LayerNorm> {
-    let get = |name: &str| -> Result<Tensor> {
-        Ok(w.get(&format!("{p}.{name}"), Some(&[d]))?
-            .to_device(dev)?
-            .to_dtype(dt)?)
-    };
-    Ok(LayerNorm::new(get("weight")?, get("bias")?, eps))
-}
-
 /// A linear layer from `{p}.weight` `(out, inp)` and `{p}.bias`.
 fn lin(w: &Weights, p: &str, out: usize, inp: usize, dev: &Device, dt: DType) -> Result<Linear> {
     scaled_lin(w, p, None, out, inp, dev, dt)
@@ -636,7 +626,7 @@ impl Vit {
                     )));
                 }
                 Ok(Block {
-                    norm1: norm(w, &format!("{p}.norm1"), d, eps, device, dtype)?,
+                    norm1: w.layer_norm(&format!("{p}.norm1"), d, eps, device, dtype)?,
                     qkv: lin(w, &format!("{p}.attn.qkv"), 3 * d, d, device, dtype)?,
                     proj: scaled_lin(
                         w,
@@ -647,7 +637,7 @@ impl Vit {
                         device,
                         dtype,
                     )?,
-                    norm2: norm(w, &format!("{p}.norm2"), d, eps, device, dtype)?,
+                    norm2: w.layer_norm(&format!("{p}.norm2"), d, eps, device, dtype)?,
                     fc1: lin(w, &format!("{p}.mlp.fc1"), hidden, d, device, dtype)?,
                     fc2: scaled_lin(
                         w,
@@ -712,7 +702,7 @@ impl Vit {
                 false => None,
             },
             norm_pre: match w.contains("norm_pre.weight") {
-                true => Some(norm(w, "norm_pre", d, eps, device, dtype)?),
+                true => Some(w.layer_norm("norm_pre", d, eps, device, dtype)?),
                 false => None,
             },
             patch,
@@ -720,7 +710,7 @@ impl Vit {
             registers: registers.map(to).transpose()?,
             patch_pos: to(patch_pos)?,
             blocks,
-            norm: norm(w, "norm", d, eps, device, dtype)?,
+            norm: w.layer_norm("norm", d, eps, device, dtype)?,
             head,
             head_reads_mean,
         })
