@@ -292,8 +292,8 @@ enum ConvImpl {
         bias: Tensor,
         relu: bool,
         upsample: bool,
-        /// Grouped convolutions run through candle's conv2d (one convolution per group), in
-        /// NCHW.
+        /// For candle's conv2d (without cuDNN: one convolution per group); our cuDNN op reads
+        /// it from the shapes.
         groups: usize,
         /// Computed in NHWC by cuDNN (see `channels_last`).
         #[cfg(feature = "cudnn")]
@@ -419,7 +419,6 @@ impl Conv {
             channels_last,
             upsample,
             phases,
-            groups: 1,
             ..
         } = &mut self.imp
         {
@@ -435,8 +434,8 @@ impl Conv {
         Ok(self)
     }
 
-    /// The same weights as a convolution in `groups` groups (ResNeXt's): the input has
-    /// `groups` times the channels the weights' second dimension says. Before `channels_last`.
+    /// The same weights as a convolution in `groups` groups (ResNeXt's, ConvNeXt's depthwise):
+    /// the input has `groups` times the channels the weights' second dimension says.
     pub(crate) fn grouped(mut self, n: usize) -> Self {
         match &mut self.imp {
             ConvImpl::Cpu(op) => op.set_groups(n),
@@ -604,7 +603,7 @@ fn upsampled_conv_channels_last(phases: &Tensor, bias: &Tensor, x: &Tensor) -> R
 }
 
 /// candle's convolution (without bias), after nearest 2x upsampling when `upsample`; with
-/// cuDNN, our cuDNN op (`gpu_ops::cudnn_conv`), which takes one group only.
+/// cuDNN, our cuDNN op (`gpu_ops::cudnn_conv`), which reads the groups from the shapes.
 fn candle_conv(
     weight: &Tensor,
     (stride, padding): (usize, usize),
@@ -617,15 +616,12 @@ fn candle_conv(
     } else {
         x.clone()
     };
-    if groups > 1 {
-        return Ok(x.conv2d(weight, padding, stride, 1, groups)?);
-    }
     #[cfg(feature = "cudnn")]
     if x.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
         use crate::gpu_ops::cudnn_conv::{conv2d, Format};
         return Ok(conv2d(&x, weight, padding, stride, Format::Nchw)?);
     }
-    Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+    Ok(x.conv2d(weight, padding, stride, 1, groups)?)
 }
 
 /// Nearest upsampling of `(N, C, H, W)` by `scale`: one kernel of ours on CUDA at 2x,

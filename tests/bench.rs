@@ -225,6 +225,8 @@ fn check_compares_every_model_family_from_seeded_weights() {
         "sd-v1-4.vae.b5",
         "taesd.decode.b3",
         "ops.conv_channels_last",
+        "ops.conv_grouped",
+        "ops.conv_depthwise_channels_last",
         "ops.upsample_conv_channels_last",
         "ops.normalise_pixels",
         "ops.group_norm_silu_channels_last",

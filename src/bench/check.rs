@@ -307,6 +307,38 @@ impl Bench<'_> {
             },
         );
 
+        // Grouped convolutions (through cuDNN's group count where built with it): ResNeXt's
+        // strided 3x3 in 4 groups (32 at full size) and ConvNeXt's depthwise 7x7, NCHW and
+        // channels-last, each reading channels-last storage.
+        for (name, groups, k, stride, channels_last) in [
+            ("ops.conv_grouped", 4, 3, 2, false),
+            ("ops.conv_grouped_channels_last", 4, 3, 2, true),
+            ("ops.conv_depthwise_channels_last", 0, 7, 1, true),
+        ] {
+            sink.op(name, Kernel::Epilogue, tol, note, |_| {
+                let (c, side) = if full { (256, 28) } else { (16, 10) };
+                let groups = match (groups, full) {
+                    (0, _) => c,
+                    (_, true) => 32,
+                    (g, false) => g,
+                };
+                let fan_in = (k * k * c / groups) as f64;
+                let w = (randn(&[c, c / groups, k, k], 41)? * fan_in.sqrt().recip())?;
+                let (x, b) = (randn(&[2, c, side, side], 42)?, randn(&[c], 43)?);
+                let want = x
+                    .conv2d(&w, k / 2, stride, 1, groups)?
+                    .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+                let op =
+                    crate::nn::Conv::new(w, b, (stride, k / 2), false, dev, dt)?.grouped(groups);
+                let op = if channels_last {
+                    op.channels_last()?
+                } else {
+                    op
+                };
+                rel_err(&op.forward(&nhwc(&x)?)?, &want)
+            });
+        }
+
         // ResNet's stem pool (3x3, stride 2, padding 1) on the stem's channels-last output
         // after its ReLU, at ResNet-50's 112 x 112 x 64.
         sink.op(

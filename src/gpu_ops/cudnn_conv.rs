@@ -52,7 +52,8 @@ pub(crate) enum Format {
     Nhwc,
 }
 
-/// The convolution of CUDA `x` by `w` (no bias; dilation 1, one group), both in `format`.
+/// The convolution of CUDA `x` by `w` (no bias; dilation 1), both in `format`; grouped (ResNeXt,
+/// ConvNeXt's depthwise) where `w`'s filters see a fraction of `x`'s channels.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -112,7 +113,7 @@ impl CudnnConv {
         };
         let [_, c, h, wd] = dims.x;
         let [_, wc, r, s] = dims.w;
-        if c != wc || h + 2 * self.padding < r || wd + 2 * self.padding < s {
+        if wc == 0 || c % wc != 0 || h + 2 * self.padding < r || wd + 2 * self.padding < s {
             candle_core::bail!(
                 "dnd-cudnn-conv2d: input {:?} and filter {:?} ({:?}) do not fit",
                 xl.dims(),
@@ -307,6 +308,11 @@ fn plan<T: CudnnDataType + WithDType>(
     )?;
     if T::DTYPE != DType::F32 {
         conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
+    }
+    // Filters seeing C / groups channels each; the dims (a plan's key) determine it.
+    let groups = d.x[1] / d.w[1];
+    if groups > 1 {
+        conv.set_group_count(groups as i32)?;
     }
     let x = cudnn.create_4d_tensor::<T>(format, i32s(d.x)?)?;
     let w = cudnn.create_4d_filter::<T>(format, i32s(d.w)?)?;

@@ -188,7 +188,8 @@ impl Layout {
     }
 }
 
-/// LayerNorm over the channels of `(N, C, H, W)` (timm's `LayerNorm2d`).
+/// LayerNorm over the channels of `(N, C, H, W)` (timm's `LayerNorm2d`), left a view of
+/// channels-last storage.
 fn norm_2d(norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
     let y = norm.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
     Ok(y.permute((0, 3, 1, 2))?)
@@ -199,7 +200,7 @@ fn patchify(w: &Weights, p: &str, dev: &Device, dt: DType) -> Result<nn::Conv> {
     let weight = w.get(&format!("{p}.weight"), None)?;
     let (c_out, k) = (weight.dim(0)?, weight.dim(2)?);
     let bias = w.get(&format!("{p}.bias"), Some(&[c_out]))?;
-    Ok(nn::Conv::new(weight, bias, (k, 0), false, dev, dt)?)
+    Ok(nn::Conv::new(weight, bias, (k, 0), false, dev, dt)?.channels_last()?)
 }
 
 struct Block {
@@ -222,7 +223,9 @@ impl Block {
         }
         let k = dw.dim(2)?;
         let bias = w.get(&format!("{p}.conv_dw.bias"), Some(&[c]))?;
-        let conv_dw = nn::Conv::new(dw, bias, (1, k / 2), false, dev, dt)?.grouped(c);
+        let conv_dw = nn::Conv::new(dw, bias, (1, k / 2), false, dev, dt)?
+            .grouped(c)
+            .channels_last()?;
         // timm's conv_mlp variants (convnext_atto ...) hold the MLP as 1x1 convolutions.
         let matrix = |name: &str| -> Result<Tensor> {
             let t = w.get(&format!("{p}.{name}.weight"), None)?;
@@ -254,13 +257,15 @@ impl Block {
         })
     }
 
-    /// `x + fc2(gelu(fc1(norm(conv_dw(x)))))`, the MLP over channels-last rows.
+    /// `x + fc2(gelu(fc1(norm(conv_dw(x)))))`, the MLP over channels-last rows. The output is
+    /// an `(N, C, H, W)` view of them, which the next channels-last convolution (cuDNN builds)
+    /// reads in place, as it does the residual; elsewhere they are copied to NCHW and back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv_dw.forward(x)?.permute((0, 2, 3, 1))?;
         let h = self.norm.forward(&h.contiguous()?)?;
         let h = self.fc1.forward_act(&h, Act::Gelu)?;
         let y = self.fc2.forward_residual(&h, &x.permute((0, 2, 3, 1))?)?;
-        Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
+        Ok(y.permute((0, 3, 1, 2))?)
     }
 }
 
@@ -403,7 +408,7 @@ impl TargetNetwork for ConvNext {
     fn forward(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = Recorder::new(taps);
         let x = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
-        let mut h = norm_2d(&self.stem_norm, &self.stem.forward(&x)?)?.contiguous()?;
+        let mut h = norm_2d(&self.stem_norm, &self.stem.forward(&x)?)?;
         if rec.record(0, &h) {
             return rec.finish();
         }
@@ -411,7 +416,7 @@ impl TargetNetwork for ConvNext {
         let mut idx = 1;
         for stage in &self.stages {
             if let Some((ln, conv)) = &stage.downsample {
-                h = conv.forward(&norm_2d(ln, &h)?.contiguous()?)?;
+                h = conv.forward(&norm_2d(ln, &h)?)?;
             }
             for (b, block) in stage.blocks.iter().enumerate() {
                 h = block.forward(&h)?;

@@ -447,12 +447,9 @@ impl ResNet {
                         };
                         groups = groups.max(g);
                         c_in = dims[0];
-                        let conv = Conv::folded(w, &c, &b, st, true, device, dtype)?;
-                        if g > 1 {
-                            Ok(conv.grouped(g))
-                        } else {
-                            conv.channels_last()
-                        }
+                        Conv::folded(w, &c, &b, st, true, device, dtype)?
+                            .grouped(g)
+                            .channels_last()
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let downsample = Downsample::load(w, &p, stride, device, dtype)?;
