@@ -419,11 +419,16 @@ impl Conv {
             channels_last,
             upsample,
             phases,
+            groups,
             ..
         } = &mut self.imp
         {
             use crate::gpu_ops::cudnn_conv;
-            if weight.device().is_cuda() && cudnn_conv::enabled() && cudnn_conv::channels_last() {
+            if weight.device().is_cuda()
+                && cudnn_conv::enabled()
+                && cudnn_conv::channels_last()
+                && (*groups == 1 || crate::gpu_ops::on(crate::gpu_ops::Kernel::GroupedConv))
+            {
                 if *upsample && crate::gpu_ops::on(crate::gpu_ops::Kernel::UpsampleConv) {
                     *phases = Some(upsample_phase_filters_nhwc(weight)?);
                 }
@@ -617,7 +622,10 @@ fn candle_conv(
         x.clone()
     };
     #[cfg(feature = "cudnn")]
-    if x.device().is_cuda() && crate::gpu_ops::cudnn_conv::enabled() {
+    if x.device().is_cuda()
+        && crate::gpu_ops::cudnn_conv::enabled()
+        && (groups == 1 || crate::gpu_ops::on(crate::gpu_ops::Kernel::GroupedConv))
+    {
         use crate::gpu_ops::cudnn_conv::{conv2d, Format};
         return Ok(conv2d(&x, weight, padding, stride, Format::Nchw)?);
     }

@@ -315,7 +315,7 @@ impl Bench<'_> {
             ("ops.conv_grouped_channels_last", 4, 3, 2, true),
             ("ops.conv_depthwise_channels_last", 0, 7, 1, true),
         ] {
-            sink.op(name, Kernel::Epilogue, tol, note, |_| {
+            sink.op(name, Kernel::GroupedConv, tol, note, |_| {
                 let (c, side) = if full { (256, 28) } else { (16, 10) };
                 let groups = match (groups, full) {
                     (0, _) => c,

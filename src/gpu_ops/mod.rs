@@ -48,10 +48,13 @@ pub enum Kernel {
     MaxPool,
     /// 8-bit images normalised into a network's input.
     Pixels,
+    /// Grouped convolutions (ResNeXt's, ConvNeXt's depthwise) as one call of our cuDNN op with
+    /// cuDNN's group count; off, candle's conv2d runs one convolution per group.
+    GroupedConv,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::GroupNorm,
         Kernel::Epilogue,
         Kernel::Geglu,
@@ -61,6 +64,7 @@ impl Kernel {
         Kernel::UpsampleConv,
         Kernel::MaxPool,
         Kernel::Pixels,
+        Kernel::GroupedConv,
     ];
 
     /// The name `DND_GPU_KERNELS_OFF` and `--check`'s reports use.
@@ -75,6 +79,7 @@ impl Kernel {
             Kernel::UpsampleConv => "upsample_conv",
             Kernel::MaxPool => "max_pool",
             Kernel::Pixels => "pixels",
+            Kernel::GroupedConv => "grouped_conv",
         }
     }
 }
