@@ -373,7 +373,7 @@ settings! {
     dtype: DTypeSpec = DTypeSpec::Auto;
     /// Target network: a local folder in Hub layout or a Hub id[@revision]; a ResNet (wide,
     /// ResNeXt, timm's ResNet-D too), ConvNeXt or ViT by torchvision, timm or transformers
-    /// (DINOv2 and CLIP image towers too) [env: DND_TARGET]
+    /// (DINOv2 and CLIP image towers too), or torchvision's VGG or AlexNet [env: DND_TARGET]
     target: ModelSource = ModelSource::hub("timm/resnet50.tv_in1k");
     /// BLIP captioner: local folder or Hub id[@revision] [env: DND_CAPTIONER]
     captioner: ModelSource = preset.captioner();

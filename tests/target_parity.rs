@@ -227,6 +227,64 @@ fn convnexts_match_their_libraries_under_their_own_layer_names() {
     }
 }
 
+#[test]
+fn vgg_and_alexnet_match_torchvision() {
+    // torchvision's classes at small widths: every module of `features` a layer, the adaptive
+    // pool, the classifier's linear layers and ReLUs; at 200 px the pool resamples.
+    for (name, features, classifier) in [
+        (
+            "vgg",
+            19,
+            [
+                "classifier.0",
+                "classifier.1",
+                "classifier.3",
+                "classifier.4",
+                "classifier.6",
+            ],
+        ),
+        (
+            "vgg_bn",
+            26,
+            [
+                "classifier.0",
+                "classifier.1",
+                "classifier.3",
+                "classifier.4",
+                "classifier.6",
+            ],
+        ),
+        (
+            "alexnet",
+            13,
+            [
+                "classifier.1",
+                "classifier.2",
+                "classifier.4",
+                "classifier.5",
+                "classifier.6",
+            ],
+        ),
+    ] {
+        let mut layers: Vec<String> = (0..features).map(|i| format!("features.{i}")).collect();
+        layers.push("avgpool".into());
+        layers.extend(classifier.iter().map(|c| c.to_string()));
+        let names: Vec<&str> = layers.iter().map(|n| n.as_str()).collect();
+        let last_relu = format!("features.{}", features - 2);
+        let key = format!("map/{last_relu}");
+        let t = check_cnn_at(name, &names, Some((&last_relu, &key)), 200);
+        assert_eq!(layer_names(&t), layers, "{name}");
+        // Listed at the default 224 px: VGG's five pools give 7x7, AlexNet's stride-4 stem and
+        // three 3x3 pools 6x6, each its adaptive pool's own size.
+        let side = if name == "alexnet" { 6 } else { 7 };
+        let last = t.layer(
+            t.layer_index(&format!("features.{}", features - 1))
+                .unwrap(),
+        );
+        assert_eq!(last.shape[1..], [side, side], "{name}");
+    }
+}
+
 /// The layers of transformers' ResNet fixtures (depths [1, 2, 1, 1]), in `dnd layers`'
 /// order, under `prefix` (`resnet.` in ResNetForImageClassification).
 fn transformers_resnet_layers(prefix: &str, head: bool) -> Vec<String> {

@@ -274,6 +274,52 @@ def write_convnext(x):
         save_cnn_reference(model.float(), x, name, taps, map_layer, run)
 
 
+def write_vgg(x):
+    """torchvision's VGG (with and without BatchNorm) and AlexNet at small widths, their state
+    dicts as model.safetensors, f16: the classes themselves, with narrower convolutions and
+    classifiers of the same module structure (torchvision builds theirs at full width). Run on
+    the batch's top-left 200 px, where the adaptive average pool resamples (6 to 7 in VGG, 5 to
+    6 in AlexNet)."""
+    from torch import nn
+    from torchvision.models import AlexNet
+    from torchvision.models.vgg import VGG, make_layers
+    size = 200
+    for seed, name in enumerate(["vgg", "vgg_bn", "alexnet"]):
+        torch.manual_seed(40 + seed)
+        gen = torch.Generator().manual_seed(40 + seed)
+        if name == "alexnet":
+            model = AlexNet(num_classes=10)
+            model.features = nn.Sequential(
+                nn.Conv2d(3, 8, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                nn.Conv2d(8, 12, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+            model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(16 * 36, 16), nn.ReLU(inplace=True),
+                                             nn.Dropout(), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 10))
+            classifier = ["classifier.1", "classifier.2", "classifier.4", "classifier.5", "classifier.6"]
+        else:
+            cfg = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24, 24, "M"]
+            model = VGG(make_layers(cfg, batch_norm=name == "vgg_bn"), num_classes=10)
+            model.classifier = nn.Sequential(nn.Linear(24 * 49, 16), nn.ReLU(True), nn.Dropout(), nn.Linear(16, 16),
+                                             nn.ReLU(True), nn.Dropout(), nn.Linear(16, 10))
+            classifier = ["classifier.0", "classifier.1", "classifier.3", "classifier.4", "classifier.6"]
+        model.eval()
+        randomise_batchnorm(model, gen)
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and not isinstance(dict(model.named_modules())[n.rsplit(".", 1)[0]],
+                                                     nn.BatchNorm2d):
+                p.data = torch.randn(p.shape, generator=gen) * 0.1
+        model = model.half().float()
+        folder = MODELS / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if "num_batches" not in k},
+                  folder / "model.safetensors")
+        taps = [f"features.{i}" for i in range(len(model.features))] + ["avgpool"] + classifier
+        map_layer = f"features.{len(model.features) - 2}"  # the last ReLU
+        save_cnn_reference(model, x[:, :, :size, :size], name, taps, map_layer)
+
+
 def write_vit(x, gen):
     torch.manual_seed(1)
     model = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=False, embed_dim=64,
@@ -657,6 +703,7 @@ def main():
     write_vit_clip(x)
     write_resnext_and_resnet_d(x)
     write_convnext(x)
+    write_vgg(x)
 
     # timm's own eval transform from the ViT's pretrained config (bicubic, crop_pct 0.9, mean/std 0.5).
     vit_tf = create_transform(**resolve_data_config({}, model=vit))

@@ -3,6 +3,7 @@
 
 mod convnext;
 mod resnet;
+mod vgg;
 mod vit;
 
 use std::collections::{HashMap, HashSet};
@@ -18,6 +19,7 @@ use crate::probe::Preprocess;
 pub use convnext::ConvNext;
 pub(crate) use resnet::stem_pool;
 pub use resnet::{random_resnet_weights, ResNet};
+pub use vgg::Vgg;
 pub use vit::Vit;
 
 /// How a layer's output maps to neurons.
@@ -80,7 +82,7 @@ impl std::fmt::Debug for Target {
 }
 
 impl Target {
-    /// Loads a ResNet, ConvNeXt or ViT from a resolved model folder: `model.safetensors` (torchvision,
+    /// Loads a ResNet, ConvNeXt, VGG, AlexNet or ViT from a resolved model folder: `model.safetensors` (torchvision,
     /// timm or transformers names) and, when present, `config.json` (timm's: preprocessing and
     /// head count; transformers': a ViT's head count, a ResNet's strides) and transformers'
     /// image processor (`preprocessor_config.json` or `processor_config.json`).
@@ -130,9 +132,16 @@ impl Target {
                 device,
                 dtype,
             )?)
+        } else if vgg::is_vgg(|n| weights.contains(n)) {
+            Box::new(Vgg::load(
+                &weights,
+                preprocess.crop as usize,
+                device,
+                dtype,
+            )?)
         } else {
             return Err(weights.mismatch(
-                "it holds no torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...), no timm, torchvision or transformers ConvNeXt (stem, stages.N.blocks; features.N.M.block; embeddings.patch_embeddings, ...) and no timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...; vision_model.embeddings, ...)".into(),
+                "it holds no torchvision/timm or transformers ResNet (conv1, layer1.0.conv1, ...; embedder, encoder.stages, ...), no timm, torchvision or transformers ConvNeXt (stem, stages.N.blocks; features.N.M.block; embeddings.patch_embeddings, ...), no torchvision VGG or AlexNet (features.N, classifier.N) and no timm, torchvision or transformers ViT (patch_embed, blocks.N, ...; conv_proj, encoder.layers, ...; embeddings, encoder.layer, ...; vision_model.embeddings, ...)".into(),
             ));
         };
         weights.check_all_used(&net.info().architecture)?;
@@ -276,7 +285,7 @@ impl Weights {
             model: self.label.clone(),
             file: self.file.clone(),
             detail,
-            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152 (wide, ResNeXt, timm's ResNet-D too), ConvNeXt, or ViT (DINOv2 and CLIP image towers too)".into(),
+            fix: "use weights of a supported architecture in safetensors: a torchvision/timm or transformers ResNet-18/34/50/101/152 (wide, ResNeXt, timm's ResNet-D too), ConvNeXt, ViT (DINOv2 and CLIP image towers too), or a torchvision VGG or AlexNet".into(),
         }
     }
 
@@ -317,6 +326,18 @@ impl Weights {
                 .to_dtype(dt)?)
         };
         Ok(crate::nn::LayerNorm::new(get("weight")?, get("bias")?, eps))
+    }
+
+    /// BatchNorm `bn` of `channels` in eval mode (PyTorch's epsilon, 1e-5) as
+    /// `x * scale + shift`, to fold into the convolution before it.
+    pub(crate) fn batch_norm(&self, bn: &str, channels: usize) -> Result<(Tensor, Tensor)> {
+        let s = [channels];
+        let get = |p: &str| self.get(&format!("{bn}.{p}"), Some(&s));
+        let (gamma, beta) = (get("weight")?, get("bias")?);
+        let (mean, var) = (get("running_mean")?, get("running_var")?);
+        let scale = gamma.div(&(var + 1e-5)?.sqrt()?)?;
+        let shift = (beta - mean.mul(&scale)?)?;
+        Ok((scale, shift))
     }
 
     /// Fails when transformers' config.json sets an activation other than `want`, the one

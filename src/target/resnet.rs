@@ -14,8 +14,6 @@ use crate::error::Result;
 use crate::nn;
 use crate::nn::linear;
 
-const BN_EPS: f64 = 1e-5;
-
 /// How a ResNet checkpoint names its tensors and modules. The network is built from
 /// torchvision's names; a layer is listed under the checkpoint's own module name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,7 +189,7 @@ impl Conv {
         dt: DType,
     ) -> Result<Self> {
         let weight = w.get(&format!("{conv}.weight"), None)?;
-        let (scale, shift) = bn_affine(w, bn, weight.dim(0)?)?;
+        let (scale, shift) = w.batch_norm(bn, weight.dim(0)?)?;
         let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
         Self::new(weight, shift, stride, relu, dev, dt)
     }
@@ -216,18 +214,6 @@ impl Conv {
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.0.forward_residual(x, residual)
     }
-}
-
-/// BatchNorm in eval mode as `x * scale + shift`.
-fn bn_affine(w: &Weights, bn: &str, channels: usize) -> Result<(Tensor, Tensor)> {
-    let s = [channels];
-    let gamma = w.get(&format!("{bn}.weight"), Some(&s))?;
-    let beta = w.get(&format!("{bn}.bias"), Some(&s))?;
-    let mean = w.get(&format!("{bn}.running_mean"), Some(&s))?;
-    let var = w.get(&format!("{bn}.running_var"), Some(&s))?;
-    let scale = gamma.div(&(var + BN_EPS)?.sqrt()?)?;
-    let shift = (beta - mean.mul(&scale)?)?;
-    Ok((scale, shift))
 }
 
 /// A block's projection shortcut: torchvision's strided 1x1 convolution (`downsample.0`, its
@@ -391,7 +377,7 @@ impl ResNet {
             tracing::info!("conv1 is 3x3: the CIFAR stem (stride 1, no max pool)");
         }
         let stem_stride = if cifar || deep { 1 } else { 2 };
-        let (scale, shift) = bn_affine(w, "bn1", stem_c)?;
+        let (scale, shift) = w.batch_norm("bn1", stem_c)?;
         let conv1_alone = Conv::new(
             stem_w.clone(),
             shift.zeros_like()?,
