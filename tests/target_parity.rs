@@ -151,7 +151,7 @@ fn resnet_d_deep_stem_and_average_pool_shortcuts_match_pytorch() {
 }
 
 #[test]
-fn convnexts_match_their_libraries_under_their_own_layer_names() {
+fn convnexts_v1_and_v2_match_their_libraries_under_their_own_layer_names() {
     // Depths [1, 2, 1, 1]: every layer, and channel 5 of the third stage's map.
     let timm = [
         "stem",
@@ -217,6 +217,12 @@ fn convnexts_match_their_libraries_under_their_own_layer_names() {
             transformers("", false),
             "encoder.stages.2",
         ),
+        ("convnextv2_timm", owned(&timm), "stages.2"),
+        (
+            "convnextv2_transformers",
+            transformers("convnextv2.", true),
+            "convnextv2.encoder.stages.2",
+        ),
     ] {
         // All in one pass; the reference holds seven of the ten block and stage layers.
         let tapped: Vec<&str> = layers.iter().map(|n| n.as_str()).collect();
@@ -224,6 +230,9 @@ fn convnexts_match_their_libraries_under_their_own_layer_names() {
         let t = check_cnn(name, &tapped, Some((map, &key)));
         assert_eq!(layer_names(&t), layers, "{name}");
         assert_eq!(t.layer(t.layer_index(map).unwrap()).shape, [24, 14, 14]);
+        let arch = &t.net.info().architecture;
+        let family = name.split('_').next().unwrap();
+        assert!(arch.starts_with(&format!("{family} (")), "{name}: {arch}");
     }
 }
 
@@ -539,11 +548,11 @@ fn mismatched_weights_are_one_clear_error() {
         msg.contains("layer1.0.conv2.weight") && msg.contains("no convolution of 8 input channels"),
         "{msg}"
     );
-    // ConvNeXt V2: a GRN in every block's MLP.
+    // A ConvNeXt with a LayerNorm inside its MLP (timm's Mlp norm_layer).
     let msg = refused_with_extra(
         "convnext_timm",
         "stages.0.blocks.0.norm.weight",
-        "stages.0.blocks.0.mlp.grn.weight",
+        "stages.0.blocks.0.mlp.norm.weight",
     );
     assert!(msg.contains("not part of convnext"), "{msg}");
     // timm's anti-aliased ResNets: a plain ResNet's weights, refused by the name in config.json.

@@ -212,7 +212,7 @@ def randomise_layer_norms_and_scales(model, gen):
     """Random biases, LayerNorm affine maps and LayerScale: at their initial values (0, 1 and
     1e-6) the blocks would be near identities and these parameters unobservable."""
     for n, p in model.named_parameters():
-        if n.endswith(("gamma", "layer_scale", "layer_scale_parameter")):
+        if n.endswith(("gamma", "layer_scale", "layer_scale_parameter", "grn.weight")):
             p.data = torch.randn(p.shape, generator=gen) * 0.5
         elif n.endswith("bias"):
             p.data = torch.randn(p.shape, generator=gen) * 0.1
@@ -230,20 +230,27 @@ def write_convnext(x):
       convolutions, LayerNorm2d) without LayerScale;
     - convnext_torchvision: torchvision's ConvNeXt, its state dict as model.safetensors;
     - convnext_transformers: ConvNextForImageClassification (save_pretrained);
-    - convnext_transformers_model: ConvNextModel (no prefix, no classifier)."""
+    - convnext_transformers_model: ConvNextModel (no prefix, no classifier);
+    - convnextv2_timm, convnextv2_transformers: ConvNeXt V2 (a GRN in each block's MLP, no
+      LayerScale) by timm (convnextv2_tiny's class) and transformers
+      (ConvNextV2ForImageClassification)."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextModel
+    from transformers import (ConvNextConfig, ConvNextForImageClassification, ConvNextModel, ConvNextV2Config,
+                              ConvNextV2ForImageClassification)
     dims, depths = [8, 16, 24, 32], [1, 2, 1, 1]
     for seed, name in enumerate(["convnext_timm", "convnext_timm_conv_mlp", "convnext_torchvision",
-                                 "convnext_transformers", "convnext_transformers_model"]):
+                                 "convnext_transformers", "convnext_transformers_model", "convnextv2_timm",
+                                 "convnextv2_transformers"]):
         torch.manual_seed(30 + seed)
         gen = torch.Generator().manual_seed(30 + seed)
         folder = MODELS / name
-        if name.startswith("convnext_timm"):
+        timm_made = name.endswith("_timm") or name.endswith("conv_mlp")
+        if timm_made:
             args = dict(depths=depths, dims=dims, num_classes=10)
             if name.endswith("conv_mlp"):
                 args.update(conv_mlp=True, ls_init_value=None)
-            model = timm.create_model("convnext_tiny", pretrained=False, **args).eval()
+            arch = "convnextv2_tiny" if name.startswith("convnextv2") else "convnext_tiny"
+            model = timm.create_model(arch, pretrained=False, **args).eval()
             taps = ["stem", "stages.0", "stages.0.blocks.0", "stages.1", "stages.1.blocks.1", "stages.2",
                     "stages.3", "head.global_pool", "head.norm", "head.fc"]
             map_layer, run = "stages.2", None
@@ -253,18 +260,23 @@ def write_convnext(x):
             taps = ["features.0", "features.1", "features.1.0", "features.3", "features.3.1", "features.5",
                     "features.7", "avgpool", "classifier.0", "classifier.2"]
             map_layer, run = "features.5", None
+        elif name.startswith("convnextv2"):
+            model = ConvNextV2ForImageClassification(ConvNextV2Config(hidden_sizes=dims, depths=depths,
+                                                                      num_labels=10)).eval()
+            p, head = "convnextv2.", True
         else:
             cfg = ConvNextConfig(hidden_sizes=dims, depths=depths, num_labels=10)
             head = name == "convnext_transformers"
             model = (ConvNextForImageClassification if head else ConvNextModel)(cfg).eval()
             p = "convnext." if head else ""
+        if not timm_made and name != "convnext_torchvision":
             taps = [f"{p}embeddings", f"{p}encoder.stages.0", f"{p}encoder.stages.0.layers.0", f"{p}encoder.stages.1",
                     f"{p}encoder.stages.1.layers.1", f"{p}encoder.stages.2", f"{p}encoder.stages.3",
                     f"{p}layernorm"] + (["classifier"] if head else [])
             map_layer, run = f"{p}encoder.stages.2", lambda: model(pixel_values=x)
         randomise_layer_norms_and_scales(model, gen)
         model = model.half().float()
-        if name.startswith("convnext_timm"):
+        if timm_made:
             save_for_hf(model.half(), folder, safe_serialization=True, model_args=args)
         elif name == "convnext_torchvision":
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-//! ConvNeXt (timm's `convnext_*`, torchvision's `convnext_*` and transformers'
-//! `ConvNextModel` / `ConvNextForImageClassification`, the last two renamed to timm's names at
-//! load), with depths and widths read from the weights. LayerScale is folded into each block's
-//! second linear layer at load.
+//! ConvNeXt and ConvNeXt V2 (timm's `convnext_*` / `convnextv2_*`, torchvision's `convnext_*`
+//! and transformers' `ConvNext(V2)Model` / `ConvNext(V2)ForImageClassification`, the last two
+//! renamed to timm's names at load), with depths and widths read from the weights. LayerScale is
+//! folded into each block's second linear layer at load; V2's global response normalisation
+//! (GRN) runs between the two.
 
 use std::collections::HashMap;
 
@@ -24,8 +25,8 @@ pub enum Layout {
     /// `features.1`, `.3`, `.5`, `.7`, `classifier`.
     Torchvision,
     /// transformers': `convnext.embeddings`, `convnext.encoder.stages.N.layers.M`, the head
-    /// `classifier` (`ConvNextForImageClassification`); no prefix and no head in
-    /// `ConvNextModel`.
+    /// `classifier` (`ConvNextForImageClassification`; `convnextv2.` in V2); no prefix and no
+    /// head in `ConvNext(V2)Model`.
     Transformers { prefix: &'static str },
 }
 
@@ -35,7 +36,7 @@ impl Layout {
         if has("features.0.0.weight") && has("features.1.0.block.0.weight") {
             return Layout::Torchvision;
         }
-        ["convnext.", ""]
+        ["convnext.", "convnextv2.", ""]
             .into_iter()
             .find(|p| {
                 has(&format!("{p}embeddings.patch_embeddings.weight"))
@@ -134,6 +135,7 @@ impl Layout {
             Some("layernorm") => "norm",
             Some("pwconv1") => "mlp.fc1",
             Some("pwconv2") => "mlp.fc2",
+            Some("grn") => "mlp.grn",
             Some(_) => return None,
         };
         Some(format!("stages.{s}.blocks.{m}.{part}"))
@@ -208,8 +210,20 @@ struct Block {
     conv_dw: nn::Conv,
     norm: LayerNorm,
     fc1: Linear,
+    /// ConvNeXt V2's global response normalisation of the hidden features: weight and bias.
+    grn: Option<(Tensor, Tensor)>,
     /// With LayerScale folded in.
     fc2: Linear,
+}
+
+/// ConvNeXt V2's GRN of channels-last `x` `(N, H, W, C)`: each channel's L2 norm over the
+/// image, divided by its mean over the channels, scales the features,
+/// `x + weight * (x * n) + bias`, as timm and transformers compute it (epsilon 1e-6).
+fn global_response_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    let n = norm.broadcast_div(&(norm.mean_keepdim(3)? + 1e-6)?)?;
+    let scaled = x.broadcast_mul(&n)?.broadcast_mul(weight)?;
+    Ok((x + scaled)?.broadcast_add(bias)?)
 }
 
 impl Block {
@@ -242,6 +256,22 @@ impl Block {
         }
         let b1 = w.get(&format!("{p}.mlp.fc1.bias"), Some(&[hidden]))?;
         let mut b2 = w.get(&format!("{p}.mlp.fc2.bias"), Some(&[c]))?;
+        let grn = if w.contains(&format!("{p}.mlp.grn.weight")) {
+            // timm's are `(hidden)`, transformers' `(1, 1, 1, hidden)`.
+            let get = |name: &str| -> Result<Tensor> {
+                let t = w.get(&format!("{p}.mlp.grn.{name}"), None)?;
+                if t.elem_count() != hidden {
+                    return Err(w.mismatch(format!(
+                        "{p}.mlp.grn.{name} has shape {:?}, not {hidden} values",
+                        t.dims()
+                    )));
+                }
+                Ok(t.flatten_all()?.to_device(dev)?.to_dtype(dt)?)
+            };
+            Some((get("weight")?, get("bias")?))
+        } else {
+            None
+        };
         let gamma = format!("{p}.gamma");
         if w.contains(&gamma) {
             let g = w.get(&gamma, None)?.flatten_all()?;
@@ -253,17 +283,22 @@ impl Block {
             conv_dw,
             norm: w.layer_norm(&format!("{p}.norm"), c, EPS, dev, dt)?,
             fc1: Linear::new(on(fc1)?, Some(on(b1)?)),
+            grn,
             fc2: Linear::new(on(fc2)?, Some(on(b2)?)),
         })
     }
 
-    /// `x + fc2(gelu(fc1(norm(conv_dw(x)))))`, the MLP over channels-last rows. The output is
+    /// `x + fc2(grn(gelu(fc1(norm(conv_dw(x))))))` (no GRN in V1), the MLP over channels-last
+    /// rows. The output is
     /// an `(N, C, H, W)` view of them, which the next channels-last convolution (cuDNN builds)
     /// reads in place, as it does the residual; elsewhere they are copied to NCHW and back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv_dw.forward(x)?.permute((0, 2, 3, 1))?;
         let h = self.norm.forward(&h.contiguous()?)?;
-        let h = self.fc1.forward_act(&h, Act::Gelu)?;
+        let mut h = self.fc1.forward_act(&h, Act::Gelu)?;
+        if let Some((weight, bias)) = &self.grn {
+            h = global_response_norm(&h, weight, bias)?;
+        }
         let y = self.fc2.forward_residual(&h, &x.permute((0, 2, 3, 1))?)?;
         Ok(y.permute((0, 3, 1, 2))?)
     }
@@ -375,14 +410,19 @@ impl ConvNext {
         } else {
             None
         };
-        let name = match (depths.as_slice(), widths.first()) {
-            ([3, 3, 9, 3], Some(96)) => "convnext_tiny",
-            ([3, 3, 27, 3], Some(96)) => "convnext_small",
-            ([3, 3, 27, 3], Some(128)) => "convnext_base",
-            ([3, 3, 27, 3], Some(192)) => "convnext_large",
-            ([3, 3, 27, 3], Some(256)) => "convnext_xlarge",
-            _ => "convnext",
+        let size = match (depths.as_slice(), widths.first()) {
+            ([3, 3, 9, 3], Some(96)) => "_tiny",
+            ([3, 3, 27, 3], Some(96)) => "_small",
+            ([3, 3, 27, 3], Some(128)) => "_base",
+            ([3, 3, 27, 3], Some(192)) => "_large",
+            ([3, 3, 27, 3], Some(256)) => "_xlarge",
+            _ => "",
         };
+        let v2 = stages
+            .iter()
+            .flat_map(|s| &s.blocks)
+            .any(|b| b.grn.is_some());
+        let name = format!("convnext{}{size}", if v2 { "v2" } else { "" });
         Ok(Self {
             info: NetInfo {
                 architecture: format!("{name} (depths {depths:?}, widths {widths:?})"),
