@@ -475,7 +475,8 @@ fn label(role: Role, source: &ModelSource) -> String {
 }
 
 /// PyTorch's pickled weights beside a missing safetensors file `wanted` (`pytorch_model.bin`,
-/// `diffusion_pytorch_model.bin`, a torchvision `.pth`), when `wanted` is weights.
+/// `diffusion_pytorch_model.bin`, a torchvision `.pth`, a training checkpoint `.pth.tar`), when
+/// `wanted` is weights.
 fn pickled_beside(wanted: &Path) -> Option<PathBuf> {
     if wanted.extension()? != "safetensors" {
         return None;
@@ -485,8 +486,10 @@ fn pickled_beside(wanted: &Path) -> Option<PathBuf> {
         .filter_map(|e| Some(e.ok()?.path()))
         .filter(|p| {
             p.is_file()
-                && p.extension()
+                && (p
+                    .extension()
                     .is_some_and(|x| ["bin", "pth", "pt", "ckpt"].iter().any(|e| x == *e))
+                    || p.to_string_lossy().ends_with(".pth.tar"))
         })
         .collect();
     found.sort();
@@ -529,8 +532,10 @@ pub async fn resolve(role: Role, source: &ModelSource, opts: &HubOptions) -> Res
                     files.insert(spec.name, p);
                 } else if spec.required(|o| dir.join(o).is_file()) {
                     let fix = match pickled_beside(&p) {
+                        // A training checkpoint keeps its weights under `state_dict` (or
+                        // `model`), named `module.*` when saved from DataParallel.
                         Some(pickle) => format!(
-                            "dnd reads weights from safetensors only (a pickle can run code as it loads); convert {} beside it: python3 -c \"import torch; from safetensors.torch import save_file; save_file({{k: v.clone().contiguous() for k, v in torch.load('{}', map_location='cpu', weights_only=True).items()}}, '{}')\"",
+                            "dnd reads weights from safetensors only (a pickle can run code as it loads); convert {} beside it: python3 -c \"import torch; from safetensors.torch import save_file; d = torch.load('{}', map_location='cpu', weights_only=True); d = d.get('state_dict', d.get('model', d)); save_file({{k.removeprefix('module.'): v.clone().contiguous() for k, v in d.items() if torch.is_tensor(v)}}, '{}')\"",
                             pickle.display(),
                             pickle.display(),
                             p.display()

@@ -163,22 +163,32 @@ fn bad_inputs_give_one_clear_error() {
             vec!["tpu", "cuda:N"],
         ),
     ];
-    // A folder of pickled PyTorch weights (a torchvision .pth): the conversion to run.
-    let pickled = tempfile::tempdir().unwrap();
-    std::fs::write(pickled.path().join("resnet18.pth"), b"pickle").unwrap();
-    cases.push((
-        vec![
-            "layers".into(),
-            "--target".into(),
-            pickled.path().display().to_string(),
-        ],
-        vec![
-            "model.safetensors",
-            "resnet18.pth",
-            "safetensors only",
-            "save_file",
-        ],
-    ));
+    // A folder of pickled PyTorch weights (a torchvision .pth, a training checkpoint .pth.tar):
+    // the conversion to run.
+    let pickled: Vec<_> = ["resnet18.pth", "resnet18_places365.pth.tar"]
+        .into_iter()
+        .map(|name| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(name), b"pickle").unwrap();
+            (name, dir)
+        })
+        .collect();
+    for (name, dir) in &pickled {
+        cases.push((
+            vec![
+                "layers".into(),
+                "--target".into(),
+                dir.path().display().to_string(),
+            ],
+            vec![
+                "model.safetensors",
+                name,
+                "safetensors only",
+                "save_file",
+                "state_dict",
+            ],
+        ));
+    }
     for (args, words) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = dnd(home.path(), &args);

@@ -615,6 +615,29 @@ fn refused_with_config(name: &str, from: &str, to: &str) -> String {
 }
 
 #[test]
+fn weights_saved_from_data_parallel_load_under_their_own_names() {
+    // Every tensor named `module.*`, as a DataParallel checkpoint (Places365's ResNets) keeps
+    // them: the same layers, the same logits.
+    let dir = tempfile::tempdir().unwrap();
+    edited_fixture_model("resnet_basic", dir.path(), |w| {
+        *w = std::mem::take(w)
+            .into_iter()
+            .map(|(k, t)| (format!("module.{k}"), t))
+            .collect();
+    });
+    let wrapped = try_load_target(dir.path()).unwrap();
+    let plain = load_fixture_target("resnet_basic");
+    assert_eq!(layer_names(&wrapped), layer_names(&plain));
+    let x = fixture_batch();
+    let fc = [plain.layer_index("fc").unwrap()];
+    let (a, b) = (
+        wrapped.net.forward(&x, &fc).unwrap(),
+        plain.net.forward(&x, &fc).unwrap(),
+    );
+    assert_eq!(rel_err(&a[0], &b[0]), 0.0);
+}
+
+#[test]
 fn a_target_saved_in_shards_computes_what_the_single_file_does() {
     // As transformers / timm save a large checkpoint: an index naming each tensor's shard.
     let src = fixtures().join("models/vit_tiny");

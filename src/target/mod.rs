@@ -99,6 +99,7 @@ impl Target {
             None => Preprocess::of_model(model)?.unwrap_or_else(Preprocess::imagenet),
         };
         let mut weights = Weights::load(&label, weights_path, &weight_files)?;
+        weights.convert(|t| Ok(without_data_parallel_prefix(t)))?;
         let layout = vit::Layout::of(|n| weights.contains(n));
         weights.convert(|t| layout.to_timm(t))?;
         let resnet_layout = resnet::Layout::of(|n| weights.contains(n));
@@ -200,6 +201,19 @@ pub fn hash_files(paths: &[&Path]) -> Result<String> {
         h.update_mmap_rayon(path).map_err(|e| Error::io(path, e))?;
     }
     Ok(h.finalize().to_hex()[..32].to_string())
+}
+
+/// The tensors under their own names where a `DataParallel` wrapper prefixed every one with
+/// `module.`, as research checkpoints (the Places365 CNNs, ...) often keep them.
+fn without_data_parallel_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    const PREFIX: &str = "module.";
+    if tensors.is_empty() || !tensors.keys().all(|k| k.starts_with(PREFIX)) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .map(|(k, t)| (k[PREFIX.len()..].to_string(), t))
+        .collect()
 }
 
 /// A safetensors weights file read to f32 on the CPU, with lookups that fail with messages
