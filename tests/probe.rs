@@ -67,6 +67,35 @@ fn preprocessing_from_timm_config_matches_timm_transform() {
 }
 
 #[test]
+fn timm_squash_crop_mode_matches_timm_transform() {
+    // timm's crop_mode squash: both sides to floor(128 / 0.8) = 160, then the centre 128.
+    let config = serde_json::json!({"pretrained_cfg": {
+        "input_size": [3, 128, 128], "crop_pct": 0.8, "crop_mode": "squash",
+        "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    }});
+    let squash = Preprocess::from_timm_config(&config).unwrap();
+    assert_eq!(squash.resized_size(333, 250), (160, 160));
+    let images = ["a_landscape.png", "b_portrait.png"];
+    check_against("timm_squash", &squash, &images);
+    // The centre mode keeps the aspect and crops another part of the picture.
+    let centre = Preprocess {
+        geometry: probe::Geometry::Torchvision,
+        ..squash
+    };
+    let reference = reference("preprocess.safetensors");
+    let mut got = vec![0f32; centre.values_per_image()];
+    let img = probe::decode(&fixtures().join("images").join(images[0])).unwrap();
+    centre.apply(&img, &mut got);
+    let want = reference[&format!("timm_squash/{}", images[0])]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (mean, _) = stats(&got, &want);
+    assert!(mean > 0.05, "centre crop vs squash: mean abs diff {mean}");
+}
+
+#[test]
 fn resize_follows_torchvision_rounding() {
     let p = Preprocess::imagenet();
     assert_eq!(p.resized_size(333, 250), (340, 256));

@@ -721,6 +721,11 @@ def main():
     vit_tf = create_transform(**resolve_data_config({}, model=vit))
     for p in paths[:2]:
         pre[f"timm_vit/{p.name}"] = vit_tf(Image.open(p).convert("RGB")).half()
+    # timm's crop_mode squash (its 384 px fine-tunes): both sides to 128 / 0.8, then the crop.
+    squash_tf = create_transform(input_size=(3, 128, 128), interpolation="bicubic", crop_pct=0.8, crop_mode="squash",
+                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for p in paths[:2]:
+        pre[f"timm_squash/{p.name}"] = squash_tf(Image.open(p).convert("RGB")).half()
     save_file({k: v.contiguous() for k, v in pre.items()}, ROOT / "preprocess.safetensors")
     import transformers
     path = ROOT / "versions.json"

@@ -264,6 +264,8 @@ pub enum Geometry {
     HfShortestEdge,
     /// transformers' BLIP processor: both sides to `resize`, no crop (`crop == resize`).
     HfSquare,
+    /// timm's `crop_mode: squash`: both sides to `resize`, then torchvision's centre crop.
+    Squash,
 }
 
 /// Evaluation preprocessing: resize, centre crop `crop` x `crop`, to `[0, 1]`, normalised per
@@ -318,11 +320,16 @@ impl Preprocess {
             Some("bicubic") => Interpolation::Bicubic,
             _ => Interpolation::Bilinear,
         };
+        // timm's fine-tunes at 384 px and others squash the image to a square first.
+        let geometry = match cfg.get("crop_mode").and_then(|v| v.as_str()) {
+            Some("squash") => Geometry::Squash,
+            _ => Geometry::Torchvision,
+        };
         Some(Self {
             // timm: scale_size = floor(img_size / crop_pct)
             resize: ((size as f64) / crop_pct).floor() as u32,
             crop: size,
-            geometry: Geometry::Torchvision,
+            geometry,
             interpolation,
             mean: triple("mean").unwrap_or([0.485, 0.456, 0.406]),
             std: triple("std").unwrap_or([0.229, 0.224, 0.225]),
@@ -474,9 +481,13 @@ impl Preprocess {
     }
 
     /// The rows of a `w x h` image that the crop's pixels depend on: those the resize filter
-    /// reaches from the crop's rows, and two more each side to spare.
+    /// reaches from the crop's rows, and two more each side to spare; every row where Pillow
+    /// resamples vertically first.
     fn rows_needed(&self, w: u32, h: u32) -> std::ops::Range<u32> {
         let (nw, nh) = self.resized_size(w, h);
+        if pil_vertical_first((w, h), (nw, nh)) {
+            return 0..h;
+        }
         let (_, top) = self.crop_origin(nw, nh);
         let last = top + self.crop.min(nh - top).max(1) - 1;
         let scale = h as f64 / nh as f64;
@@ -495,8 +506,8 @@ impl Preprocess {
         let offset = |size: u32| {
             let half = (size as f64 - self.crop as f64) / 2.0;
             let half = match self.geometry {
-                Geometry::Torchvision => half.round_ties_even(),
-                _ => half.floor(),
+                Geometry::Torchvision | Geometry::Squash => half.round_ties_even(),
+                Geometry::HfShortestEdge | Geometry::HfSquare => half.floor(),
             };
             half.max(0.0) as u32
         };
@@ -504,9 +515,9 @@ impl Preprocess {
     }
 
     /// Size after the resize step, as torchvision computes it: the shorter side becomes
-    /// `resize`, the longer one `int(resize * long / short)`.
+    /// `resize`, the longer one `int(resize * long / short)`; both `resize` when squashed.
     pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
-        if self.geometry == Geometry::HfSquare {
+        if matches!(self.geometry, Geometry::HfSquare | Geometry::Squash) {
             return (self.resize, self.resize);
         }
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
@@ -588,11 +599,20 @@ impl Preprocess {
     }
 }
 
-/// Antialiased resize with PIL's pass order: horizontal first, rounded to 8 bits, then
-/// vertical. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
-/// level off PIL's; two single-direction passes reproduce PIL.) `pixels` holds the first rows of
-/// a `w x h` image of `pixel_type` (U8 or U8x3), at least up to `rows.end`; only `rows` are
-/// resampled, so only output rows whose filter reaches no further are right.
+/// Whether Pillow resamples a `w x h` image to `nw x nh` vertically first: when the height
+/// shrinks by more than twice as many rows as the width loses columns, as Pillow 13's
+/// `ImagingResampleInner` decides (earlier Pillows always went horizontally first).
+fn pil_vertical_first((w, h): (u32, u32), (nw, nh): (u32, u32)) -> bool {
+    let (dh, dw) = (h as i64 - nh as i64, w as i64 - nw as i64);
+    dh > 0 && dh > 2 * dw
+}
+
+/// Antialiased resize with Pillow's pass order (`pil_vertical_first`), each pass rounded to 8
+/// bits. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
+/// level off Pillow's where Pillow goes horizontally first; two single-direction passes
+/// reproduce Pillow.) `pixels` holds the first rows of a `w x h` image of `pixel_type` (U8 or
+/// U8x3), at least up to `rows.end`; only `rows` are resampled (all of them when vertical
+/// first), so only output rows whose filter reaches no further are right.
 pub(crate) fn resize_like_pil(
     pixels: &[u8],
     (w, h): (u32, u32),
@@ -607,6 +627,25 @@ pub(crate) fn resize_like_pil(
     };
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
+    if pil_vertical_first((w, h), (nw, nh)) {
+        assert_eq!(rows, 0..h, "a vertical first pass reads every row");
+        let src = fr::images::ImageRef::new(
+            w,
+            h,
+            &pixels[..(w * h) as usize * pixel_type.size()],
+            pixel_type,
+        )
+        .expect("callers pass w*h pixels of pixel_type");
+        let mut tall = fr::images::Image::new(w, nh, pixel_type);
+        resizer
+            .resize(&src, &mut tall, &opts)
+            .expect("same pixel type on both sides");
+        let mut out = fr::images::Image::new(nw, nh, pixel_type);
+        resizer
+            .resize(&tall, &mut out, &opts)
+            .expect("same pixel type on both sides");
+        return out.into_vec();
+    }
     // Each row's horizontal pass is on its own, so resampling some rows gives those rows
     // exactly as resampling all of them does.
     let row_bytes = (w * pixel_type.size() as u32) as usize;
@@ -769,7 +808,24 @@ mod tests {
                 "crop_size": {"height": 224, "width": 224}, "resample": 3}),
             ),
             hf(serde_json::json!({"size": {"height": 384, "width": 384}, "resample": 3})),
+            Preprocess::from_timm_config(&serde_json::json!({"pretrained_cfg": {
+                "input_size": [3, 128, 128], "crop_pct": 0.8, "crop_mode": "squash"}}))
+            .unwrap(),
         ]
+    }
+
+    #[test]
+    fn pass_order_is_pillows() {
+        // As Pillow 13 resizes a 240x417 image (measured: which order gives its pixels).
+        for (to, vertical_first) in [
+            ((160, 160), true),
+            ((100, 100), true),
+            ((200, 200), true),
+            ((256, 444), false),
+            ((160, 278), false),
+        ] {
+            assert_eq!(pil_vertical_first((240, 417), to), vertical_first, "{to:?}");
+        }
     }
 
     #[test]
