@@ -627,7 +627,8 @@ pub(crate) fn resize_like_pil(
     };
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
-    if pil_vertical_first((w, h), (nw, nh)) {
+    // The first pass, in one direction: into `mid`.
+    let mid = if pil_vertical_first((w, h), (nw, nh)) {
         assert_eq!(rows, 0..h, "a vertical first pass reads every row");
         let src = fr::images::ImageRef::new(
             w,
@@ -640,27 +641,26 @@ pub(crate) fn resize_like_pil(
         resizer
             .resize(&src, &mut tall, &opts)
             .expect("same pixel type on both sides");
-        let mut out = fr::images::Image::new(nw, nh, pixel_type);
+        tall
+    } else {
+        // Each row's horizontal pass is on its own, so resampling some rows gives those rows
+        // exactly as resampling all of them does.
+        let row_bytes = (w * pixel_type.size() as u32) as usize;
+        let band = &pixels[rows.start as usize * row_bytes..rows.end as usize * row_bytes];
+        let src = fr::images::ImageRef::new(w, rows.len() as u32, band, pixel_type)
+            .expect("callers pass w*h pixels of pixel_type");
+        let mut wide = fr::images::Image::new(nw, h, pixel_type);
+        let mut dst =
+            fr::images::CroppedImageMut::new(&mut wide, 0, rows.start, nw, rows.len() as u32)
+                .expect("rows lie within the image");
         resizer
-            .resize(&tall, &mut out, &opts)
+            .resize(&src, &mut dst, &opts)
             .expect("same pixel type on both sides");
-        return out.into_vec();
-    }
-    // Each row's horizontal pass is on its own, so resampling some rows gives those rows
-    // exactly as resampling all of them does.
-    let row_bytes = (w * pixel_type.size() as u32) as usize;
-    let band = &pixels[rows.start as usize * row_bytes..rows.end as usize * row_bytes];
-    let src = fr::images::ImageRef::new(w, rows.len() as u32, band, pixel_type)
-        .expect("callers pass w*h pixels of pixel_type");
-    let mut wide = fr::images::Image::new(nw, h, pixel_type);
-    let mut dst = fr::images::CroppedImageMut::new(&mut wide, 0, rows.start, nw, rows.len() as u32)
-        .expect("rows lie within the image");
-    resizer
-        .resize(&src, &mut dst, &opts)
-        .expect("same pixel type on both sides");
+        wide
+    };
     let mut out = fr::images::Image::new(nw, nh, pixel_type);
     resizer
-        .resize(&wide, &mut out, &opts)
+        .resize(&mid, &mut out, &opts)
         .expect("same pixel type on both sides");
     out.into_vec()
 }
