@@ -9,7 +9,7 @@
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::probe::{resize_like_pil, Interpolation};
+use crate::probe::{resize_like_pil, Interpolation, PassOrder};
 
 /// A crop box in original image pixels, `[x0, y0, x1, y1)` (OpenCV's `x, y, x + w, y + h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +89,7 @@ pub fn heatmap(map: &[f32], (map_w, map_h): (u32, u32), (width, height): (u32, u
         (width, height),
         fast_image_resize::PixelType::U8,
         Interpolation::Bicubic,
+        PassOrder::Pillow,
     );
     GrayImage::from_raw(width, height, resized).expect("resize returns width*height bytes")
 }

@@ -485,7 +485,7 @@ impl Preprocess {
     /// resamples vertically first.
     fn rows_needed(&self, w: u32, h: u32) -> std::ops::Range<u32> {
         let (nw, nh) = self.resized_size(w, h);
-        if pil_vertical_first((w, h), (nw, nh)) {
+        if self.pass_order().vertical_first((w, h), (nw, nh)) {
             return 0..h;
         }
         let (_, top) = self.crop_origin(nw, nh);
@@ -498,6 +498,16 @@ impl Preprocess {
         let first = ((top as f64 + 0.5) * scale - support).floor() - 2.0;
         let end = ((last as f64 + 0.5) * scale + support).ceil() + 2.0;
         first.max(0.0) as u32..(end.max(0.0) as u32).min(h)
+    }
+
+    /// Pillow's for torchvision's and timm's transforms (which resize PIL images); torch's for
+    /// transformers' processors (measured on BLIP's: a fifth of the pixels of a tall image
+    /// shrunk to a square differ by one level between the two).
+    fn pass_order(&self) -> PassOrder {
+        match self.geometry {
+            Geometry::Torchvision | Geometry::Squash => PassOrder::Pillow,
+            Geometry::HfShortestEdge | Geometry::HfSquare => PassOrder::HorizontalFirst,
+        }
     }
 
     /// Where the crop starts in the resized `nw x nh` image. torchvision: int(round((size -
@@ -564,6 +574,7 @@ impl Preprocess {
             (nw, nh),
             fr::PixelType::U8x3,
             self.interpolation,
+            self.pass_order(),
         );
         // The part of the resized image inside the crop, at the crop's top left.
         let (cw, ch) = (crop.min(nw - left) as usize, crop.min(nh - top) as usize);
@@ -607,12 +618,28 @@ fn pil_vertical_first((w, h): (u32, u32), (nw, nh): (u32, u32)) -> bool {
     dh > 0 && dh > 2 * dw
 }
 
-/// Antialiased resize with Pillow's pass order (`pil_vertical_first`), each pass rounded to 8
-/// bits. (fast_image_resize does vertical first for u8 images, which leaves many pixels one
-/// level off Pillow's where Pillow goes horizontally first; two single-direction passes
-/// reproduce Pillow.) `pixels` holds the first rows of a `w x h` image of `pixel_type` (U8 or
-/// U8x3), at least up to `rows.end`; only `rows` are resampled (all of them when vertical
-/// first), so only output rows whose filter reaches no further are right.
+/// The order of a resize's two passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PassOrder {
+    /// Pillow's (`pil_vertical_first`): torchvision's and timm's transforms resize PIL images.
+    Pillow,
+    /// Horizontally first always, as torch's antialiased uint8 resize (transformers 5's image
+    /// processors) and earlier Pillows do.
+    HorizontalFirst,
+}
+
+impl PassOrder {
+    fn vertical_first(self, from: (u32, u32), to: (u32, u32)) -> bool {
+        self == PassOrder::Pillow && pil_vertical_first(from, to)
+    }
+}
+
+/// Antialiased resize in two passes in `order`, each rounded to 8 bits. (fast_image_resize
+/// does vertical first for u8 images, which leaves many pixels one level off where Pillow goes
+/// horizontally first; two single-direction passes reproduce Pillow.) `pixels` holds the first
+/// rows of a `w x h` image of `pixel_type` (U8 or U8x3), at least up to `rows.end`; only
+/// `rows` are resampled (all of them when vertically first), so only output rows whose filter
+/// reaches no further are right.
 pub(crate) fn resize_like_pil(
     pixels: &[u8],
     (w, h): (u32, u32),
@@ -620,6 +647,7 @@ pub(crate) fn resize_like_pil(
     (nw, nh): (u32, u32),
     pixel_type: fr::PixelType,
     interpolation: Interpolation,
+    order: PassOrder,
 ) -> Vec<u8> {
     let filter = match interpolation {
         Interpolation::Bilinear => fr::FilterType::Bilinear,
@@ -628,7 +656,7 @@ pub(crate) fn resize_like_pil(
     let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     let mut resizer = fr::Resizer::new();
     // The first pass, in one direction: into `mid`.
-    let mid = if pil_vertical_first((w, h), (nw, nh)) {
+    let mid = if order.vertical_first((w, h), (nw, nh)) {
         assert_eq!(rows, 0..h, "a vertical first pass reads every row");
         let src = fr::images::ImageRef::new(
             w,
@@ -864,6 +892,7 @@ mod tests {
             (nw, nh),
             fr::PixelType::U8x3,
             pre.interpolation,
+            pre.pass_order(),
         );
         let (left, top) = pre.crop_origin(nw, nh);
         let crop = pre.crop as usize;
