@@ -470,9 +470,10 @@ def write_blip_processor():
     """blip_tiny's processor saved whole by transformers 5 (`BlipProcessor.save_pretrained`),
     which writes processor_config.json, its image processor's settings under
     `image_processor`, and no preprocessor_config.json: bilinear and ImageNet's mean/std here,
-    unlike blip_tiny's own file, with the pixels it makes. Only processor_config.json is kept
-    (the tokenizer is blip_tiny's)."""
-    from transformers import BertTokenizer, BlipImageProcessorPil, BlipProcessor
+    unlike blip_tiny's own file, with the pixels it makes (its PIL processor's) and those of the
+    processor transformers 5 loads from the folder. Only processor_config.json is kept (the
+    tokenizer is blip_tiny's)."""
+    from transformers import AutoImageProcessor, BertTokenizer, BlipImageProcessorPil, BlipProcessor
 
     folder = MODELS / "blip_processor"
     shutil.rmtree(folder, ignore_errors=True)
@@ -484,9 +485,16 @@ def write_blip_processor():
     for f in folder.iterdir():
         if f.name != "processor_config.json":
             f.unlink()
-    pixels = image(images=[Image.open(p).convert("RGB") for p in IMAGES], return_tensors="pt").pixel_values
+    images = [Image.open(p).convert("RGB") for p in IMAGES]
+    pixels = image(images=images, return_tensors="pt").pixel_values
+    # The folder as transformers 5 loads it back: its default (torchvision) image processor,
+    # which resizes horizontally first where Pillow 13 goes vertically first.
+    loaded = AutoImageProcessor.from_pretrained(folder)
+    assert type(loaded).__name__ == "BlipImageProcessor", type(loaded)
+    loaded_pixels = loaded(images=images, return_tensors="pt").pixel_values
     # f16 keeps the file small; the test's bound is far above its rounding.
-    save_file({"pixel_values": pixels.half().contiguous()}, MODELS / "blip_processor.reference.safetensors")
+    save_file({"pixel_values": pixels.half().contiguous(), "pixel_values_loaded": loaded_pixels.half().contiguous()},
+              MODELS / "blip_processor.reference.safetensors")
 
 
 def main():
