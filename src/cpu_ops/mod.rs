@@ -143,9 +143,7 @@ impl CpuConv {
         out: &mut [f32],
         parallelism: gemm::Parallelism,
     ) {
-        let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let n = oh * ow;
-        let kk = self.c_in * self.k * self.k;
+        let n = self.out_size(h) * self.out_size(w);
         match residual {
             Some(r) => {
                 for ((o, r), &b) in out.chunks_mut(n).zip(r.chunks(n)).zip(&self.bias) {
@@ -158,6 +156,58 @@ impl CpuConv {
                 }
             }
         }
+        if self.c_in == 1 && self.groups == self.c_out && self.stride == 1 {
+            self.depthwise(x, (h, w), out);
+        } else {
+            self.grouped_gemm(x, (h, w), out, parallelism);
+        }
+        if self.relu {
+            out.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+
+    /// A depthwise convolution of stride 1 (ConvNeXt's 7x7s), accumulated into `out`: each
+    /// tap adds a weighted input row to an output row, in cache, where im2col and a one-row
+    /// GEMM per channel would pass over k * k times the map in memory.
+    fn depthwise(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32]) {
+        let (k, p) = (self.k, self.pad);
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let planes = x.chunks(h * w).zip(self.weight.chunks(k * k));
+        for ((plane, taps), o) in planes.zip(out.chunks_mut(oh * ow)) {
+            for (oy, orow) in o.chunks_mut(ow).enumerate() {
+                for (ky, row_taps) in taps.chunks(k).enumerate() {
+                    let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                        continue;
+                    };
+                    let irow = &plane[iy * w..(iy + 1) * w];
+                    for (kx, &t) in row_taps.iter().enumerate() {
+                        // Output columns whose input column ox + kx - p lies in the row.
+                        let lo = p.saturating_sub(kx);
+                        let hi = (w + p).saturating_sub(kx).min(ow);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let src = &irow[lo + kx - p..hi + kx - p];
+                        for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
+                            *o += t * v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each group's GEMM (one group: the whole convolution), accumulated into `out`.
+    fn grouped_gemm(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        out: &mut [f32],
+        parallelism: gemm::Parallelism,
+    ) {
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let n = oh * ow;
+        let kk = self.c_in * self.k * self.k;
         // Each group's filters read its input channels and write its output channels.
         let c_out = self.c_out / self.groups;
         let groups = x
@@ -215,9 +265,6 @@ impl CpuConv {
                     }
                 });
             }
-        }
-        if self.relu {
-            out.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     }
 }
@@ -764,15 +811,18 @@ pub(crate) mod tests {
 
     #[test]
     fn grouped_conv_matches_candle_conv2d() {
-        // ResNeXt's 3x3s (strided and not), a grouped 1x1, and a depthwise 7x7.
+        // ResNeXt's 3x3s (strided and not), a grouped 1x1, and depthwise 7x7s (ConvNeXt's, by
+        // the direct kernel), on maps wider and narrower than the filter, and a strided one.
         let dev = Device::Cpu;
-        for (ci, co, groups, k, s, p) in [
-            (8, 8, 4, 3, 1, 1),
-            (8, 16, 4, 3, 2, 1),
-            (6, 9, 3, 1, 1, 0),
-            (5, 5, 5, 7, 1, 3),
+        for (ci, co, groups, k, s, p, side) in [
+            (8, 8, 4, 3, 1, 1, 9),
+            (8, 16, 4, 3, 2, 1, 9),
+            (6, 9, 3, 1, 1, 0, 9),
+            (5, 5, 5, 7, 1, 3, 9),
+            (5, 5, 5, 7, 1, 3, 2),
+            (4, 4, 4, 3, 2, 1, 9),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (2, ci, 9, 9), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, ci, side, side), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (co, ci / groups, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
             let mut op = CpuConv::new(
