@@ -3,8 +3,10 @@
 
 mod common;
 
+use candle_core::DType;
 use common::*;
 use dnd::activations::{maps_of, pool_output, Pool};
+use dnd::hub::Role;
 use dnd::target::LayerKind;
 
 const TOL: f32 = 1e-4;
@@ -291,6 +293,24 @@ fn vgg_and_alexnet_match_torchvision() {
                 .unwrap(),
         );
         assert_eq!(last.shape[1..], [side, side], "{name}");
+    }
+}
+
+#[test]
+fn grouped_convolution_networks_in_half_precision_stay_within_its_rounding() {
+    // f16 on the CPU takes the path a GPU does (candle's grouped conv2d, the GRN's sums in
+    // f32): ResNeXt and ConvNeXt V2 against the f32 reference.
+    for (name, layer) in [("resnext", "fc"), ("convnextv2_timm", "head.fc")] {
+        let model = resolve_fixture(Role::Target, name);
+        let t = dnd::target::Target::load(&model, &candle_core::Device::Cpu, DType::F16).unwrap();
+        let out = t
+            .net
+            .forward(&fixture_batch(), &[t.layer_index(layer).unwrap()])
+            .unwrap();
+        let got = out[0].to_dtype(DType::F32).unwrap();
+        let want = &reference(&format!("models/{name}.reference.safetensors"))["logits"];
+        let e = rel_err(&got, want);
+        assert!(e < 2e-2, "{name}: relative error {e}");
     }
 }
 

@@ -220,8 +220,11 @@ struct Block {
 /// image, divided by its mean over the channels, scales the features,
 /// `x + weight * (x * n) + bias`, as timm and transformers compute it (epsilon 1e-6).
 fn global_response_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
-    let n = norm.broadcast_div(&(norm.mean_keepdim(3)? + 1e-6)?)?;
+    // In f32: a sum of squares over a 56x56 map overflows f16.
+    let norm = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    let n = norm
+        .broadcast_div(&(norm.mean_keepdim(3)? + 1e-6)?)?
+        .to_dtype(x.dtype())?;
     let scaled = x.broadcast_mul(&n)?.broadcast_mul(weight)?;
     Ok((x + scaled)?.broadcast_add(bias)?)
 }
@@ -274,7 +277,14 @@ impl Block {
         };
         let gamma = format!("{p}.gamma");
         if w.contains(&gamma) {
+            // timm's `(C)`, torchvision's `(C, 1, 1)`.
             let g = w.get(&gamma, None)?.flatten_all()?;
+            if g.elem_count() != c {
+                return Err(w.mismatch(format!(
+                    "{gamma} has {} values for {c} channels",
+                    g.elem_count()
+                )));
+            }
             fc2 = fc2.broadcast_mul(&g.reshape((c, 1))?)?;
             b2 = b2.mul(&g)?;
         }
@@ -289,9 +299,9 @@ impl Block {
     }
 
     /// `x + fc2(grn(gelu(fc1(norm(conv_dw(x))))))` (no GRN in V1), the MLP over channels-last
-    /// rows. The output is
-    /// an `(N, C, H, W)` view of them, which the next channels-last convolution (cuDNN builds)
-    /// reads in place, as it does the residual; elsewhere they are copied to NCHW and back.
+    /// rows. The output is an `(N, C, H, W)` view of them, which the next channels-last
+    /// convolution (cuDNN builds) reads in place, as it does the residual; elsewhere they are
+    /// copied to NCHW and back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv_dw.forward(x)?.permute((0, 2, 3, 1))?;
         let h = self.norm.forward(&h.contiguous()?)?;
