@@ -1,8 +1,9 @@
 //! ResNet-18/34/50/101/152 (torchvision's layout, which timm's `resnet*` share, and
 //! transformers' `ResNetForImageClassification` / `ResNetModel`, renamed to it at load), with
 //! block type, depth, widths and groups read from the weights: wide ResNets, ResNeXt, and timm's
-//! deep-stem and average-pool-shortcut variants (`resnet50d`, `resnet50c`, `resnet26t`) too. BatchNorm is folded into the
-//! convolutions at load time: one fused conv instead of conv + four broadcast ops per layer.
+//! deep-stem and average-pool-shortcut variants (`resnet50d`, `resnet50c`, `resnet26t`) too.
+//! BatchNorm is folded into the convolutions at load time: one fused conv instead of conv +
+//! four broadcast ops per layer.
 
 use std::collections::HashMap;
 
@@ -264,7 +265,7 @@ fn avg_pool_2x2_ceil(x: &Tensor) -> Result<Tensor> {
     if ph == 0 && pw == 0 {
         return Ok(mean);
     }
-    // Each window's mean over 4 times 4 over the values it covers.
+    // avg_pool2d divided every window by 4; an overhanging one covers 2 values, or 1.
     let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
     let covered = |i: usize, n: usize, odd: usize| if odd == 1 && i == n - 1 { 1.0 } else { 2.0 };
     let scale: Vec<f32> = (0..oh)
