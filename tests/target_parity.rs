@@ -205,6 +205,9 @@ fn convnexts_v1_and_v2_match_their_libraries_under_their_own_layer_names() {
         )
     };
     let owned = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    // timm's head with a hidden layer (convnext_large_mlp's) before its classifier.
+    let mut with_head_mlp = owned(&timm);
+    with_head_mlp.insert(timm.len() - 1, "head.pre_logits".into());
     for (name, layers, map) in [
         ("convnext_timm", owned(&timm), "stages.2"),
         ("convnext_timm_conv_mlp", owned(&timm), "stages.2"),
@@ -220,6 +223,7 @@ fn convnexts_v1_and_v2_match_their_libraries_under_their_own_layer_names() {
             "encoder.stages.2",
         ),
         ("convnextv2_timm", owned(&timm), "stages.2"),
+        ("convnext_timm_head_mlp", with_head_mlp, "stages.2"),
         (
             "convnextv2_transformers",
             transformers("convnextv2.", true),

@@ -233,26 +233,30 @@ def write_convnext(x):
     - convnext_transformers_model: ConvNextModel (no prefix, no classifier);
     - convnextv2_timm, convnextv2_transformers: ConvNeXt V2 (a GRN in each block's MLP, no
       LayerScale) by timm (convnextv2_tiny's class) and transformers
-      (ConvNextV2ForImageClassification)."""
+      (ConvNextV2ForImageClassification);
+    - convnext_timm_head_mlp: timm's head with a hidden layer (convnext_large_mlp's)."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
     from transformers import (ConvNextConfig, ConvNextForImageClassification, ConvNextModel, ConvNextV2Config,
                               ConvNextV2ForImageClassification)
     dims, depths = [8, 16, 24, 32], [1, 2, 1, 1]
     for seed, name in enumerate(["convnext_timm", "convnext_timm_conv_mlp", "convnext_torchvision",
                                  "convnext_transformers", "convnext_transformers_model", "convnextv2_timm",
-                                 "convnextv2_transformers"]):
+                                 "convnextv2_transformers", "convnext_timm_head_mlp"]):
         torch.manual_seed(30 + seed)
         gen = torch.Generator().manual_seed(30 + seed)
         folder = MODELS / name
-        timm_made = name.endswith("_timm") or name.endswith("conv_mlp")
+        timm_made = name.endswith(("_timm", "conv_mlp", "head_mlp"))
         if timm_made:
             args = dict(depths=depths, dims=dims, num_classes=10)
             if name.endswith("conv_mlp"):
                 args.update(conv_mlp=True, ls_init_value=None)
+            if name.endswith("head_mlp"):
+                args.update(head_hidden_size=12)
             arch = "convnextv2_tiny" if name.startswith("convnextv2") else "convnext_tiny"
             model = timm.create_model(arch, pretrained=False, **args).eval()
             taps = ["stem", "stages.0", "stages.0.blocks.0", "stages.1", "stages.1.blocks.1", "stages.2",
-                    "stages.3", "head.global_pool", "head.norm", "head.fc"]
+                    "stages.3", "head.global_pool", "head.norm"] + (["head.pre_logits"] if "head_hidden_size" in args
+                                                                    else []) + ["head.fc"]
             map_layer, run = "stages.2", None
         elif name == "convnext_torchvision":
             setting = [CNBlockConfig(a, b, n) for a, b, n in zip(dims, dims[1:] + [None], depths)]

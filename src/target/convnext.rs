@@ -326,6 +326,8 @@ pub struct ConvNext {
     stem_norm: LayerNorm,
     stages: Vec<Stage>,
     head_norm: LayerNorm,
+    /// timm's hidden head layer, GELU after it.
+    pre_logits: Option<Linear>,
     head: Option<Linear>,
     /// Whether the pooled features are a layer of their own (not in transformers' list).
     pool_listed: bool,
@@ -409,14 +411,29 @@ impl ConvNext {
         };
         let head_norm = w.layer_norm("head.norm", c, head_eps, device, dtype)?;
         layers.push(vector(layout.head_norm(), c));
+        let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
+        let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                on(w.get(&format!("{p}.weight"), Some(&[out, inp]))?)?,
+                Some(on(w.get(&format!("{p}.bias"), Some(&[out]))?)?),
+            ))
+        };
+        // timm's head with a hidden layer (`convnext_large_mlp`): a linear layer and GELU
+        // between the LayerNorm and the classifier.
+        let mut features = c;
+        let pre_logits = if w.contains("head.pre_logits.fc.weight") {
+            let hidden = w.dims("head.pre_logits.fc.weight")?[0];
+            layers.push(vector("head.pre_logits".into(), hidden));
+            let fc = linear("head.pre_logits.fc", hidden, c)?;
+            features = hidden;
+            Some(fc)
+        } else {
+            None
+        };
         let head = if w.contains("head.fc.weight") {
             let classes = w.dims("head.fc.weight")?[0];
-            let on = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
             layers.push(vector(layout.head().into(), classes));
-            Some(Linear::new(
-                on(w.get("head.fc.weight", Some(&[classes, c]))?)?,
-                Some(on(w.get("head.fc.bias", Some(&[classes]))?)?),
-            ))
+            Some(linear("head.fc", classes, features)?)
         } else {
             None
         };
@@ -444,6 +461,7 @@ impl ConvNext {
             stem_norm,
             stages,
             head_norm,
+            pre_logits,
             head,
             pool_listed: layout.pool().is_some(),
         })
@@ -489,6 +507,13 @@ impl TargetNetwork for ConvNext {
         h = self.head_norm.forward(&h)?;
         if rec.record(idx, &h) {
             return rec.finish();
+        }
+        if let Some(fc) = &self.pre_logits {
+            h = fc.forward_act(&h, Act::Gelu)?;
+            idx += 1;
+            if rec.record(idx, &h) {
+                return rec.finish();
+            }
         }
         if let Some(head) = &self.head {
             rec.record(idx + 1, &head.forward(&h)?);
