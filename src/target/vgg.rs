@@ -13,8 +13,8 @@ use crate::nn::{self, Linear};
 
 /// One convolution of `features`, its BatchNorm folded in.
 struct Conv {
-    /// `features.{index}`.
-    index: usize,
+    /// Its place in the layer list; its BatchNorm's, ReLU's and max pool's follow.
+    layer: usize,
     conv: nn::Conv,
     /// With BatchNorm: the convolution alone, for a tap between it and its BatchNorm.
     raw: Option<nn::Conv>,
@@ -31,8 +31,8 @@ pub struct Vgg {
     pooled: usize,
     /// Linear layers, each with whether a ReLU follows.
     classifier: Vec<(Linear, bool)>,
-    /// Layer index of each tap position: see `forward`.
-    index_of: std::collections::HashMap<String, usize>,
+    /// The adaptive pool's place in the layer list; the classifier's layers follow.
+    avgpool_layer: usize,
 }
 
 /// Whether these tensors are a torchvision VGG's or AlexNet's.
@@ -135,6 +135,7 @@ impl Vgg {
             let conv = nn::Conv::new(folded_w, folded_b, (stride, pad), false, device, dtype)?
                 .channels_last()?;
             hw = conv_out(hw, k, stride, pad);
+            let layer = layers.len();
             layers.push(spatial(i, c, hw));
             if batch_norm {
                 layers.push(spatial(i + 1, c, hw));
@@ -148,7 +149,7 @@ impl Vgg {
                 layers.push(spatial(relu + 1, c, hw));
             }
             convs.push(Conv {
-                index: i,
+                layer,
                 conv,
                 raw,
                 pool,
@@ -173,6 +174,7 @@ impl Vgg {
             None if alexnet => 6,
             None => 7,
         };
+        let avgpool_layer = layers.len();
         layers.push(LayerInfo {
             name: "avgpool".into(),
             neurons: c_in,
@@ -216,11 +218,6 @@ impl Vgg {
         } else {
             ""
         };
-        let index_of = layers
-            .iter()
-            .enumerate()
-            .map(|(n, l)| (l.name.clone(), n))
-            .collect();
         Ok(Self {
             info: NetInfo {
                 architecture: format!("{arch}{bn} ({} convolutions)", convs.len()),
@@ -232,13 +229,8 @@ impl Vgg {
             pool_window,
             pooled,
             classifier,
-            index_of,
+            avgpool_layer,
         })
-    }
-
-    /// The index in the layer list of the layer called `name` (one the loader listed).
-    fn tap(&self, name: &str) -> usize {
-        self.index_of[name]
     }
 }
 
@@ -251,38 +243,35 @@ impl TargetNetwork for Vgg {
         let mut rec = Recorder::new(taps);
         let mut h = x.to_device(&self.info.device)?.to_dtype(self.info.dtype)?;
         for c in &self.convs {
-            let i = c.index;
-            let conv_tap = self.tap(&format!("features.{i}"));
-            if let Some(raw) = c.raw.as_ref().filter(|_| rec.wants(conv_tap)) {
-                if rec.record(conv_tap, &raw.forward(&h)?) {
+            if let Some(raw) = c.raw.as_ref().filter(|_| rec.wants(c.layer)) {
+                if rec.record(c.layer, &raw.forward(&h)?) {
                     return rec.finish();
                 }
             }
             h = c.conv.forward(&h)?;
             // The convolution's output, or its BatchNorm's.
-            let pre_relu = i + usize::from(c.raw.is_some());
-            if rec.record(self.tap(&format!("features.{pre_relu}")), &h) {
+            let pre_relu = c.layer + usize::from(c.raw.is_some());
+            if rec.record(pre_relu, &h) {
                 return rec.finish();
             }
             h = h.relu()?;
-            if rec.record(self.tap(&format!("features.{}", pre_relu + 1)), &h) {
+            if rec.record(pre_relu + 1, &h) {
                 return rec.finish();
             }
             if c.pool {
                 h = h.max_pool2d_with_stride(self.pool_window, 2)?;
-                if rec.record(self.tap(&format!("features.{}", pre_relu + 2)), &h) {
+                if rec.record(pre_relu + 2, &h) {
                     return rec.finish();
                 }
             }
         }
         h = adaptive_avg_pool(&h, self.pooled)?;
-        let avgpool = self.tap("avgpool");
-        if rec.record(avgpool, &h) {
+        if rec.record(self.avgpool_layer, &h) {
             return rec.finish();
         }
         // torch.flatten(x, 1): channel-major.
         h = h.contiguous()?.flatten_from(1)?;
-        let mut idx = avgpool + 1;
+        let mut idx = self.avgpool_layer + 1;
         for (linear, relu) in &self.classifier {
             h = linear.forward(&h)?;
             if rec.record(idx, &h) {
