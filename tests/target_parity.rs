@@ -579,6 +579,9 @@ fn mismatched_weights_are_one_clear_error() {
         "stages.0.blocks.0.mlp.norm.weight",
     );
     assert!(msg.contains("not part of convnext"), "{msg}");
+    // timm's ConvNeXt normalising before pooling (head_norm_first).
+    let msg = refused_with_extra("convnext_timm", "head.norm.weight", "norm_pre.weight");
+    assert!(msg.contains("head_norm_first"), "{msg}");
     // timm's anti-aliased ResNets: a plain ResNet's weights, refused by the name in config.json.
     let msg = refused_with_config("resnet_d", "\"resnet50\"", "\"resnetaa50d\"");
     assert!(

@@ -349,7 +349,7 @@ impl ConvNext {
         }
         if w.contains("norm_pre.weight") {
             return Err(w.mismatch(
-                "this ConvNeXt normalises before pooling (norm_pre, timm's head_norm_first), which dnd does not run".into(),
+                "this ConvNeXt normalises before pooling (norm_pre.weight, timm's head_norm_first), which dnd does not run".into(),
             ));
         }
         let stem = patchify(w, "stem.0", device, dtype)?;
